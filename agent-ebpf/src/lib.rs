@@ -1,0 +1,170 @@
+//! Types shared by the kernel programs (`src/bin/netpulse.rs`) and the agent.
+//!
+//! Defined once here; the agent reads and writes the same bytes through aya
+//! (the `user` feature adds the `aya::Pod` impls). Changing any layout below
+//! means bumping [`LAYOUT_VERSION`], so a restart pins a fresh set of maps
+//! instead of misreading old ones.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+/// Maps are pinned under `/sys/fs/bpf/netpulse/v<LAYOUT_VERSION>/`.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Size of the service table (endpoint matchers), in entries.
+pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Number of counter slots: reserved slots plus services.
+pub const MAX_SLOTS: u32 = 8_192;
+
+/// Counter slots below this index are reserved for packets no service claimed;
+/// services are numbered from here.
+pub const FIRST_SERVICE_SLOT: u32 = 8;
+/// A parseable IP packet whose endpoints match no service.
+pub const SLOT_NO_MATCH: u32 = 0;
+/// Truncated or invalid headers (short frame, IHL < 5, TCP data offset < 5,
+/// IPv6 extension header chain too long).
+pub const SLOT_MALFORMED: u32 = 1;
+/// Not IPv4/IPv6 (ARP, LLDP, ...).
+pub const SLOT_NOT_IP: u32 = 2;
+/// A non-first IP fragment: it carries no ports to classify by.
+pub const SLOT_FRAGMENT: u32 = 3;
+/// Names of the reserved slots, as exported in the `reason` label.
+pub const RESERVED_SLOTS: [(u32, &str); 4] = [
+    (SLOT_NO_MATCH, "no_match"),
+    (SLOT_MALFORMED, "malformed"),
+    (SLOT_NOT_IP, "not_ip"),
+    (SLOT_FRAGMENT, "fragment"),
+];
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// The endpoint is on this host: matched by the packet's local end
+/// (destination on ingress, source on egress).
+pub const ROLE_LOCAL: u8 = 0;
+/// The endpoint is a peer this host talks to: matched by the packet's other end.
+pub const ROLE_REMOTE: u8 = 1;
+
+/// Bit in [`Settings::flags`]: the table holds at least one remote endpoint,
+/// so a miss on the local end is worth a second look-up.
+pub const SETTINGS_HAS_REMOTE: u32 = 1;
+
+/// Key of the service table. An all-zero `addr` is the wildcard address of
+/// its family. IPv4 addresses occupy the first four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub family: u8,
+    pub proto: u8,
+    /// Host byte order; 0 for protocols without ports (ICMP).
+    pub port: u16,
+    pub role: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Value of the service table: which counter slot the endpoint feeds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Counters of one direction, in the service's view.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syn: u64,
+    pub fin: u64,
+    pub rst: u64,
+}
+
+impl DirCounters {
+    pub fn add(&mut self, o: &DirCounters) {
+        self.packets = self.packets.wrapping_add(o.packets);
+        self.bytes = self.bytes.wrapping_add(o.bytes);
+        self.syn = self.syn.wrapping_add(o.syn);
+        self.fin = self.fin.wrapping_add(o.fin);
+        self.rst = self.rst.wrapping_add(o.rst);
+    }
+}
+
+pub const DIR_INGRESS: usize = 0;
+pub const DIR_EGRESS: usize = 1;
+
+/// One counter slot: `[ingress, egress]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    pub dir: [DirCounters; 2],
+}
+
+impl SlotCounters {
+    pub fn add(&mut self, o: &SlotCounters) {
+        self.dir[0].add(&o.dir[0]);
+        self.dir[1].add(&o.dir[1]);
+    }
+}
+
+/// Agent → program switches, in a one-entry array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Name of a service slot, kept in a pinned map so a restarted agent gives
+/// every service back the slot (and the counts) it had.
+pub const NAME_LEN: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotName {
+    /// 0 = slot free.
+    pub len: u32,
+    pub bytes: [u8; NAME_LEN],
+}
+
+impl Default for SlotName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; NAME_LEN],
+        }
+    }
+}
+
+/// Map names, as pinned under the layout directory.
+pub mod maps {
+    pub const SERVICES: &str = "NP_SERVICES";
+    pub const COUNTERS_XDP: &str = "NP_COUNTERS_XDP";
+    pub const COUNTERS_TC: &str = "NP_COUNTERS_TC";
+    pub const SETTINGS: &str = "NP_SETTINGS";
+    pub const SLOT_NAMES: &str = "NP_SLOT_NAMES";
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const XDP_INGRESS: &str = "netpulse_xdp";
+    pub const TC_EGRESS: &str = "netpulse_tc";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding fields,
+    // so every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for ServiceRef {}
+    unsafe impl aya::Pod for DirCounters {}
+    unsafe impl aya::Pod for SlotCounters {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for SlotName {}
+}

@@ -1,0 +1,75 @@
+//! Which interfaces the probes go on: the configured list, or every
+//! interface that is up. Read from /sys/class/net, which `ip netns exec`
+//! remounts for the namespace the agent runs in.
+
+use std::{fs, path::Path};
+
+const IFF_UP: u32 = 0x1;
+const ARPHRD_ETHER: u32 = 1;
+const ARPHRD_LOOPBACK: u32 = 772;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub up: bool,
+    /// Ethernet framing (or loopback's): what the programs parse.
+    pub ethernet: bool,
+    pub bridge: bool,
+}
+
+fn read_num(p: &Path) -> Option<u32> {
+    let s = fs::read_to_string(p).ok()?;
+    let s = s.trim();
+    match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+pub fn list(sys_class_net: &Path) -> Vec<Interface> {
+    let Ok(dir) = fs::read_dir(sys_class_net) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Interface> = dir
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let p = e.path();
+            let flags = read_num(&p.join("flags"))?;
+            let ty = read_num(&p.join("type")).unwrap_or(0);
+            Some(Interface {
+                up: flags & IFF_UP != 0,
+                ethernet: ty == ARPHRD_ETHER || ty == ARPHRD_LOOPBACK,
+                bridge: p.join("bridge").exists(),
+                name,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The default set: up, Ethernet-framed, not a bridge (a bridge's traffic is
+/// counted on its member ports, so counting it too would count twice).
+pub fn default_set(all: &[Interface]) -> Vec<String> {
+    all.iter()
+        .filter(|i| i.up && i.ethernet && !i.bridge)
+        .map(|i| i.name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_in_the_default_set() {
+        let all = list(Path::new("/sys/class/net"));
+        let lo = all
+            .iter()
+            .find(|i| i.name == "lo")
+            .expect("lo in /sys/class/net");
+        assert!(lo.up && lo.ethernet && !lo.bridge);
+        assert!(default_set(&all).contains(&"lo".to_string()));
+    }
+}

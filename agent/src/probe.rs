@@ -1,0 +1,495 @@
+//! Loads the kernel programs, attaches them to interfaces and is the only
+//! door to their maps: the service table written by `identity`, the per-CPU
+//! counters read by `metrics`, and the pinned slot names that let a restarted
+//! agent continue where the last one stopped.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use agent_ebpf::{
+    EndpointKey, FIRST_SERVICE_SLOT, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN, ServiceRef, Settings,
+    SlotCounters, SlotName, maps, programs,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
+    util::nr_cpus,
+};
+use tracing::{info, warn};
+
+/// The object built by agent/build.rs (empty under AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpulse"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "this netpulse binary was built without its eBPF programs (AYA_BUILD_SKIP=1); rebuild without it"
+    )]
+    NoObject,
+    #[error("bpffs is not mounted at {0}: mount it with `mount -t bpf bpf /sys/fs/bpf`")]
+    NoBpffs(PathBuf),
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("interface {name}: {message}")]
+    Attach { name: String, message: String },
+    #[error("counting CPUs: {0}")]
+    Cpus(String),
+}
+
+type Result<T> = std::result::Result<T, ProbeError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> ProbeError {
+    move |source| ProbeError::Program { name, source }
+}
+
+/// How XDP ended up attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Native,
+    Skb,
+}
+
+impl XdpAttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        }
+    }
+}
+
+/// One interface with both programs on it.
+#[derive(Debug)]
+pub struct Attachment {
+    pub ifindex: u32,
+    pub xdp_mode: XdpAttachMode,
+    xdp: XdpLinkId,
+    tc: SchedClassifierLinkId,
+}
+
+pub struct Probe {
+    ebpf: Ebpf,
+    services: HashMap<MapData, EndpointKey, ServiceRef>,
+    counters_xdp: PerCpuArray<MapData, SlotCounters>,
+    counters_tc: PerCpuArray<MapData, SlotCounters>,
+    settings: Array<MapData, Settings>,
+    names: Array<MapData, SlotName>,
+    ncpus: usize,
+    pin_dir: PathBuf,
+    attached: BTreeMap<String, Attachment>,
+}
+
+/// Counters of one slot, summed over CPUs and over both hooks.
+pub type Counts = SlotCounters;
+
+impl Probe {
+    /// Loads both programs with their maps pinned under
+    /// `<pin_root>/v<LAYOUT_VERSION>/` (reusing pinned maps if present).
+    pub fn load(pin_root: &Path) -> Result<Self> {
+        Self::load_object(OBJECT, pin_root)
+    }
+
+    pub fn load_object(object: &[u8], pin_root: &Path) -> Result<Self> {
+        if object.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        check_bpffs(pin_root)?;
+        let pin_dir = pin_root.join(format!("v{LAYOUT_VERSION}"));
+        std::fs::create_dir_all(&pin_dir).map_err(|source| ProbeError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(object)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
+        };
+        let services =
+            HashMap::try_from(take(&mut ebpf, maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let counters_xdp = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_XDP)?)
+            .map_err(map_err(maps::COUNTERS_XDP))?;
+        let counters_tc = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_TC)?)
+            .map_err(map_err(maps::COUNTERS_TC))?;
+        let settings =
+            Array::try_from(take(&mut ebpf, maps::SETTINGS)?).map_err(map_err(maps::SETTINGS))?;
+        let names = Array::try_from(take(&mut ebpf, maps::SLOT_NAMES)?)
+            .map_err(map_err(maps::SLOT_NAMES))?;
+        for name in [programs::XDP_INGRESS, programs::TC_EGRESS] {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram(name))?;
+            match name {
+                programs::XDP_INGRESS => {
+                    let p: &mut Xdp = prog.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
+                _ => {
+                    let p: &mut SchedClassifier = prog.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
+            }
+        }
+        let ncpus = nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
+        Ok(Self {
+            ebpf,
+            services,
+            counters_xdp,
+            counters_tc,
+            settings,
+            names,
+            ncpus,
+            pin_dir,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches XDP (native, else skb mode) and TC egress to `ifname`.
+    pub fn attach(&mut self, ifname: &str) -> Result<&Attachment> {
+        let err = |message: String| ProbeError::Attach {
+            name: ifname.to_string(),
+            message,
+        };
+        let ifindex = ifindex(ifname).ok_or_else(|| err("no such interface".into()))?;
+        if self
+            .attached
+            .get(ifname)
+            .is_some_and(|a| a.ifindex != ifindex)
+        {
+            // Deleted and created again under the same name: the old links
+            // went with the old device.
+            self.forget(ifname);
+        }
+        if self.attached.contains_key(ifname) {
+            return self
+                .attached
+                .get(ifname)
+                .ok_or_else(|| err("attachment vanished".into()));
+        }
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::XDP_INGRESS)
+            .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?
+            .try_into()
+            .map_err(prog_err(programs::XDP_INGRESS))?;
+        let (xdp_link, xdp_mode) = match xdp.attach(ifname, XdpMode::Driver) {
+            Ok(l) => (l, XdpAttachMode::Native),
+            Err(native) => match xdp.attach(ifname, XdpMode::Skb) {
+                Ok(l) => {
+                    info!(interface = ifname, reason = %native, "no native XDP; using skb mode");
+                    (l, XdpAttachMode::Skb)
+                }
+                Err(e) => return Err(err(format!("attaching XDP: {e}"))),
+            },
+        };
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC_EGRESS)
+            .ok_or(ProbeError::MissingProgram(programs::TC_EGRESS))?
+            .try_into()
+            .map_err(prog_err(programs::TC_EGRESS))?;
+        let tc_link = match tc.attach(ifname, TcAttachType::Egress) {
+            Ok(l) => Ok(l),
+            // Kernels before 6.6 attach through a clsact qdisc.
+            Err(_) => {
+                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+                tc.attach(ifname, TcAttachType::Egress)
+            }
+        };
+        let tc_link = match tc_link {
+            Ok(l) => l,
+            Err(e) => {
+                if let Ok(x) = <&mut Xdp>::try_from(
+                    self.ebpf
+                        .program_mut(programs::XDP_INGRESS)
+                        .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?,
+                ) {
+                    let _ = x.detach(xdp_link);
+                }
+                return Err(err(format!("attaching TC egress: {e}")));
+            }
+        };
+        info!(
+            interface = ifname,
+            ifindex,
+            xdp_mode = xdp_mode.as_str(),
+            "probes attached"
+        );
+        self.attached.insert(
+            ifname.to_string(),
+            Attachment {
+                ifindex,
+                xdp_mode,
+                xdp: xdp_link,
+                tc: tc_link,
+            },
+        );
+        self.attached
+            .get(ifname)
+            .ok_or_else(|| err("attachment vanished".into()))
+    }
+
+    /// Detaches from `ifname` (if the device still exists) and forgets it.
+    pub fn detach(&mut self, ifname: &str) {
+        let Some(a) = self.attached.remove(ifname) else {
+            return;
+        };
+        if let Some(p) = self.ebpf.program_mut(programs::XDP_INGRESS)
+            && let Ok(x) = <&mut Xdp>::try_from(p)
+        {
+            let _ = x.detach(a.xdp);
+        }
+        if let Some(p) = self.ebpf.program_mut(programs::TC_EGRESS)
+            && let Ok(t) = <&mut SchedClassifier>::try_from(p)
+        {
+            let _ = t.detach(a.tc);
+        }
+        info!(interface = ifname, "probes detached");
+    }
+
+    fn forget(&mut self, ifname: &str) {
+        self.detach(ifname);
+    }
+
+    pub fn detach_all(&mut self) {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for n in names {
+            self.detach(&n);
+        }
+    }
+
+    pub fn attachments(&self) -> &BTreeMap<String, Attachment> {
+        &self.attached
+    }
+
+    // --- service table -------------------------------------------------
+
+    pub fn table(&self) -> Result<BTreeMap<EndpointKey, u32>> {
+        let mut out = BTreeMap::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
+            out.insert(k, v.slot);
+        }
+        Ok(out)
+    }
+
+    /// Makes the kernel table equal to `want`, touching only what differs.
+    pub fn sync_table(&mut self, want: &BTreeMap<EndpointKey, u32>) -> Result<usize> {
+        let have = self.table()?;
+        let mut changes = 0;
+        for k in have.keys() {
+            if !want.contains_key(k) {
+                match self.services.remove(k) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(maps::SERVICES)(e)),
+                }
+                changes += 1;
+            }
+        }
+        for (k, slot) in want {
+            if have.get(k) != Some(slot) {
+                self.services
+                    .insert(
+                        k,
+                        ServiceRef {
+                            slot: *slot,
+                            _pad: 0,
+                        },
+                        0,
+                    )
+                    .map_err(map_err(maps::SERVICES))?;
+                changes += 1;
+            }
+        }
+        let has_remote = want.keys().any(|k| k.role == agent_ebpf::ROLE_REMOTE);
+        let flags = if has_remote {
+            agent_ebpf::SETTINGS_HAS_REMOTE
+        } else {
+            0
+        };
+        let cur = self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))?;
+        if cur.flags != flags {
+            self.settings
+                .set(0, Settings { flags, _pad: 0 }, 0)
+                .map_err(map_err(maps::SETTINGS))?;
+        }
+        Ok(changes)
+    }
+
+    // --- counters ------------------------------------------------------
+
+    /// One slot, summed over CPUs and both hooks.
+    pub fn counts(&self, slot: u32) -> Result<Counts> {
+        let mut sum = SlotCounters::default();
+        for (name, map) in [
+            (maps::COUNTERS_XDP, &self.counters_xdp),
+            (maps::COUNTERS_TC, &self.counters_tc),
+        ] {
+            for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {
+                sum.add(v);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// The reserved (unclassified) slots, per hook: XDP first, then TC.
+    pub fn reserved_counts(&self) -> Result<Vec<(u32, SlotCounters, SlotCounters)>> {
+        let mut out = Vec::new();
+        for (slot, _) in agent_ebpf::RESERVED_SLOTS {
+            let mut x = SlotCounters::default();
+            let mut t = SlotCounters::default();
+            for v in self
+                .counters_xdp
+                .get(&slot, 0)
+                .map_err(map_err(maps::COUNTERS_XDP))?
+                .iter()
+            {
+                x.add(v);
+            }
+            for v in self
+                .counters_tc
+                .get(&slot, 0)
+                .map_err(map_err(maps::COUNTERS_TC))?
+                .iter()
+            {
+                t.add(v);
+            }
+            out.push((slot, x, t));
+        }
+        Ok(out)
+    }
+
+    /// Zeroes a slot on every CPU, before it is given to another service.
+    pub fn zero(&mut self, slot: u32) -> Result<()> {
+        for (name, map) in [
+            (maps::COUNTERS_XDP, &mut self.counters_xdp),
+            (maps::COUNTERS_TC, &mut self.counters_tc),
+        ] {
+            let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); self.ncpus])
+                .map_err(|e| ProbeError::Cpus(e.to_string()))?;
+            map.set(slot, zeros, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    // --- pinned slot names ----------------------------------------------
+
+    /// Slot → name as pinned by the previous agent (or this one).
+    pub fn slot_names(&self) -> Result<BTreeMap<u32, String>> {
+        let mut out = BTreeMap::new();
+        for slot in FIRST_SERVICE_SLOT..MAX_SLOTS {
+            let n = self
+                .names
+                .get(&slot, 0)
+                .map_err(map_err(maps::SLOT_NAMES))?;
+            let len = (n.len as usize).min(NAME_LEN);
+            if len > 0
+                && let Ok(s) = std::str::from_utf8(&n.bytes[..len])
+            {
+                out.insert(slot, s.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_slot_name(&mut self, slot: u32, name: Option<&str>) -> Result<()> {
+        let mut v = SlotName::default();
+        if let Some(name) = name {
+            let b = name.as_bytes();
+            let len = b.len().min(NAME_LEN);
+            v.bytes[..len].copy_from_slice(&b[..len]);
+            v.len = len as u32;
+        }
+        self.names
+            .set(slot, v, 0)
+            .map_err(map_err(maps::SLOT_NAMES))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn check_bpffs(pin_root: &Path) -> Result<()> {
+    // The pin root may not exist yet: check the nearest existing ancestor.
+    let mut p = pin_root;
+    while !p.exists() {
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return Err(ProbeError::NoBpffs(pin_root.to_path_buf()));
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // Like systemd and Cilium: mount bpffs at its usual place if nobody has.
+    let default = Path::new("/sys/fs/bpf");
+    if pin_root.starts_with(default) && default.is_dir() {
+        let target = c"/sys/fs/bpf";
+        // SAFETY: static NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            info!("mounted bpffs at /sys/fs/bpf");
+            return Ok(());
+        }
+        warn!(error = %std::io::Error::last_os_error(), "mounting bpffs at /sys/fs/bpf");
+    }
+    Err(ProbeError::NoBpffs(p.to_path_buf()))
+}

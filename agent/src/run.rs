@@ -1,0 +1,260 @@
+//! `netpulse run`: load and attach the probes, keep the service table and the
+//! interface set current, serve HTTP, and detach cleanly on SIGINT/SIGTERM.
+//! SIGHUP reloads the config; a broken one is logged and the old one kept.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    caps,
+    config::{self, ConfigError, Loaded},
+    identity::{self, Identity, sockets},
+    interfaces,
+    probe::{Probe, ProbeError},
+    web,
+};
+
+/// What the HTTP handlers and the refresh loop share.
+pub struct Agent {
+    pub probe: Probe,
+    pub identity: Identity,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "missing capabilities: {}. netpulse loads eBPF programs and attaches them to interfaces: run it as root, or grant {} (systemd: AmbientCapabilities=)",
+        .0.join(", "), .0.join(" ")
+    )]
+    Capabilities(Vec<&'static str>),
+    #[error("interface `{0}` named in the config does not exist")]
+    MissingInterface(String),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl RunError {
+    /// Exit code: 2 for a config the user must fix, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_) | RunError::MissingInterface(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Resolves `--config`: an explicit path, else the system path if present,
+/// else the embedded defaults.
+pub fn config_path(arg: Option<PathBuf>) -> Option<PathBuf> {
+    arg.or_else(|| {
+        let p = PathBuf::from(config::DEFAULT_PATH);
+        p.exists().then_some(p)
+    })
+}
+
+fn want_interfaces(cfg: &Loaded) -> Vec<String> {
+    if cfg.agent().interfaces.is_empty() {
+        interfaces::default_set(&interfaces::list(Path::new("/sys/class/net")))
+    } else {
+        cfg.agent()
+            .interfaces
+            .iter()
+            .map(|s| s.get_ref().clone())
+            .collect()
+    }
+}
+
+/// Attaches to interfaces that appeared, detaches from those that went.
+fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>) {
+    let want = want_interfaces(cfg);
+    let stale: Vec<String> = agent
+        .probe
+        .attachments()
+        .iter()
+        .filter(|(name, a)| !want.contains(name) || crate::probe::ifindex(name) != Some(a.ifindex))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in stale {
+        agent.probe.detach(&name);
+    }
+    for name in want {
+        if agent.probe.attachments().contains_key(&name) {
+            continue;
+        }
+        match agent.probe.attach(&name) {
+            Ok(_) => {
+                warned.remove(&name);
+            }
+            Err(e) => {
+                if warned.insert(name.clone()) {
+                    warn!(interface = %name, error = %e, "cannot attach; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// The endpoint table the sources describe now. Runs without the agent
+/// lock: scanning /proc can take a while on a busy host.
+fn desired(cfg: &Loaded) -> identity::Desired {
+    let (listeners, owners) = if cfg.agent().discover_sockets {
+        let proc = Path::new("/proc");
+        let ls = sockets::listeners(proc);
+        let inodes: HashSet<u64> = ls.iter().map(|l| l.inode).collect();
+        let owners = sockets::owners(proc, &inodes);
+        (ls, owners)
+    } else {
+        (Vec::new(), HashMap::new())
+    };
+    identity::desired(&cfg.services, &listeners, &owners)
+}
+
+fn refresh(shared: &web::Shared, cfg: &Loaded, warned: &mut HashSet<String>) {
+    let want = desired(cfg);
+    let Ok(mut agent) = shared.lock() else {
+        error!("agent state poisoned");
+        return;
+    };
+    sync_interfaces(&mut agent, cfg, warned);
+    let Agent { probe, identity } = &mut *agent;
+    if let Err(e) = identity.apply(probe, &want, Instant::now()) {
+        error!(error = %e, "updating the service table");
+    }
+}
+
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "sd_notify socket");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", Path::new(&path))
+    };
+    if let Err(e) = res {
+        warn!(error = %e, "sd_notify READY=1");
+    }
+}
+
+pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
+    let path = config_path(config_arg);
+    let mut cfg = config::load(path.as_deref())?;
+    info!(
+        config = %path.as_deref().map_or("<embedded default>".into(), |p| p.display().to_string()),
+        "netpulse {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let missing = caps::missing_for_probes();
+    if !missing.is_empty() {
+        return Err(RunError::Capabilities(missing));
+    }
+    for i in &cfg.agent().interfaces {
+        if crate::probe::ifindex(i.get_ref()).is_none() {
+            return Err(RunError::MissingInterface(i.get_ref().clone()));
+        }
+    }
+    let probe = Probe::load(&cfg.agent().pin_dir)?;
+    info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
+    let retire = Duration::from_secs_f64(cfg.agent().retire_seconds);
+    let identity = Identity::restore(&probe, retire)?;
+    let shared: web::Shared = Arc::new(Mutex::new(Agent { probe, identity }));
+
+    let mut warned = HashSet::new();
+    refresh(&shared, &cfg, &mut warned);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    info!(listen = %cfg.listen, "serving /metrics and /healthz");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let mut rx = stop_rx.clone();
+        let app = web::router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await
+        })
+    };
+    notify_ready();
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| RunError::Other(e.to_string()))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| RunError::Other(e.to_string()))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| RunError::Other(e.to_string()))?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(cfg.agent().refresh_seconds));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (s, c) = (shared.clone(), cfg.clone());
+                let w = std::mem::take(&mut warned);
+                match tokio::task::spawn_blocking(move || {
+                    let mut w = w;
+                    refresh(&s, &c, &mut w);
+                    w
+                }).await {
+                    Ok(w) => warned = w,
+                    Err(e) => error!(error = %e, "refresh task failed"),
+                }
+            }
+            _ = sighup.recv() => match config::load(path.as_deref()) {
+                Ok(new) => {
+                    if new.listen != cfg.listen {
+                        warn!("a new listen address takes effect at the next restart");
+                    }
+                    if let Ok(mut a) = shared.lock() {
+                        a.identity.set_retire_after(Duration::from_secs_f64(new.agent().retire_seconds));
+                    }
+                    info!("config reloaded");
+                    cfg = new;
+                }
+                Err(e) => error!("config reload failed, keeping the running config:\n{e}"),
+            },
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+        }
+    }
+    let _ = stop_tx.send(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "HTTP server"),
+        Err(e) => warn!(error = %e, "HTTP server task"),
+    }
+    if let Ok(mut a) = shared.lock() {
+        a.probe.detach_all();
+    }
+    info!("probes detached; counters stay pinned for the next run");
+    Ok(())
+}
