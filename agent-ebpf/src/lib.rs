@@ -154,6 +154,9 @@ pub mod maps {
 pub mod programs {
     pub const XDP_INGRESS: &str = "netpulse_xdp";
     pub const TC_EGRESS: &str = "netpulse_tc";
+    /// Empty XDP_PASS / TC_ACT_OK programs, the benchmark's baseline.
+    pub const BASELINE_XDP: &str = "netpulse_baseline_xdp";
+    pub const BASELINE_TC: &str = "netpulse_baseline_tc";
 }
 
 #[cfg(feature = "user")]

@@ -70,6 +70,25 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> P
     move |source| ProbeError::Program { name, source }
 }
 
+/// The embedded eBPF object (empty when built with AYA_BUILD_SKIP=1).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// Which program a test run goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP, on the way in.
+    Xdp,
+    /// TC clsact egress, on the way out.
+    Tc,
+}
+
+/// Size of the kernel's `struct __sk_buff` and where `gso_segs` sits in it
+/// (include/uapi/linux/bpf.h); BPF_PROG_TEST_RUN takes it as the context.
+const SKB_CTX_LEN: usize = 192;
+const SKB_CTX_GSO_SEGS: usize = 164;
+
 /// How XDP ended up attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpAttachMode {
@@ -292,6 +311,46 @@ impl Probe {
 
     pub fn attachments(&self) -> &BTreeMap<String, Attachment> {
         &self.attached
+    }
+
+    /// Runs one program on `frame` in the kernel (BPF_PROG_TEST_RUN),
+    /// `repeat` times; returns the program's verdict and the kernel's mean
+    /// time per run. For TC, `gso_segs` sets the skb's segment count.
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        gso_segs: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration)> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_CTX_GSO_SEGS..SKB_CTX_GSO_SEGS + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let r = match hook {
+            Hook::Xdp => {
+                let p: &mut Xdp = self
+                    .ebpf
+                    .program_mut(programs::XDP_INGRESS)
+                    .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?
+                    .try_into()
+                    .map_err(prog_err(programs::XDP_INGRESS))?;
+                p.test_run(opts).map_err(prog_err(programs::XDP_INGRESS))?
+            }
+            Hook::Tc => {
+                opts.ctx_in = Some(&ctx);
+                let p: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(programs::TC_EGRESS)
+                    .ok_or(ProbeError::MissingProgram(programs::TC_EGRESS))?
+                    .try_into()
+                    .map_err(prog_err(programs::TC_EGRESS))?;
+                p.test_run(opts).map_err(prog_err(programs::TC_EGRESS))?
+            }
+        };
+        Ok((r.return_value, r.duration))
     }
 
     // --- service table -------------------------------------------------

@@ -1,1 +1,253 @@
-fn main() {}
+//! `cargo xtask <cmd>`: the workflows around the build.
+//!
+//! - `setup`: installs what a fresh machine of this kind lacks (apt packages,
+//!   nightly rust-src, bpf-linker against LLVM 22); skips what is there.
+//! - `run`:   setup + release build + `netpulse run` with the embedded defaults.
+//! - `test`:  setup + fmt/clippy + every test, on the real kernel.
+//! - `bench`: per-packet cost of the probes with BPF_PROG_TEST_RUN.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces a fresh machine lacks (idempotent).
+    Setup,
+    /// Build the agent with its eBPF programs.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, and run the agent in the foreground (Ctrl-C stops it).
+    Run {
+        /// Extra arguments for `netpulse run`, e.g. `-- --config FILE`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, lint, and run every test (needs root: eBPF, netns, veth).
+    Test,
+    /// Per-packet cost of both programs vs an empty program (markdown table).
+    Bench {
+        /// BPF_PROG_TEST_RUN repeat count per measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Measurements per cell; the table shows the median.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+/// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path,
+/// iproute2/iputils-ping/ethtool for the network-namespace tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libpcap-dev",
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: {shown}");
+    let status = cmd.status().with_context(|| format!("spawning {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    stdout(Command::new("id").arg("-u")).trim() == "0"
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !stdout(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: apt packages present");
+    } else {
+        let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+        let apt = |args: &[&str]| {
+            let mut all: Vec<&str> = sudo.to_vec();
+            all.push("apt-get");
+            all.extend_from_slice(args);
+            let mut c = Command::new(all[0]);
+            c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        run(&mut apt(&["update", "-q"]))?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(missing.iter().copied());
+        run(&mut apt(&args))?;
+    }
+
+    let installed = stdout(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: nightly rust-src present");
+    } else {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+
+    let linker = stdout(Command::new("bpf-linker").arg("--version"));
+    if linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        // The default feature wants LLVM 23; the machine's nightly is LLVM 22.
+        run(cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "netpulse"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    if !is_root() {
+        bail!(
+            "cargo xtask test loads eBPF programs and creates network namespaces: run it as root"
+        );
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The netns tests start the real binary; build it before they look for it.
+    build(false)?;
+    let bin = root().join("target/debug/netpulse");
+    run(cargo()
+        .args(["test", "--workspace", "--", "--test-threads=1"])
+        .env("NETPULSE_BIN", &bin))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => {
+            setup()?;
+            build(release)
+        }
+        Cmd::Run { args } => {
+            setup()?;
+            build(true)?;
+            let bin = root().join("target/release/netpulse");
+            let mut c = Command::new(&bin);
+            c.arg("run").args(args.iter().map(OsStr::new));
+            if !is_root() {
+                eprintln!(
+                    "xtask: netpulse needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; not root, so it may refuse to start"
+                );
+            }
+            eprintln!("xtask: serving http://127.0.0.1:9477/metrics (Ctrl-C to stop)");
+            run(&mut c)
+        }
+        Cmd::Test => test(),
+        Cmd::Bench { repeat, rounds } => {
+            setup()?;
+            if !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root() {
+                bail!("the benchmark runs eBPF programs in the kernel: run it as root");
+            }
+            build(true)?;
+            run(cargo().args([
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "netpulse-tests",
+                "--bin",
+                "bench",
+                "--",
+                "--repeat",
+                &repeat.to_string(),
+                "--rounds",
+                &rounds.to_string(),
+            ]))
+        }
+    }
+}

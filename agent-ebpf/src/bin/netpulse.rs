@@ -328,6 +328,18 @@ mod kernel {
         TC_ACT_OK
     }
 
+    /// Empty programs: the baseline `cargo xtask bench` subtracts. Never
+    /// loaded by the agent.
+    #[xdp]
+    pub fn netpulse_baseline_xdp(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    #[classifier]
+    pub fn netpulse_baseline_tc(_ctx: TcContext) -> i32 {
+        TC_ACT_OK
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // No code path above can panic; the verifier would reject one anyway.

@@ -1,0 +1,131 @@
+//! Frames built byte by byte, so a test states exactly what the kernel
+//! programs are given, malformed ones included. Checksums are left zero:
+//! the programs never look at them.
+
+pub const ETH_IPV4: u16 = 0x0800;
+pub const ETH_IPV6: u16 = 0x86DD;
+pub const ETH_ARP: u16 = 0x0806;
+pub const ETH_8021Q: u16 = 0x8100;
+pub const ETH_8021AD: u16 = 0x88A8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Ethernet header with optional VLAN tags (outermost first), then `inner`.
+pub fn eth(vlans: &[u16], ethertype: u16, inner: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    for tpid in vlans {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&0x0064u16.to_be_bytes()); // VID 100
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(inner);
+    f
+}
+
+/// IPv4 header with `opt_words` 4-byte option words (NOPs), then payload.
+pub fn ipv4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    opt_words: u8,
+    frag_off: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let ihl = 5 + opt_words;
+    let total = (ihl as usize * 4 + payload.len()) as u16;
+    let mut h = vec![0x40 | ihl, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0, 1]);
+    h.extend_from_slice(&frag_off.to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend(std::iter::repeat_n(1u8, opt_words as usize * 4));
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An IPv6 extension header: (type, body) where the header is 8 bytes
+/// plus `extra_words` × 8.
+#[derive(Clone, Copy)]
+pub enum Ext {
+    HopByHop(u8),
+    Routing(u8),
+    DestOpts(u8),
+    /// Fragment with this offset (in 8-byte units).
+    Fragment(u16),
+}
+
+/// IPv6 header, extension headers in order, then payload of `proto`.
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], exts: &[Ext], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let code = |e: &Ext| match e {
+        Ext::HopByHop(_) => 0u8,
+        Ext::Routing(_) => 43,
+        Ext::DestOpts(_) => 60,
+        Ext::Fragment(_) => 44,
+    };
+    let mut body = Vec::new();
+    for (i, e) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(proto, code);
+        match e {
+            Ext::Fragment(off) => {
+                body.extend_from_slice(&[next, 0]);
+                body.extend_from_slice(&(off << 3).to_be_bytes());
+                body.extend_from_slice(&[0, 0, 0, 7]);
+            }
+            Ext::HopByHop(w) | Ext::Routing(w) | Ext::DestOpts(w) => {
+                body.extend_from_slice(&[next, *w]);
+                body.extend(std::iter::repeat_n(0u8, 6 + *w as usize * 8));
+            }
+        }
+    }
+    body.extend_from_slice(payload);
+    let first = exts.first().map_or(proto, code);
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[first, 64]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(&body);
+    h
+}
+
+/// TCP header (data offset `doff` words; 5 = no options) and payload.
+pub fn tcp(sport: u16, dport: u16, flags: u8, doff: u8, payload_len: usize) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    h.extend_from_slice(&[doff << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    let opts = (doff.max(5) as usize - 5) * 4;
+    h.extend(std::iter::repeat_n(1u8, opts));
+    h.extend(std::iter::repeat_n(0xabu8, payload_len));
+    h
+}
+
+pub fn udp(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend(std::iter::repeat_n(0xcdu8, payload_len));
+    h
+}
+
+/// ICMP / ICMPv6 echo request with `payload_len` bytes.
+pub fn icmp_echo(v6: bool, payload_len: usize) -> Vec<u8> {
+    let mut h = vec![if v6 { 128 } else { 8 }, 0, 0, 0, 0, 1, 0, 1];
+    h.extend(std::iter::repeat_n(0x11u8, payload_len));
+    h
+}
+
+pub fn v6(last: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = 0xfd;
+    a[15] = last;
+    a
+}

@@ -1,0 +1,214 @@
+//! Network namespaces and veth pairs made for one test and removed on drop,
+//! and running code inside a namespace from a thread (setns(2) changes only
+//! the calling thread's namespace).
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::{Command, Output},
+};
+
+pub fn sh(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `ip netns add NAME`, deleted on drop (which also removes its veth ends).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        sh("ip", &["netns", "add", name]);
+        sh("ip", &["-n", name, "link", "set", "lo", "up"]);
+        Netns {
+            name: name.to_string(),
+        }
+    }
+
+    /// `ip netns exec NAME cmd args...`
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", &self.name, cmd];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs `f` on a new thread inside this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Runs `f` inside this namespace and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match self.spawn(f).join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+
+    /// Interface statistics as the kernel keeps them (`ip -s link`).
+    pub fn link_stats(&self, dev: &str) -> LinkStats {
+        let out = sh(
+            "ip",
+            &["-n", &self.name, "-s", "-j", "link", "show", "dev", dev],
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j output is JSON");
+        let s = &v[0]["stats64"];
+        let n = |dir: &str, k: &str| s[dir][k].as_u64().expect("ip -s stats64 counter");
+        LinkStats {
+            rx_packets: n("rx", "packets"),
+            rx_bytes: n("rx", "bytes"),
+            tx_packets: n("tx", "packets"),
+            tx_bytes: n("tx", "bytes"),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl std::ops::Sub for LinkStats {
+    type Output = LinkStats;
+    fn sub(self, o: LinkStats) -> LinkStats {
+        LinkStats {
+            rx_packets: self.rx_packets - o.rx_packets,
+            rx_bytes: self.rx_bytes - o.rx_bytes,
+            tx_packets: self.tx_packets - o.tx_packets,
+            tx_bytes: self.tx_bytes - o.tx_bytes,
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair with IPv4 addresses `10.77.<net>.1`
+/// (in `a`) and `.2` (in `b`). IPv6 is off and neighbours are static, so the
+/// link carries only the traffic a test sends, and offloads are off, so the
+/// kernel's counters count wire packets.
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+    pub dev_a: String,
+    pub dev_b: String,
+    pub addr_a: std::net::Ipv4Addr,
+    pub addr_b: std::net::Ipv4Addr,
+}
+
+impl Pair {
+    pub fn new(tag: &str, net: u8) -> Self {
+        let pid = std::process::id();
+        let a = Netns::new(&format!("np-{tag}-a-{pid}"));
+        let b = Netns::new(&format!("np-{tag}-b-{pid}"));
+        let dev_a = format!("np{net}a");
+        let dev_b = format!("np{net}b");
+        sh(
+            "ip",
+            &[
+                "link", "add", &dev_a, "netns", &a.name, "type", "veth", "peer", "name", &dev_b,
+                "netns", &b.name,
+            ],
+        );
+        let addr_a = std::net::Ipv4Addr::new(10, 77, net, 1);
+        let addr_b = std::net::Ipv4Addr::new(10, 77, net, 2);
+        let mac_a = mac_of(&a, &dev_a);
+        let mac_b = mac_of(&b, &dev_b);
+        for (ns, dev, me, peer, peer_mac) in [
+            (&a, &dev_a, addr_a, addr_b, &mac_b),
+            (&b, &dev_b, addr_b, addr_a, &mac_a),
+        ] {
+            ns.exec(
+                "sysctl",
+                &["-q", "-w", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")],
+            );
+            ns.exec(
+                "ethtool",
+                &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "addr",
+                    "add",
+                    &format!("{me}/24"),
+                    "dev",
+                    dev,
+                ],
+            );
+            sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "neigh",
+                    "replace",
+                    &peer.to_string(),
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ],
+            );
+        }
+        Pair {
+            a,
+            b,
+            dev_a,
+            dev_b,
+            addr_a,
+            addr_b,
+        }
+    }
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    let out = sh("ip", &["-n", &ns.name, "-j", "link", "show", "dev", dev]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j is JSON");
+    v[0]["address"]
+        .as_str()
+        .expect("link has an address")
+        .to_string()
+}

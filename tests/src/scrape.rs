@@ -1,0 +1,105 @@
+//! Reading a running agent over HTTP, and the Prometheus text it serves.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+/// GET `path` from `addr`; returns (status, body). Plain HTTP/1.1, one request.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Samples of one exposition: `name` → [(labels, value)].
+#[derive(Debug, Default)]
+pub struct Metrics(pub BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut m: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(x) => x,
+                None => continue,
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut lm = BTreeMap::new();
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                if let Some((k, v)) = pair.split_once("=\"") {
+                    lm.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+            }
+            m.entry(name.to_string()).or_default().push((lm, value));
+        }
+        Metrics(m)
+    }
+
+    /// Sum of the samples of `name` whose labels include all of `want`.
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> u64 {
+        self.0
+            .get(name)
+            .map(|v| {
+                v.iter()
+                    .filter(|(l, _)| {
+                        want.iter()
+                            .all(|(k, x)| l.get(*k).map(String::as_str) == Some(*x))
+                    })
+                    .map(|(_, v)| *v as u64)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
+        self.0.get(name).is_some_and(|v| {
+            v.iter().any(|(l, _)| {
+                want.iter()
+                    .all(|(k, x)| l.get(*k).map(String::as_str) == Some(*x))
+            })
+        })
+    }
+
+    /// Every value of label `label` on series of `name`.
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .0
+            .get(name)
+            .map(|v| {
+                v.iter()
+                    .filter_map(|(l, _)| l.get(label).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
