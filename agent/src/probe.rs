@@ -545,7 +545,11 @@ fn check_bpffs(pin_root: &Path) -> Result<()> {
             )
         };
         if rc == 0 {
-            info!("mounted bpffs at /sys/fs/bpf");
+            // In a private mount namespace this bpffs dies with us, and so
+            // would the pins: say so, since a restart then starts from zero.
+            warn!(
+                "/sys/fs/bpf was not a bpffs; mounted one. Counters persist across restarts only if this mount is shared with the next run"
+            );
             return Ok(());
         }
         warn!(error = %std::io::Error::last_os_error(), "mounting bpffs at /sys/fs/bpf");

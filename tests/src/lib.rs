@@ -26,7 +26,7 @@ pub fn is_root() -> bool {
 }
 
 /// A bpffs directory for one test's pinned maps, removed on drop.
-pub struct PinDir(PathBuf);
+pub struct PinDir(PathBuf, bool);
 
 impl PinDir {
     pub fn new(tag: &str) -> Self {
@@ -35,7 +35,27 @@ impl PinDir {
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&p);
-        PinDir(p)
+        PinDir(p, false)
+    }
+
+    /// A bpffs of its own, mounted outside /sys: `ip netns exec` remounts
+    /// /sys for the namespace, which hides /sys/fs/bpf from an agent started
+    /// through it, so pins there would not outlive the agent.
+    pub fn mounted(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("netpulse-bpffs-{tag}-{}", std::process::id()));
+        let _ = std::process::Command::new("umount").arg(&p).output();
+        std::fs::create_dir_all(&p).expect("create bpffs mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&p)
+            .output()
+            .expect("spawn mount");
+        assert!(
+            out.status.success(),
+            "mount -t bpf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PinDir(p, true)
     }
 
     pub fn path(&self) -> &Path {
@@ -46,5 +66,9 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        if self.1 {
+            let _ = std::process::Command::new("umount").arg(&self.0).output();
+            let _ = std::fs::remove_dir(&self.0);
+        }
     }
 }

@@ -1,0 +1,483 @@
+//! Live traffic through the real agent: two network namespaces joined by a
+//! veth pair, `netpulse run` in one of them with servers beside it, a client
+//! in the other. What /metrics reports must equal what was sent, and what the
+//! kernel's own interface counters (`ip -s link`) saw, across a restart.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir, is_root,
+    netns::{LinkStats, Pair, have},
+    require,
+    scrape::{Metrics, get},
+};
+
+const TCP_PORT: u16 = 7001;
+const UDP_PORT: u16 = 7002;
+const DISCOVERED_PORT: u16 = 7003;
+const METRICS_PORT: u16 = 19477;
+const UDP_DATAGRAMS: u64 = 20;
+const UDP_PAYLOAD: usize = 100;
+const PINGS: u64 = 5;
+const TCP_UPLOAD: usize = 200_000;
+const TCP_REPLY: usize = 50_000;
+
+fn bin() -> String {
+    std::env::var("NETPULSE_BIN").unwrap_or_else(|_| {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse");
+        p.to_string()
+    })
+}
+
+fn prerequisites() -> bool {
+    require("root", is_root())
+        && require("ip (iproute2)", have("ip"))
+        && require("ethtool", have("ethtool"))
+        && require("ping (iputils-ping)", have("ping"))
+        && require(
+            "the netpulse binary (cargo build -p netpulse, or NETPULSE_BIN)",
+            std::path::Path::new(&bin()).exists(),
+        )
+}
+
+struct Agent {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(pair: &Pair, config: &std::path::Path, log: &std::path::Path) -> Agent {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start netpulse");
+        Agent {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, then wait: the agent detaches and exits 0.
+    fn stop(mut self) {
+        // SAFETY: signalling the child we spawned (`ip netns exec` execs netpulse).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "netpulse exited with {status}; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn scrape(pair: &Pair) -> Metrics {
+    pair.a.run(|| {
+        let (status, body) = get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)),
+            "/metrics",
+        )
+        .expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    })
+}
+
+/// Waits until the agent serves metrics that satisfy `ready`.
+fn wait_for(
+    pair: &Pair,
+    agent: &mut Agent,
+    what: &str,
+    ready: impl Fn(&Metrics) -> bool,
+) -> Metrics {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = agent.child.try_wait() {
+            panic!(
+                "netpulse exited early with {status}; log:\n{}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+        }
+        let m = pair.a.run(|| {
+            get(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)),
+                "/metrics",
+            )
+            .ok()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, b)| Metrics::parse(&b))
+        });
+        if let Some(m) = m
+            && ready(&m)
+        {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Servers in namespace a: TCP (read all, reply), UDP echo, and a TCP
+/// listener the config does not name (found through socket discovery).
+fn start_servers(pair: &Pair) {
+    let addr = pair.addr_a;
+    pair.a.spawn(move || {
+        let l = TcpListener::bind((addr, TCP_PORT)).unwrap();
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { break };
+            let mut buf = Vec::new();
+            c.read_to_end(&mut buf).unwrap();
+            assert_eq!(buf.len(), TCP_UPLOAD);
+            c.write_all(&vec![7u8; TCP_REPLY]).unwrap();
+        }
+    });
+    pair.a.spawn(move || {
+        let s = UdpSocket::bind((addr, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                break;
+            };
+            s.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    pair.a.spawn(move || {
+        let l = TcpListener::bind((addr, DISCOVERED_PORT)).unwrap();
+        for conn in l.incoming() {
+            drop(conn);
+        }
+    });
+}
+
+/// One round of known traffic from namespace b.
+fn send_traffic(pair: &Pair) {
+    let to = pair.addr_a;
+    pair.b.run(move || {
+        let mut c = TcpStream::connect((to, TCP_PORT)).unwrap();
+        c.write_all(&vec![1u8; TCP_UPLOAD]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), TCP_REPLY);
+
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..UDP_DATAGRAMS {
+            u.send_to(&[9u8; UDP_PAYLOAD], (to, UDP_PORT)).unwrap();
+            let (n, _) = u.recv_from(&mut buf).expect("UDP echo");
+            assert_eq!(n, UDP_PAYLOAD);
+        }
+
+        drop(TcpStream::connect((to, DISCOVERED_PORT)).unwrap());
+    });
+    let out = pair.b.exec(
+        "ping",
+        &[
+            "-c",
+            &PINGS.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &to.to_string(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{PINGS} received")));
+}
+
+/// The kernel's counters of both veth ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    a: LinkStats,
+    b: LinkStats,
+}
+
+impl std::ops::Sub for Link {
+    type Output = Link;
+    fn sub(self, o: Link) -> Link {
+        Link {
+            a: self.a - o.a,
+            b: self.b - o.b,
+        }
+    }
+}
+
+/// Waits until the link has been quiet for a while (the last ACKs of the TCP
+/// close), then returns its counters.
+fn settled(pair: &Pair) -> Link {
+    let read = || Link {
+        a: pair.a.link_stats(&pair.dev_a),
+        b: pair.b.link_stats(&pair.dev_b),
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
+    m.sum(
+        "netpulse_service_packets_total",
+        &[("service", service), ("direction", dir)],
+    )
+}
+
+fn bytes(m: &Metrics, service: &str, dir: &str) -> u64 {
+    m.sum(
+        "netpulse_service_bytes_total",
+        &[("service", service), ("direction", dir)],
+    )
+}
+
+fn flag(m: &Metrics, service: &str, dir: &str, flag: &str) -> u64 {
+    m.sum(
+        "netpulse_service_tcp_flags_total",
+        &[("service", service), ("direction", dir), ("flag", flag)],
+    )
+}
+
+#[test]
+fn live_traffic_is_counted_exactly_and_survives_a_restart() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new("live", 91);
+    let pins = PinDir::mounted("live");
+    let dir = std::env::temp_dir().join(format!("netpulse-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+listen = "127.0.0.1:{METRICS_PORT}"
+pin_dir = "{pins}"
+refresh_seconds = 0.2
+
+[[service]]
+name = "echo-tcp"
+endpoints = [{{ proto = "tcp", port = {TCP_PORT} }}]
+
+[[service]]
+name = "echo-udp"
+endpoints = [{{ proto = "udp", port = {UDP_PORT}, addr = "{a}" }}]
+
+[[service]]
+name = "ping"
+endpoints = [{{ proto = "icmp", addr = "{a}" }}]
+"#,
+            pins = pins.path().display(),
+            a = pair.addr_a,
+        ),
+    )
+    .unwrap();
+    let log = dir.join("agent.log");
+    start_servers(&pair);
+    // Servers run in this test process: socket discovery names the
+    // undeclared one after it.
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let discovered = netpulse::identity::name_from_process(comm.trim());
+
+    let mut agent = Agent::start(&pair, &config, &log);
+    let m = wait_for(&pair, &mut agent, "probes and services", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", &pair.dev_a), ("hook", "xdp")],
+        ) && m.has(
+            "netpulse_probe_attached",
+            &[("interface", "lo"), ("hook", "tc")],
+        ) && m.has(
+            "netpulse_service_info",
+            &[("service", &discovered), ("source", "socket")],
+        )
+    });
+    // veth has native XDP; lo has none.
+    assert!(m.has(
+        "netpulse_probe_attached",
+        &[
+            ("interface", &pair.dev_a),
+            ("hook", "xdp"),
+            ("mode", "native")
+        ]
+    ));
+    assert!(m.has(
+        "netpulse_probe_attached",
+        &[("interface", "lo"), ("hook", "xdp"), ("mode", "skb")]
+    ));
+    for s in ["echo-tcp", "echo-udp", "ping"] {
+        assert!(m.has(
+            "netpulse_service_info",
+            &[("service", s), ("source", "config")]
+        ));
+    }
+
+    let link0 = settled(&pair);
+    let m0 = scrape(&pair);
+    send_traffic(&pair);
+    let link1 = settled(&pair);
+    let m1 = scrape(&pair);
+    check_round(&m0, &m1, link1 - link0, &discovered, 1);
+
+    // Restart: the counters continue from the pinned maps.
+    agent.stop();
+    let mut agent = Agent::start(&pair, &config, &log);
+    let m2 = wait_for(&pair, &mut agent, "the restarted agent", |m| {
+        m.has("netpulse_probe_attached", &[("interface", &pair.dev_a)])
+            && m.has("netpulse_service_info", &[("service", &discovered)])
+    });
+    for s in ["echo-tcp", "echo-udp", "ping", discovered.as_str()] {
+        for d in ["ingress", "egress"] {
+            assert_eq!(pkts(&m2, s, d), pkts(&m1, s, d), "{s} {d} after restart");
+            assert_eq!(bytes(&m2, s, d), bytes(&m1, s, d), "{s} {d} after restart");
+        }
+    }
+    send_traffic(&pair);
+    let link2 = settled(&pair);
+    let m3 = scrape(&pair);
+    check_round(&m0, &m3, link2 - link0, &discovered, 2);
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Checks the counters moved from `a` to `b` by `rounds` rounds of traffic,
+/// which the kernel saw on the veth as `link`.
+fn check_round(a: &Metrics, b: &Metrics, link: Link, discovered: &str, rounds: u64) {
+    let d = |f: fn(&Metrics, &str, &str) -> u64, s: &str, dir: &str| f(b, s, dir) - f(a, s, dir);
+    let services = ["echo-tcp", "echo-udp", "ping", discovered];
+
+    // UDP and ICMP: exactly what was sent, both ways.
+    let udp_frame = (14 + 20 + 8 + UDP_PAYLOAD) as u64;
+    assert_eq!(d(pkts, "echo-udp", "ingress"), rounds * UDP_DATAGRAMS);
+    assert_eq!(d(pkts, "echo-udp", "egress"), rounds * UDP_DATAGRAMS);
+    assert_eq!(
+        d(bytes, "echo-udp", "ingress"),
+        rounds * UDP_DATAGRAMS * udp_frame
+    );
+    assert_eq!(
+        d(bytes, "echo-udp", "egress"),
+        rounds * UDP_DATAGRAMS * udp_frame
+    );
+    let ping_frame = 14 + 20 + 8 + 56;
+    assert_eq!(d(pkts, "ping", "ingress"), rounds * PINGS);
+    assert_eq!(d(pkts, "ping", "egress"), rounds * PINGS);
+    assert_eq!(d(bytes, "ping", "ingress"), rounds * PINGS * ping_frame);
+    assert_eq!(d(bytes, "ping", "egress"), rounds * PINGS * ping_frame);
+
+    // TCP: one connection per round to each TCP service, each opened and
+    // closed once in each direction.
+    for s in ["echo-tcp", discovered] {
+        assert_eq!(
+            flag(b, s, "ingress", "syn") - flag(a, s, "ingress", "syn"),
+            rounds,
+            "{s} SYN in"
+        );
+        assert_eq!(
+            flag(b, s, "egress", "syn") - flag(a, s, "egress", "syn"),
+            rounds,
+            "{s} SYN-ACK out"
+        );
+        assert_eq!(
+            flag(b, s, "ingress", "fin") - flag(a, s, "ingress", "fin"),
+            rounds,
+            "{s} FIN in"
+        );
+        assert_eq!(
+            flag(b, s, "egress", "fin") - flag(a, s, "egress", "fin"),
+            rounds,
+            "{s} FIN out"
+        );
+    }
+    // The upload alone is at least TCP_UPLOAD bytes of payload in.
+    assert!(d(bytes, "echo-tcp", "ingress") > (rounds as usize * TCP_UPLOAD) as u64);
+    assert!(d(bytes, "echo-tcp", "egress") > (rounds as usize * TCP_REPLY) as u64);
+
+    // Everything on the veth belongs to one of the services, and the sums
+    // equal the kernel's own interface counters, packet for packet. Our
+    // bytes are whole Ethernet frames. The kernel's count of frames going
+    // into a veth that runs native XDP (its NAPI path) is skb->len after
+    // eth_type_trans, i.e. without the 14-byte Ethernet header, on both the
+    // receiver's rx and the sender's tx; the opposite direction counts whole
+    // frames.
+    let sum = |f: fn(&Metrics, &str, &str) -> u64, dir: &str| {
+        services.iter().map(|s| d(f, s, dir)).sum::<u64>()
+    };
+    let eth = 14 * link.a.rx_packets;
+    let checks = [
+        (
+            "ingress packets = our rx",
+            sum(pkts, "ingress"),
+            link.a.rx_packets,
+        ),
+        (
+            "ingress packets = peer tx",
+            sum(pkts, "ingress"),
+            link.b.tx_packets,
+        ),
+        (
+            "ingress bytes = our rx + L2",
+            sum(bytes, "ingress"),
+            link.a.rx_bytes + eth,
+        ),
+        (
+            "ingress bytes = peer tx + L2",
+            sum(bytes, "ingress"),
+            link.b.tx_bytes + eth,
+        ),
+        (
+            "egress packets = our tx",
+            sum(pkts, "egress"),
+            link.a.tx_packets,
+        ),
+        (
+            "egress bytes = our tx",
+            sum(bytes, "egress"),
+            link.a.tx_bytes,
+        ),
+        (
+            "egress packets = peer rx",
+            sum(pkts, "egress"),
+            link.b.rx_packets,
+        ),
+        (
+            "egress bytes = peer rx",
+            sum(bytes, "egress"),
+            link.b.rx_bytes,
+        ),
+    ];
+    for (what, ours, kernel) in checks {
+        assert_eq!(ours, kernel, "{what} (ip -s link): {link:?}");
+    }
+}
