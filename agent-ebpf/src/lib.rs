@@ -6,7 +6,9 @@
 //! instead of misreading old ones.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
-/// Maps are pinned under `/sys/fs/bpf/netpulse/v<LAYOUT_VERSION>/`.
+/// The counters and slot names are pinned under
+/// `/sys/fs/bpf/netpulse/v<LAYOUT_VERSION>/`; the service table and port
+/// index are rebuilt by every agent start.
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// Size of the service table (endpoint matchers), in entries.
@@ -48,12 +50,33 @@ pub const ROLE_LOCAL: u8 = 0;
 /// The endpoint is a peer this host talks to: matched by the packet's other end.
 pub const ROLE_REMOTE: u8 = 1;
 
-/// Bit in [`Settings::flags`]: the table holds at least one remote endpoint,
-/// so a miss on the local end is worth a second look-up.
-pub const SETTINGS_HAS_REMOTE: u32 = 1;
+/// The port index (`NP_PORTS`): one u32 per (family, protocol, port), so
+/// the common case (a service listening on every address) is found with an
+/// array look-up, and the hash table is consulted only for ports that have
+/// address-specific or remote entries.
+pub const PORT_INDEX_LEN: u32 = 6 * 65_536;
+/// Low bits: the slot of the local wildcard-address service on this port.
+pub const PORT_WILDCARD_MASK: u32 = 0x00ff_ffff;
+/// Some local service on this port is bound to a specific address.
+pub const PORT_LOCAL_EXACT: u32 = 1 << 31;
+/// Some remote service uses this port.
+pub const PORT_REMOTE: u32 = 1 << 30;
+
+/// Index into `NP_PORTS`; `None` for protocols services cannot name.
+#[inline(always)]
+pub fn port_index(family: u8, proto: u8, port: u16) -> Option<u32> {
+    let f = if family == FAMILY_V6 { 1 } else { 0 };
+    let p = match proto {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1,
+        PROTO_ICMP | PROTO_ICMPV6 => 2,
+        _ => return None,
+    };
+    Some(((f * 3 + p) << 16) | port as u32)
+}
 
 /// Key of the service table. An all-zero `addr` is the wildcard address of
-/// its family. IPv4 addresses occupy the first four bytes of `addr`.
+/// its family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
@@ -63,7 +86,31 @@ pub struct EndpointKey {
     pub port: u16,
     pub role: u8,
     pub _pad: [u8; 3],
-    pub addr: [u8; 16],
+    /// The address bytes as they are on the wire, held as four 32-bit words
+    /// so the kernel side copies it from the packet with word loads. IPv4
+    /// uses the first word. Use [`EndpointKey::set_addr`] /
+    /// [`EndpointKey::addr_bytes`] from userspace.
+    pub addr: [u32; 4],
+}
+
+impl EndpointKey {
+    /// Sets the address from its wire bytes (4 for IPv4, 16 for IPv6).
+    pub fn set_addr(&mut self, bytes: &[u8]) {
+        let mut b = [0u8; 16];
+        let n = if bytes.len() < 16 { bytes.len() } else { 16 };
+        b[..n].copy_from_slice(&bytes[..n]);
+        for (i, w) in self.addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+        }
+    }
+
+    pub fn addr_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        for (i, w) in self.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        b
+    }
 }
 
 /// Value of the service table: which counter slot the endpoint feeds.
@@ -112,14 +159,6 @@ impl SlotCounters {
     }
 }
 
-/// Agent → program switches, in a one-entry array.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Settings {
-    pub flags: u32,
-    pub _pad: u32,
-}
-
 /// Name of a service slot, kept in a pinned map so a restarted agent gives
 /// every service back the slot (and the counts) it had.
 pub const NAME_LEN: usize = 64;
@@ -146,7 +185,7 @@ pub mod maps {
     pub const SERVICES: &str = "NP_SERVICES";
     pub const COUNTERS_XDP: &str = "NP_COUNTERS_XDP";
     pub const COUNTERS_TC: &str = "NP_COUNTERS_TC";
-    pub const SETTINGS: &str = "NP_SETTINGS";
+    pub const PORTS: &str = "NP_PORTS";
     pub const SLOT_NAMES: &str = "NP_SLOT_NAMES";
 }
 
@@ -168,6 +207,5 @@ mod user {
     unsafe impl aya::Pod for ServiceRef {}
     unsafe impl aya::Pod for DirCounters {}
     unsafe impl aya::Pod for SlotCounters {}
-    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for SlotName {}
 }

@@ -491,11 +491,11 @@ endpoints = [{ proto = "tcp", port = 80 }]
         let e = errs(text);
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(
-            e[0].starts_with("c.toml:4:37:") && e[0].contains("70000"),
+            e[0].starts_with("c.toml:4:38:") && e[0].contains("70000"),
             "{e:?}"
         );
         assert!(
-            e[1].starts_with("c.toml:8:46:") && e[1].contains("CIDR"),
+            e[1].starts_with("c.toml:8:49:") && e[1].contains("CIDR"),
             "{e:?}"
         );
         assert!(

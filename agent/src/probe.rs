@@ -9,8 +9,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    EndpointKey, FIRST_SERVICE_SLOT, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN, ServiceRef, Settings,
-    SlotCounters, SlotName, maps, programs,
+    EndpointKey, FIRST_SERVICE_SLOT, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN, PORT_LOCAL_EXACT,
+    PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters, SlotName, maps,
+    port_index, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -119,7 +120,11 @@ pub struct Probe {
     services: HashMap<MapData, EndpointKey, ServiceRef>,
     counters_xdp: PerCpuArray<MapData, SlotCounters>,
     counters_tc: PerCpuArray<MapData, SlotCounters>,
-    settings: Array<MapData, Settings>,
+    ports: Array<MapData, u32>,
+    /// What this agent wrote to the (unpinned) service table and port
+    /// index: they start empty with every load, so this copy is exact.
+    written: BTreeMap<EndpointKey, u32>,
+    written_ports: BTreeMap<u32, u32>,
     names: Array<MapData, SlotName>,
     ncpus: usize,
     pin_dir: PathBuf,
@@ -158,8 +163,7 @@ impl Probe {
             .map_err(map_err(maps::COUNTERS_XDP))?;
         let counters_tc = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_TC)?)
             .map_err(map_err(maps::COUNTERS_TC))?;
-        let settings =
-            Array::try_from(take(&mut ebpf, maps::SETTINGS)?).map_err(map_err(maps::SETTINGS))?;
+        let ports = Array::try_from(take(&mut ebpf, maps::PORTS)?).map_err(map_err(maps::PORTS))?;
         let names = Array::try_from(take(&mut ebpf, maps::SLOT_NAMES)?)
             .map_err(map_err(maps::SLOT_NAMES))?;
         for name in [programs::XDP_INGRESS, programs::TC_EGRESS] {
@@ -183,7 +187,9 @@ impl Probe {
             services,
             counters_xdp,
             counters_tc,
-            settings,
+            ports,
+            written: BTreeMap::new(),
+            written_ports: BTreeMap::new(),
             names,
             ncpus,
             pin_dir,
@@ -355,30 +361,45 @@ impl Probe {
 
     // --- service table -------------------------------------------------
 
-    pub fn table(&self) -> Result<BTreeMap<EndpointKey, u32>> {
-        let mut out = BTreeMap::new();
-        for item in self.services.iter() {
-            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
-            out.insert(k, v.slot);
-        }
-        Ok(out)
+    /// The endpoint → slot table as the kernel holds it.
+    pub fn table(&self) -> &BTreeMap<EndpointKey, u32> {
+        &self.written
     }
 
-    /// Makes the kernel table equal to `want`, touching only what differs.
+    /// Entries in use in the hash table and in the port index.
+    pub fn table_sizes(&self) -> (usize, usize) {
+        let wild = self
+            .written
+            .keys()
+            .filter(|k| k.role == ROLE_LOCAL && k.addr == [0; 4])
+            .count();
+        (self.written.len() - wild, self.written_ports.len())
+    }
+
+    /// Makes the kernel's service table and port index equal to `want`,
+    /// touching only what differs. Local wildcard-address endpoints live in
+    /// the port index only; everything else in the hash table, with a flag
+    /// in the port index saying the port has such entries.
     pub fn sync_table(&mut self, want: &BTreeMap<EndpointKey, u32>) -> Result<usize> {
-        let have = self.table()?;
-        let mut changes = 0;
-        for k in have.keys() {
-            if !want.contains_key(k) {
-                match self.services.remove(k) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(maps::SERVICES)(e)),
-                }
-                changes += 1;
-            }
-        }
+        let in_hash = |k: &EndpointKey| !(k.role == ROLE_LOCAL && k.addr == [0; 4]);
+        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
         for (k, slot) in want {
-            if have.get(k) != Some(slot) {
+            let Some(i) = port_index(k.family, k.proto, k.port) else {
+                continue;
+            };
+            let v = ports.entry(i).or_default();
+            *v |= match (k.role, in_hash(k)) {
+                (ROLE_LOCAL, false) => slot & PORT_WILDCARD_MASK,
+                (ROLE_LOCAL, true) => PORT_LOCAL_EXACT,
+                _ => PORT_REMOTE,
+            };
+        }
+        let mut changes = 0;
+        // Order matters for packets in flight: add table entries before the
+        // port flags that send look-ups to them, and drop flags before the
+        // entries they point at.
+        for (k, slot) in want.iter().filter(|(k, _)| in_hash(k)) {
+            if self.written.get(k) != Some(slot) {
                 self.services
                     .insert(
                         k,
@@ -392,18 +413,37 @@ impl Probe {
                 changes += 1;
             }
         }
-        let has_remote = want.keys().any(|k| k.role == agent_ebpf::ROLE_REMOTE);
-        let flags = if has_remote {
-            agent_ebpf::SETTINGS_HAS_REMOTE
-        } else {
-            0
-        };
-        let cur = self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))?;
-        if cur.flags != flags {
-            self.settings
-                .set(0, Settings { flags, _pad: 0 }, 0)
-                .map_err(map_err(maps::SETTINGS))?;
+        let stale_ports: Vec<u32> = self
+            .written_ports
+            .keys()
+            .filter(|i| !ports.contains_key(i))
+            .copied()
+            .collect();
+        for i in stale_ports {
+            self.ports.set(i, 0, 0).map_err(map_err(maps::PORTS))?;
+            changes += 1;
         }
+        for (i, v) in &ports {
+            if self.written_ports.get(i) != Some(v) {
+                self.ports.set(*i, *v, 0).map_err(map_err(maps::PORTS))?;
+                changes += 1;
+            }
+        }
+        let stale: Vec<EndpointKey> = self
+            .written
+            .keys()
+            .filter(|k| in_hash(k) && !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            match self.services.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::SERVICES)(e)),
+            }
+            changes += 1;
+        }
+        self.written = want.clone();
+        self.written_ports = ports;
         Ok(changes)
     }
 

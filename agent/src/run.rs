@@ -131,11 +131,13 @@ fn refresh(shared: &web::Shared, cfg: &Loaded, warned: &mut HashSet<String>) {
         error!("agent state poisoned");
         return;
     };
-    sync_interfaces(&mut agent, cfg, warned);
+    // The table first: a newly attached interface then counts correctly
+    // from its first packet.
     let Agent { probe, identity } = &mut *agent;
     if let Err(e) = identity.apply(probe, &want, Instant::now()) {
         error!(error = %e, "updating the service table");
     }
+    sync_interfaces(&mut agent, cfg, warned);
 }
 
 fn notify_ready() {

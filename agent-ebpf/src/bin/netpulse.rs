@@ -20,18 +20,20 @@ mod kernel {
         maps::{Array, HashMap, PerCpuArray},
         programs::{TcContext, XdpContext},
     };
-    use core::mem::size_of;
 
+    // The service table and port index are rebuilt by each agent start, so
+    // they are not pinned; the counters and slot names are.
     #[map(name = "NP_SERVICES")]
-    static NP_SERVICES: HashMap<EndpointKey, ServiceRef> = HashMap::pinned(MAX_ENDPOINTS, 0);
+    static NP_SERVICES: HashMap<EndpointKey, ServiceRef> =
+        HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+    #[map(name = "NP_PORTS")]
+    static NP_PORTS: Array<u32> = Array::with_max_entries(PORT_INDEX_LEN, 0);
     // One counter array per hook: the two hooks never write the same memory,
     // so no atomics are needed even where XDP and TC run on one CPU.
     #[map(name = "NP_COUNTERS_XDP")]
     static NP_COUNTERS_XDP: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
     #[map(name = "NP_COUNTERS_TC")]
     static NP_COUNTERS_TC: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
-    #[map(name = "NP_SETTINGS")]
-    static NP_SETTINGS: Array<Settings> = Array::pinned(1, 0);
     // Read and written by the agent only; lives here so it is pinned with the
     // counters it names (see SlotName).
     #[map(name = "NP_SLOT_NAMES")]
@@ -42,6 +44,8 @@ mod kernel {
     const MAX_HDR_OFF: usize = 512;
     /// IPv6 extension headers followed before the chain counts as malformed.
     const MAX_IPV6_EXT: usize = 6;
+    /// Bytes a TC program makes sure are linear before parsing.
+    const TC_PULL: u32 = 128;
 
     const ETH_P_IP: u16 = 0x0800;
     const ETH_P_IPV6: u16 = 0x86DD;
@@ -52,41 +56,51 @@ mod kernel {
     const TCP_SYN: u8 = 0x02;
     const TCP_RST: u8 = 0x04;
 
-    /// Bounds-checked reads at an offset from the start of the frame.
-    trait Packet {
-        fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// The linear packet bytes `[start, end)`.
+    #[derive(Clone, Copy)]
+    struct Packet {
+        start: usize,
+        end: usize,
     }
 
-    #[inline(always)]
-    fn direct<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
-        if off > MAX_HDR_OFF {
-            return None;
-        }
-        let p = start + off;
-        if p + size_of::<T>() > end {
-            return None;
-        }
-        // SAFETY: [p, p + size_of::<T>()) lies within the packet, checked above.
-        Some(unsafe { (p as *const T).read_unaligned() })
-    }
+    /// A header of `len` bytes at `off`, bounds-checked once; reads within it
+    /// need no further checks.
+    #[derive(Clone, Copy)]
+    struct Hdr(usize);
 
-    impl Packet for XdpContext {
+    impl Packet {
         #[inline(always)]
-        fn read<T: Copy>(&self, off: usize) -> Option<T> {
-            direct(self.data(), self.data_end(), off)
-        }
-    }
-
-    impl Packet for TcContext {
-        #[inline(always)]
-        fn read<T: Copy>(&self, off: usize) -> Option<T> {
-            // Headers are almost always in the linear part; a paged skb falls
-            // back to bpf_skb_load_bytes rather than being misread.
-            match direct(self.data(), self.data_end(), off) {
-                Some(v) => Some(v),
-                None if off <= MAX_HDR_OFF => self.load::<T>(off).ok(),
-                None => None,
+        fn hdr(&self, off: usize, len: usize) -> Option<Hdr> {
+            if off > MAX_HDR_OFF {
+                return None;
             }
+            let p = self.start + off;
+            if p + len > self.end {
+                return None;
+            }
+            Some(Hdr(p))
+        }
+    }
+
+    impl Hdr {
+        // Packet memory is only 2-byte aligned after an Ethernet header; the
+        // loads below are plain (not split into bytes) because BPF on the
+        // architectures we run on (x86-64, arm64) handles misaligned packet
+        // loads, and the verifier allows them there.
+        #[inline(always)]
+        fn u8(self, at: usize) -> u8 {
+            // SAFETY: `at` is within the header checked by Packet::hdr.
+            unsafe { *((self.0 + at) as *const u8) }
+        }
+        #[inline(always)]
+        fn be16(self, at: usize) -> u16 {
+            // SAFETY: as above.
+            u16::from_be(unsafe { *((self.0 + at) as *const u16) })
+        }
+        #[inline(always)]
+        fn word(self, at: usize) -> u32 {
+            // SAFETY: as above. Raw wire bytes, no byte-order change.
+            unsafe { *((self.0 + at) as *const u32) }
         }
     }
 
@@ -94,8 +108,8 @@ mod kernel {
     struct Flow {
         family: u8,
         proto: u8,
-        src: [u8; 16],
-        dst: [u8; 16],
+        src: [u32; 4],
+        dst: [u32; 4],
         sport: u16,
         dport: u16,
         tcp_flags: u8,
@@ -103,30 +117,24 @@ mod kernel {
         hdr_len: usize,
     }
 
-    #[inline(always)]
-    fn be16(v: [u8; 2]) -> u16 {
-        u16::from_be_bytes(v)
-    }
-
     /// Parses L2..L4. `Err(slot)` names the reserved slot for frames that
     /// cannot be classified.
     #[inline(always)]
-    fn parse<P: Packet>(p: &P) -> Result<Flow, u32> {
-        let mut off = 12usize;
-        let mut ethertype = be16(p.read::<[u8; 2]>(off).ok_or(SLOT_MALFORMED)?);
-        off += 2;
+    fn parse(p: Packet) -> Result<Flow, u32> {
+        let mut off = 14usize;
+        let mut ethertype = p.hdr(0, 14).ok_or(SLOT_MALFORMED)?.be16(12);
         // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
         for _ in 0..2 {
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-                ethertype = be16(p.read::<[u8; 2]>(off + 2).ok_or(SLOT_MALFORMED)?);
+                ethertype = p.hdr(off, 4).ok_or(SLOT_MALFORMED)?.be16(2);
                 off += 4;
             }
         }
         let mut flow = Flow {
             family: 0,
             proto: 0,
-            src: [0; 16],
-            dst: [0; 16],
+            src: [0; 4],
+            dst: [0; 4],
             sport: 0,
             dport: 0,
             tcp_flags: 0,
@@ -134,53 +142,56 @@ mod kernel {
         };
         let l4 = match ethertype {
             ETH_P_IP => {
-                let h = p.read::<[u8; 20]>(off).ok_or(SLOT_MALFORMED)?;
-                let ihl = ((h[0] & 0x0f) as usize) * 4;
-                if h[0] >> 4 != 4 || ihl < 20 {
+                let h = p.hdr(off, 20).ok_or(SLOT_MALFORMED)?;
+                let vihl = h.u8(0);
+                let ihl = ((vihl & 0x0f) as usize) * 4;
+                if vihl >> 4 != 4 || ihl < 20 {
                     return Err(SLOT_MALFORMED);
                 }
                 flow.family = FAMILY_V4;
-                flow.proto = h[9];
-                flow.src[..4].copy_from_slice(&h[12..16]);
-                flow.dst[..4].copy_from_slice(&h[16..20]);
-                if be16([h[6], h[7]]) & 0x1fff != 0 {
+                flow.proto = h.u8(9);
+                flow.src[0] = h.word(12);
+                flow.dst[0] = h.word(16);
+                if h.be16(6) & 0x1fff != 0 {
                     return Err(SLOT_FRAGMENT);
                 }
                 off + ihl
             }
             ETH_P_IPV6 => {
-                let h = p.read::<[u8; 40]>(off).ok_or(SLOT_MALFORMED)?;
-                if h[0] >> 4 != 6 {
+                let h = p.hdr(off, 40).ok_or(SLOT_MALFORMED)?;
+                if h.u8(0) >> 4 != 6 {
                     return Err(SLOT_MALFORMED);
                 }
                 flow.family = FAMILY_V6;
-                flow.src.copy_from_slice(&h[8..24]);
-                flow.dst.copy_from_slice(&h[24..40]);
-                let mut next = h[6];
+                for i in 0..4 {
+                    flow.src[i] = h.word(8 + i * 4);
+                    flow.dst[i] = h.word(24 + i * 4);
+                }
+                let mut next = h.u8(6);
                 let mut o = off + 40;
                 let mut done = false;
                 for _ in 0..MAX_IPV6_EXT {
                     match next {
                         // hop-by-hop, routing, destination options, mobility, HIP, shim6
                         0 | 43 | 60 | 135 | 139 | 140 => {
-                            let e = p.read::<[u8; 2]>(o).ok_or(SLOT_MALFORMED)?;
-                            next = e[0];
-                            o += (e[1] as usize + 1) * 8;
+                            let e = p.hdr(o, 2).ok_or(SLOT_MALFORMED)?;
+                            next = e.u8(0);
+                            o += (e.u8(1) as usize + 1) * 8;
                         }
                         // fragment: fixed 8 bytes; only the first fragment has ports
                         44 => {
-                            let e = p.read::<[u8; 4]>(o).ok_or(SLOT_MALFORMED)?;
-                            if be16([e[2], e[3]]) & 0xfff8 != 0 {
+                            let e = p.hdr(o, 4).ok_or(SLOT_MALFORMED)?;
+                            if e.be16(2) & 0xfff8 != 0 {
                                 return Err(SLOT_FRAGMENT);
                             }
-                            next = e[0];
+                            next = e.u8(0);
                             o += 8;
                         }
                         // authentication header: length in 4-byte units, minus 2
                         51 => {
-                            let e = p.read::<[u8; 2]>(o).ok_or(SLOT_MALFORMED)?;
-                            next = e[0];
-                            o += (e[1] as usize + 2) * 4;
+                            let e = p.hdr(o, 2).ok_or(SLOT_MALFORMED)?;
+                            next = e.u8(0);
+                            o += (e.u8(1) as usize + 2) * 4;
                         }
                         _ => {
                             done = true;
@@ -198,24 +209,24 @@ mod kernel {
         };
         match flow.proto {
             PROTO_TCP => {
-                let t = p.read::<[u8; 20]>(l4).ok_or(SLOT_MALFORMED)?;
-                let doff = ((t[12] >> 4) as usize) * 4;
+                let t = p.hdr(l4, 20).ok_or(SLOT_MALFORMED)?;
+                let doff = ((t.u8(12) >> 4) as usize) * 4;
                 if doff < 20 {
                     return Err(SLOT_MALFORMED);
                 }
-                flow.sport = be16([t[0], t[1]]);
-                flow.dport = be16([t[2], t[3]]);
-                flow.tcp_flags = t[13];
+                flow.sport = t.be16(0);
+                flow.dport = t.be16(2);
+                flow.tcp_flags = t.u8(13);
                 flow.hdr_len = l4 + doff;
             }
             PROTO_UDP => {
-                let u = p.read::<[u8; 8]>(l4).ok_or(SLOT_MALFORMED)?;
-                flow.sport = be16([u[0], u[1]]);
-                flow.dport = be16([u[2], u[3]]);
+                let u = p.hdr(l4, 8).ok_or(SLOT_MALFORMED)?;
+                flow.sport = u.be16(0);
+                flow.dport = u.be16(2);
                 flow.hdr_len = l4 + 8;
             }
             PROTO_ICMP | PROTO_ICMPV6 => {
-                p.read::<[u8; 4]>(l4).ok_or(SLOT_MALFORMED)?;
+                p.hdr(l4, 4).ok_or(SLOT_MALFORMED)?;
                 flow.hdr_len = l4 + 4;
             }
             _ => flow.hdr_len = l4,
@@ -223,20 +234,24 @@ mod kernel {
         Ok(flow)
     }
 
-    /// Exact address first, then the family's wildcard.
     #[inline(always)]
-    fn lookup(key: &mut EndpointKey, addr: &[u8; 16]) -> Option<u32> {
-        key.addr = *addr;
-        // SAFETY: values are plain integers; a concurrent update can at worst
-        // give a stale slot number, which is still a valid slot.
-        if let Some(r) = unsafe { NP_SERVICES.get(&*key) } {
-            return Some(r.slot);
+    fn ports(family: u8, proto: u8, port: u16) -> u32 {
+        match port_index(family, proto, port) {
+            Some(i) => NP_PORTS.get(i).copied().unwrap_or(0),
+            None => 0,
         }
-        key.addr = [0; 16];
-        unsafe { NP_SERVICES.get(&*key) }.map(|r| r.slot)
     }
 
-    /// Returns (slot, direction in the service's view).
+    #[inline(always)]
+    fn table(key: &EndpointKey) -> Option<u32> {
+        // SAFETY: values are plain integers; a concurrent update can at worst
+        // give a stale slot number, which is still a valid slot.
+        unsafe { NP_SERVICES.get(key) }.map(|r| r.slot)
+    }
+
+    /// Returns (slot, direction in the service's view). Local end first:
+    /// an address-specific service, then the wildcard one from the port
+    /// index; then, for ports remote services use, the other end.
     #[inline(always)]
     fn classify(flow: &Flow, hook_dir: usize) -> (u32, usize) {
         let ingress = hook_dir == DIR_INGRESS;
@@ -245,25 +260,38 @@ mod kernel {
         } else {
             (&flow.src, flow.sport, &flow.dst, flow.dport)
         };
-        let mut key = EndpointKey {
-            family: flow.family,
-            proto: flow.proto,
-            port: lport,
-            role: ROLE_LOCAL,
-            _pad: [0; 3],
-            addr: [0; 16],
-        };
-        if let Some(slot) = lookup(&mut key, local) {
-            return (slot, hook_dir);
+        let v = ports(flow.family, flow.proto, lport);
+        if v & PORT_LOCAL_EXACT != 0 {
+            let key = EndpointKey {
+                family: flow.family,
+                proto: flow.proto,
+                port: lport,
+                role: ROLE_LOCAL,
+                _pad: [0; 3],
+                addr: *local,
+            };
+            if let Some(slot) = table(&key) {
+                return (slot, hook_dir);
+            }
         }
-        let has_remote = NP_SETTINGS
-            .get(0)
-            .is_some_and(|s| s.flags & SETTINGS_HAS_REMOTE != 0);
-        if has_remote {
-            key.port = rport;
-            key.role = ROLE_REMOTE;
-            if let Some(slot) = lookup(&mut key, remote) {
-                // From the remote service's view the direction flips.
+        if v & PORT_WILDCARD_MASK != 0 {
+            return (v & PORT_WILDCARD_MASK, hook_dir);
+        }
+        if ports(flow.family, flow.proto, rport) & PORT_REMOTE != 0 {
+            let mut key = EndpointKey {
+                family: flow.family,
+                proto: flow.proto,
+                port: rport,
+                role: ROLE_REMOTE,
+                _pad: [0; 3],
+                addr: *remote,
+            };
+            // From the remote service's view the direction flips.
+            if let Some(slot) = table(&key) {
+                return (slot, hook_dir ^ 1);
+            }
+            key.addr = [0; 4];
+            if let Some(slot) = table(&key) {
                 return (slot, hook_dir ^ 1);
             }
         }
@@ -293,8 +321,12 @@ mod kernel {
 
     #[xdp]
     pub fn netpulse_xdp(ctx: XdpContext) -> u32 {
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-        match parse(&ctx) {
+        let p = Packet {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+        let bytes = (p.end - p.start) as u64;
+        match parse(p) {
             Ok(flow) => {
                 let (slot, dir) = classify(&flow, DIR_INGRESS);
                 count(&NP_COUNTERS_XDP, slot, dir, 1, bytes, flow.tcp_flags);
@@ -309,7 +341,22 @@ mod kernel {
         let len = ctx.len() as u64;
         // SAFETY: the context pointer is the program's __sk_buff.
         let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
-        match parse(&ctx) {
+        // Headers are almost always linear on egress; when they are not,
+        // make the first bytes linear rather than misread the packet.
+        if ctx.data_end() - ctx.data() < TC_PULL as usize
+            && len > (ctx.data_end() - ctx.data()) as u64
+        {
+            let _ = ctx.pull_data(if len < TC_PULL as u64 {
+                len as u32
+            } else {
+                TC_PULL
+            });
+        }
+        let p = Packet {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+        match parse(p) {
             Ok(flow) => {
                 let (slot, dir) = classify(&flow, DIR_EGRESS);
                 // A GSO skb leaves as `segs` wire packets, each repeating the

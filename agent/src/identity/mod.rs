@@ -70,8 +70,8 @@ fn key(addr: Option<IpAddr>, family: u8, proto: Proto, port: u16, role: u8) -> E
         ..Default::default()
     };
     match addr {
-        Some(IpAddr::V4(a)) => k.addr[..4].copy_from_slice(&a.octets()),
-        Some(IpAddr::V6(a)) => k.addr = a.octets(),
+        Some(IpAddr::V4(a)) => k.set_addr(&a.octets()),
+        Some(IpAddr::V6(a)) => k.set_addr(&a.octets()),
         None => {}
     }
     k
@@ -152,7 +152,7 @@ pub fn desired(
         };
         let mut added = false;
         for k in keys_for(Some(l.addr), l.proto, l.port, ROLE_LOCAL) {
-            let wild = EndpointKey { addr: [0; 16], ..k };
+            let wild = EndpointKey { addr: [0; 4], ..k };
             let covered = d
                 .endpoints
                 .get(&k)
@@ -362,11 +362,11 @@ endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.5" }]
         let sshd: Vec<_> = d.endpoints.iter().filter(|(_, n)| *n == "sshd").collect();
         assert_eq!(sshd.len(), 2);
         assert!(sshd.iter().any(|(k, _)| k.family == FAMILY_V4));
-        assert!(sshd.iter().all(|(k, _)| k.addr == [0; 16] && k.port == 22));
+        assert!(sshd.iter().all(|(k, _)| k.addr == [0; 4] && k.port == 22));
         let db: Vec<_> = d.endpoints.iter().filter(|(_, n)| *n == "db").collect();
         assert_eq!(db.len(), 1);
         assert_eq!(db[0].0.role, ROLE_REMOTE);
-        assert_eq!(&db[0].0.addr[..4], &[10, 0, 0, 5]);
+        assert_eq!(&db[0].0.addr_bytes()[..4], &[10, 0, 0, 5]);
     }
 
     #[test]
