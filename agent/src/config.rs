@@ -22,7 +22,7 @@ pub const DEFAULT_PATH: &str = "/etc/netpulse/config.toml";
 /// Largest CIDR a service endpoint may name: each address is one table entry.
 pub const MAX_CIDR_ADDRESSES: u32 = 1024;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -57,15 +57,6 @@ impl Default for AgentConfig {
             discover_sockets: true,
             refresh_seconds: 1.0,
             retire_seconds: 60.0,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            agent: AgentConfig::default(),
-            services: Vec::new(),
         }
     }
 }
@@ -225,7 +216,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     if !(raw.agent.refresh_seconds > 0.0 && raw.agent.refresh_seconds <= 3600.0) {
         at(0..0, "agent.refresh_seconds must be in (0, 3600]".into());
     }
-    if !(raw.agent.retire_seconds >= 0.0) {
+    if raw.agent.retire_seconds.is_nan() || raw.agent.retire_seconds < 0.0 {
         at(0..0, "agent.retire_seconds must be >= 0".into());
     }
     let mut seen_if = HashSet::new();

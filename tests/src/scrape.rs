@@ -29,9 +29,12 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// Samples of one exposition: `name` → [(labels, value)].
+/// One sample: its labels and value.
+pub type Sample = (BTreeMap<String, String>, f64);
+
+/// Samples of one exposition: `name` → samples.
 #[derive(Debug, Default)]
-pub struct Metrics(pub BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>);
+pub struct Metrics(pub BTreeMap<String, Vec<Sample>>);
 
 impl Metrics {
     pub fn parse(text: &str) -> Self {

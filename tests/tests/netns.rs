@@ -160,10 +160,7 @@ fn start_servers(pair: &Pair) {
     pair.a.spawn(move || {
         let s = UdpSocket::bind((addr, UDP_PORT)).unwrap();
         let mut buf = [0u8; 2048];
-        loop {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                break;
-            };
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
             s.send_to(&buf[..n], from).unwrap();
         }
     });

@@ -1,0 +1,255 @@
+//! The `netpulse` binary as a user meets it: config errors with
+//! file:line:col and exit code 2, a missing interface named, missing
+//! capabilities named, and a new listening socket showing up in /metrics
+//! within 2 s with the default refresh.
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir, is_root,
+    netns::{Pair, have},
+    require,
+    scrape::{Metrics, get},
+};
+
+fn bin() -> String {
+    std::env::var("NETPULSE_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
+}
+
+fn have_bin() -> bool {
+    require(
+        "the netpulse binary (cargo build -p netpulse, or NETPULSE_BIN)",
+        std::path::Path::new(&bin()).exists(),
+    )
+}
+
+fn tmp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("netpulse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn config_check_reports_every_problem_with_position_and_exits_2() {
+    if !have_bin() {
+        return;
+    }
+    let p = tmp(
+        "bad.toml",
+        r#"[agent]
+listen = "127.0.0.1:9477"
+
+[[service]]
+name = "web"
+endpoints = [{ proto = "tcp", port = 0 }]
+
+[[service]]
+name = "db"
+remote = true
+endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.0/40" }]
+
+[[service]]
+name = "web"
+endpoints = [{ proto = "udp", port = 53 }]
+"#,
+    );
+    let out = Command::new(bin())
+        .args(["config", "check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let f = p.display().to_string();
+    assert!(
+        err.contains(&format!("{f}:6:38: port 0 is out of range")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{f}:11:51: `10.0.0.0/40` is not a valid CIDR")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{f}:14:8: duplicate service `web`")),
+        "{err}"
+    );
+
+    let p = tmp(
+        "unknown.toml",
+        "[agent]\nlisten = \"127.0.0.1:9477\"\nintrefaces = [\"eth0\"]\n",
+    );
+    let out = Command::new(bin())
+        .args(["config", "check", "-c"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:1:", p.display())), "{err}");
+    assert!(err.contains("intrefaces"), "{err}");
+
+    // `run` refuses the same way, before touching the kernel.
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    let p = tmp(
+        "good.toml",
+        "[[service]]\nname = \"web\"\nendpoints = [{ proto = \"tcp\", port = 80 }]\n",
+    );
+    let out = Command::new(bin())
+        .args(["config", "check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 services, 1 endpoints)"));
+}
+
+#[test]
+fn a_missing_interface_is_named() {
+    if !have_bin() || !require("root", is_root()) {
+        return;
+    }
+    let p = tmp(
+        "iface.toml",
+        "[agent]\ninterfaces = [\"lo\", \"np-nosuch0\"]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interface `np-nosuch0` named in the config does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_capabilities_are_named() {
+    if !have_bin()
+        || !require("root", is_root())
+        || !require("setpriv (util-linux)", have("setpriv"))
+    {
+        return;
+    }
+    let p = tmp("caps.toml", "[agent]\nlisten = \"127.0.0.1:0\"\n");
+    for (bounding, missing) in [
+        ("-all", "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        ("-all,+net_admin", "CAP_BPF, CAP_PERFMON"),
+        ("-all,+bpf,+perfmon", "CAP_NET_ADMIN"),
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--bounding-set", bounding, "--inh-caps", "-all", "--"])
+            .arg(bin())
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("missing capabilities: {missing}.")),
+            "bounding set {bounding}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_new_listener_shows_up_within_two_seconds() {
+    if !have_bin()
+        || !require("root", is_root())
+        || !require("ip (iproute2)", have("ip"))
+        || !require("ethtool", have("ethtool"))
+    {
+        return;
+    }
+    let pair = Pair::new("cli", 92);
+    let pins = PinDir::mounted("cli");
+    // Nothing but where to listen and pin: interfaces, discovery and the
+    // refresh period are the defaults.
+    let port = 19478;
+    let cfg = tmp(
+        "default.toml",
+        &format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n",
+            pins.path().display()
+        ),
+    );
+    let log = std::fs::File::create(cfg.with_extension("log")).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let metrics = move || {
+        get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), "/metrics")
+            .ok()
+            .map(|(_, b)| Metrics::parse(&b))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair.a.run(metrics).is_some_and(|m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", &pair.dev_a), ("hook", "tc")],
+        )
+    }) {
+        assert!(Instant::now() < deadline, "agent did not come up");
+        assert!(child.try_wait().unwrap().is_none(), "agent exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A new server, named after this process.
+    let addr = pair.addr_a;
+    let listener = pair.a.run(move || TcpListener::bind((addr, 7100)).unwrap());
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"hi");
+        }
+    });
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let name = netpulse::identity::name_from_process(comm.trim());
+    // Client traffic every 100 ms until the service shows both directions.
+    let seen = loop {
+        pair.b.run(move || drop(TcpStream::connect((addr, 7100))));
+        let m = pair.a.run(metrics).unwrap_or_default();
+        let p = |dir: &str| {
+            m.sum(
+                "netpulse_service_packets_total",
+                &[("service", name.as_str()), ("direction", dir)],
+            )
+        };
+        if p("ingress") > 0 && p("egress") > 0 {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(2) {
+            break started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(
+        seen <= Duration::from_secs(2),
+        "the new listener's traffic took {seen:?} to show up"
+    );
+}
