@@ -602,3 +602,59 @@ fn counters_continue_across_a_reload_from_pins() {
     assert_eq!(id.services()["web"].slot, web);
     assert_eq!(again.counts(web).unwrap().dir[DIR_INGRESS].packets, 3);
 }
+
+#[test]
+fn a_vanished_service_keeps_its_counts_for_the_grace_period_then_frees_its_slot() {
+    let Some(fx) = fixture("retire") else { return };
+    let Fx {
+        mut probe, slots, ..
+    } = fx;
+    let web = slots["web"];
+    let f = v4_tcp(&[], CLIENT, LOCAL, 40000, 80, TCP_SYN);
+    probe.test_run(Hook::Xdp, &f, 0, 1).unwrap();
+
+    let grace = std::time::Duration::from_secs(60);
+    let mut id = Identity::restore(&probe, grace).unwrap();
+    let cfg = config::parse(CONFIG, Path::new("kernel.toml")).unwrap();
+    let all = identity::desired(&cfg.services, &[], &HashMap::new());
+    let t0 = Instant::now();
+    id.apply(&mut probe, &all, t0).unwrap();
+    // "web" goes away: its endpoint leaves the table at once...
+    let without: Vec<_> = cfg
+        .services
+        .iter()
+        .filter(|s| s.name != "web")
+        .cloned()
+        .collect();
+    let less = identity::desired(&without, &[], &HashMap::new());
+    id.apply(&mut probe, &less, t0).unwrap();
+    assert!(!probe.table().values().any(|s| *s == web));
+    // ...but its counts stay readable through the grace period.
+    id.apply(&mut probe, &less, t0 + grace / 2).unwrap();
+    assert_eq!(id.services()["web"].slot, web);
+    assert!(id.services()["web"].retired_at.is_some());
+    assert_eq!(probe.counts(web).unwrap().dir[DIR_INGRESS].packets, 1);
+    // After it, the slot is free and a new service starts from zero in it.
+    id.apply(&mut probe, &less, t0 + grace).unwrap();
+    assert!(!id.services().contains_key("web"));
+    let newcomer = config::parse(
+        "[[service]]\nname = \"newcomer\"\nendpoints = [{ proto = \"tcp\", port = 8080 }]\n",
+        Path::new("n.toml"),
+    )
+    .unwrap();
+    let mut with_new = without.clone();
+    with_new.extend(newcomer.services);
+    let next = identity::desired(&with_new, &[], &HashMap::new());
+    id.apply(&mut probe, &next, t0 + grace).unwrap();
+    assert_eq!(
+        id.services()["newcomer"].slot,
+        web,
+        "the freed slot is reused"
+    );
+    assert_eq!(probe.counts(web).unwrap(), SlotCounters::default());
+    // And a restarted agent knows the slot by its new name.
+    assert_eq!(
+        probe.slot_names().unwrap().get(&web).map(String::as_str),
+        Some("newcomer")
+    );
+}

@@ -139,14 +139,14 @@ fn setup() -> Result<()> {
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: nightly rust-src present");
     } else {
+        // `component add`, not `toolchain install`: the latter would move the
+        // image's nightly (LLVM 22, matching bpf-linker) to a newer one.
         run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
+            "component",
+            "add",
             "rust-src",
+            "--toolchain",
+            "nightly",
         ]))?;
     }
 
