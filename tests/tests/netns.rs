@@ -340,6 +340,13 @@ endpoints = [{{ proto = "icmp", addr = "{a}" }}]
             &[("service", s), ("source", "config")]
         ));
     }
+    // Every metric the shipped dashboards query is one the agent serves.
+    for name in dashboard_metrics() {
+        assert!(
+            m.0.contains_key(&name),
+            "dashboards query {name}, which /metrics lacks"
+        );
+    }
 
     let link0 = settled(&pair);
     let m0 = scrape(&pair);
@@ -476,5 +483,49 @@ fn check_round(a: &Metrics, b: &Metrics, link: Link, discovered: &str, rounds: u
     ];
     for (what, ours, kernel) in checks {
         assert_eq!(ours, kernel, "{what} (ip -s link): {link:?}");
+    }
+}
+
+/// The `netpulse_*` metric names used in the dashboards' queries.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards");
+    let mut names = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut exprs = Vec::new();
+        collect_exprs(&v, &mut exprs);
+        assert!(!exprs.is_empty(), "{} has no queries", e.path().display());
+        for ex in exprs {
+            let mut rest = ex.as_str();
+            while let Some(i) = rest.find("netpulse_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.insert(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    names
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("expr" | "definition", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
+        _ => {}
     }
 }

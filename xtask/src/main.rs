@@ -3,7 +3,8 @@
 //! - `setup`: installs what a fresh machine of this kind lacks (apt packages,
 //!   nightly rust-src, bpf-linker against LLVM 22); skips what is there.
 //! - `run`:   setup + release build + `netpulse run` with the embedded defaults.
-//! - `test`:  setup + fmt/clippy + every test, on the real kernel.
+//! - `test`:  setup + fmt/clippy + cargo deny/audit + every test, on the
+//!   real kernel.
 //! - `bench`: per-packet cost of the probes with BPF_PROG_TEST_RUN.
 
 use std::{
@@ -37,7 +38,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, lint, and run every test (needs root: eBPF, netns, veth).
+    /// Setup, lint, scan dependencies, and run every test (needs root:
+    /// eBPF, netns, veth).
     Test,
     /// Per-packet cost of both programs vs an empty program (markdown table).
     Bench {
@@ -64,6 +66,13 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Supply-chain scanners, installed by `setup`, run by `test`.
+const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deny", "0.20.2"), ("cargo-audit", "0.22.2")];
+
+/// The directory cargo-deny derives for the default advisory-db URL under
+/// its `db-path` (deny.toml).
+const DENY_DB_DIR: &str = "target/advisory-db/advisory-db-3157b0e258782691";
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -150,6 +159,15 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
+    for (tool, version) in CARGO_TOOLS {
+        let sub = tool.trim_start_matches("cargo-");
+        if stdout(cargo().args([sub, "--version"])).contains(version) {
+            eprintln!("xtask: {tool} {version} present");
+        } else {
+            run(cargo().args(["install", tool, "--version", version, "--locked"]))?;
+        }
+    }
+
     let linker = stdout(Command::new("bpf-linker").arg("--version"));
     if linker.contains(BPF_LINKER_VERSION) {
         eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION} present");
@@ -181,6 +199,56 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
+/// Puts the advisory-db snapshot from ../shared where cargo-deny and
+/// cargo-audit look for it: a git checkout dated as the snapshot.
+fn advisory_db() -> Result<PathBuf> {
+    let src = root().join("../shared/advisory-db");
+    if !src.join("crates").is_dir() {
+        bail!(
+            "no advisory-db snapshot at {} (the shared folder beside the repository)",
+            src.display()
+        );
+    }
+    let date = std::fs::read_to_string(src.join("SNAPSHOT"))
+        .ok()
+        .and_then(|s| {
+            s.split(['(', ')'])
+                .find(|w| w.len() == 10 && w.chars().nth(4) == Some('-'))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "2026-01-01".into());
+    let dst = root().join(DENY_DB_DIR);
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst)?;
+    run(Command::new("cp").arg("-r").arg(src.join(".")).arg(&dst))?;
+    let stamp = format!("{date}T00:00:00Z");
+    let git = |args: &[&str]| {
+        let mut c = Command::new("git");
+        c.current_dir(&dst)
+            .args([
+                "-c",
+                "user.name=netpulse-xtask",
+                "-c",
+                "user.email=xtask@netpulse.invalid",
+            ])
+            .args(args)
+            .env("GIT_AUTHOR_DATE", &stamp)
+            .env("GIT_COMMITTER_DATE", &stamp);
+        c
+    };
+    run(&mut git(&["init", "-q"]))?;
+    run(&mut git(&["add", "-A"]))?;
+    run(&mut git(&["commit", "-q", "-m", "advisory-db snapshot"]))?;
+    Ok(dst)
+}
+
+fn supply_chain() -> Result<()> {
+    let db = advisory_db()?;
+    run(cargo().args(["deny", "--offline", "check"]))?;
+    run(cargo().args(["audit", "--no-fetch", "--db"]).arg(&db))?;
+    Ok(())
+}
+
 fn test() -> Result<()> {
     setup()?;
     if !is_root() {
@@ -189,6 +257,7 @@ fn test() -> Result<()> {
         );
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    supply_chain()?;
     run(cargo().args([
         "clippy",
         "--workspace",
