@@ -215,7 +215,7 @@ impl Probe {
         {
             // Deleted and created again under the same name: the old links
             // went with the old device.
-            self.forget(ifname);
+            self.detach(ifname);
         }
         if self.attached.contains_key(ifname) {
             return self
@@ -302,10 +302,6 @@ impl Probe {
             let _ = t.detach(a.tc);
         }
         info!(interface = ifname, "probes detached");
-    }
-
-    fn forget(&mut self, ifname: &str) {
-        self.detach(ifname);
     }
 
     pub fn detach_all(&mut self) {

@@ -110,34 +110,61 @@ fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>
     }
 }
 
-/// The endpoint table the sources describe now. Runs without the agent
-/// lock: scanning /proc can take a while on a busy host.
-fn desired(cfg: &Loaded) -> identity::Desired {
-    let (listeners, owners) = if cfg.agent().discover_sockets {
-        let proc = Path::new("/proc");
-        let ls = sockets::listeners(proc);
-        let inodes: HashSet<u64> = ls.iter().map(|l| l.inode).collect();
-        let owners = sockets::owners(proc, &inodes);
-        (ls, owners)
-    } else {
-        (Vec::new(), HashMap::new())
-    };
-    identity::desired(&cfg.services, &listeners, &owners)
+/// What the refresh loop remembers between rounds.
+#[derive(Default)]
+struct Refresher {
+    /// Interfaces already warned about, so a missing one is logged once.
+    warned: HashSet<String>,
+    /// Socket inode → owning process name (None: no visible owner). Inodes
+    /// are unique while the socket lives, so /proc/*/fd is scanned only
+    /// when a listener appears that was not seen before.
+    owners: HashMap<u64, Option<String>>,
 }
 
-fn refresh(shared: &web::Shared, cfg: &Loaded, warned: &mut HashSet<String>) {
-    let want = desired(cfg);
-    let Ok(mut agent) = shared.lock() else {
-        error!("agent state poisoned");
-        return;
-    };
-    // The table first: a newly attached interface then counts correctly
-    // from its first packet.
-    let Agent { probe, identity } = &mut *agent;
-    if let Err(e) = identity.apply(probe, &want, Instant::now()) {
-        error!(error = %e, "updating the service table");
+impl Refresher {
+    /// The endpoint table the sources describe now. Runs without the agent
+    /// lock: scanning /proc can take a while on a busy host.
+    fn desired(&mut self, cfg: &Loaded) -> identity::Desired {
+        if !cfg.agent().discover_sockets {
+            return identity::desired(&cfg.services, &[], &HashMap::new());
+        }
+        let proc = Path::new("/proc");
+        let ls = sockets::listeners(proc);
+        let live: HashSet<u64> = ls.iter().map(|l| l.inode).collect();
+        self.owners.retain(|inode, _| live.contains(inode));
+        let unknown: HashSet<u64> = live
+            .iter()
+            .filter(|i| !self.owners.contains_key(i))
+            .copied()
+            .collect();
+        if !unknown.is_empty() {
+            let mut found = sockets::owners(proc, &unknown);
+            for inode in unknown {
+                self.owners.insert(inode, found.remove(&inode));
+            }
+        }
+        let owners: HashMap<u64, String> = self
+            .owners
+            .iter()
+            .filter_map(|(i, o)| o.clone().map(|o| (*i, o)))
+            .collect();
+        identity::desired(&cfg.services, &ls, &owners)
     }
-    sync_interfaces(&mut agent, cfg, warned);
+
+    fn refresh(&mut self, shared: &web::Shared, cfg: &Loaded) {
+        let want = self.desired(cfg);
+        let Ok(mut agent) = shared.lock() else {
+            error!("agent state poisoned");
+            return;
+        };
+        // The table first: a newly attached interface then counts correctly
+        // from its first packet.
+        let Agent { probe, identity } = &mut *agent;
+        if let Err(e) = identity.apply(probe, &want, Instant::now()) {
+            error!(error = %e, "updating the service table");
+        }
+        sync_interfaces(&mut agent, cfg, &mut self.warned);
+    }
 }
 
 fn notify_ready() {
@@ -187,8 +214,8 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let identity = Identity::restore(&probe, retire)?;
     let shared: web::Shared = Arc::new(Mutex::new(Agent { probe, identity }));
 
-    let mut warned = HashSet::new();
-    refresh(&shared, &cfg, &mut warned);
+    let mut refresher = Refresher::default();
+    refresher.refresh(&shared, &cfg);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -221,13 +248,12 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         tokio::select! {
             _ = tick.tick() => {
                 let (s, c) = (shared.clone(), cfg.clone());
-                let w = std::mem::take(&mut warned);
+                let mut r = std::mem::take(&mut refresher);
                 match tokio::task::spawn_blocking(move || {
-                    let mut w = w;
-                    refresh(&s, &c, &mut w);
-                    w
+                    r.refresh(&s, &c);
+                    r
                 }).await {
-                    Ok(w) => warned = w,
+                    Ok(r) => refresher = r,
                     Err(e) => error!(error = %e, "refresh task failed"),
                 }
             }
