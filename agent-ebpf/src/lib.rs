@@ -75,8 +75,10 @@ pub fn port_index(family: u8, proto: u8, port: u16) -> Option<u32> {
     Some(((f * 3 + p) << 16) | port as u32)
 }
 
-/// Key of the service table. An all-zero `addr` is the wildcard address of
-/// its family.
+/// An endpoint as the agent thinks of it. The kernel holds it in the port
+/// index (local wildcard-address endpoints) or in the per-family tables
+/// ([`Key4`], [`Key6`]). An all-zero `addr` is the wildcard address of its
+/// family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
@@ -110,6 +112,48 @@ impl EndpointKey {
             b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
         b
+    }
+}
+
+/// Kernel key of the IPv4 table: 8 bytes, so the hash over it is short.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key4 {
+    /// Wire bytes of the address as one word; 0 = wildcard.
+    pub addr: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub role: u8,
+}
+
+/// Kernel key of the IPv6 table (20 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub role: u8,
+}
+
+impl EndpointKey {
+    pub fn key4(&self) -> Key4 {
+        Key4 {
+            addr: self.addr[0],
+            port: self.port,
+            proto: self.proto,
+            role: self.role,
+        }
+    }
+
+    pub fn key6(&self) -> Key6 {
+        Key6 {
+            addr: self.addr,
+            port: self.port,
+            proto: self.proto,
+            role: self.role,
+        }
     }
 }
 
@@ -182,7 +226,8 @@ impl Default for SlotName {
 
 /// Map names, as pinned under the layout directory.
 pub mod maps {
-    pub const SERVICES: &str = "NP_SERVICES";
+    pub const SERVICES4: &str = "NP_SERVICES4";
+    pub const SERVICES6: &str = "NP_SERVICES6";
     pub const COUNTERS_XDP: &str = "NP_COUNTERS_XDP";
     pub const COUNTERS_TC: &str = "NP_COUNTERS_TC";
     pub const PORTS: &str = "NP_PORTS";
@@ -203,7 +248,8 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C), Copy, with explicit padding fields,
     // so every bit pattern is valid and there are no implicit holes.
-    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Key4 {}
+    unsafe impl aya::Pod for Key6 {}
     unsafe impl aya::Pod for ServiceRef {}
     unsafe impl aya::Pod for DirCounters {}
     unsafe impl aya::Pod for SlotCounters {}

@@ -9,9 +9,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    EndpointKey, FIRST_SERVICE_SLOT, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN, PORT_LOCAL_EXACT,
-    PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters, SlotName, maps,
-    port_index, programs,
+    EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Key4, Key6, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN,
+    PORT_LOCAL_EXACT, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters,
+    SlotName, maps, port_index, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -117,7 +117,8 @@ pub struct Attachment {
 
 pub struct Probe {
     ebpf: Ebpf,
-    services: HashMap<MapData, EndpointKey, ServiceRef>,
+    services4: HashMap<MapData, Key4, ServiceRef>,
+    services6: HashMap<MapData, Key6, ServiceRef>,
     counters_xdp: PerCpuArray<MapData, SlotCounters>,
     counters_tc: PerCpuArray<MapData, SlotCounters>,
     ports: Array<MapData, u32>,
@@ -157,8 +158,10 @@ impl Probe {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
         };
-        let services =
-            HashMap::try_from(take(&mut ebpf, maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let services4 = HashMap::try_from(take(&mut ebpf, maps::SERVICES4)?)
+            .map_err(map_err(maps::SERVICES4))?;
+        let services6 = HashMap::try_from(take(&mut ebpf, maps::SERVICES6)?)
+            .map_err(map_err(maps::SERVICES6))?;
         let counters_xdp = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_XDP)?)
             .map_err(map_err(maps::COUNTERS_XDP))?;
         let counters_tc = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_TC)?)
@@ -184,7 +187,8 @@ impl Probe {
         let ncpus = nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
         Ok(Self {
             ebpf,
-            services,
+            services4,
+            services6,
             counters_xdp,
             counters_tc,
             ports,
@@ -396,16 +400,19 @@ impl Probe {
         // entries they point at.
         for (k, slot) in want.iter().filter(|(k, _)| in_hash(k)) {
             if self.written.get(k) != Some(slot) {
-                self.services
-                    .insert(
-                        k,
-                        ServiceRef {
-                            slot: *slot,
-                            _pad: 0,
-                        },
-                        0,
-                    )
-                    .map_err(map_err(maps::SERVICES))?;
+                let v = ServiceRef {
+                    slot: *slot,
+                    _pad: 0,
+                };
+                if k.family == FAMILY_V4 {
+                    self.services4
+                        .insert(k.key4(), v, 0)
+                        .map_err(map_err(maps::SERVICES4))?;
+                } else {
+                    self.services6
+                        .insert(k.key6(), v, 0)
+                        .map_err(map_err(maps::SERVICES6))?;
+                }
                 changes += 1;
             }
         }
@@ -432,9 +439,14 @@ impl Probe {
             .copied()
             .collect();
         for k in stale {
-            match self.services.remove(&k) {
+            let (res, name) = if k.family == FAMILY_V4 {
+                (self.services4.remove(&k.key4()), maps::SERVICES4)
+            } else {
+                (self.services6.remove(&k.key6()), maps::SERVICES6)
+            };
+            match res {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::SERVICES)(e)),
+                Err(e) => return Err(map_err(name)(e)),
             }
             changes += 1;
         }

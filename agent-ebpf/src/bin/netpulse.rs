@@ -1,9 +1,9 @@
 //! The kernel half of netpulse: XDP on ingress, TC (clsact/tcx) on egress.
 //!
 //! Both programs parse the frame the same way, find the service it belongs
-//! to in `NP_SERVICES`, and add to that service's per-CPU slot. They observe
+//! to in the port index and the service tables, and add to that service's per-CPU slot. They observe
 //! only: every path returns XDP_PASS / TC_ACT_OK. The agent (agent/src/probe)
-//! loads them, keeps `NP_SERVICES` current and sums the per-CPU slots.
+//! loads them, keeps the tables current and sums the per-CPU slots.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 // A host build of this crate (clippy --workspace, doc) gets an empty binary;
@@ -23,9 +23,10 @@ mod kernel {
 
     // The service table and port index are rebuilt by each agent start, so
     // they are not pinned; the counters and slot names are.
-    #[map(name = "NP_SERVICES")]
-    static NP_SERVICES: HashMap<EndpointKey, ServiceRef> =
-        HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+    #[map(name = "NP_SERVICES4")]
+    static NP_SERVICES4: HashMap<Key4, ServiceRef> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+    #[map(name = "NP_SERVICES6")]
+    static NP_SERVICES6: HashMap<Key6, ServiceRef> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
     #[map(name = "NP_PORTS")]
     static NP_PORTS: Array<u32> = Array::with_max_entries(PORT_INDEX_LEN, 0);
     // One counter array per hook: the two hooks never write the same memory,
@@ -242,11 +243,29 @@ mod kernel {
         }
     }
 
+    /// Address-specific (or remote) look-up in the family's table; a zero
+    /// address is the wildcard.
     #[inline(always)]
-    fn table(key: &EndpointKey) -> Option<u32> {
-        // SAFETY: values are plain integers; a concurrent update can at worst
-        // give a stale slot number, which is still a valid slot.
-        unsafe { NP_SERVICES.get(key) }.map(|r| r.slot)
+    fn table(family: u8, proto: u8, port: u16, role: u8, addr: &[u32; 4]) -> Option<u32> {
+        // SAFETY (both): values are plain integers; a concurrent update can at
+        // worst give a stale slot number, which is still a valid slot.
+        if family == FAMILY_V4 {
+            let key = Key4 {
+                addr: addr[0],
+                port,
+                proto,
+                role,
+            };
+            unsafe { NP_SERVICES4.get(&key) }.map(|r| r.slot)
+        } else {
+            let key = Key6 {
+                addr: *addr,
+                port,
+                proto,
+                role,
+            };
+            unsafe { NP_SERVICES6.get(&key) }.map(|r| r.slot)
+        }
     }
 
     /// Returns (slot, direction in the service's view). Local end first:
@@ -260,38 +279,22 @@ mod kernel {
         } else {
             (&flow.src, flow.sport, &flow.dst, flow.dport)
         };
-        let v = ports(flow.family, flow.proto, lport);
-        if v & PORT_LOCAL_EXACT != 0 {
-            let key = EndpointKey {
-                family: flow.family,
-                proto: flow.proto,
-                port: lport,
-                role: ROLE_LOCAL,
-                _pad: [0; 3],
-                addr: *local,
-            };
-            if let Some(slot) = table(&key) {
-                return (slot, hook_dir);
-            }
+        let (family, proto) = (flow.family, flow.proto);
+        let v = ports(family, proto, lport);
+        if v & PORT_LOCAL_EXACT != 0
+            && let Some(slot) = table(family, proto, lport, ROLE_LOCAL, local)
+        {
+            return (slot, hook_dir);
         }
         if v & PORT_WILDCARD_MASK != 0 {
             return (v & PORT_WILDCARD_MASK, hook_dir);
         }
-        if ports(flow.family, flow.proto, rport) & PORT_REMOTE != 0 {
-            let mut key = EndpointKey {
-                family: flow.family,
-                proto: flow.proto,
-                port: rport,
-                role: ROLE_REMOTE,
-                _pad: [0; 3],
-                addr: *remote,
-            };
+        if ports(family, proto, rport) & PORT_REMOTE != 0 {
             // From the remote service's view the direction flips.
-            if let Some(slot) = table(&key) {
+            if let Some(slot) = table(family, proto, rport, ROLE_REMOTE, remote) {
                 return (slot, hook_dir ^ 1);
             }
-            key.addr = [0; 4];
-            if let Some(slot) = table(&key) {
+            if let Some(slot) = table(family, proto, rport, ROLE_REMOTE, &[0; 4]) {
                 return (slot, hook_dir ^ 1);
             }
         }
