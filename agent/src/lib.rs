@@ -11,3 +11,19 @@ pub mod metrics;
 pub mod probe;
 pub mod run;
 pub mod web;
+
+/// An error and its causes on one line: "a: b: c". aya's errors keep the
+/// errno in their source, which a plain `{}` would drop.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             match rt.block_on(run::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("netpulse: {e}");
+                    eprintln!("netpulse: {}", netpulse::error_chain(&e));
                     ExitCode::from(e.exit_code() as u8)
                 }
             }

@@ -121,15 +121,15 @@ pub fn render(probe: &Probe, identity: &Identity) -> Result<String, MetricsError
             .with_label_values(&[ifname.as_str(), "tc", "egress"])
             .set(1);
     }
-    let (hash, ports) = probe.table_sizes();
-    entries.with_label_values(&["services"]).set(hash as i64);
-    capacity
-        .with_label_values(&["services"])
-        .set(i64::from(MAX_ENDPOINTS));
-    entries.with_label_values(&["ports"]).set(ports as i64);
-    capacity
-        .with_label_values(&["ports"])
-        .set(i64::from(agent_ebpf::PORT_INDEX_LEN));
+    for (map, used) in probe.table_sizes() {
+        let max = if map == agent_ebpf::maps::PORTS {
+            agent_ebpf::PORT_INDEX_LEN
+        } else {
+            MAX_ENDPOINTS
+        };
+        entries.with_label_values(&[map]).set(used as i64);
+        capacity.with_label_values(&[map]).set(i64::from(max));
+    }
     entries
         .with_label_values(&["slots"])
         .set(identity.services().len() as i64);

@@ -237,10 +237,14 @@ impl Probe {
             Ok(l) => (l, XdpAttachMode::Native),
             Err(native) => match xdp.attach(ifname, XdpMode::Skb) {
                 Ok(l) => {
-                    info!(interface = ifname, reason = %native, "no native XDP; using skb mode");
+                    info!(
+                        interface = ifname,
+                        reason = crate::error_chain(&native),
+                        "no native XDP; using skb mode"
+                    );
                     (l, XdpAttachMode::Skb)
                 }
-                Err(e) => return Err(err(format!("attaching XDP: {e}"))),
+                Err(e) => return Err(err(format!("attaching XDP: {}", crate::error_chain(&e)))),
             },
         };
         let tc: &mut SchedClassifier = self
@@ -267,7 +271,10 @@ impl Probe {
                 ) {
                     let _ = x.detach(xdp_link);
                 }
-                return Err(err(format!("attaching TC egress: {e}")));
+                return Err(err(format!(
+                    "attaching TC egress: {}",
+                    crate::error_chain(&e)
+                )));
             }
         };
         info!(
@@ -366,20 +373,30 @@ impl Probe {
         &self.written
     }
 
-    /// Entries in use in the hash table and in the port index.
-    pub fn table_sizes(&self) -> (usize, usize) {
-        let wild = self
-            .written
-            .keys()
-            .filter(|k| k.role == ROLE_LOCAL && k.addr == [0; 4])
-            .count();
-        (self.written.len() - wild, self.written_ports.len())
+    /// Entries in use, by map name: the two tables and the port index.
+    pub fn table_sizes(&self) -> [(&'static str, usize); 3] {
+        let (mut v4, mut v6) = (0, 0);
+        for k in self.written.keys() {
+            if k.role == ROLE_LOCAL && k.addr == [0; 4] {
+                continue;
+            }
+            if k.family == FAMILY_V4 {
+                v4 += 1;
+            } else {
+                v6 += 1;
+            }
+        }
+        [
+            (maps::SERVICES4, v4),
+            (maps::SERVICES6, v6),
+            (maps::PORTS, self.written_ports.len()),
+        ]
     }
 
-    /// Makes the kernel's service table and port index equal to `want`,
+    /// Makes the kernel's service tables and port index equal to `want`,
     /// touching only what differs. Local wildcard-address endpoints live in
-    /// the port index only; everything else in the hash table, with a flag
-    /// in the port index saying the port has such entries.
+    /// the port index only; everything else in the family's table, with a
+    /// flag in the port index saying the port has such entries.
     pub fn sync_table(&mut self, want: &BTreeMap<EndpointKey, u32>) -> Result<usize> {
         let in_hash = |k: &EndpointKey| !(k.role == ROLE_LOCAL && k.addr == [0; 4]);
         let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
