@@ -53,7 +53,9 @@ enum Cmd {
 }
 
 /// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path,
-/// iproute2/iputils-ping/ethtool for the network-namespace tests.
+/// iproute2/iputils-ping/ethtool for the network-namespace tests, systemd
+/// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
+/// prometheus (and promtool) for the rules and the scrape test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -63,6 +65,9 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "ethtool",
+    "systemd",
+    "util-linux",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,224 @@
+//! The shipped systemd unit: hardened to an exposure of at most 3.0, and the
+//! capabilities it grants are enough: the agent, as a non-root user holding
+//! exactly those, attaches and counts live traffic exactly.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir, is_root,
+    netns::{Pair, have},
+    require,
+    scrape::{Metrics, get},
+};
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/netpulse.service");
+
+fn bin() -> String {
+    std::env::var("NETPULSE_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
+}
+
+/// `Key=value` lines of the unit (a key may repeat).
+fn unit_values(key: &str) -> Vec<String> {
+    std::fs::read_to_string(UNIT)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The capabilities the unit grants, as setpriv spells them (`bpf`, ...).
+fn unit_caps() -> Vec<String> {
+    let ambient = unit_values("AmbientCapabilities");
+    assert_eq!(ambient.len(), 1);
+    let bounding = unit_values("CapabilityBoundingSet");
+    assert_eq!(bounding, ambient, "bounding set and ambient set differ");
+    ambient[0]
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+#[test]
+fn the_unit_is_hardened_to_an_exposure_of_at_most_3() {
+    if !require("systemd-analyze", have("systemd-analyze")) {
+        return;
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(UNIT)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for netpulse.service:")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(level <= 3.0, "exposure {level} > 3.0:\n{text}");
+
+    assert_eq!(unit_values("Type"), ["notify"]);
+    assert_eq!(unit_values("Restart"), ["on-failure"]);
+    assert_eq!(unit_values("StateDirectory"), ["netpulse"]);
+    assert_eq!(unit_values("ConfigurationDirectory"), ["netpulse"]);
+    assert!(!unit_caps().contains(&"sys_admin".to_string()));
+}
+
+#[test]
+fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
+    if !require("root (to set up namespaces)", is_root())
+        || !require("ip (iproute2)", have("ip"))
+        || !require("ethtool", have("ethtool"))
+        || !require("setpriv (util-linux)", have("setpriv"))
+        || !require("the netpulse binary", std::path::Path::new(&bin()).exists())
+    {
+        return;
+    }
+    const NOBODY: &str = "65534";
+    let pair = Pair::new("caps", 93);
+    let pins = PinDir::mounted("caps");
+    let out = Command::new("chown")
+        .args([&format!("{NOBODY}:{NOBODY}")])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = std::env::temp_dir().join(format!("netpulse-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = 19479;
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7200 }}]\n",
+            pins.path().display()
+        ),
+    )
+    .unwrap();
+    let caps = unit_caps();
+    let set = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pair.a.name, "setpriv"])
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .args([
+            "--inh-caps",
+            &set,
+            "--ambient-caps",
+            &set,
+            "--bounding-set",
+            &set,
+        ])
+        .arg(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let metrics = move || {
+        get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), "/metrics")
+            .ok()
+            .map(|(_, b)| Metrics::parse(&b))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent_log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    while !pair
+        .a
+        .run(metrics)
+        .is_some_and(|m| m.has("netpulse_probe_attached", &[("interface", &pair.dev_a)]))
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "agent exited:\n{}",
+            agent_log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "agent did not attach:\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It is who we said: uid nobody, exactly the unit's capabilities.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap()
+    };
+    assert_eq!(field("Uid:"), NOBODY);
+    let want_mask: u64 = caps
+        .iter()
+        .map(|c| match c.as_str() {
+            "net_admin" => 1u64 << 12,
+            "net_raw" => 1 << 13,
+            "sys_ptrace" => 1 << 19,
+            "dac_read_search" => 1 << 2,
+            "perfmon" => 1 << 38,
+            "bpf" => 1 << 39,
+            other => panic!("unexpected capability {other} in the unit"),
+        })
+        .sum();
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        want_mask
+    );
+
+    // UDP echo: exactly N in, N out.
+    let addr = pair.addr_a;
+    pair.a.spawn(move || {
+        let s = UdpSocket::bind((addr, 7200)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            s.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    const N: u64 = 25;
+    pair.b.run(move || {
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 1500];
+        for _ in 0..N {
+            u.send_to(&[1u8; 300], (addr, 7200)).unwrap();
+            u.recv_from(&mut buf).expect("echo");
+        }
+    });
+    let m = pair.a.run(metrics).unwrap();
+    let p = |dir: &str| {
+        m.sum(
+            "netpulse_service_packets_total",
+            &[("service", "echo"), ("direction", dir)],
+        )
+    };
+    assert_eq!((p("ingress"), p("egress")), (N, N), "log:\n{}", agent_log());
+
+    // SAFETY: the child we spawned (ip netns exec → setpriv → netpulse, one pid).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success(), "log:\n{}", agent_log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
