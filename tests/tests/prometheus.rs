@@ -1,0 +1,325 @@
+//! netpulse and a real Prometheus (Debian's): the alert rules check and pass
+//! their unit tests under promtool, /metrics passes `promtool check
+//! metrics`, and with Prometheus scraping a live agent every query in the
+//! dashboards returns data and every rule expression evaluates.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir, is_root,
+    netns::{Pair, have},
+    require,
+    scrape::{get, urlencode},
+};
+
+const DASHBOARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards");
+
+fn bin() -> String {
+    std::env::var("NETPULSE_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
+}
+
+#[test]
+fn alert_rules_check_and_pass_their_unit_tests() {
+    if !require("promtool (Debian prometheus)", have("promtool")) {
+        return;
+    }
+    for args in [
+        &["check", "rules", "alerts.yaml"][..],
+        &["test", "rules", "alerts.test.yaml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(DASHBOARDS)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every PromQL expression in the dashboards (panels and template
+/// variables), with Grafana's variables filled in.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(DASHBOARDS).unwrap().flatten() {
+        if e.path().extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap();
+        let file = e.file_name().to_string_lossy().into_owned();
+        for p in v["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                out.push((
+                    format!("{file}: panel {:?}", p["title"]),
+                    t["expr"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+        for var in v["templating"]["list"].as_array().unwrap() {
+            if let Some(def) = var["definition"].as_str() {
+                // label_values(SELECTOR, label): the selector must return
+                // series that carry the label.
+                let inner = def
+                    .strip_prefix("label_values(")
+                    .and_then(|r| r.rsplit_once(','))
+                    .map(|(sel, label)| {
+                        (
+                            sel.to_string(),
+                            label.trim().trim_end_matches(')').to_string(),
+                        )
+                    })
+                    .unwrap_or_else(|| panic!("unsupported variable query {def}"));
+                out.push((
+                    format!("{file}: variable {:?}", var["name"]),
+                    format!("count by ({}) ({})", inner.1, inner.0),
+                ));
+            }
+        }
+    }
+    assert!(!out.is_empty());
+    out.into_iter()
+        .map(|(w, q)| {
+            let q = q
+                .replace("$__rate_interval", "15s")
+                .replace("$instance", ".*")
+                .replace("$service", ".*");
+            (w, q)
+        })
+        .collect()
+}
+
+fn rule_exprs() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(format!("{DASHBOARDS}/alerts.yaml")).unwrap();
+    // The rules file is YAML; Prometheus itself validated it above. Pull
+    // each alert name and its (possibly multi-line) expr.
+    let mut out = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(name) = lines[i].trim().strip_prefix("- alert: ") {
+            let mut j = i + 1;
+            while !lines[j].trim_start().starts_with("expr:") {
+                j += 1;
+            }
+            let first = lines[j].trim_start().trim_start_matches("expr:").trim();
+            let expr = if first == "|" {
+                let indent = lines[j].len() - lines[j].trim_start().len();
+                let mut e = String::new();
+                let mut k = j + 1;
+                while k < lines.len()
+                    && (lines[k].trim().is_empty()
+                        || lines[k].len() - lines[k].trim_start().len() > indent)
+                {
+                    e.push_str(lines[k].trim());
+                    e.push(' ');
+                    k += 1;
+                }
+                e
+            } else {
+                first.to_string()
+            };
+            out.push((name.to_string(), expr));
+        }
+        i += 1;
+    }
+    assert_eq!(out.len(), 5, "{out:?}");
+    out
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        // SAFETY: a child we spawned.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
+    if !require("root", is_root())
+        || !require("ip (iproute2)", have("ip"))
+        || !require("ethtool", have("ethtool"))
+        || !require("prometheus (Debian)", have("prometheus"))
+        || !require("promtool", have("promtool"))
+        || !require("the netpulse binary", std::path::Path::new(&bin()).exists())
+    {
+        return;
+    }
+    let pair = Pair::new("prom", 94);
+    let pins = PinDir::mounted("prom");
+    let dir = std::env::temp_dir().join(format!("netpulse-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (agent_port, prom_port) = (19480, 19490);
+    let cfg = dir.join("netpulse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n",
+            pins.path().display()
+        ),
+    )
+    .unwrap();
+    let _agent = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let prom_cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {DASHBOARDS}/alerts.yaml\nscrape_configs:\n  - job_name: netpulse\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
+        ),
+    )
+    .unwrap();
+    let _prom = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", &pair.a.name, "prometheus"])
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let query = move |q: String| -> serde_json::Value {
+        let (status, body) = get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, prom_port)),
+            &format!("/api/v1/query?query={}", urlencode(&q)),
+        )
+        .unwrap_or((0, String::new()));
+        serde_json::from_str(&body)
+            .unwrap_or(serde_json::json!({"status": format!("http {status}"), "body": body}))
+    };
+
+    // Traffic for the whole scrape window, so rates are not zero.
+    let addr = pair.addr_a;
+    pair.a.spawn(move || {
+        let s = UdpSocket::bind((addr, 7300)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_sender = stop.clone();
+    let sender = pair.b.spawn(move || {
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        let end = Instant::now() + Duration::from_secs(40);
+        while !stop_sender.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+            let _ = u.send_to(&[5u8; 200], (addr, 7300));
+            let _ = u.recv_from(&mut buf);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+
+    // Until Prometheus holds several scrapes of the agent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = pair
+            .a
+            .run(move || query("count_over_time(netpulse_build_info[1m])".into()));
+        if v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|n| n >= 5.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the agent: {v}\nprometheus log:\n{}\nagent log:\n{}",
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The exposition itself is clean.
+    let text = pair.a.run(move || {
+        get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port)),
+            "/metrics",
+        )
+        .unwrap()
+        .1
+    });
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut failures = Vec::new();
+    for (what, q) in dashboard_queries() {
+        let v = pair.a.run({
+            let q = q.clone();
+            move || query(q)
+        });
+        let ok = v["status"] == "success"
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty());
+        if !ok {
+            failures.push(format!("{what}: {q}\n  -> {v}"));
+        }
+    }
+    for (name, q) in rule_exprs() {
+        let v = pair.a.run({
+            let q = q.clone();
+            move || query(q)
+        });
+        if v["status"] != "success" {
+            failures.push(format!("rule {name}: {q}\n  -> {v}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sender.join();
+    assert!(
+        failures.is_empty(),
+        "queries without data:\n{}",
+        failures.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
