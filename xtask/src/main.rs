@@ -41,6 +41,8 @@ enum Cmd {
     /// Setup, lint, scan dependencies, and run every test (needs root:
     /// eBPF, netns, veth).
     Test,
+    /// Build the .deb (target/debian/netpulse_*.deb).
+    Package,
     /// Per-packet cost of both programs vs an empty program (markdown table).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
@@ -73,7 +75,11 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Supply-chain scanners, installed by `setup`, run by `test`.
-const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-deny", "0.20.2"), ("cargo-audit", "0.22.2")];
+const CARGO_TOOLS: &[(&str, &str)] = &[
+    ("cargo-deny", "0.20.2"),
+    ("cargo-audit", "0.22.2"),
+    ("cargo-deb", "3.8.0"),
+];
 
 /// The directory cargo-deny derives for the default advisory-db URL under
 /// its `db-path` (deny.toml).
@@ -254,6 +260,28 @@ fn supply_chain() -> Result<()> {
     Ok(())
 }
 
+/// Release build, then cargo-deb on it. Returns the .deb's path.
+fn package() -> Result<PathBuf> {
+    build(true)?;
+    let out = cargo()
+        .args(["deb", "--package", "netpulse", "--no-build"])
+        .output()
+        .context("running cargo deb")?;
+    if !out.status.success() {
+        bail!(
+            "cargo deb failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = PathBuf::from(path.lines().last().unwrap_or_default());
+    if !path.exists() {
+        bail!("cargo deb did not report its output ({})", path.display());
+    }
+    eprintln!("xtask: built {}", path.display());
+    Ok(path)
+}
+
 fn test() -> Result<()> {
     setup()?;
     if !is_root() {
@@ -271,12 +299,15 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The netns tests start the real binary; build it before they look for it.
+    // The netns tests start the real binary, the package test installs the
+    // .deb: build both before they look for them.
     build(false)?;
+    let deb = package()?;
     let bin = root().join("target/debug/netpulse");
     run(cargo()
         .args(["test", "--workspace", "--", "--test-threads=1"])
-        .env("NETPULSE_BIN", &bin))?;
+        .env("NETPULSE_BIN", &bin)
+        .env("NETPULSE_DEB", &deb))?;
     Ok(())
 }
 
@@ -302,6 +333,10 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Test => test(),
+        Cmd::Package => {
+            setup()?;
+            package().map(|p| println!("{}", p.display()))
+        }
         Cmd::Bench { repeat, rounds } => {
             setup()?;
             if !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root() {
