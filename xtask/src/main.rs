@@ -43,6 +43,9 @@ enum Cmd {
     Test,
     /// Build the .deb (target/debian/netpulse_*.deb).
     Package,
+    /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
+    /// if it is not running).
+    Image,
     /// Per-packet cost of both programs vs an empty program (markdown table).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
@@ -70,6 +73,7 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "util-linux",
     "prometheus",
+    "docker.io",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -282,6 +286,104 @@ fn package() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Makes sure a Docker daemon answers; starts Debian's dockerd in the
+/// background if none does (it keeps running after xtask exits).
+fn ensure_dockerd() -> Result<()> {
+    if ok(Command::new("docker").arg("info")) {
+        return Ok(());
+    }
+    let log_path = root().join("target/dockerd.log");
+    std::fs::create_dir_all(root().join("target"))?;
+    let log = std::fs::File::create(&log_path)?;
+    eprintln!("xtask: starting dockerd (log: {})", log_path.display());
+    Command::new("dockerd")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning dockerd")?;
+    for _ in 0..120 {
+        if ok(Command::new("docker").arg("info")) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    bail!("dockerd did not come up; see {}", log_path.display())
+}
+
+/// The shared libraries `bin` loads, as absolute paths (from ldd).
+fn shared_libs(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    if !out.status.success() {
+        bail!("ldd {} failed", bin.display());
+    }
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    if libs.is_empty() {
+        bail!("ldd found no libraries for {}", bin.display());
+    }
+    Ok(libs)
+}
+
+/// Builds `netpulse:<version>` FROM scratch: the release binary, the shared
+/// libraries it links, and the documented default config.
+fn image() -> Result<String> {
+    build(true)?;
+    ensure_dockerd()?;
+    let bin = root().join("target/release/netpulse");
+    let ctx = root().join("target/image");
+    let _ = std::fs::remove_dir_all(&ctx);
+    let rootfs = ctx.join("rootfs");
+    let put = |src: &Path, dst: &str| -> Result<()> {
+        let to = rootfs.join(dst.trim_start_matches('/'));
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // fs::copy follows symlinks: the image gets the files themselves.
+        std::fs::copy(src, &to).with_context(|| format!("copying {}", src.display()))?;
+        Ok(())
+    };
+    put(&bin, "/usr/bin/netpulse")?;
+    for lib in shared_libs(&bin)? {
+        put(&lib, &lib.to_string_lossy())?;
+    }
+    put(
+        &root().join("systemd/config.toml"),
+        "/etc/netpulse/config.toml",
+    )?;
+    let version = env!("CARGO_PKG_VERSION");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM scratch\n\
+             COPY rootfs/ /\n\
+             LABEL org.opencontainers.image.title=\"netpulse\" \\\n\
+             \x20     org.opencontainers.image.version=\"{version}\" \\\n\
+             \x20     org.opencontainers.image.licenses=\"MIT\"\n\
+             ENTRYPOINT [\"/usr/bin/netpulse\"]\n\
+             CMD [\"run\"]\n"
+        ),
+    )?;
+    let tag = format!("netpulse:{version}");
+    // The classic builder: FROM scratch needs nothing from a registry.
+    run(Command::new("docker")
+        .args(["build", "--quiet", "-t", &tag, "-t", "netpulse:latest"])
+        .arg(&ctx)
+        .env("DOCKER_BUILDKIT", "0"))?;
+    eprintln!("xtask: built image {tag}");
+    Ok(tag)
+}
+
 fn test() -> Result<()> {
     setup()?;
     if !is_root() {
@@ -303,11 +405,13 @@ fn test() -> Result<()> {
     // .deb: build both before they look for them.
     build(false)?;
     let deb = package()?;
+    let image = image()?;
     let bin = root().join("target/debug/netpulse");
     run(cargo()
         .args(["test", "--workspace", "--", "--test-threads=1"])
         .env("NETPULSE_BIN", &bin)
-        .env("NETPULSE_DEB", &deb))?;
+        .env("NETPULSE_DEB", &deb)
+        .env("NETPULSE_IMAGE", &image))?;
     Ok(())
 }
 
@@ -333,6 +437,10 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Test => test(),
+        Cmd::Image => {
+            setup()?;
+            image().map(|t| println!("{t}"))
+        }
         Cmd::Package => {
             setup()?;
             package().map(|p| println!("{}", p.display()))
