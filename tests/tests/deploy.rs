@@ -222,3 +222,39 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     assert!(child.wait().unwrap().success(), "log:\n{}", agent_log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_daemonset_matches_the_unit_and_the_image() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/kubernetes/netpulse-daemonset.yaml"
+    ))
+    .unwrap();
+    let caps_line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: "))
+        .expect("capabilities add list");
+    let mut ds: Vec<String> = caps_line
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_ascii_lowercase())
+        .collect();
+    let mut unit = unit_caps();
+    ds.sort();
+    unit.sort();
+    assert_eq!(
+        ds, unit,
+        "DaemonSet and systemd unit grant different capabilities"
+    );
+    for needle in [
+        "hostNetwork: true",
+        "hostPID: true",
+        "path: /sys/fs/bpf",
+        "drop: [\"ALL\"]",
+        "readOnlyRootFilesystem: true",
+        "path: /healthz",
+        concat!("image: netpulse:", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(text.contains(needle), "DaemonSet lacks `{needle}`");
+    }
+}

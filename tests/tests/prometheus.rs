@@ -46,6 +46,35 @@ fn alert_rules_check_and_pass_their_unit_tests() {
     }
 }
 
+#[test]
+fn the_scrape_config_example_is_valid() {
+    if !require("promtool (Debian prometheus)", have("promtool")) {
+        return;
+    }
+    // The example names the rules where the .deb installs them; check it
+    // against the repository's copy.
+    let text = std::fs::read_to_string(format!("{DASHBOARDS}/prometheus-scrape.yaml"))
+        .unwrap()
+        .replace(
+            "/usr/share/netpulse/rules/alerts.yaml",
+            &format!("{DASHBOARDS}/alerts.yaml"),
+        );
+    let tmp = std::env::temp_dir().join(format!("netpulse-scrape-{}.yaml", std::process::id()));
+    std::fs::write(&tmp, text).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&tmp)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&tmp);
+    assert!(
+        out.status.success(),
+        "promtool check config:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every PromQL expression in the dashboards (panels and template
 /// variables), with Grafana's variables filled in.
 fn dashboard_queries() -> Vec<(String, String)> {
@@ -166,7 +195,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n",
+            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7301 }}]\n",
             pins.path().display()
         ),
     )
@@ -223,6 +252,12 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
             let _ = s.send_to(&buf[..n], from);
         }
     });
+    pair.a.spawn(move || {
+        let l = std::net::TcpListener::bind((addr, 7301)).unwrap();
+        for c in l.incoming().flatten() {
+            drop(c);
+        }
+    });
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_sender = stop.clone();
     let sender = pair.b.spawn(move || {
@@ -233,6 +268,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         let end = Instant::now() + Duration::from_secs(40);
         while !stop_sender.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
             let _ = u.send_to(&[5u8; 200], (addr, 7300));
+            let _ = std::net::TcpStream::connect((addr, 7301));
             let _ = u.recv_from(&mut buf);
             std::thread::sleep(Duration::from_millis(20));
         }
