@@ -2,6 +2,7 @@
 //! network namespaces joined by veth pairs, scraping a running agent, and
 //! bpffs pin directories that clean up after themselves.
 
+pub mod agent;
 pub mod frames;
 pub mod netns;
 pub mod scrape;

@@ -33,6 +33,29 @@ pub struct Netns {
     pub name: String,
 }
 
+/// Runs `f` on a new thread inside the named namespace.
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Runs `f` inside the named namespace and waits for it.
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    match spawn_in(name, f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
 impl Netns {
     pub fn new(name: &str) -> Self {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
@@ -55,22 +78,12 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
+        spawn_in(&self.name, f)
     }
 
     /// Runs `f` inside this namespace and waits for it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        match self.spawn(f).join() {
-            Ok(v) => v,
-            Err(p) => std::panic::resume_unwind(p),
-        }
+        run_in(&self.name, f)
     }
 
     /// Interface statistics as the kernel keeps them (`ip -s link`).
@@ -136,24 +149,48 @@ pub struct Pair {
 impl Pair {
     pub fn new(tag: &str, net: u8) -> Self {
         let pid = std::process::id();
-        let a = Netns::new(&format!("np-{tag}-a-{pid}"));
-        let b = Netns::new(&format!("np-{tag}-b-{pid}"));
-        let dev_a = format!("np{net}a");
-        let dev_b = format!("np{net}b");
+        let pair = Pair {
+            a: Netns::new(&format!("np-{tag}-a-{pid}")),
+            b: Netns::new(&format!("np-{tag}-b-{pid}")),
+            dev_a: format!("np{net}a"),
+            dev_b: format!("np{net}b"),
+            addr_a: std::net::Ipv4Addr::new(10, 77, net, 1),
+            addr_b: std::net::Ipv4Addr::new(10, 77, net, 2),
+        };
+        pair.link();
+        pair
+    }
+
+    /// Deletes the veth pair (both ends go with either).
+    pub fn unlink(&self) {
+        sh("ip", &["-n", &self.a.name, "link", "del", &self.dev_a]);
+    }
+
+    /// Creates the veth pair, addressed and quiet as described above.
+    pub fn link(&self) {
+        let (a, b) = (&self.a, &self.b);
         sh(
             "ip",
             &[
-                "link", "add", &dev_a, "netns", &a.name, "type", "veth", "peer", "name", &dev_b,
-                "netns", &b.name,
+                "link",
+                "add",
+                &self.dev_a,
+                "netns",
+                &a.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.dev_b,
+                "netns",
+                &b.name,
             ],
         );
-        let addr_a = std::net::Ipv4Addr::new(10, 77, net, 1);
-        let addr_b = std::net::Ipv4Addr::new(10, 77, net, 2);
-        let mac_a = mac_of(&a, &dev_a);
-        let mac_b = mac_of(&b, &dev_b);
+        let mac_a = mac_of(a, &self.dev_a);
+        let mac_b = mac_of(b, &self.dev_b);
         for (ns, dev, me, peer, peer_mac) in [
-            (&a, &dev_a, addr_a, addr_b, &mac_b),
-            (&b, &dev_b, addr_b, addr_a, &mac_a),
+            (a, &self.dev_a, self.addr_a, self.addr_b, &mac_b),
+            (b, &self.dev_b, self.addr_b, self.addr_a, &mac_a),
         ] {
             ns.exec(
                 "sysctl",
@@ -176,6 +213,7 @@ impl Pair {
                 ],
             );
             sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+            let peer = peer.to_string();
             sh(
                 "ip",
                 &[
@@ -183,7 +221,7 @@ impl Pair {
                     &ns.name,
                     "neigh",
                     "replace",
-                    &peer.to_string(),
+                    &peer,
                     "lladdr",
                     peer_mac,
                     "dev",
@@ -192,14 +230,6 @@ impl Pair {
                     "permanent",
                 ],
             );
-        }
-        Pair {
-            a,
-            b,
-            dev_a,
-            dev_b,
-            addr_a,
-            addr_b,
         }
     }
 }

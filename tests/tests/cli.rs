@@ -5,29 +5,18 @@
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
+    net::{TcpListener, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use netpulse_tests::{
-    PinDir, is_root,
+    PinDir,
+    agent::{Agent, bin, have_bin},
+    is_root,
     netns::{Pair, have},
     require,
-    scrape::{Metrics, get},
 };
-
-fn bin() -> String {
-    std::env::var("NETPULSE_BIN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
-}
-
-fn have_bin() -> bool {
-    require(
-        "the netpulse binary (cargo build -p netpulse, or NETPULSE_BIN)",
-        std::path::Path::new(&bin()).exists(),
-    )
-}
 
 fn tmp(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("netpulse-cli-{}", std::process::id()));
@@ -190,30 +179,13 @@ fn a_new_listener_shows_up_within_two_seconds() {
             pins.path().display()
         ),
     );
-    let log = std::fs::File::create(cfg.with_extension("log")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let metrics = move || {
-        get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), "/metrics")
-            .ok()
-            .map(|(_, b)| Metrics::parse(&b))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pair.a.run(metrics).is_some_and(|m| {
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &cfg.with_extension("log"));
+    agent.wait_for("probes on the veth", |m| {
         m.has(
             "netpulse_probe_attached",
-            &[("interface", &pair.dev_a), ("hook", "tc")],
+            &[("interface", pair.dev_a.as_str()), ("hook", "tc")],
         )
-    }) {
-        assert!(Instant::now() < deadline, "agent did not come up");
-        assert!(child.try_wait().unwrap().is_none(), "agent exited");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 
     // A new server, named after this process.
     let addr = pair.addr_a;
@@ -230,7 +202,7 @@ fn a_new_listener_shows_up_within_two_seconds() {
     // Client traffic every 100 ms until the service shows both directions.
     let seen = loop {
         pair.b.run(move || drop(TcpStream::connect((addr, 7100))));
-        let m = pair.a.run(metrics).unwrap_or_default();
+        let m = agent.metrics().unwrap_or_default();
         let p = |dir: &str| {
             m.sum(
                 "netpulse_service_packets_total",
@@ -245,9 +217,7 @@ fn a_new_listener_shows_up_within_two_seconds() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // SAFETY: the child we spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    agent.stop();
     assert!(
         seen <= Duration::from_secs(2),
         "the new listener's traffic took {seen:?} to show up"

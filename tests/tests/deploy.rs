@@ -2,25 +2,17 @@
 //! capabilities it grants are enough: the agent, as a non-root user holding
 //! exactly those, attaches and counts live traffic exactly.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::UdpSocket, process::Command, time::Duration};
 
 use netpulse_tests::{
-    PinDir, is_root,
+    PinDir,
+    agent::{Agent, have_bin},
+    is_root,
     netns::{Pair, have},
     require,
-    scrape::{Metrics, get},
 };
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/netpulse.service");
-
-fn bin() -> String {
-    std::env::var("NETPULSE_BIN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
-}
 
 /// `Key=value` lines of the unit (a key may repeat).
 fn unit_values(key: &str) -> Vec<String> {
@@ -84,7 +76,7 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
         || !require("ip (iproute2)", have("ip"))
         || !require("ethtool", have("ethtool"))
         || !require("setpriv (util-linux)", have("setpriv"))
-        || !require("the netpulse binary", std::path::Path::new(&bin()).exists())
+        || !have_bin()
     {
         return;
     }
@@ -117,51 +109,29 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &pair.a.name, "setpriv"])
-        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
-        .args([
-            "--inh-caps",
-            &set,
-            "--ambient-caps",
-            &set,
-            "--bounding-set",
-            &set,
-        ])
-        .arg(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let metrics = move || {
-        get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), "/metrics")
-            .ok()
-            .map(|(_, b)| Metrics::parse(&b))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let agent_log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    while !pair
-        .a
-        .run(metrics)
-        .is_some_and(|m| m.has("netpulse_probe_attached", &[("interface", &pair.dev_a)]))
-    {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "agent exited:\n{}",
-            agent_log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "agent did not attach:\n{}",
-            agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let wrapper = [
+        "setpriv",
+        "--reuid",
+        NOBODY,
+        "--regid",
+        NOBODY,
+        "--clear-groups",
+        "--inh-caps",
+        &set,
+        "--ambient-caps",
+        &set,
+        "--bounding-set",
+        &set,
+    ];
+    let mut agent = Agent::start(&pair.a, &wrapper, &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("probes on the veth", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        )
+    });
     // It is who we said: uid nobody, exactly the unit's capabilities.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let field = |k: &str| {
         status
             .lines()
@@ -208,18 +178,21 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
             u.recv_from(&mut buf).expect("echo");
         }
     });
-    let m = pair.a.run(metrics).unwrap();
+    let m = agent.metrics().expect("metrics");
     let p = |dir: &str| {
         m.sum(
             "netpulse_service_packets_total",
             &[("service", "echo"), ("direction", dir)],
         )
     };
-    assert_eq!((p("ingress"), p("egress")), (N, N), "log:\n{}", agent_log());
-
-    // SAFETY: the child we spawned (ip netns exec → setpriv → netpulse, one pid).
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success(), "log:\n{}", agent_log());
+    assert_eq!(
+        (p("ingress"), p("egress")),
+        (N, N),
+        "log:\n{}",
+        agent.log_text()
+    );
+    // ip netns exec and setpriv both exec: the pid is netpulse's.
+    agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

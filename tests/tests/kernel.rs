@@ -721,7 +721,7 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
             &ipv4(CLIENT, LOCAL, PROTO_ICMP, 2, 0, &icmp_echo(false, 56)),
         ),
     ];
-    let mut rng = Rng(0x5eed_0f_0e7a_u64);
+    let mut rng = Rng(0x005e_ed0f_0e7a_u64);
     let before = total(&fx);
     let mut runs = 0u64;
     for i in 0..4000 {

@@ -5,16 +5,17 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    net::{TcpListener, TcpStream, UdpSocket},
+    time::Duration,
 };
 
 use netpulse_tests::{
-    PinDir, is_root,
+    PinDir,
+    agent::{Agent, have_bin},
+    is_root,
     netns::{LinkStats, Pair, have},
     require,
-    scrape::{Metrics, get},
+    scrape::Metrics,
 };
 
 const TCP_PORT: u16 = 7001;
@@ -27,120 +28,16 @@ const PINGS: u64 = 5;
 const TCP_UPLOAD: usize = 200_000;
 const TCP_REPLY: usize = 50_000;
 
-fn bin() -> String {
-    std::env::var("NETPULSE_BIN").unwrap_or_else(|_| {
-        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse");
-        p.to_string()
-    })
-}
-
 fn prerequisites() -> bool {
     require("root", is_root())
         && require("ip (iproute2)", have("ip"))
         && require("ethtool", have("ethtool"))
         && require("ping (iputils-ping)", have("ping"))
-        && require(
-            "the netpulse binary (cargo build -p netpulse, or NETPULSE_BIN)",
-            std::path::Path::new(&bin()).exists(),
-        )
+        && have_bin()
 }
 
-struct Agent {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(pair: &Pair, config: &std::path::Path, log: &std::path::Path) -> Agent {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("start netpulse");
-        Agent {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// SIGTERM, then wait: the agent detaches and exits 0.
-    fn stop(mut self) {
-        // SAFETY: signalling the child we spawned (`ip netns exec` execs netpulse).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "netpulse exited with {status}; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn scrape(pair: &Pair) -> Metrics {
-    pair.a.run(|| {
-        let (status, body) = get(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)),
-            "/metrics",
-        )
-        .expect("GET /metrics");
-        assert_eq!(status, 200, "{body}");
-        Metrics::parse(&body)
-    })
-}
-
-/// Waits until the agent serves metrics that satisfy `ready`.
-fn wait_for(
-    pair: &Pair,
-    agent: &mut Agent,
-    what: &str,
-    ready: impl Fn(&Metrics) -> bool,
-) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!(
-                "netpulse exited early with {status}; log:\n{}",
-                std::fs::read_to_string(&agent.log).unwrap_or_default()
-            );
-        }
-        let m = pair.a.run(|| {
-            get(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)),
-                "/metrics",
-            )
-            .ok()
-            .filter(|(s, _)| *s == 200)
-            .map(|(_, b)| Metrics::parse(&b))
-        });
-        if let Some(m) = m
-            && ready(&m)
-        {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn scrape(agent: &Agent) -> Metrics {
+    agent.metrics().expect("GET /metrics")
 }
 
 /// Servers in namespace a: TCP (read all, reply), UDP echo, and a TCP
@@ -308,24 +205,24 @@ endpoints = [{{ proto = "icmp", addr = "{a}" }}]
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
     let discovered = netpulse::identity::name_from_process(comm.trim());
 
-    let mut agent = Agent::start(&pair, &config, &log);
-    let m = wait_for(&pair, &mut agent, "probes and services", |m| {
+    let mut agent = Agent::start(&pair.a, &[], &config, METRICS_PORT, &log);
+    let m = agent.wait_for("probes and services", |m| {
         m.has(
             "netpulse_probe_attached",
-            &[("interface", &pair.dev_a), ("hook", "xdp")],
+            &[("interface", pair.dev_a.as_str()), ("hook", "xdp")],
         ) && m.has(
             "netpulse_probe_attached",
             &[("interface", "lo"), ("hook", "tc")],
         ) && m.has(
             "netpulse_service_info",
-            &[("service", &discovered), ("source", "socket")],
+            &[("service", discovered.as_str()), ("source", "socket")],
         )
     });
     // veth has native XDP; lo has none.
     assert!(m.has(
         "netpulse_probe_attached",
         &[
-            ("interface", &pair.dev_a),
+            ("interface", pair.dev_a.as_str()),
             ("hook", "xdp"),
             ("mode", "native")
         ]
@@ -349,18 +246,20 @@ endpoints = [{{ proto = "icmp", addr = "{a}" }}]
     }
 
     let link0 = settled(&pair);
-    let m0 = scrape(&pair);
+    let m0 = scrape(&agent);
     send_traffic(&pair);
     let link1 = settled(&pair);
-    let m1 = scrape(&pair);
+    let m1 = scrape(&agent);
     check_round(&m0, &m1, link1 - link0, &discovered, 1);
 
     // Restart: the counters continue from the pinned maps.
     agent.stop();
-    let mut agent = Agent::start(&pair, &config, &log);
-    let m2 = wait_for(&pair, &mut agent, "the restarted agent", |m| {
-        m.has("netpulse_probe_attached", &[("interface", &pair.dev_a)])
-            && m.has("netpulse_service_info", &[("service", &discovered)])
+    let mut agent = Agent::start(&pair.a, &[], &config, METRICS_PORT, &log);
+    let m2 = agent.wait_for("the restarted agent", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        ) && m.has("netpulse_service_info", &[("service", discovered.as_str())])
     });
     for s in ["echo-tcp", "echo-udp", "ping", discovered.as_str()] {
         for d in ["ingress", "egress"] {
@@ -370,7 +269,7 @@ endpoints = [{{ proto = "icmp", addr = "{a}" }}]
     }
     send_traffic(&pair);
     let link2 = settled(&pair);
-    let m3 = scrape(&pair);
+    let m3 = scrape(&agent);
     check_round(&m0, &m3, link2 - link0, &discovered, 2);
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -10,18 +10,15 @@ use std::{
 };
 
 use netpulse_tests::{
-    PinDir, is_root,
+    PinDir,
+    agent::{Agent, have_bin},
+    is_root,
     netns::{Pair, have},
     require,
     scrape::{get, urlencode},
 };
 
 const DASHBOARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards");
-
-fn bin() -> String {
-    std::env::var("NETPULSE_BIN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
-}
 
 #[test]
 fn alert_rules_check_and_pass_their_unit_tests() {
@@ -165,6 +162,7 @@ fn rule_exprs() -> Vec<(String, String)> {
     out
 }
 
+/// A Prometheus server we started, stopped on drop.
 struct Kill(Child);
 
 impl Drop for Kill {
@@ -182,7 +180,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         || !require("ethtool", have("ethtool"))
         || !require("prometheus (Debian)", have("prometheus"))
         || !require("promtool", have("promtool"))
-        || !require("the netpulse binary", std::path::Path::new(&bin()).exists())
+        || !have_bin()
     {
         return;
     }
@@ -200,15 +198,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         ),
     )
     .unwrap();
-    let _agent = Kill(
-        Command::new("ip")
-            .args(["netns", "exec", &pair.a.name, &bin(), "run", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = Agent::start(&pair.a, &[], &cfg, agent_port, &dir.join("agent.log"));
     let prom_cfg = dir.join("prometheus.yml");
     std::fs::write(
         &prom_cfg,
@@ -291,7 +281,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
             Instant::now() < deadline,
             "Prometheus did not scrape the agent: {v}\nprometheus log:\n{}\nagent log:\n{}",
             std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default(),
-            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
