@@ -1,0 +1,262 @@
+//! Faults a production agent meets: killed with SIGKILL mid-traffic and
+//! started again, its interface deleted and created again, a broken config
+//! sent with SIGHUP. Counts continue without reset or double count, probes
+//! come back, and the running config survives.
+
+use std::{
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir,
+    agent::{Agent, have_bin},
+    is_root,
+    netns::{Pair, have},
+    require,
+    scrape::Metrics,
+};
+
+fn prerequisites() -> bool {
+    require("root", is_root())
+        && require("ip (iproute2)", have("ip"))
+        && require("ethtool", have("ethtool"))
+        && have_bin()
+}
+
+fn workdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("netpulse-chaos-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(path: &Path, port: u16, pins: &PinDir, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nrefresh_seconds = 0.2\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7500 }}]\n{extra}",
+            pins.path().display()
+        ),
+    )
+    .unwrap();
+}
+
+fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
+    m.sum(
+        "netpulse_service_packets_total",
+        &[("service", service), ("direction", dir)],
+    )
+}
+
+/// A UDP echo server on every address of namespace a, port 7500; it stops
+/// when nothing arrives for 5 s.
+fn echo_server(pair: &Pair) {
+    pair.a.spawn(|| {
+        let s = UdpSocket::bind("0.0.0.0:7500").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// `n` request/response exchanges from namespace b; returns how many
+/// requests got an answer.
+fn exchange(pair: &Pair, n: u64) -> u64 {
+    let to = pair.addr_a;
+    pair.b.run(move || {
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        (0..n)
+            .filter(|_| {
+                u.send_to(&[7u8; 100], (to, 7500)).unwrap();
+                u.recv_from(&mut buf).is_ok()
+            })
+            .count() as u64
+    })
+}
+
+#[test]
+fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new("kill", 95);
+    let pins = PinDir::mounted("kill");
+    let dir = workdir("kill");
+    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19482);
+    config(&cfg, port, &pins, "");
+    echo_server(&pair);
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
+    agent.wait_for("probes", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        )
+    });
+
+    // A steady stream from b while the agent dies and comes back.
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent2, stop2, to) = (sent.clone(), stop.clone(), pair.addr_a);
+    let stream = pair.b.spawn(move || {
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        let end = Instant::now() + Duration::from_secs(30);
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
+            u.send_to(&[1u8; 100], (to, 7500)).unwrap();
+            sent2.fetch_add(1, Ordering::Relaxed);
+            let _ = u.recv_from(&mut buf);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let before = agent.metrics().expect("metrics before the kill");
+    agent.kill();
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
+    let after = agent.wait_for("the restarted agent", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        ) && m.has("netpulse_service_info", &[("service", "echo")])
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let end = agent.metrics().unwrap();
+    let sent = sent.load(Ordering::Relaxed);
+
+    for dir in ["ingress", "egress"] {
+        let (b, a, e) = (
+            pkts(&before, "echo", dir),
+            pkts(&after, "echo", dir),
+            pkts(&end, "echo", dir),
+        );
+        assert!(b > 0, "no {dir} traffic counted before the kill");
+        assert!(a >= b, "{dir} reset by the restart: {b} before, {a} after");
+        assert!(e > a, "{dir} not counted after the restart: {a} then {e}");
+        // Packets that passed while no agent ran are not counted; none is
+        // counted twice.
+        assert!(e <= sent, "{dir}: {e} counted of {sent} sent");
+    }
+
+    // Quiet now: a known burst moves the counters by exactly that much, so
+    // no probe of the killed agent is still attached beside the new one.
+    let (i0, e0) = (pkts(&end, "echo", "ingress"), pkts(&end, "echo", "egress"));
+    assert_eq!(exchange(&pair, 40), 40);
+    let m = agent.metrics().unwrap();
+    assert_eq!(pkts(&m, "echo", "ingress") - i0, 40);
+    assert_eq!(pkts(&m, "echo", "egress") - e0, 40);
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new("relink", 96);
+    let pins = PinDir::mounted("relink");
+    let dir = workdir("relink");
+    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19483);
+    config(&cfg, port, &pins, "");
+    echo_server(&pair);
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
+    agent.wait_for("probes", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        )
+    });
+    assert_eq!(exchange(&pair, 5), 5);
+    let base = pkts(&agent.metrics().unwrap(), "echo", "ingress");
+    assert_eq!(base, 5);
+
+    pair.unlink();
+    pair.link();
+    let recreated = Instant::now();
+    let took = loop {
+        exchange(&pair, 1);
+        let m = agent.metrics().unwrap();
+        if pkts(&m, "echo", "ingress") > base && pkts(&m, "echo", "egress") > base {
+            break recreated.elapsed();
+        }
+        assert!(
+            recreated.elapsed() < Duration::from_secs(5),
+            "probes not back on the new {} after 5 s; log:\n{}",
+            pair.dev_a,
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("re-attached and counting {took:?} after the interface came back");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_running_one_and_names_the_error() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new("hup", 97);
+    let pins = PinDir::mounted("hup");
+    let dir = workdir("hup");
+    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19484);
+    config(&cfg, port, &pins, "");
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
+    agent.wait_for("the echo service", |m| {
+        m.has("netpulse_service_info", &[("service", "echo")])
+    });
+
+    // Line 3 is broken (an unknown key); the running config must stay.
+    std::fs::write(
+        &cfg,
+        "[agent]\nlisten = \"127.0.0.1:1\"\nbogus_key = true\n",
+    )
+    .unwrap();
+    agent.hup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let want = format!("{}:3:1:", cfg.display());
+    while !agent.log_text().contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "no file:line:col in the log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.log_text().contains("keeping the running config"));
+    assert!(!agent.exited(), "the agent died on a broken config");
+    let m = agent.metrics().expect("still serving on the old address");
+    assert!(m.has("netpulse_service_info", &[("service", "echo")]));
+
+    // A good config with one more service takes effect on the next SIGHUP.
+    config(
+        &cfg,
+        port,
+        &pins,
+        "\n[[service]]\nname = \"added\"\nendpoints = [{ proto = \"tcp\", port = 7501 }]\n",
+    );
+    agent.hup();
+    agent.wait_for("the added service", |m| {
+        m.has(
+            "netpulse_service_info",
+            &[("service", "added"), ("source", "config")],
+        ) && m.has("netpulse_service_info", &[("service", "echo")])
+    });
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
