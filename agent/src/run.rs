@@ -225,17 +225,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         })?;
     info!(listen = %cfg.listen, "serving /metrics and /healthz");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = {
-        let mut rx = stop_rx.clone();
-        let app = web::router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|v| *v).await;
-                })
-                .await
-        })
-    };
+    let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
     notify_ready();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| RunError::Other(e.to_string()))?;
@@ -275,10 +265,8 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         }
     }
     let _ = stop_tx.send(true);
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "HTTP server"),
-        Err(e) => warn!(error = %e, "HTTP server task"),
+    if let Err(e) = server.await {
+        warn!(error = %e, "HTTP server task");
     }
     if let Ok(mut a) = shared.lock() {
         a.probe.detach_all();
