@@ -234,7 +234,7 @@ impl Pair {
     }
 }
 
-fn mac_of(ns: &Netns, dev: &str) -> String {
+pub fn mac_of(ns: &Netns, dev: &str) -> String {
     let out = sh("ip", &["-n", &ns.name, "-j", "link", "show", "dev", dev]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j is JSON");
     v[0]["address"]
