@@ -535,6 +535,22 @@ endpoints = [{ proto = "tcp", port = 80 }]
         );
     }
 
+    /// The fuzz seeds (and any crash input kept as a regression) parse to
+    /// Ok or to located errors, without panicking.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = parse(text, &e.path());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "seed corpus missing in {}", dir.display());
+    }
+
     #[test]
     fn bad_listen_and_names() {
         assert!(errs("[agent]\nlisten = \"nope\"")[0].starts_with("c.toml:2:10:"));

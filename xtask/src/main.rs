@@ -43,6 +43,12 @@ enum Cmd {
     Test,
     /// Build the .deb (target/debian/netpulse_*.deb).
     Package,
+    /// Run the cargo-fuzz targets (config parser, /proc/net parser).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
     /// if it is not running).
     Image,
@@ -83,7 +89,11 @@ const CARGO_TOOLS: &[(&str, &str)] = &[
     ("cargo-deny", "0.20.2"),
     ("cargo-audit", "0.22.2"),
     ("cargo-deb", "3.8.0"),
+    ("cargo-fuzz", "0.13.2"),
 ];
+
+/// The fuzz targets in agent/fuzz; seeds in agent/fuzz/corpus/<target>.
+const FUZZ_TARGETS: &[&str] = &["config", "proc_net"];
 
 /// The directory cargo-deny derives for the default advisory-db URL under
 /// its `db-path` (deny.toml).
@@ -264,6 +274,27 @@ fn supply_chain() -> Result<()> {
     Ok(())
 }
 
+/// Runs each fuzz target for `seconds` (nightly, libFuzzer). New inputs go
+/// to target/fuzz-corpus/; the committed seeds are read, never rewritten. A
+/// crash stops the run; its input lands in agent/fuzz/artifacts/: fix it and
+/// add the input to the target's corpus, which the unit tests replay.
+fn fuzz(seconds: u64) -> Result<()> {
+    for t in FUZZ_TARGETS {
+        let work = root().join("target/fuzz-corpus").join(t);
+        std::fs::create_dir_all(&work)?;
+        // The rustup proxy, not $CARGO: `+nightly` must pick the toolchain.
+        run(Command::new("cargo")
+            .current_dir(root().join("agent"))
+            .args(["+nightly", "fuzz", "run", t])
+            .arg(&work)
+            .arg(format!("fuzz/corpus/{t}"))
+            .args(["--", &format!("-max_total_time={seconds}")])
+            // The parsers need no eBPF object.
+            .env("AYA_BUILD_SKIP", "1"))?;
+    }
+    Ok(())
+}
+
 /// Release build, then cargo-deb on it. Returns the .deb's path.
 fn package() -> Result<PathBuf> {
     build(true)?;
@@ -393,6 +424,9 @@ fn test() -> Result<()> {
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     supply_chain()?;
+    // A short run keeps the fuzz targets building and the seeds passing;
+    // `cargo xtask fuzz` is the long one.
+    fuzz(10)?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -440,6 +474,10 @@ fn main() -> Result<()> {
         Cmd::Image => {
             setup()?;
             image().map(|t| println!("{t}"))
+        }
+        Cmd::Fuzz { seconds } => {
+            setup()?;
+            fuzz(seconds)
         }
         Cmd::Package => {
             setup()?;

@@ -215,6 +215,18 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/proc_net");
+        let mut listeners = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let text = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned();
+            listeners += parse_table(&text, Proto::Tcp, (32768, 60999)).len();
+            listeners += parse_table(&text, Proto::Udp, (32768, 60999)).len();
+        }
+        assert!(listeners >= 3, "seed corpus missing in {}", dir.display());
+    }
+
+    #[test]
     fn finds_our_own_listening_socket_and_process() {
         let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = sock.local_addr().unwrap().port();
