@@ -205,6 +205,24 @@ impl Probe {
         &self.pin_dir
     }
 
+    fn xdp(&mut self) -> Result<&mut Xdp> {
+        let name = programs::XDP_INGRESS;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram(name))?
+            .try_into()
+            .map_err(prog_err(name))
+    }
+
+    fn tc(&mut self) -> Result<&mut SchedClassifier> {
+        let name = programs::TC_EGRESS;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram(name))?
+            .try_into()
+            .map_err(prog_err(name))
+    }
+
     /// Attaches XDP (native, else skb mode) and TC egress to `ifname`.
     pub fn attach(&mut self, ifname: &str) -> Result<&Attachment> {
         let err = |message: String| ProbeError::Attach {
@@ -227,12 +245,7 @@ impl Probe {
                 .get(ifname)
                 .ok_or_else(|| err("attachment vanished".into()));
         }
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(programs::XDP_INGRESS)
-            .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?
-            .try_into()
-            .map_err(prog_err(programs::XDP_INGRESS))?;
+        let xdp = self.xdp()?;
         let (xdp_link, xdp_mode) = match xdp.attach(ifname, XdpMode::Driver) {
             Ok(l) => (l, XdpAttachMode::Native),
             Err(native) => match xdp.attach(ifname, XdpMode::Skb) {
@@ -247,12 +260,7 @@ impl Probe {
                 Err(e) => return Err(err(format!("attaching XDP: {}", crate::error_chain(&e)))),
             },
         };
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(programs::TC_EGRESS)
-            .ok_or(ProbeError::MissingProgram(programs::TC_EGRESS))?
-            .try_into()
-            .map_err(prog_err(programs::TC_EGRESS))?;
+        let tc = self.tc()?;
         let tc_link = match tc.attach(ifname, TcAttachType::Egress) {
             Ok(l) => Ok(l),
             // Kernels before 6.6 attach through a clsact qdisc.
@@ -264,13 +272,7 @@ impl Probe {
         let tc_link = match tc_link {
             Ok(l) => l,
             Err(e) => {
-                if let Ok(x) = <&mut Xdp>::try_from(
-                    self.ebpf
-                        .program_mut(programs::XDP_INGRESS)
-                        .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?,
-                ) {
-                    let _ = x.detach(xdp_link);
-                }
+                let _ = self.xdp()?.detach(xdp_link);
                 return Err(err(format!(
                     "attaching TC egress: {}",
                     crate::error_chain(&e)
@@ -302,14 +304,11 @@ impl Probe {
         let Some(a) = self.attached.remove(ifname) else {
             return;
         };
-        if let Some(p) = self.ebpf.program_mut(programs::XDP_INGRESS)
-            && let Ok(x) = <&mut Xdp>::try_from(p)
-        {
+        // Errors here mean the device (and with it the links) is gone.
+        if let Ok(x) = self.xdp() {
             let _ = x.detach(a.xdp);
         }
-        if let Some(p) = self.ebpf.program_mut(programs::TC_EGRESS)
-            && let Ok(t) = <&mut SchedClassifier>::try_from(p)
-        {
+        if let Ok(t) = self.tc() {
             let _ = t.detach(a.tc);
         }
         info!(interface = ifname, "probes detached");
@@ -343,26 +342,16 @@ impl Probe {
         opts.data_in = Some(frame);
         opts.repeat = repeat.max(1);
         let r = match hook {
-            Hook::Xdp => {
-                let p: &mut Xdp = self
-                    .ebpf
-                    .program_mut(programs::XDP_INGRESS)
-                    .ok_or(ProbeError::MissingProgram(programs::XDP_INGRESS))?
-                    .try_into()
-                    .map_err(prog_err(programs::XDP_INGRESS))?;
-                p.test_run(opts).map_err(prog_err(programs::XDP_INGRESS))?
-            }
+            Hook::Xdp => self.xdp()?.test_run(opts),
             Hook::Tc => {
                 opts.ctx_in = Some(&ctx);
-                let p: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(programs::TC_EGRESS)
-                    .ok_or(ProbeError::MissingProgram(programs::TC_EGRESS))?
-                    .try_into()
-                    .map_err(prog_err(programs::TC_EGRESS))?;
-                p.test_run(opts).map_err(prog_err(programs::TC_EGRESS))?
+                self.tc()?.test_run(opts)
             }
-        };
+        }
+        .map_err(prog_err(match hook {
+            Hook::Xdp => programs::XDP_INGRESS,
+            Hook::Tc => programs::TC_EGRESS,
+        }))?;
         Ok((r.return_value, r.duration))
     }
 

@@ -46,6 +46,40 @@ fn config(path: &Path, port: u16, pins: &PinDir, extra: &str) {
     .unwrap();
 }
 
+/// A veth pair, its own bpffs, a config and a running agent with probes on
+/// the pair's veth.
+struct Setup {
+    pair: Pair,
+    pins: PinDir,
+    dir: PathBuf,
+    cfg: PathBuf,
+    port: u16,
+    agent: Agent,
+}
+
+fn setup(tag: &str, net: u8, port: u16) -> Setup {
+    let pair = Pair::new(tag, net);
+    let pins = PinDir::mounted(tag);
+    let dir = workdir(tag);
+    let cfg = dir.join("config.toml");
+    config(&cfg, port, &pins, "");
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("probes", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        ) && m.has("netpulse_service_info", &[("service", "echo")])
+    });
+    Setup {
+        pair,
+        pins,
+        dir,
+        cfg,
+        port,
+        agent,
+    }
+}
+
 fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
     m.sum(
         "netpulse_service_packets_total",
@@ -89,19 +123,16 @@ fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
     if !prerequisites() {
         return;
     }
-    let pair = Pair::new("kill", 95);
-    let pins = PinDir::mounted("kill");
-    let dir = workdir("kill");
-    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19482);
-    config(&cfg, port, &pins, "");
+    let Setup {
+        pair,
+        pins: _pins,
+        dir,
+        cfg,
+        port,
+        agent,
+    } = setup("kill", 95, 19482);
+    let log = dir.join("agent.log");
     echo_server(&pair);
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
-    agent.wait_for("probes", |m| {
-        m.has(
-            "netpulse_probe_attached",
-            &[("interface", pair.dev_a.as_str())],
-        )
-    });
 
     // A steady stream from b while the agent dies and comes back.
     let sent = Arc::new(AtomicU64::new(0));
@@ -167,19 +198,15 @@ fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
     if !prerequisites() {
         return;
     }
-    let pair = Pair::new("relink", 96);
-    let pins = PinDir::mounted("relink");
-    let dir = workdir("relink");
-    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19483);
-    config(&cfg, port, &pins, "");
+    let Setup {
+        pair,
+        pins: _pins,
+        dir,
+        agent,
+        cfg: _,
+        port: _,
+    } = setup("relink", 96, 19483);
     echo_server(&pair);
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
-    agent.wait_for("probes", |m| {
-        m.has(
-            "netpulse_probe_attached",
-            &[("interface", pair.dev_a.as_str())],
-        )
-    });
     assert_eq!(exchange(&pair, 5), 5);
     let base = pkts(&agent.metrics().unwrap(), "echo", "ingress");
     assert_eq!(base, 5);
@@ -211,15 +238,16 @@ fn sighup_with_a_broken_config_keeps_the_running_one_and_names_the_error() {
     if !prerequisites() {
         return;
     }
-    let pair = Pair::new("hup", 97);
-    let pins = PinDir::mounted("hup");
-    let dir = workdir("hup");
-    let (cfg, log, port) = (dir.join("config.toml"), dir.join("agent.log"), 19484);
-    config(&cfg, port, &pins, "");
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
-    agent.wait_for("the echo service", |m| {
-        m.has("netpulse_service_info", &[("service", "echo")])
-    });
+    // Bind every part: an unbound one would be dropped (the namespace
+    // deleted) at the end of this statement.
+    let Setup {
+        pair: _pair,
+        pins,
+        dir,
+        cfg,
+        port,
+        mut agent,
+    } = setup("hup", 97, 19484);
 
     // Line 3 is broken (an unknown key); the running config must stay.
     std::fs::write(
