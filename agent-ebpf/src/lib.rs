@@ -50,17 +50,43 @@ pub const ROLE_LOCAL: u8 = 0;
 /// The endpoint is a peer this host talks to: matched by the packet's other end.
 pub const ROLE_REMOTE: u8 = 1;
 
-/// The port index (`NP_PORTS`): one u32 per (family, protocol, port), so
-/// the common case (a service listening on every address) is found with an
-/// array look-up, and the hash table is consulted only for ports that have
-/// address-specific or remote entries.
+/// The port index (`NP_PORTS`): one u64 per (family, protocol, port), so
+/// classification is array look-ups in the common cases: a service on every
+/// address (the wildcard slot), or up to a few address-specific services on
+/// a port (a group, compared in place). Only ports with more
+/// address-specific services than a group holds, and ports remote services
+/// use, send packets to the hash tables.
 pub const PORT_INDEX_LEN: u32 = 6 * 65_536;
-/// Low bits: the slot of the local wildcard-address service on this port.
-pub const PORT_WILDCARD_MASK: u32 = 0x00ff_ffff;
-/// Some local service on this port is bound to a specific address.
-pub const PORT_LOCAL_EXACT: u32 = 1 << 31;
-/// Some remote service uses this port.
-pub const PORT_REMOTE: u32 = 1 << 30;
+/// Bits 0..24: the slot of the local wildcard-address service on this port.
+pub const PORT_WILDCARD_MASK: u64 = 0x00ff_ffff;
+/// Bits 32..56: the port's address group (0 = none) in `NP_GROUPS4` or
+/// `NP_GROUPS6`, by the index's family.
+pub const PORT_GROUP_SHIFT: u32 = 32;
+pub const PORT_GROUP_MASK: u64 = 0x00ff_ffff;
+/// The port has more address-specific local services than a group holds:
+/// they are in the family's hash table.
+pub const PORT_LOCAL_HASH: u64 = 1 << 63;
+/// Some remote service uses this port (hash table).
+pub const PORT_REMOTE: u64 = 1 << 62;
+
+/// Address groups per family; group 0 is never used.
+pub const MAX_GROUPS: u32 = 16_384;
+
+/// Up to four IPv4 addresses on one port and their slots (slot 0 = empty).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Group4 {
+    pub addr: [u32; 4],
+    pub slot: [u32; 4],
+}
+
+/// Up to two IPv6 addresses on one port and their slots (slot 0 = empty).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Group6 {
+    pub addr: [[u32; 4]; 2],
+    pub slot: [u32; 2],
+}
 
 /// Index into `NP_PORTS`; `None` for protocols services cannot name.
 #[inline(always)]
@@ -231,6 +257,8 @@ pub mod maps {
     pub const COUNTERS_XDP: &str = "NP_COUNTERS_XDP";
     pub const COUNTERS_TC: &str = "NP_COUNTERS_TC";
     pub const PORTS: &str = "NP_PORTS";
+    pub const GROUPS4: &str = "NP_GROUPS4";
+    pub const GROUPS6: &str = "NP_GROUPS6";
     pub const SLOT_NAMES: &str = "NP_SLOT_NAMES";
 }
 
@@ -249,6 +277,8 @@ mod user {
     // SAFETY: all of these are repr(C), Copy, with explicit padding fields,
     // so every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for Key4 {}
+    unsafe impl aya::Pod for Group4 {}
+    unsafe impl aya::Pod for Group6 {}
     unsafe impl aya::Pod for Key6 {}
     unsafe impl aya::Pod for ServiceRef {}
     unsafe impl aya::Pod for DirCounters {}

@@ -2,7 +2,7 @@
 //! maps, so a counter is never kept twice and is never older than the scrape.
 //! Metric names follow DESIGN.md.
 
-use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, DirCounters, MAX_ENDPOINTS, MAX_SLOTS};
+use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, DirCounters, MAX_SLOTS};
 use prometheus::{
     Encoder, IntCounterVec, IntGaugeVec, Opts, TextEncoder, core::Collector, proto::MetricFamily,
 };
@@ -121,12 +121,7 @@ pub fn render(probe: &Probe, identity: &Identity) -> Result<String, MetricsError
             .with_label_values(&[ifname.as_str(), "tc", "egress"])
             .set(1);
     }
-    for (map, used) in probe.table_sizes() {
-        let max = if map == agent_ebpf::maps::PORTS {
-            agent_ebpf::PORT_INDEX_LEN
-        } else {
-            MAX_ENDPOINTS
-        };
+    for (map, used, max) in probe.table_sizes() {
         entries.with_label_values(&[map]).set(used as i64);
         capacity.with_label_values(&[map]).set(i64::from(max));
     }

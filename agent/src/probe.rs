@@ -9,8 +9,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Key4, Key6, LAYOUT_VERSION, MAX_SLOTS, NAME_LEN,
-    PORT_LOCAL_EXACT, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters,
+    EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Group4, Group6, Key4, Key6, LAYOUT_VERSION,
+    MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, NAME_LEN, PORT_GROUP_SHIFT, PORT_INDEX_LEN,
+    PORT_LOCAL_HASH, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters,
     SlotName, maps, port_index, programs,
 };
 use aya::{
@@ -115,17 +116,32 @@ pub struct Attachment {
     tc: SchedClassifierLinkId,
 }
 
+/// The classification tables as last written, by structure.
+#[derive(Default)]
+struct Written {
+    /// The logical endpoint → slot table.
+    table: BTreeMap<EndpointKey, u32>,
+    /// Entries of the per-family hash tables.
+    hash: BTreeMap<EndpointKey, u32>,
+    ports: BTreeMap<u32, u64>,
+    groups4: BTreeMap<u32, Group4>,
+    groups6: BTreeMap<u32, Group6>,
+    /// Port index → its address group id.
+    group_of: BTreeMap<u32, u32>,
+}
+
 pub struct Probe {
     ebpf: Ebpf,
     services4: HashMap<MapData, Key4, ServiceRef>,
     services6: HashMap<MapData, Key6, ServiceRef>,
     counters_xdp: PerCpuArray<MapData, SlotCounters>,
     counters_tc: PerCpuArray<MapData, SlotCounters>,
-    ports: Array<MapData, u32>,
-    /// What this agent wrote to the (unpinned) service table and port
-    /// index: they start empty with every load, so this copy is exact.
-    written: BTreeMap<EndpointKey, u32>,
-    written_ports: BTreeMap<u32, u32>,
+    ports: Array<MapData, u64>,
+    groups4: Array<MapData, Group4>,
+    groups6: Array<MapData, Group6>,
+    /// What this agent wrote to the (unpinned) tables: they start empty with
+    /// every load, so this copy is exact.
+    written: Written,
     names: Array<MapData, SlotName>,
     ncpus: usize,
     pin_dir: PathBuf,
@@ -167,6 +183,10 @@ impl Probe {
         let counters_tc = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS_TC)?)
             .map_err(map_err(maps::COUNTERS_TC))?;
         let ports = Array::try_from(take(&mut ebpf, maps::PORTS)?).map_err(map_err(maps::PORTS))?;
+        let groups4 =
+            Array::try_from(take(&mut ebpf, maps::GROUPS4)?).map_err(map_err(maps::GROUPS4))?;
+        let groups6 =
+            Array::try_from(take(&mut ebpf, maps::GROUPS6)?).map_err(map_err(maps::GROUPS6))?;
         let names = Array::try_from(take(&mut ebpf, maps::SLOT_NAMES)?)
             .map_err(map_err(maps::SLOT_NAMES))?;
         for name in [programs::XDP_INGRESS, programs::TC_EGRESS] {
@@ -192,8 +212,9 @@ impl Probe {
             counters_xdp,
             counters_tc,
             ports,
-            written: BTreeMap::new(),
-            written_ports: BTreeMap::new(),
+            groups4,
+            groups6,
+            written: Written::default(),
             names,
             ncpus,
             pin_dir,
@@ -359,53 +380,95 @@ impl Probe {
 
     /// The endpoint → slot table as the kernel holds it.
     pub fn table(&self) -> &BTreeMap<EndpointKey, u32> {
-        &self.written
+        &self.written.table
     }
 
-    /// Entries in use, by map name: the two tables and the port index.
-    pub fn table_sizes(&self) -> [(&'static str, usize); 3] {
-        let (mut v4, mut v6) = (0, 0);
-        for k in self.written.keys() {
-            if k.role == ROLE_LOCAL && k.addr == [0; 4] {
-                continue;
-            }
-            if k.family == FAMILY_V4 {
-                v4 += 1;
-            } else {
-                v6 += 1;
-            }
-        }
+    /// Entries in use, by map name: the hash tables, the port index and
+    /// the address groups.
+    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 5] {
+        let w = &self.written;
+        let v4 = w.hash.keys().filter(|k| k.family == FAMILY_V4).count();
         [
-            (maps::SERVICES4, v4),
-            (maps::SERVICES6, v6),
-            (maps::PORTS, self.written_ports.len()),
+            (maps::SERVICES4, v4, MAX_ENDPOINTS),
+            (maps::SERVICES6, w.hash.len() - v4, MAX_ENDPOINTS),
+            (maps::PORTS, w.ports.len(), PORT_INDEX_LEN),
+            (maps::GROUPS4, w.groups4.len(), MAX_GROUPS - 1),
+            (maps::GROUPS6, w.groups6.len(), MAX_GROUPS - 1),
         ]
     }
 
-    /// Makes the kernel's service tables and port index equal to `want`,
-    /// touching only what differs. Local wildcard-address endpoints live in
-    /// the port index only; everything else in the family's table, with a
-    /// flag in the port index saying the port has such entries.
+    /// Makes the kernel's port index, address groups and hash tables equal
+    /// to `want`, touching only what differs. A local wildcard endpoint is a
+    /// slot in the port index; a port's address-specific local endpoints go
+    /// in its address group while they fit (four IPv4, two IPv6), else in
+    /// the hash table; remote endpoints go in the hash table.
     pub fn sync_table(&mut self, want: &BTreeMap<EndpointKey, u32>) -> Result<usize> {
-        let in_hash = |k: &EndpointKey| !(k.role == ROLE_LOCAL && k.addr == [0; 4]);
-        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut ports: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut hash: BTreeMap<EndpointKey, u32> = BTreeMap::new();
+        let mut exact: BTreeMap<u32, Vec<(&EndpointKey, u32)>> = BTreeMap::new();
         for (k, slot) in want {
             let Some(i) = port_index(k.family, k.proto, k.port) else {
                 continue;
             };
             let v = ports.entry(i).or_default();
-            *v |= match (k.role, in_hash(k)) {
-                (ROLE_LOCAL, false) => slot & PORT_WILDCARD_MASK,
-                (ROLE_LOCAL, true) => PORT_LOCAL_EXACT,
-                _ => PORT_REMOTE,
-            };
+            match (k.role, k.addr == [0; 4]) {
+                (ROLE_LOCAL, true) => *v |= u64::from(*slot) & PORT_WILDCARD_MASK,
+                (ROLE_LOCAL, false) => exact.entry(i).or_default().push((k, *slot)),
+                _ => {
+                    *v |= PORT_REMOTE;
+                    hash.insert(*k, *slot);
+                }
+            }
         }
+        // Address groups, with stable ids: a port keeps its group while it
+        // has one, so a packet in flight never reads another port's group.
+        let old = &self.written;
+        let mut used: std::collections::BTreeSet<u32> = old.group_of.values().copied().collect();
+        let mut group_of = BTreeMap::new();
+        let mut groups4 = BTreeMap::new();
+        let mut groups6 = BTreeMap::new();
+        for (i, list) in exact {
+            let v6 = list[0].0.family != FAMILY_V4;
+            let cap = if v6 { 2 } else { 4 };
+            let g = old.group_of.get(&i).copied().or_else(|| {
+                let g = (1..MAX_GROUPS).find(|g| !used.contains(g))?;
+                used.insert(g);
+                Some(g)
+            });
+            let v = ports.entry(i).or_default();
+            match g {
+                Some(g) if list.len() <= cap => {
+                    if v6 {
+                        let mut grp = Group6::default();
+                        for (n, (k, slot)) in list.iter().enumerate() {
+                            grp.addr[n] = k.addr;
+                            grp.slot[n] = *slot;
+                        }
+                        groups6.insert(g, grp);
+                    } else {
+                        let mut grp = Group4::default();
+                        for (n, (k, slot)) in list.iter().enumerate() {
+                            grp.addr[n] = k.addr[0];
+                            grp.slot[n] = *slot;
+                        }
+                        groups4.insert(g, grp);
+                    }
+                    group_of.insert(i, g);
+                    *v |= u64::from(g) << PORT_GROUP_SHIFT;
+                }
+                _ => {
+                    *v |= PORT_LOCAL_HASH;
+                    hash.extend(list.iter().map(|(k, slot)| (**k, *slot)));
+                }
+            }
+        }
+
         let mut changes = 0;
-        // Order matters for packets in flight: add table entries before the
-        // port flags that send look-ups to them, and drop flags before the
-        // entries they point at.
-        for (k, slot) in want.iter().filter(|(k, _)| in_hash(k)) {
-            if self.written.get(k) != Some(slot) {
+        // Order matters for packets in flight: fill hash entries and groups
+        // before the port index points at them, and clear the port index
+        // before what it pointed at goes.
+        for (k, slot) in &hash {
+            if self.written.hash.get(k) != Some(slot) {
                 let v = ServiceRef {
                     slot: *slot,
                     _pad: 0,
@@ -422,29 +485,33 @@ impl Probe {
                 changes += 1;
             }
         }
-        let stale_ports: Vec<u32> = self
-            .written_ports
-            .keys()
-            .filter(|i| !ports.contains_key(i))
-            .copied()
-            .collect();
-        for i in stale_ports {
-            self.ports.set(i, 0, 0).map_err(map_err(maps::PORTS))?;
+        for (g, grp) in &groups4 {
+            if self.written.groups4.get(g) != Some(grp) {
+                self.groups4
+                    .set(*g, *grp, 0)
+                    .map_err(map_err(maps::GROUPS4))?;
+                changes += 1;
+            }
+        }
+        for (g, grp) in &groups6 {
+            if self.written.groups6.get(g) != Some(grp) {
+                self.groups6
+                    .set(*g, *grp, 0)
+                    .map_err(map_err(maps::GROUPS6))?;
+                changes += 1;
+            }
+        }
+        for i in self.written.ports.keys().filter(|i| !ports.contains_key(i)) {
+            self.ports.set(*i, 0, 0).map_err(map_err(maps::PORTS))?;
             changes += 1;
         }
         for (i, v) in &ports {
-            if self.written_ports.get(i) != Some(v) {
+            if self.written.ports.get(i) != Some(v) {
                 self.ports.set(*i, *v, 0).map_err(map_err(maps::PORTS))?;
                 changes += 1;
             }
         }
-        let stale: Vec<EndpointKey> = self
-            .written
-            .keys()
-            .filter(|k| in_hash(k) && !want.contains_key(k))
-            .copied()
-            .collect();
-        for k in stale {
+        for k in self.written.hash.keys().filter(|k| !hash.contains_key(k)) {
             let (res, name) = if k.family == FAMILY_V4 {
                 (self.services4.remove(&k.key4()), maps::SERVICES4)
             } else {
@@ -456,8 +523,34 @@ impl Probe {
             }
             changes += 1;
         }
-        self.written = want.clone();
-        self.written_ports = ports;
+        for g in self
+            .written
+            .groups4
+            .keys()
+            .filter(|g| !groups4.contains_key(g))
+        {
+            self.groups4
+                .set(*g, Group4::default(), 0)
+                .map_err(map_err(maps::GROUPS4))?;
+        }
+        for g in self
+            .written
+            .groups6
+            .keys()
+            .filter(|g| !groups6.contains_key(g))
+        {
+            self.groups6
+                .set(*g, Group6::default(), 0)
+                .map_err(map_err(maps::GROUPS6))?;
+        }
+        self.written = Written {
+            table: want.clone(),
+            hash,
+            ports,
+            groups4,
+            groups6,
+            group_of,
+        };
         Ok(changes)
     }
 

@@ -63,12 +63,16 @@ struct Fx {
 }
 
 fn fixture(tag: &str) -> Option<Fx> {
+    fixture_with(tag, CONFIG)
+}
+
+fn fixture_with(tag: &str, config_text: &str) -> Option<Fx> {
     if !require("root (CAP_BPF) for BPF_PROG_TEST_RUN", is_root()) {
         return None;
     }
     let pins = PinDir::new(tag);
     let mut probe = Probe::load(pins.path()).expect("load the eBPF object");
-    let cfg = config::parse(CONFIG, Path::new("kernel.toml")).expect("test config");
+    let cfg = config::parse(config_text, Path::new("kernel.toml")).expect("test config");
     let want = identity::desired(&cfg.services, &[], &HashMap::new());
     let mut id = Identity::restore(&probe, std::time::Duration::from_secs(60)).unwrap();
     id.apply(&mut probe, &want, Instant::now()).unwrap();
@@ -767,4 +771,87 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
     }
     assert!(runs > 7000, "too few runs: {runs}");
     assert_eq!(total(&fx) - before, runs, "counted packets != packets run");
+}
+
+#[test]
+fn address_groups_and_their_overflow_to_the_hash_table_classify_alike() {
+    // Four IPv4 addresses on a port fit its group; eight do not and go to
+    // the hash table; likewise two and three IPv6 addresses.
+    let text = r#"
+[[service]]
+name = "four"
+endpoints = [{ proto = "tcp", port = 9090, addr = "10.2.0.0/30" }]
+[[service]]
+name = "eight"
+endpoints = [{ proto = "tcp", port = 8080, addr = "10.1.0.0/29" }]
+[[service]]
+name = "two6"
+endpoints = [{ proto = "udp", port = 53, addr = "fd00::/127" }]
+[[service]]
+name = "three6"
+endpoints = [{ proto = "udp", port = 54, addr = "fd00::10" }, { proto = "udp", port = 54, addr = "fd00::11" }, { proto = "udp", port = 54, addr = "fd00::12" }]
+[[service]]
+name = "any8080"
+endpoints = [{ proto = "tcp", port = 8080 }]
+"#;
+    let Some(mut fx) = fixture_with("groups", text) else {
+        return;
+    };
+    for (name, port, last) in [("four", 9090, 0..4u8), ("eight", 8080, 0..8u8)] {
+        let slot = fx.slot(name);
+        let base = if name == "four" {
+            [10, 2, 0, 0]
+        } else {
+            [10, 1, 0, 0]
+        };
+        for l in last {
+            let mut dst = base;
+            dst[3] = l;
+            let f = v4_tcp(&[], CLIENT, dst, 40000, port, TCP_SYN);
+            fx.expect(Hook::Xdp, &f, 0, slot, DIR_INGRESS, one(f.len(), TCP_SYN));
+            let f = v4_tcp(&[], dst, CLIENT, port, 40000, TCP_ACK);
+            fx.expect(Hook::Tc, &f, 0, slot, DIR_EGRESS, one(f.len(), 0));
+        }
+    }
+    // An address on the port outside the group falls to the wildcard
+    // service, or to no one.
+    let f = v4_tcp(&[], CLIENT, [10, 1, 0, 9], 40000, 8080, TCP_SYN);
+    let any = fx.slot("any8080");
+    fx.expect(Hook::Xdp, &f, 0, any, DIR_INGRESS, one(f.len(), TCP_SYN));
+    let f = v4_tcp(&[], CLIENT, [10, 2, 0, 9], 40000, 9090, TCP_SYN);
+    fx.expect(
+        Hook::Xdp,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_INGRESS,
+        one(f.len(), TCP_SYN),
+    );
+    for (name, port, lasts) in [
+        ("two6", 53u16, &[0u8, 1][..]),
+        ("three6", 54, &[0x10, 0x11, 0x12][..]),
+    ] {
+        let slot = fx.slot(name);
+        for l in lasts {
+            let f = eth(
+                &[],
+                frames::ETH_IPV6,
+                &ipv6(v6(0x77), v6(*l), &[], PROTO_UDP, &udp(5000, port, 8)),
+            );
+            fx.expect(Hook::Xdp, &f, 0, slot, DIR_INGRESS, one(f.len(), 0));
+        }
+    }
+    let f = eth(
+        &[],
+        frames::ETH_IPV6,
+        &ipv6(v6(0x77), v6(0x13), &[], PROTO_UDP, &udp(5000, 54, 8)),
+    );
+    fx.expect(
+        Hook::Xdp,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_INGRESS,
+        one(f.len(), 0),
+    );
 }

@@ -28,7 +28,11 @@ mod kernel {
     #[map(name = "NP_SERVICES6")]
     static NP_SERVICES6: HashMap<Key6, ServiceRef> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
     #[map(name = "NP_PORTS")]
-    static NP_PORTS: Array<u32> = Array::with_max_entries(PORT_INDEX_LEN, 0);
+    static NP_PORTS: Array<u64> = Array::with_max_entries(PORT_INDEX_LEN, 0);
+    #[map(name = "NP_GROUPS4")]
+    static NP_GROUPS4: Array<Group4> = Array::with_max_entries(MAX_GROUPS, 0);
+    #[map(name = "NP_GROUPS6")]
+    static NP_GROUPS6: Array<Group6> = Array::with_max_entries(MAX_GROUPS, 0);
     // One counter array per hook: the two hooks never write the same memory,
     // so no atomics are needed even where XDP and TC run on one CPU.
     #[map(name = "NP_COUNTERS_XDP")]
@@ -236,11 +240,32 @@ mod kernel {
     }
 
     #[inline(always)]
-    fn ports(family: u8, proto: u8, port: u16) -> u32 {
+    fn ports(family: u8, proto: u8, port: u16) -> u64 {
         match port_index(family, proto, port) {
             Some(i) => NP_PORTS.get(i).copied().unwrap_or(0),
             None => 0,
         }
+    }
+
+    /// The slot of `addr` in address group `g` of its family, if there.
+    #[inline(always)]
+    fn group(family: u8, g: u32, addr: &[u32; 4]) -> Option<u32> {
+        if family == FAMILY_V4 {
+            let grp = NP_GROUPS4.get(g)?;
+            for i in 0..4 {
+                if grp.slot[i] != 0 && grp.addr[i] == addr[0] {
+                    return Some(grp.slot[i]);
+                }
+            }
+        } else {
+            let grp = NP_GROUPS6.get(g)?;
+            for i in 0..2 {
+                if grp.slot[i] != 0 && grp.addr[i] == *addr {
+                    return Some(grp.slot[i]);
+                }
+            }
+        }
+        None
     }
 
     /// Address-specific (or remote) look-up in the family's table; a zero
@@ -269,8 +294,9 @@ mod kernel {
     }
 
     /// Returns (slot, direction in the service's view). Local end first:
-    /// an address-specific service, then the wildcard one from the port
-    /// index; then, for ports remote services use, the other end.
+    /// an address-specific service (the port's group, else the hash table),
+    /// then the wildcard one from the port index; then, for ports remote
+    /// services use, the other end.
     #[inline(always)]
     fn classify(flow: &Flow, hook_dir: usize) -> (u32, usize) {
         let ingress = hook_dir == DIR_INGRESS;
@@ -281,13 +307,19 @@ mod kernel {
         };
         let (family, proto) = (flow.family, flow.proto);
         let v = ports(family, proto, lport);
-        if v & PORT_LOCAL_EXACT != 0
+        let g = ((v >> PORT_GROUP_SHIFT) & PORT_GROUP_MASK) as u32;
+        if g != 0
+            && let Some(slot) = group(family, g, local)
+        {
+            return (slot, hook_dir);
+        }
+        if v & PORT_LOCAL_HASH != 0
             && let Some(slot) = table(family, proto, lport, ROLE_LOCAL, local)
         {
             return (slot, hook_dir);
         }
         if v & PORT_WILDCARD_MASK != 0 {
-            return (v & PORT_WILDCARD_MASK, hook_dir);
+            return ((v & PORT_WILDCARD_MASK) as u32, hook_dir);
         }
         if ports(family, proto, rport) & PORT_REMOTE != 0 {
             // From the remote service's view the direction flips.
