@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub refresh_seconds: f64,
     /// Seconds a service that disappeared stays in /metrics with its counts.
     pub retire_seconds: f64,
+    /// Most per-service series /metrics serves; services beyond it are
+    /// summed into `service="~other"`.
+    pub max_series: usize,
 }
 
 impl Default for AgentConfig {
@@ -57,6 +60,7 @@ impl Default for AgentConfig {
             discover_sockets: true,
             refresh_seconds: 1.0,
             retire_seconds: 60.0,
+            max_series: 10_000,
         }
     }
 }
@@ -218,6 +222,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     }
     if raw.agent.retire_seconds.is_nan() || raw.agent.retire_seconds < 0.0 {
         at(0..0, "agent.retire_seconds must be >= 0".into());
+    }
+    if raw.agent.max_series < 2 * crate::metrics::SERIES_PER_SERVICE {
+        at(
+            0..0,
+            format!(
+                "agent.max_series must be at least {} (two services' series)",
+                2 * crate::metrics::SERIES_PER_SERVICE
+            ),
+        );
     }
     let mut seen_if = HashSet::new();
     for i in &raw.agent.interfaces {

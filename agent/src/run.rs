@@ -25,6 +25,8 @@ use crate::{
 pub struct Agent {
     pub probe: Probe,
     pub identity: Identity,
+    /// The series budget of /metrics (agent.max_series).
+    pub max_series: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +161,9 @@ impl Refresher {
         };
         // The table first: a newly attached interface then counts correctly
         // from its first packet.
-        let Agent { probe, identity } = &mut *agent;
+        let Agent {
+            probe, identity, ..
+        } = &mut *agent;
         if let Err(e) = identity.apply(probe, &want, Instant::now()) {
             error!(error = %e, "updating the service table");
         }
@@ -212,7 +216,11 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
     let retire = Duration::from_secs_f64(cfg.agent().retire_seconds);
     let identity = Identity::restore(&probe, retire)?;
-    let shared: web::Shared = Arc::new(Mutex::new(Agent { probe, identity }));
+    let shared: web::Shared = Arc::new(Mutex::new(Agent {
+        probe,
+        identity,
+        max_series: cfg.agent().max_series,
+    }));
 
     let mut refresher = Refresher::default();
     refresher.refresh(&shared, &cfg);
@@ -254,6 +262,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     }
                     if let Ok(mut a) = shared.lock() {
                         a.identity.set_retire_after(Duration::from_secs_f64(new.agent().retire_seconds));
+                        a.max_series = new.agent().max_series;
                     }
                     info!("config reloaded");
                     cfg = new;

@@ -33,7 +33,8 @@ async fn metrics(State(state): State<Shared>) -> Response {
         let agent = state
             .lock()
             .map_err(|_| "agent state poisoned".to_string())?;
-        crate::metrics::render(&agent.probe, &agent.identity).map_err(|e| e.to_string())
+        crate::metrics::render(&agent.probe, &agent.identity, agent.max_series)
+            .map_err(|e| e.to_string())
     })
     .await;
     match body {

@@ -223,3 +223,71 @@ fn a_new_listener_shows_up_within_two_seconds() {
         "the new listener's traffic took {seen:?} to show up"
     );
 }
+
+#[test]
+fn the_series_budget_folds_the_excess_into_other() {
+    if !have_bin()
+        || !require("root", is_root())
+        || !require("ip (iproute2)", have("ip"))
+        || !require("ethtool", have("ethtool"))
+    {
+        return;
+    }
+    let pair = Pair::new("budget", 101);
+    let pins = PinDir::mounted("budget");
+    let port = 19487;
+    // Room for three services' series: two services and ~other.
+    let mut text = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\ndiscover_sockets = false\nmax_series = 33\n",
+        pins.path().display()
+    );
+    for (name, p) in [("a", 7801), ("b", 7802), ("c", 7803), ("d", 7804)] {
+        text += &format!(
+            "\n[[service]]\nname = \"{name}\"\nendpoints = [{{ proto = \"udp\", port = {p} }}]\n"
+        );
+    }
+    let cfg = tmp("budget.toml", &text);
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &cfg.with_extension("log"));
+    agent.wait_for("probes", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", pair.dev_a.as_str())],
+        )
+    });
+    // 3 datagrams to c, 4 to d: both beyond the budget.
+    let to = pair.addr_a;
+    pair.b.run(move || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for (p, n) in [(7803, 3), (7804, 4)] {
+            for _ in 0..n {
+                u.send_to(b"x", (to, p)).unwrap();
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.metrics().unwrap();
+    let services = m.label_values("netpulse_service_packets_total", "service");
+    assert_eq!(services, ["a", "b", "~other"]);
+    let series: usize = [
+        "netpulse_service_packets_total",
+        "netpulse_service_bytes_total",
+        "netpulse_service_tcp_flags_total",
+        "netpulse_service_info",
+    ]
+    .iter()
+    .map(|n| m.0.get(*n).map_or(0, Vec::len))
+    .sum();
+    assert!(
+        series <= 33,
+        "{series} per-service series over a budget of 33"
+    );
+    assert_eq!(m.sum("netpulse_series_dropped", &[]), 2);
+    assert_eq!(
+        m.sum(
+            "netpulse_service_packets_total",
+            &[("service", "~other"), ("direction", "ingress")]
+        ),
+        7
+    );
+    agent.stop();
+}
