@@ -10,6 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -43,12 +44,29 @@ pub struct AgentConfig {
     /// Name services after the host's listening sockets.
     pub discover_sockets: bool,
     /// Seconds between refreshes of sockets and interfaces.
-    pub refresh_seconds: f64,
+    pub refresh_seconds: Spanned<f64>,
     /// Seconds a service that disappeared stays in /metrics with its counts.
-    pub retire_seconds: f64,
+    pub retire_seconds: Spanned<f64>,
     /// Most per-service series /metrics serves; services beyond it are
     /// summed into `service="~other"`.
-    pub max_series: usize,
+    pub max_series: Spanned<usize>,
+}
+
+impl AgentConfig {
+    /// Validated by `parse`: finite and within bounds.
+    pub fn refresh(&self) -> Duration {
+        Duration::try_from_secs_f64(*self.refresh_seconds.get_ref())
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    pub fn retire(&self) -> Duration {
+        Duration::try_from_secs_f64(*self.retire_seconds.get_ref())
+            .unwrap_or(Duration::from_secs(60))
+    }
+
+    pub fn max_series(&self) -> usize {
+        *self.max_series.get_ref()
+    }
 }
 
 impl Default for AgentConfig {
@@ -58,9 +76,9 @@ impl Default for AgentConfig {
             listen: Spanned::new(0..0, DEFAULT_LISTEN.to_string()),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             discover_sockets: true,
-            refresh_seconds: 1.0,
-            retire_seconds: 60.0,
-            max_series: 10_000,
+            refresh_seconds: Spanned::new(0..0, 1.0),
+            retire_seconds: Spanned::new(0..0, 60.0),
+            max_series: Spanned::new(0..0, 10_000),
         }
     }
 }
@@ -217,18 +235,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
             None
         }
     };
-    if !(raw.agent.refresh_seconds > 0.0 && raw.agent.refresh_seconds <= 3600.0) {
-        at(0..0, "agent.refresh_seconds must be in (0, 3600]".into());
+    let a = &raw.agent;
+    for (what, v, lo, hi) in [
+        ("refresh_seconds", &a.refresh_seconds, 0.05, 3600.0),
+        ("retire_seconds", &a.retire_seconds, 0.0, 7.0 * 86400.0),
+    ] {
+        let x = *v.get_ref();
+        if !(x.is_finite() && (lo..=hi).contains(&x)) {
+            at(v.span(), format!("{what} = {x} is out of range {lo}-{hi}"));
+        }
     }
-    if raw.agent.retire_seconds.is_nan() || raw.agent.retire_seconds < 0.0 {
-        at(0..0, "agent.retire_seconds must be >= 0".into());
-    }
-    if raw.agent.max_series < 2 * crate::metrics::SERIES_PER_SERVICE {
+    let min_series = 2 * crate::metrics::SERIES_PER_SERVICE;
+    if !(min_series..=10_000_000).contains(a.max_series.get_ref()) {
         at(
-            0..0,
+            a.max_series.span(),
             format!(
-                "agent.max_series must be at least {} (two services' series)",
-                2 * crate::metrics::SERIES_PER_SERVICE
+                "max_series = {} is out of range {min_series}-10000000 (at least two services' series)",
+                a.max_series.get_ref()
             ),
         );
     }
@@ -297,6 +320,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
             remote: s.remote,
             endpoints,
         });
+    }
+    // Each address is one entry of a kernel table (a wildcard, two).
+    let entries: usize = services
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .map(|e| if e.wildcard { 2 } else { e.addrs.len() })
+        .sum();
+    let max = agent_ebpf::MAX_ENDPOINTS as usize / 2;
+    if entries > max {
+        at(
+            0..0,
+            format!(
+                "the services name {entries} endpoint addresses; at most {max} fit the kernel tables"
+            ),
+        );
     }
     if !problems.is_empty() {
         return Err(invalid(problems));
@@ -397,6 +435,19 @@ fn endpoint(e: &EndpointConfig) -> Result<Endpoint, (Range<usize>, String)> {
 /// [`MAX_CIDR_ADDRESSES`]). Host bits set in a CIDR are an error: they are
 /// almost always a typo for a different network.
 pub fn expand(s: &str) -> Result<Vec<IpAddr>, String> {
+    let addrs = expand_raw(s)?;
+    // "Any address" is said by leaving `addr` out; an unspecified address
+    // here would silently become the wildcard.
+    if addrs.iter().any(IpAddr::is_unspecified) {
+        return Err(format!(
+            "`{s}` is or contains the unspecified address; leave `addr` out to match any address"
+        ));
+    }
+    // An IPv4-mapped IPv6 address is the IPv4 address on the wire.
+    Ok(addrs.into_iter().map(|a| a.to_canonical()).collect())
+}
+
+fn expand_raw(s: &str) -> Result<Vec<IpAddr>, String> {
     let Some((addr, len)) = s.split_once('/') else {
         return s
             .parse::<IpAddr>()
@@ -534,6 +585,23 @@ endpoints = [{ proto = "tcp", port = 80 }]
     }
 
     #[test]
+    fn aliases_of_one_address_are_one_endpoint() {
+        let e = errs(
+            "[[service]]\nname=\"a\"\nendpoints=[{proto=\"tcp\",port=1,addr=\"10.0.0.1\"}]\n[[service]]\nname=\"b\"\nendpoints=[{proto=\"tcp\",port=1,addr=\"::ffff:10.0.0.1\"}]\n",
+        );
+        assert!(
+            e.len() == 1 && e[0].contains("already claimed by service `a`"),
+            "{e:?}"
+        );
+        for any in ["0.0.0.0", "::", "0.0.0.0/30"] {
+            let e = errs(&format!(
+                "[[service]]\nname=\"a\"\nendpoints=[{{proto=\"tcp\",port=1,addr=\"{any}\"}}]\n"
+            ));
+            assert!(e.len() == 1 && e[0].contains("unspecified"), "{any}: {e:?}");
+        }
+    }
+
+    #[test]
     fn icmp_takes_no_port_and_tcp_needs_one() {
         assert!(
             errs("[[service]]\nname=\"p\"\nendpoints=[{proto=\"icmp\",port=1}]")[0]
@@ -562,6 +630,24 @@ endpoints = [{ proto = "tcp", port = 80 }]
             }
         }
         assert!(n >= 3, "seed corpus missing in {}", dir.display());
+    }
+
+    #[test]
+    fn out_of_range_durations_and_budget_are_located() {
+        let e = errs("[agent]\nrefresh_seconds = 1e-10\nretire_seconds = inf\nmax_series = 3\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with("c.toml:2:19:") && e[0].contains("refresh_seconds"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("c.toml:3:18:") && e[1].contains("retire_seconds"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with("c.toml:4:14:") && e[2].contains("max_series"),
+            "{e:?}"
+        );
     }
 
     #[test]

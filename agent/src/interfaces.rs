@@ -15,6 +15,11 @@ pub struct Interface {
     /// Ethernet framing (or loopback's): what the programs parse.
     pub ethernet: bool,
     pub bridge: bool,
+    /// A bridge member (a container's host-side veth, say).
+    pub bridge_port: bool,
+    /// Stacked on another device (VLAN, bond, macvlan): its traffic also
+    /// crosses the lower device.
+    pub stacked: bool,
 }
 
 fn read_num(p: &Path) -> Option<u32> {
@@ -37,10 +42,17 @@ pub fn list(sys_class_net: &Path) -> Vec<Interface> {
             let p = e.path();
             let flags = read_num(&p.join("flags"))?;
             let ty = read_num(&p.join("type")).unwrap_or(0);
+            let stacked = fs::read_dir(&p).ok()?.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("lower_"))
+            });
             Some(Interface {
                 up: flags & IFF_UP != 0,
                 ethernet: ty == ARPHRD_ETHER || ty == ARPHRD_LOOPBACK,
                 bridge: p.join("bridge").exists(),
+                bridge_port: p.join("brport").exists(),
+                stacked,
                 name,
             })
         })
@@ -49,11 +61,14 @@ pub fn list(sys_class_net: &Path) -> Vec<Interface> {
     out
 }
 
-/// The default set: up, Ethernet-framed, not a bridge (a bridge's traffic is
-/// counted on its member ports, so counting it too would count twice).
+/// The default set: up, Ethernet-framed, and where a packet is seen once:
+/// not a bridge nor a bridge member (a bridge forwards traffic that is not
+/// the host's; containers behind one are the Docker source's business),
+/// and not a device stacked on another (VLAN, bond, macvlan), whose packets
+/// the lower device carries too.
 pub fn default_set(all: &[Interface]) -> Vec<String> {
     all.iter()
-        .filter(|i| i.up && i.ethernet && !i.bridge)
+        .filter(|i| i.up && i.ethernet && !i.bridge && !i.bridge_port && !i.stacked)
         .map(|i| i.name.clone())
         .collect()
 }
@@ -69,7 +84,48 @@ mod tests {
             .iter()
             .find(|i| i.name == "lo")
             .expect("lo in /sys/class/net");
-        assert!(lo.up && lo.ethernet && !lo.bridge);
+        assert!(lo.up && lo.ethernet && !lo.bridge && !lo.stacked);
         assert!(default_set(&all).contains(&"lo".to_string()));
+    }
+
+    #[test]
+    fn bridges_their_ports_and_stacked_devices_are_left_out() {
+        let base = Interface {
+            name: "eth0".into(),
+            up: true,
+            ethernet: true,
+            bridge: false,
+            bridge_port: false,
+            stacked: false,
+        };
+        let all = [
+            base.clone(),
+            Interface {
+                name: "docker0".into(),
+                bridge: true,
+                ..base.clone()
+            },
+            Interface {
+                name: "veth1a2b".into(),
+                bridge_port: true,
+                ..base.clone()
+            },
+            Interface {
+                name: "eth0.100".into(),
+                stacked: true,
+                ..base.clone()
+            },
+            Interface {
+                name: "wg0".into(),
+                ethernet: false,
+                ..base.clone()
+            },
+            Interface {
+                name: "eth1".into(),
+                up: false,
+                ..base.clone()
+            },
+        ];
+        assert_eq!(default_set(&all), ["eth0"]);
     }
 }

@@ -116,6 +116,40 @@ pub struct Attachment {
     tc: SchedClassifierLinkId,
 }
 
+/// Places `entries` (address, slot) in a group of `cap` positions, keeping
+/// each address that was in `prev` at its old position. Returns
+/// (position, (address, slot)).
+fn positions(
+    prev: Option<&[Option<[u32; 4]>]>,
+    entries: &[([u32; 4], u32)],
+    cap: usize,
+) -> Vec<(usize, ([u32; 4], u32))> {
+    let mut taken = vec![false; cap];
+    let mut out = Vec::with_capacity(entries.len());
+    let mut rest = Vec::new();
+    for e in entries {
+        match prev.and_then(|p| p.iter().position(|a| *a == Some(e.0))) {
+            Some(n) if n < cap && !taken[n] => {
+                taken[n] = true;
+                out.push((n, *e));
+            }
+            _ => rest.push(*e),
+        }
+    }
+    // New addresses take positions nobody held before where possible.
+    let was_free = |n: usize| prev.is_none_or(|p| p.get(n).is_none_or(Option::is_none));
+    for e in rest {
+        let n = (0..cap)
+            .find(|n| !taken[*n] && was_free(*n))
+            .or_else(|| (0..cap).find(|n| !taken[*n]));
+        if let Some(n) = n {
+            taken[n] = true;
+            out.push((n, e));
+        }
+    }
+    out
+}
+
 /// The classification tables as last written, by structure.
 #[derive(Default)]
 struct Written {
@@ -438,18 +472,35 @@ impl Probe {
             let v = ports.entry(i).or_default();
             match g {
                 Some(g) if list.len() <= cap => {
+                    // An address keeps its position in the group while it
+                    // stays, so an update never shows a packet an address
+                    // beside another address's slot.
+                    let entries: Vec<([u32; 4], u32)> =
+                        list.iter().map(|(k, slot)| (k.addr, *slot)).collect();
                     if v6 {
+                        let prev: Option<Vec<Option<[u32; 4]>>> = old.groups6.get(&g).map(|p| {
+                            (0..2)
+                                .map(|n| (p.slot[n] != 0).then_some(p.addr[n]))
+                                .collect()
+                        });
+                        let pos = positions(prev.as_deref(), &entries, 2);
                         let mut grp = Group6::default();
-                        for (n, (k, slot)) in list.iter().enumerate() {
-                            grp.addr[n] = k.addr;
-                            grp.slot[n] = *slot;
+                        for (n, (addr, slot)) in pos {
+                            grp.addr[n] = addr;
+                            grp.slot[n] = slot;
                         }
                         groups6.insert(g, grp);
                     } else {
+                        let prev: Option<Vec<Option<[u32; 4]>>> = old.groups4.get(&g).map(|p| {
+                            (0..4)
+                                .map(|n| (p.slot[n] != 0).then_some([p.addr[n], 0, 0, 0]))
+                                .collect()
+                        });
+                        let pos = positions(prev.as_deref(), &entries, 4);
                         let mut grp = Group4::default();
-                        for (n, (k, slot)) in list.iter().enumerate() {
-                            grp.addr[n] = k.addr[0];
-                            grp.slot[n] = *slot;
+                        for (n, (addr, slot)) in pos {
+                            grp.addr[n] = addr[0];
+                            grp.slot[n] = slot;
                         }
                         groups4.insert(g, grp);
                     }
@@ -463,10 +514,34 @@ impl Probe {
             }
         }
 
+        // Order matters for packets in flight: entries leave the hash
+        // tables first (a miss then falls through, which is right for an
+        // endpoint that is leaving), new entries and groups are filled
+        // before the port index points at them, and a group is cleared only
+        // once nothing points at it. `self.written` follows each step, so a
+        // failure part-way leaves it true to the kernel and the next refresh
+        // finishes the job.
         let mut changes = 0;
-        // Order matters for packets in flight: fill hash entries and groups
-        // before the port index points at them, and clear the port index
-        // before what it pointed at goes.
+        let stale: Vec<EndpointKey> = self
+            .written
+            .hash
+            .keys()
+            .filter(|k| !hash.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            let (res, name) = if k.family == FAMILY_V4 {
+                (self.services4.remove(&k.key4()), maps::SERVICES4)
+            } else {
+                (self.services6.remove(&k.key6()), maps::SERVICES6)
+            };
+            match res {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+            self.written.hash.remove(&k);
+            changes += 1;
+        }
         for (k, slot) in &hash {
             if self.written.hash.get(k) != Some(slot) {
                 let v = ServiceRef {
@@ -482,6 +557,7 @@ impl Probe {
                         .insert(k.key6(), v, 0)
                         .map_err(map_err(maps::SERVICES6))?;
                 }
+                self.written.hash.insert(*k, *slot);
                 changes += 1;
             }
         }
@@ -490,6 +566,7 @@ impl Probe {
                 self.groups4
                     .set(*g, *grp, 0)
                     .map_err(map_err(maps::GROUPS4))?;
+                self.written.groups4.insert(*g, *grp);
                 changes += 1;
             }
         }
@@ -498,59 +575,61 @@ impl Probe {
                 self.groups6
                     .set(*g, *grp, 0)
                     .map_err(map_err(maps::GROUPS6))?;
+                self.written.groups6.insert(*g, *grp);
                 changes += 1;
             }
         }
-        for i in self.written.ports.keys().filter(|i| !ports.contains_key(i)) {
-            self.ports.set(*i, 0, 0).map_err(map_err(maps::PORTS))?;
+        let gone: Vec<u32> = self
+            .written
+            .ports
+            .keys()
+            .filter(|i| !ports.contains_key(i))
+            .copied()
+            .collect();
+        for i in gone {
+            self.ports.set(i, 0, 0).map_err(map_err(maps::PORTS))?;
+            self.written.ports.remove(&i);
+            self.written.group_of.remove(&i);
             changes += 1;
         }
         for (i, v) in &ports {
             if self.written.ports.get(i) != Some(v) {
                 self.ports.set(*i, *v, 0).map_err(map_err(maps::PORTS))?;
+                self.written.ports.insert(*i, *v);
+                match group_of.get(i) {
+                    Some(g) => self.written.group_of.insert(*i, *g),
+                    None => self.written.group_of.remove(i),
+                };
                 changes += 1;
             }
         }
-        for k in self.written.hash.keys().filter(|k| !hash.contains_key(k)) {
-            let (res, name) = if k.family == FAMILY_V4 {
-                (self.services4.remove(&k.key4()), maps::SERVICES4)
-            } else {
-                (self.services6.remove(&k.key6()), maps::SERVICES6)
-            };
-            match res {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
-            }
-            changes += 1;
-        }
-        for g in self
+        let unused4: Vec<u32> = self
             .written
             .groups4
             .keys()
             .filter(|g| !groups4.contains_key(g))
-        {
+            .copied()
+            .collect();
+        for g in unused4 {
             self.groups4
-                .set(*g, Group4::default(), 0)
+                .set(g, Group4::default(), 0)
                 .map_err(map_err(maps::GROUPS4))?;
+            self.written.groups4.remove(&g);
         }
-        for g in self
+        let unused6: Vec<u32> = self
             .written
             .groups6
             .keys()
             .filter(|g| !groups6.contains_key(g))
-        {
+            .copied()
+            .collect();
+        for g in unused6 {
             self.groups6
-                .set(*g, Group6::default(), 0)
+                .set(g, Group6::default(), 0)
                 .map_err(map_err(maps::GROUPS6))?;
+            self.written.groups6.remove(&g);
         }
-        self.written = Written {
-            table: want.clone(),
-            hash,
-            ports,
-            groups4,
-            groups6,
-            group_of,
-        };
+        self.written.table = want.clone();
         Ok(changes)
     }
 
@@ -702,4 +781,38 @@ fn check_bpffs(pin_root: &Path) -> Result<()> {
         warn!(error = %std::io::Error::last_os_error(), "mounting bpffs at /sys/fs/bpf");
     }
     Err(ProbeError::NoBpffs(p.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::positions;
+
+    fn a(x: u32) -> [u32; 4] {
+        [x, 0, 0, 0]
+    }
+
+    #[test]
+    fn group_positions_are_kept_for_addresses_that_stay() {
+        let prev = [Some(a(1)), Some(a(2)), Some(a(3)), None];
+        // 2 leaves, 4 and 5 arrive: 1 and 3 keep 0 and 2; 4 takes the never
+        // used 3, then 5 the freed 1.
+        let mut got = positions(
+            Some(&prev),
+            &[(a(1), 10), (a(3), 30), (a(4), 40), (a(5), 50)],
+            4,
+        );
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (0, (a(1), 10)),
+                (1, (a(5), 50)),
+                (2, (a(3), 30)),
+                (3, (a(4), 40))
+            ]
+        );
+        // No history: first come, first placed.
+        let got = positions(None, &[(a(7), 70), (a(8), 80)], 2);
+        assert_eq!(got, [(0, (a(7), 70)), (1, (a(8), 80))]);
+    }
 }

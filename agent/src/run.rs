@@ -6,7 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -40,6 +40,10 @@ pub enum RunError {
     Capabilities(Vec<&'static str>),
     #[error("interface `{0}` named in the config does not exist")]
     MissingInterface(String),
+    #[error(
+        "interface `{0}` named in the config does not carry Ethernet frames (tun, WireGuard, ...); netpulse parses Ethernet"
+    )]
+    NotEthernet(String),
     #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error("cannot listen on {addr}: {source}")]
@@ -55,7 +59,7 @@ impl RunError {
     /// Exit code: 2 for a config the user must fix, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Config(_) | RunError::MissingInterface(_) => 2,
+            RunError::Config(_) | RunError::MissingInterface(_) | RunError::NotEthernet(_) => 2,
             _ => 1,
         }
     }
@@ -119,9 +123,16 @@ struct Refresher {
     warned: HashSet<String>,
     /// Socket inode → owning process name (None: no visible owner). Inodes
     /// are unique while the socket lives, so /proc/*/fd is scanned only
-    /// when a listener appears that was not seen before.
+    /// when a listener appears that was not seen before, and every
+    /// `OWNER_RETRY` rounds for those without a known owner (the process
+    /// may not have been visible yet).
     owners: HashMap<u64, Option<String>>,
+    rounds: u64,
+    /// The last table error logged.
+    table_error: Option<String>,
 }
+
+const OWNER_RETRY: u64 = 30;
 
 impl Refresher {
     /// The endpoint table the sources describe now. Runs without the agent
@@ -134,9 +145,15 @@ impl Refresher {
         let ls = sockets::listeners(proc);
         let live: HashSet<u64> = ls.iter().map(|l| l.inode).collect();
         self.owners.retain(|inode, _| live.contains(inode));
+        self.rounds += 1;
+        let retry = self.rounds.is_multiple_of(OWNER_RETRY);
         let unknown: HashSet<u64> = live
             .iter()
-            .filter(|i| !self.owners.contains_key(i))
+            .filter(|i| match self.owners.get(i) {
+                None => true,
+                Some(None) => retry,
+                Some(Some(_)) => false,
+            })
             .copied()
             .collect();
         if !unknown.is_empty() {
@@ -155,17 +172,22 @@ impl Refresher {
 
     fn refresh(&mut self, shared: &web::Shared, cfg: &Loaded) {
         let want = self.desired(cfg);
-        let Ok(mut agent) = shared.lock() else {
-            error!("agent state poisoned");
-            return;
-        };
+        let mut agent = web::lock(shared);
         // The table first: a newly attached interface then counts correctly
         // from its first packet.
         let Agent {
             probe, identity, ..
         } = &mut *agent;
-        if let Err(e) = identity.apply(probe, &want, Instant::now()) {
-            error!(error = %e, "updating the service table");
+        match identity.apply(probe, &want, Instant::now()) {
+            Ok(()) => self.table_error = None,
+            Err(e) => {
+                // Once per distinct error, not once a second.
+                let text = crate::error_chain(&e);
+                if self.table_error.as_deref() != Some(text.as_str()) {
+                    error!(error = %text, "updating the service table; retrying each refresh");
+                    self.table_error = Some(text);
+                }
+            }
         }
         sync_interfaces(&mut agent, cfg, &mut self.warned);
     }
@@ -207,19 +229,29 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     if !missing.is_empty() {
         return Err(RunError::Capabilities(missing));
     }
+    let all = interfaces::list(Path::new("/sys/class/net"));
     for i in &cfg.agent().interfaces {
-        if crate::probe::ifindex(i.get_ref()).is_none() {
-            return Err(RunError::MissingInterface(i.get_ref().clone()));
+        let name = i.get_ref();
+        match all.iter().find(|x| &x.name == name) {
+            None => return Err(RunError::MissingInterface(name.clone())),
+            Some(x) if !x.ethernet => return Err(RunError::NotEthernet(name.clone())),
+            Some(_) => {}
         }
     }
+    // Handlers first: a SIGHUP or SIGTERM during start-up must not kill the
+    // agent with probes half attached.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| RunError::Other(e.to_string()))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| RunError::Other(e.to_string()))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| RunError::Other(e.to_string()))?;
     let probe = Probe::load(&cfg.agent().pin_dir)?;
     info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
-    let retire = Duration::from_secs_f64(cfg.agent().retire_seconds);
+    let retire = cfg.agent().retire();
     let identity = Identity::restore(&probe, retire)?;
     let shared: web::Shared = Arc::new(Mutex::new(Agent {
         probe,
         identity,
-        max_series: cfg.agent().max_series,
+        max_series: cfg.agent().max_series(),
     }));
 
     let mut refresher = Refresher::default();
@@ -236,11 +268,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
     notify_ready();
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| RunError::Other(e.to_string()))?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| RunError::Other(e.to_string()))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| RunError::Other(e.to_string()))?;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(cfg.agent().refresh_seconds));
+    let mut tick = tokio::time::interval(cfg.agent().refresh());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -260,9 +288,10 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     if new.listen != cfg.listen {
                         warn!("a new listen address takes effect at the next restart");
                     }
-                    if let Ok(mut a) = shared.lock() {
-                        a.identity.set_retire_after(Duration::from_secs_f64(new.agent().retire_seconds));
-                        a.max_series = new.agent().max_series;
+                    {
+                        let mut a = web::lock(&shared);
+                        a.identity.set_retire_after(new.agent().retire());
+                        a.max_series = new.agent().max_series();
                     }
                     info!("config reloaded");
                     cfg = new;
@@ -277,9 +306,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     if let Err(e) = server.await {
         warn!(error = %e, "HTTP server task");
     }
-    if let Ok(mut a) = shared.lock() {
-        a.probe.detach_all();
-    }
+    web::lock(&shared).probe.detach_all();
     info!("probes detached; counters stay pinned for the next run");
     Ok(())
 }

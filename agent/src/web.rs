@@ -21,6 +21,15 @@ use crate::run::Agent;
 
 pub type Shared = Arc<Mutex<Agent>>;
 
+/// Locks the agent state. A panic while it was held (a bug) must not turn
+/// the agent into one that serves errors forever: the state is plain data,
+/// so carry on with it.
+pub fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Agent> {
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -30,9 +39,7 @@ pub fn router(state: Shared) -> Router {
 
 async fn metrics(State(state): State<Shared>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
-        let agent = state
-            .lock()
-            .map_err(|_| "agent state poisoned".to_string())?;
+        let agent = lock(&state);
         crate::metrics::render(&agent.probe, &agent.identity, agent.max_series)
             .map_err(|e| e.to_string())
     })
@@ -56,9 +63,9 @@ async fn metrics(State(state): State<Shared>) -> Response {
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
-    let attached = state
-        .lock()
-        .map(|a| a.probe.attachments().len())
+    // Off the async workers: the lock may be held by a refresh.
+    let attached = tokio::task::spawn_blocking(move || lock(&state).probe.attachments().len())
+        .await
         .unwrap_or(0);
     if attached > 0 {
         (

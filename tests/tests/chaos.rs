@@ -88,16 +88,19 @@ fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
 }
 
 /// A UDP echo server on every address of namespace a, port 7500; it stops
-/// when nothing arrives for 5 s.
+/// when nothing arrives for 5 s. Returns once it is bound.
 fn echo_server(pair: &Pair) {
-    pair.a.spawn(|| {
+    let (bound, ready) = std::sync::mpsc::channel();
+    pair.a.spawn(move || {
         let s = UdpSocket::bind("0.0.0.0:7500").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        bound.send(()).unwrap();
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = s.recv_from(&mut buf) {
             let _ = s.send_to(&buf[..n], from);
         }
     });
+    ready.recv().expect("echo server bound");
 }
 
 /// `n` request/response exchanges from namespace b; returns how many

@@ -159,15 +159,17 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
 
     // UDP echo: exactly N in, N out.
     let addr = pair.addr_a;
+    let (bound, ready) = std::sync::mpsc::channel();
     pair.a.spawn(move || {
         let s = UdpSocket::bind((addr, 7200)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        bound.send(()).unwrap();
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = s.recv_from(&mut buf) {
             s.send_to(&buf[..n], from).unwrap();
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
+    ready.recv().expect("echo server bound");
     const N: u64 = 25;
     pair.b.run(move || {
         let u = UdpSocket::bind("0.0.0.0:0").unwrap();

@@ -175,7 +175,9 @@ mod kernel {
                 let mut next = h.u8(6);
                 let mut o = off + 40;
                 let mut done = false;
-                for _ in 0..MAX_IPV6_EXT {
+                // One pass more than the bound: the last may only find the
+                // upper-layer header.
+                for _ in 0..=MAX_IPV6_EXT {
                     match next {
                         // hop-by-hop, routing, destination options, mobility, HIP, shim6
                         0 | 43 | 60 | 135 | 139 | 140 => {
@@ -204,6 +206,7 @@ mod kernel {
                         }
                     }
                 }
+                // Still an extension header after MAX_IPV6_EXT of them.
                 if !done {
                     return Err(SLOT_MALFORMED);
                 }
