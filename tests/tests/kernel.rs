@@ -326,11 +326,20 @@ fn ipv6_with_extension_headers() {
         return;
     };
     let (dns, web6) = (fx.slot("dns"), fx.slot("web6"));
-    let chains: [&[Ext]; 4] = [
+    let chains: [&[Ext]; 5] = [
         &[],
         &[Ext::HopByHop(0)],
         &[Ext::HopByHop(1), Ext::DestOpts(0), Ext::Routing(2)],
         &[Ext::HopByHop(0), Ext::Fragment(0), Ext::DestOpts(3)],
+        // Six: the most the programs follow.
+        &[
+            Ext::HopByHop(0),
+            Ext::DestOpts(0),
+            Ext::Routing(0),
+            Ext::Fragment(0),
+            Ext::DestOpts(1),
+            Ext::Routing(1),
+        ],
     ];
     for chain in chains {
         let f = eth(
