@@ -288,6 +288,13 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     if new.listen != cfg.listen {
                         warn!("a new listen address takes effect at the next restart");
                     }
+                    if new.agent().pin_dir != cfg.agent().pin_dir {
+                        warn!("a new pin_dir takes effect at the next restart");
+                    }
+                    if new.agent().refresh() != cfg.agent().refresh() {
+                        tick = tokio::time::interval(new.agent().refresh());
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     {
                         let mut a = web::lock(&shared);
                         a.identity.set_retire_after(new.agent().retire());
