@@ -52,7 +52,8 @@ enum Cmd {
     /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
     /// if it is not running).
     Image,
-    /// Per-packet cost of both programs vs an empty program (markdown table).
+    /// Per-packet cost of both programs vs an empty program, then /metrics
+    /// under wrk load (markdown tables).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -80,6 +81,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "prometheus",
     "docker.io",
+    "wrk",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

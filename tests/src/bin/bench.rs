@@ -3,6 +3,7 @@
 //! `--rounds`), next to empty XDP_PASS / TC_ACT_OK programs measured in the
 //! same run, at 1, 1,000 and 50,000 endpoints in the service table.
 //! Target (issue 2): at most 15 ns per packet above the empty program.
+//! Then /metrics under wrk load while traffic flows (issue 8): p99, errors.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -25,6 +26,9 @@ struct Args {
     repeat: u32,
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Seconds of wrk load on /metrics.
+    #[arg(long, default_value_t = 10)]
+    http_seconds: u32,
 }
 
 const TARGET_NS: f64 = 15.0;
@@ -142,7 +146,8 @@ fn main() -> Result<()> {
         std::path::PathBuf::from(format!("/sys/fs/bpf/netpulse-bench-{}", std::process::id()));
     let result = bench(&args, object, &pin);
     let _ = std::fs::remove_dir_all(&pin);
-    result
+    result?;
+    http_load(args.http_seconds)
 }
 
 fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
@@ -223,6 +228,98 @@ fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
     }
     println!(
         "\nworst Δ: {worst:.1} ns/packet (target ≤ {TARGET_NS} ns; 10 GbE line rate leaves 67.2 ns per packet)"
+    );
+    Ok(())
+}
+
+/// `/metrics` under load: wrk against an agent with 40 services while
+/// traffic flows to them, both in network namespaces of our own.
+fn http_load(seconds: u32) -> Result<()> {
+    use netpulse_tests::{PinDir, agent::Agent, netns::Pair};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let pair = Pair::new("bench", 102);
+    let pins = PinDir::mounted("bench");
+    let dir = std::env::temp_dir().join(format!("netpulse-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = 19488;
+    let mut text = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n",
+        pins.path().display()
+    );
+    for i in 0..40u16 {
+        text += &format!(
+            "\n[[service]]\nname = \"svc{i}\"\nendpoints = [{{ proto = \"udp\", port = {} }}]\n",
+            8000 + i
+        );
+    }
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, text)?;
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("the agent", |m| m.has("netpulse_probe_attached", &[]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, to) = (stop.clone(), pair.addr_a);
+    let traffic = pair.b.spawn(move || {
+        let Ok(u) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            return;
+        };
+        let mut i = 0u16;
+        while !stop2.load(Ordering::Relaxed) {
+            let _ = u.send_to(&[0u8; 64], (to, 8000 + i % 40));
+            i = i.wrapping_add(1);
+            if i % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    let out = pair.a.exec(
+        "wrk",
+        &[
+            "-t2",
+            "-c16",
+            &format!("-d{seconds}s"),
+            "--latency",
+            &format!("http://127.0.0.1:{port}/metrics"),
+        ],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.join();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| {
+        report
+            .lines()
+            .map(str::trim_start)
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l[key.len()..].split_whitespace().next())
+            .unwrap_or("-")
+            .to_string()
+    };
+    let errors = report
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    println!(
+        "\n/metrics under load: wrk -t2 -c16 -d{seconds}s, 40 services, UDP traffic flowing\n"
+    );
+    println!("| requests/s | p50 | p90 | p99 | errors |");
+    println!("|---:|---:|---:|---:|---|");
+    println!(
+        "| {} | {} | {} | {} | {} |",
+        field("Requests/sec:"),
+        field("50%"),
+        field("90%"),
+        field("99%"),
+        if errors.is_empty() {
+            "none".to_string()
+        } else {
+            errors
+        }
     );
     Ok(())
 }
