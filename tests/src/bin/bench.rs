@@ -269,7 +269,7 @@ fn http_load(seconds: u32) -> Result<()> {
         while !stop2.load(Ordering::Relaxed) {
             let _ = u.send_to(&[0u8; 64], (to, 8000 + i % 40));
             i = i.wrapping_add(1);
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
