@@ -4,19 +4,73 @@
 
 use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, DirCounters, MAX_SLOTS, SlotCounters};
 use prometheus::{
-    Encoder, IntCounterVec, IntGaugeVec, Opts, TextEncoder, core::Collector, proto::MetricFamily,
+    Encoder, TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{identity::Identity, probe::Probe};
 
 const DIRECTIONS: [(usize, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    IntCounterVec::new(Opts::new(name, help), labels)
+/// One metric family, filled sample by sample. The families are built
+/// straight from their parts: each label set is written once per scrape,
+/// so the registry machinery (hashing, per-child metrics) would only cost.
+struct Fam<'a> {
+    mf: MetricFamily,
+    labels: &'a [&'a str],
+    counter: bool,
 }
 
-fn gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
-    IntGaugeVec::new(Opts::new(name, help), labels)
+impl<'a> Fam<'a> {
+    fn new(name: &str, help: &str, labels: &'a [&'a str], counter: bool) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(if counter {
+            MetricType::COUNTER
+        } else {
+            MetricType::GAUGE
+        });
+        Fam {
+            mf,
+            labels,
+            counter,
+        }
+    }
+
+    fn add(&mut self, values: &[&str], v: u64) {
+        let mut m = Metric::default();
+        m.set_label(
+            self.labels
+                .iter()
+                .zip(values)
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        if self.counter {
+            let mut c = Counter::default();
+            c.set_value(v as f64);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(v as f64);
+            m.set_gauge(g);
+        }
+        self.mf.mut_metric().push(m);
+    }
+}
+
+fn counter<'a>(name: &str, help: &str, labels: &'a [&'a str]) -> Fam<'a> {
+    Fam::new(name, help, labels, true)
+}
+
+fn gauge<'a>(name: &str, help: &str, labels: &'a [&'a str]) -> Fam<'a> {
+    Fam::new(name, help, labels, false)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,62 +132,62 @@ pub fn render(
     identity: &Identity,
     max_series: usize,
 ) -> Result<String, MetricsError> {
-    let packets = counter(
+    let mut packets = counter(
         "netpulse_service_packets_total",
         "Packets to (ingress) and from (egress) each service, as a wire carries them.",
         &["service", "direction"],
-    )?;
-    let bytes = counter(
+    );
+    let mut bytes = counter(
         "netpulse_service_bytes_total",
         "Bytes to (ingress) and from (egress) each service, L2 headers included.",
         &["service", "direction"],
-    )?;
-    let flags = counter(
+    );
+    let mut flags = counter(
         "netpulse_service_tcp_flags_total",
         "TCP segments with SYN, FIN or RST set, per service and direction.",
         &["service", "direction", "flag"],
-    )?;
-    let info = gauge(
+    );
+    let mut info = gauge(
         "netpulse_service_info",
         "Metadata of each service; join on `service`.",
         &["service", "source", "container", "image", "compose_project"],
-    )?;
-    let unc_packets = counter(
+    );
+    let mut unc_packets = counter(
         "netpulse_unclassified_packets_total",
         "Packets no service claimed, by hook direction and reason.",
         &["direction", "reason"],
-    )?;
-    let unc_bytes = counter(
+    );
+    let mut unc_bytes = counter(
         "netpulse_unclassified_bytes_total",
         "Bytes of packets no service claimed, by hook direction and reason.",
         &["direction", "reason"],
-    )?;
-    let attached = gauge(
+    );
+    let mut attached = gauge(
         "netpulse_probe_attached",
         "1 for each interface and hook the probes are attached to.",
         &["interface", "hook", "mode"],
-    )?;
-    let entries = gauge(
+    );
+    let mut entries = gauge(
         "netpulse_map_entries",
         "Entries in use in each eBPF map.",
         &["map"],
-    )?;
-    let capacity = gauge(
+    );
+    let mut capacity = gauge(
         "netpulse_map_max_entries",
         "Capacity of each eBPF map.",
         &["map"],
-    )?;
-    let build = gauge(
+    );
+    let mut build = gauge(
         "netpulse_build_info",
         "Build of the running agent.",
         &["version", "layout"],
-    )?;
+    );
 
-    let add_dir = |service: &str, dir: &str, c: &DirCounters| {
-        packets.with_label_values(&[service, dir]).inc_by(c.packets);
-        bytes.with_label_values(&[service, dir]).inc_by(c.bytes);
+    let mut add_dir = |service: &str, dir: &str, c: &DirCounters| {
+        packets.add(&[service, dir], c.packets);
+        bytes.add(&[service, dir], c.bytes);
         for (flag, v) in [("syn", c.syn), ("fin", c.fin), ("rst", c.rst)] {
-            flags.with_label_values(&[service, dir, flag]).inc_by(v);
+            flags.add(&[service, dir, flag], v);
         }
     };
     let mut rows = Vec::with_capacity(identity.services().len());
@@ -150,21 +204,20 @@ pub fn render(
         for (i, dir) in DIRECTIONS {
             add_dir(&r.name, dir, &r.counts.dir[i]);
         }
-        info.with_label_values(&[r.name.as_str(), r.source, "", "", ""])
-            .set(1);
+        info.add(&[r.name.as_str(), r.source, "", "", ""], 1);
     }
-    let budget = gauge(
+    let mut budget = gauge(
         "netpulse_series_budget",
         "The most per-service series /metrics serves (agent.max_series).",
         &[],
-    )?;
-    budget.with_label_values::<&str>(&[]).set(max_series as i64);
-    let dropped = gauge(
+    );
+    budget.add(&[], max_series as u64);
+    let mut dropped = gauge(
         "netpulse_series_dropped",
         "Services beyond the series budget, folded into service=\"~other\".",
         &[],
-    )?;
-    dropped.with_label_values::<&str>(&[]).set(folded as i64);
+    );
+    dropped.add(&[], folded as u64);
     let reasons = agent_ebpf::RESERVED_SLOTS;
     for (slot, xdp, tc) in probe.reserved_counts()? {
         let reason = reasons
@@ -174,52 +227,45 @@ pub fn render(
         // Unclassified packets have no service view: the direction is the
         // hook's (XDP = ingress, TC = egress).
         for (hook, (i, dir)) in [(&xdp, DIRECTIONS[0]), (&tc, DIRECTIONS[1])] {
-            unc_packets
-                .with_label_values(&[dir, reason])
-                .inc_by(hook.dir[i].packets);
-            unc_bytes
-                .with_label_values(&[dir, reason])
-                .inc_by(hook.dir[i].bytes);
+            unc_packets.add(&[dir, reason], hook.dir[i].packets);
+            unc_bytes.add(&[dir, reason], hook.dir[i].bytes);
         }
     }
     for (ifname, a) in probe.attachments() {
-        attached
-            .with_label_values(&[ifname.as_str(), "xdp", a.xdp_mode.as_str()])
-            .set(1);
-        attached
-            .with_label_values(&[ifname.as_str(), "tc", "egress"])
-            .set(1);
+        attached.add(&[ifname.as_str(), "xdp", a.xdp_mode.as_str()], 1);
+        attached.add(&[ifname.as_str(), "tc", "egress"], 1);
     }
     for (map, used, max) in probe.table_sizes() {
-        entries.with_label_values(&[map]).set(used as i64);
-        capacity.with_label_values(&[map]).set(i64::from(max));
+        entries.add(&[map], used as u64);
+        capacity.add(&[map], u64::from(max));
     }
-    entries
-        .with_label_values(&["slots"])
-        .set(identity.services().len() as i64);
-    capacity
-        .with_label_values(&["slots"])
-        .set(i64::from(MAX_SLOTS - agent_ebpf::FIRST_SERVICE_SLOT));
-    build
-        .with_label_values(&[
+    entries.add(&["slots"], identity.services().len() as u64);
+    capacity.add(
+        &["slots"],
+        u64::from(MAX_SLOTS - agent_ebpf::FIRST_SERVICE_SLOT),
+    );
+    build.add(
+        &[
             env!("CARGO_PKG_VERSION"),
             &agent_ebpf::LAYOUT_VERSION.to_string(),
-        ])
-        .set(1);
+        ],
+        1,
+    );
 
-    let mut families: Vec<MetricFamily> = Vec::new();
-    families.extend(packets.collect());
-    families.extend(bytes.collect());
-    families.extend(flags.collect());
-    families.extend(info.collect());
-    families.extend(unc_packets.collect());
-    families.extend(unc_bytes.collect());
-    families.extend(attached.collect());
-    families.extend(entries.collect());
-    families.extend(capacity.collect());
-    families.extend(build.collect());
-    families.extend(budget.collect());
-    families.extend(dropped.collect());
+    let mut families: Vec<MetricFamily> = vec![
+        packets.mf,
+        bytes.mf,
+        flags.mf,
+        info.mf,
+        unc_packets.mf,
+        unc_bytes.mf,
+        attached.mf,
+        entries.mf,
+        capacity.mf,
+        build.mf,
+        budget.mf,
+        dropped.mf,
+    ];
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;
