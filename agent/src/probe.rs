@@ -436,11 +436,11 @@ impl Probe {
     /// slot in the port index; a port's address-specific local endpoints go
     /// in its address group while they fit (four IPv4, two IPv6), else in
     /// the hash table; remote endpoints go in the hash table.
-    pub fn sync_table(&mut self, want: &BTreeMap<EndpointKey, u32>) -> Result<usize> {
+    pub fn sync_table(&mut self, want: BTreeMap<EndpointKey, u32>) -> Result<usize> {
         let mut ports: BTreeMap<u32, u64> = BTreeMap::new();
         let mut hash: BTreeMap<EndpointKey, u32> = BTreeMap::new();
         let mut exact: BTreeMap<u32, Vec<(&EndpointKey, u32)>> = BTreeMap::new();
-        for (k, slot) in want {
+        for (k, slot) in &want {
             let Some(i) = port_index(k.family, k.proto, k.port) else {
                 continue;
             };
@@ -629,7 +629,7 @@ impl Probe {
                 .map_err(map_err(maps::GROUPS6))?;
             self.written.groups6.remove(&g);
         }
-        self.written.table = want.clone();
+        self.written.table = want;
         Ok(changes)
     }
 
@@ -637,43 +637,36 @@ impl Probe {
 
     /// One slot, summed over CPUs and both hooks.
     pub fn counts(&self, slot: u32) -> Result<Counts> {
+        let mut sum = self.hook_counts(Hook::Xdp, slot)?;
+        sum.add(&self.hook_counts(Hook::Tc, slot)?);
+        Ok(sum)
+    }
+
+    /// One slot of one hook's counters, summed over CPUs.
+    fn hook_counts(&self, hook: Hook, slot: u32) -> Result<SlotCounters> {
+        let (name, map) = match hook {
+            Hook::Xdp => (maps::COUNTERS_XDP, &self.counters_xdp),
+            Hook::Tc => (maps::COUNTERS_TC, &self.counters_tc),
+        };
         let mut sum = SlotCounters::default();
-        for (name, map) in [
-            (maps::COUNTERS_XDP, &self.counters_xdp),
-            (maps::COUNTERS_TC, &self.counters_tc),
-        ] {
-            for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {
-                sum.add(v);
-            }
+        for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {
+            sum.add(v);
         }
         Ok(sum)
     }
 
-    /// The reserved (unclassified) slots, per hook: XDP first, then TC.
+    /// The reserved (unclassified) slots, per hook: (slot, XDP, TC).
     pub fn reserved_counts(&self) -> Result<Vec<(u32, SlotCounters, SlotCounters)>> {
-        let mut out = Vec::new();
-        for (slot, _) in agent_ebpf::RESERVED_SLOTS {
-            let mut x = SlotCounters::default();
-            let mut t = SlotCounters::default();
-            for v in self
-                .counters_xdp
-                .get(&slot, 0)
-                .map_err(map_err(maps::COUNTERS_XDP))?
-                .iter()
-            {
-                x.add(v);
-            }
-            for v in self
-                .counters_tc
-                .get(&slot, 0)
-                .map_err(map_err(maps::COUNTERS_TC))?
-                .iter()
-            {
-                t.add(v);
-            }
-            out.push((slot, x, t));
-        }
-        Ok(out)
+        agent_ebpf::RESERVED_SLOTS
+            .iter()
+            .map(|(slot, _)| {
+                Ok((
+                    *slot,
+                    self.hook_counts(Hook::Xdp, *slot)?,
+                    self.hook_counts(Hook::Tc, *slot)?,
+                ))
+            })
+            .collect()
     }
 
     /// Zeroes a slot on every CPU, before it is given to another service.

@@ -232,8 +232,12 @@ impl Identity {
         &self.slots
     }
 
-    fn allocate(&mut self, probe: &mut Probe, name: &str) -> Result<Option<u32>, ProbeError> {
-        let used: HashSet<u32> = self.slots.values().map(|s| s.slot).collect();
+    fn allocate(
+        &mut self,
+        probe: &mut Probe,
+        name: &str,
+        used: &mut HashSet<u32>,
+    ) -> Result<Option<u32>, ProbeError> {
         let Some(slot) = (FIRST_SERVICE_SLOT..MAX_SLOTS).find(|s| !used.contains(s)) else {
             if !self.warned_full {
                 warn!(
@@ -249,6 +253,7 @@ impl Identity {
         // it retired) must not show up as this service's traffic.
         probe.zero(slot)?;
         probe.set_slot_name(slot, Some(name))?;
+        used.insert(slot);
         Ok(Some(slot))
     }
 
@@ -259,6 +264,7 @@ impl Identity {
         want: &Desired,
         now: Instant,
     ) -> Result<(), ProbeError> {
+        let mut used: HashSet<u32> = self.slots.values().map(|s| s.slot).collect();
         for (name, meta) in &want.services {
             match self.slots.get_mut(name) {
                 Some(s) => {
@@ -266,7 +272,7 @@ impl Identity {
                     s.retired_at = None;
                 }
                 None => {
-                    if let Some(slot) = self.allocate(probe, name)? {
+                    if let Some(slot) = self.allocate(probe, name, &mut used)? {
                         info!(service = %name, source = meta.source.as_str(), slot, "new service");
                         self.slots.insert(
                             name.clone(),
@@ -306,7 +312,7 @@ impl Identity {
             .iter()
             .filter_map(|(k, name)| self.slots.get(name).map(|s| (*k, s.slot)))
             .collect();
-        probe.sync_table(&table)?;
+        probe.sync_table(table)?;
         Ok(())
     }
 }

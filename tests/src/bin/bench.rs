@@ -196,7 +196,7 @@ fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
             for (i, k) in filler(n - 1, &case.key).into_iter().enumerate() {
                 table.insert(k, FIRST_SERVICE_SLOT + 1 + (i as u32 % 1000));
             }
-            probe.sync_table(&table)?;
+            probe.sync_table(table)?;
             // Check the row measures a hit, not a miss.
             let before = probe.counts(FIRST_SERVICE_SLOT)?;
             probe.test_run(Hook::Xdp, &case.frame, 0, 1)?;
