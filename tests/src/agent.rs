@@ -146,3 +146,12 @@ impl Drop for Agent {
         }
     }
 }
+
+/// What every test that runs the agent between namespaces needs: root, ip,
+/// ethtool and the binary. Under `CI=true` a missing one fails the test.
+pub fn live_prerequisites() -> bool {
+    crate::require("root", crate::is_root())
+        && crate::require("ip (iproute2)", crate::netns::have("ip"))
+        && crate::require("ethtool", crate::netns::have("ethtool"))
+        && have_bin()
+}

@@ -15,19 +15,10 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
-    is_root,
-    netns::{Pair, have},
-    require,
+    agent::{Agent, live_prerequisites},
+    netns::Pair,
     scrape::Metrics,
 };
-
-fn prerequisites() -> bool {
-    require("root", is_root())
-        && require("ip (iproute2)", have("ip"))
-        && require("ethtool", have("ethtool"))
-        && have_bin()
-}
 
 fn workdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("netpulse-chaos-{tag}-{}", std::process::id()));
@@ -123,7 +114,7 @@ fn exchange(pair: &Pair, n: u64) -> u64 {
 
 #[test]
 fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
-    if !prerequisites() {
+    if !live_prerequisites() {
         return;
     }
     let Setup {
@@ -198,7 +189,7 @@ fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
 
 #[test]
 fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
-    if !prerequisites() {
+    if !live_prerequisites() {
         return;
     }
     let Setup {
@@ -238,7 +229,7 @@ fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
 
 #[test]
 fn sighup_with_a_broken_config_keeps_the_running_one_and_names_the_error() {
-    if !prerequisites() {
+    if !live_prerequisites() {
         return;
     }
     // Bind every part: an unbound one would be dropped (the namespace

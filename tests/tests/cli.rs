@@ -12,7 +12,7 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, bin, have_bin},
+    agent::{Agent, bin, have_bin, live_prerequisites},
     is_root,
     netns::{Pair, have},
     require,
@@ -160,11 +160,7 @@ fn missing_capabilities_are_named() {
 
 #[test]
 fn a_new_listener_shows_up_within_two_seconds() {
-    if !have_bin()
-        || !require("root", is_root())
-        || !require("ip (iproute2)", have("ip"))
-        || !require("ethtool", have("ethtool"))
-    {
+    if !live_prerequisites() {
         return;
     }
     let pair = Pair::new("cli", 92);
@@ -226,11 +222,7 @@ fn a_new_listener_shows_up_within_two_seconds() {
 
 #[test]
 fn the_series_budget_folds_the_excess_into_other() {
-    if !have_bin()
-        || !require("root", is_root())
-        || !require("ip (iproute2)", have("ip"))
-        || !require("ethtool", have("ethtool"))
-    {
+    if !live_prerequisites() {
         return;
     }
     let pair = Pair::new("budget", 101);

@@ -6,8 +6,7 @@ use std::{net::UdpSocket, process::Command, time::Duration};
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
-    is_root,
+    agent::{Agent, live_prerequisites},
     netns::{Pair, have},
     require,
 };
@@ -72,12 +71,7 @@ fn the_unit_is_hardened_to_an_exposure_of_at_most_3() {
 
 #[test]
 fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
-    if !require("root (to set up namespaces)", is_root())
-        || !require("ip (iproute2)", have("ip"))
-        || !require("ethtool", have("ethtool"))
-        || !require("setpriv (util-linux)", have("setpriv"))
-        || !have_bin()
-    {
+    if !live_prerequisites() || !require("setpriv (util-linux)", have("setpriv")) {
         return;
     }
     const NOBODY: &str = "65534";

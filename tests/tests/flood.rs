@@ -7,11 +7,9 @@ use std::{os::fd::AsRawFd, time::Duration};
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
+    agent::{Agent, live_prerequisites},
     frames::{self, eth, ipv4, udp},
-    is_root,
-    netns::{Pair, have, mac_of},
-    require,
+    netns::{Pair, mac_of},
     scrape::Metrics,
 };
 
@@ -118,11 +116,7 @@ fn counted(m: &Metrics) -> u64 {
 
 #[test]
 fn a_million_random_frames_leave_the_service_count_exact_and_memory_flat() {
-    if !require("root", is_root())
-        || !require("ip (iproute2)", have("ip"))
-        || !require("ethtool", have("ethtool"))
-        || !have_bin()
-    {
+    if !live_prerequisites() {
         return;
     }
     let pair = Pair::new("flood", 100);

@@ -11,22 +11,13 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
-    is_root,
-    netns::{Pair, have},
-    require,
+    agent::{Agent, live_prerequisites},
+    netns::Pair,
     scrape::get,
 };
 
 /// Mirrors agent/src/web.rs.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn prerequisites() -> bool {
-    require("root", is_root())
-        && require("ip (iproute2)", have("ip"))
-        && require("ethtool", have("ethtool"))
-        && have_bin()
-}
 
 fn start(pair: &Pair, pins: &PinDir, tag: &str, listen: Option<u16>) -> (Agent, u16) {
     let dir = std::env::temp_dir().join(format!("netpulse-http-{tag}-{}", std::process::id()));
@@ -51,7 +42,7 @@ fn start(pair: &Pair, pins: &PinDir, tag: &str, listen: Option<u16>) -> (Agent, 
 
 #[test]
 fn slow_and_oversized_requests_are_cut_off_without_blocking_others() {
-    if !prerequisites() {
+    if !live_prerequisites() {
         return;
     }
     let pair = Pair::new("http", 98);
@@ -120,7 +111,7 @@ fn slow_and_oversized_requests_are_cut_off_without_blocking_others() {
 
 #[test]
 fn by_default_only_loopback_reaches_the_agent() {
-    if !prerequisites() {
+    if !live_prerequisites() {
         return;
     }
     let pair = Pair::new("bind", 99);

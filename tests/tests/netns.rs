@@ -11,8 +11,7 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
-    is_root,
+    agent::{Agent, live_prerequisites},
     netns::{LinkStats, Pair, have},
     require,
     scrape::Metrics,
@@ -29,11 +28,7 @@ const TCP_UPLOAD: usize = 200_000;
 const TCP_REPLY: usize = 50_000;
 
 fn prerequisites() -> bool {
-    require("root", is_root())
-        && require("ip (iproute2)", have("ip"))
-        && require("ethtool", have("ethtool"))
-        && require("ping (iputils-ping)", have("ping"))
-        && have_bin()
+    live_prerequisites() && require("ping (iputils-ping)", have("ping"))
 }
 
 fn scrape(agent: &Agent) -> Metrics {

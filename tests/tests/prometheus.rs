@@ -11,8 +11,7 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, have_bin},
-    is_root,
+    agent::{Agent, live_prerequisites},
     netns::{Pair, have},
     require,
     scrape::{get, urlencode},
@@ -175,12 +174,9 @@ impl Drop for Kill {
 
 #[test]
 fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
-    if !require("root", is_root())
-        || !require("ip (iproute2)", have("ip"))
-        || !require("ethtool", have("ethtool"))
+    if !live_prerequisites()
         || !require("prometheus (Debian)", have("prometheus"))
         || !require("promtool", have("promtool"))
-        || !have_bin()
     {
         return;
     }
