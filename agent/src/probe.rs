@@ -116,6 +116,43 @@ pub struct Attachment {
     tc: SchedClassifierLinkId,
 }
 
+/// Writes the groups of `want` that differ from `written`; returns how many.
+fn write_groups<T: aya::Pod + PartialEq>(
+    map: &mut Array<MapData, T>,
+    written: &mut BTreeMap<u32, T>,
+    want: &BTreeMap<u32, T>,
+    name: &'static str,
+) -> Result<usize> {
+    let mut n = 0;
+    for (g, grp) in want {
+        if written.get(g) != Some(grp) {
+            map.set(*g, *grp, 0).map_err(map_err(name))?;
+            written.insert(*g, *grp);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Empties the groups in `written` that `want` no longer has.
+fn clear_groups<T: aya::Pod + Default>(
+    map: &mut Array<MapData, T>,
+    written: &mut BTreeMap<u32, T>,
+    want: &BTreeMap<u32, T>,
+    name: &'static str,
+) -> Result<()> {
+    let unused: Vec<u32> = written
+        .keys()
+        .filter(|g| !want.contains_key(g))
+        .copied()
+        .collect();
+    for g in unused {
+        map.set(g, T::default(), 0).map_err(map_err(name))?;
+        written.remove(&g);
+    }
+    Ok(())
+}
+
 /// Places `entries` (address, slot) in a group of `cap` positions, keeping
 /// each address that was in `prev` at its old position. Returns
 /// (position, (address, slot)).
@@ -561,24 +598,18 @@ impl Probe {
                 changes += 1;
             }
         }
-        for (g, grp) in &groups4 {
-            if self.written.groups4.get(g) != Some(grp) {
-                self.groups4
-                    .set(*g, *grp, 0)
-                    .map_err(map_err(maps::GROUPS4))?;
-                self.written.groups4.insert(*g, *grp);
-                changes += 1;
-            }
-        }
-        for (g, grp) in &groups6 {
-            if self.written.groups6.get(g) != Some(grp) {
-                self.groups6
-                    .set(*g, *grp, 0)
-                    .map_err(map_err(maps::GROUPS6))?;
-                self.written.groups6.insert(*g, *grp);
-                changes += 1;
-            }
-        }
+        changes += write_groups(
+            &mut self.groups4,
+            &mut self.written.groups4,
+            &groups4,
+            maps::GROUPS4,
+        )?;
+        changes += write_groups(
+            &mut self.groups6,
+            &mut self.written.groups6,
+            &groups6,
+            maps::GROUPS6,
+        )?;
         let gone: Vec<u32> = self
             .written
             .ports
@@ -603,32 +634,18 @@ impl Probe {
                 changes += 1;
             }
         }
-        let unused4: Vec<u32> = self
-            .written
-            .groups4
-            .keys()
-            .filter(|g| !groups4.contains_key(g))
-            .copied()
-            .collect();
-        for g in unused4 {
-            self.groups4
-                .set(g, Group4::default(), 0)
-                .map_err(map_err(maps::GROUPS4))?;
-            self.written.groups4.remove(&g);
-        }
-        let unused6: Vec<u32> = self
-            .written
-            .groups6
-            .keys()
-            .filter(|g| !groups6.contains_key(g))
-            .copied()
-            .collect();
-        for g in unused6 {
-            self.groups6
-                .set(g, Group6::default(), 0)
-                .map_err(map_err(maps::GROUPS6))?;
-            self.written.groups6.remove(&g);
-        }
+        clear_groups(
+            &mut self.groups4,
+            &mut self.written.groups4,
+            &groups4,
+            maps::GROUPS4,
+        )?;
+        clear_groups(
+            &mut self.groups6,
+            &mut self.written.groups6,
+            &groups6,
+            maps::GROUPS6,
+        )?;
         self.written.table = want;
         Ok(changes)
     }
