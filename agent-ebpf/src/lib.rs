@@ -69,6 +69,11 @@ pub const PORT_LOCAL_HASH: u64 = 1 << 63;
 /// Some remote service uses this port (hash table).
 pub const PORT_REMOTE: u64 = 1 << 62;
 
+/// Container addresses (`NP_ADDRS4`/`NP_ADDRS6`): on a container's host-side
+/// veth every packet of the container's address belongs to the container,
+/// whatever the port (its server and its client traffic alike).
+pub const MAX_ADDRS: u32 = 16_384;
+
 /// Address groups per family; group 0 is never used.
 pub const MAX_GROUPS: u32 = 16_384;
 
@@ -260,12 +265,19 @@ pub mod maps {
     pub const GROUPS4: &str = "NP_GROUPS4";
     pub const GROUPS6: &str = "NP_GROUPS6";
     pub const SLOT_NAMES: &str = "NP_SLOT_NAMES";
+    pub const ADDRS4: &str = "NP_ADDRS4";
+    pub const ADDRS6: &str = "NP_ADDRS6";
 }
 
 /// Program names in the object file.
 pub mod programs {
     pub const XDP_INGRESS: &str = "netpulse_xdp";
     pub const TC_EGRESS: &str = "netpulse_tc";
+    /// On a container's host-side veth (TC both ways; XDP on veth would
+    /// change the container's datapath): ingress there is what the container
+    /// sends, egress what it receives.
+    pub const CT_FROM: &str = "netpulse_ct_from";
+    pub const CT_TO: &str = "netpulse_ct_to";
     /// Empty XDP_PASS / TC_ACT_OK programs, the benchmark's baseline.
     pub const BASELINE_XDP: &str = "netpulse_baseline_xdp";
     pub const BASELINE_TC: &str = "netpulse_baseline_tc";

@@ -20,6 +20,7 @@ use toml::Spanned;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/netpulse";
 pub const DEFAULT_PATH: &str = "/etc/netpulse/config.toml";
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Largest CIDR a service endpoint may name: each address is one table entry.
 pub const MAX_CIDR_ADDRESSES: u32 = 1024;
 
@@ -28,6 +29,8 @@ pub const MAX_CIDR_ADDRESSES: u32 = 1024;
 pub struct Config {
     #[serde(default)]
     pub agent: AgentConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -81,6 +84,43 @@ impl Default for AgentConfig {
             max_series: Spanned::new(0..0, 10_000),
         }
     }
+}
+
+/// `[docker]`: naming traffic after Docker containers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Watch dockerd. Harmless where there is none: the source reports
+    /// itself down and retries with backoff.
+    pub enabled: bool,
+    /// The Engine API socket.
+    pub socket: PathBuf,
+    /// Container labels exported on `netpulse_service_info` as
+    /// `label_<name>` (dots and dashes become underscores). Only these:
+    /// labels can hold anything, and environment variables are never read.
+    pub labels: Vec<Spanned<String>>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// `label_<name>` for a container label: a valid, distinct Prometheus
+/// label name.
+pub fn label_metric_name(label: &str) -> String {
+    let mut s = String::from("label_");
+    s.extend(
+        label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+    );
+    s
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,6 +302,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
             at(i.span(), format!("`{name}` is not a valid interface name"));
         } else if !seen_if.insert(name.clone()) {
             at(i.span(), format!("interface `{name}` is listed twice"));
+        }
+    }
+
+    let mut seen_label: BTreeMap<String, String> = BTreeMap::new();
+    for l in &raw.docker.labels {
+        let name = l.get_ref();
+        let metric = label_metric_name(name);
+        if name.is_empty() {
+            at(l.span(), "an empty label name".to_string());
+        } else if let Some(other) = seen_label.insert(metric.clone(), name.clone()) {
+            at(
+                l.span(),
+                format!("label `{name}` would be exported as `{metric}`, like `{other}`"),
+            );
         }
     }
 

@@ -4,6 +4,8 @@
 
 use std::{fs, path::Path};
 
+use crate::probe::Zone;
+
 const IFF_UP: u32 = 0x1;
 const ARPHRD_ETHER: u32 = 1;
 const ARPHRD_LOOPBACK: u32 = 772;
@@ -20,6 +22,20 @@ pub struct Interface {
     /// Stacked on another device (VLAN, bond, macvlan): its traffic also
     /// crosses the lower device.
     pub stacked: bool,
+    /// One end of a pair whose other end is another device (veth): `iflink`
+    /// differs from `ifindex`.
+    pub paired: bool,
+}
+
+impl Interface {
+    /// A bridge member with a peer: a container's host-side veth.
+    pub fn zone(&self) -> Zone {
+        if self.bridge_port && self.paired {
+            Zone::Container
+        } else {
+            Zone::Host
+        }
+    }
 }
 
 fn read_num(p: &Path) -> Option<u32> {
@@ -47,7 +63,12 @@ pub fn list(sys_class_net: &Path) -> Vec<Interface> {
                     .to_str()
                     .is_some_and(|n| n.starts_with("lower_"))
             });
+            let paired = match (read_num(&p.join("ifindex")), read_num(&p.join("iflink"))) {
+                (Some(i), Some(l)) => i != l,
+                _ => false,
+            };
             Some(Interface {
+                paired,
                 up: flags & IFF_UP != 0,
                 ethernet: ty == ARPHRD_ETHER || ty == ARPHRD_LOOPBACK,
                 bridge: p.join("bridge").exists(),
@@ -61,15 +82,22 @@ pub fn list(sys_class_net: &Path) -> Vec<Interface> {
     out
 }
 
-/// The default set: up, Ethernet-framed, and where a packet is seen once:
-/// not a bridge nor a bridge member (a bridge forwards traffic that is not
-/// the host's; containers behind one are the Docker source's business),
-/// and not a device stacked on another (VLAN, bond, macvlan), whose packets
-/// the lower device carries too.
-pub fn default_set(all: &[Interface]) -> Vec<String> {
+/// The default set: up, Ethernet-framed, and where a packet is seen once
+/// per host: the host's own interfaces, and containers' host-side veths
+/// (bridge members with a peer), where only the container behind each is
+/// counted. Left out: bridges (what they carry crossed a member or the host
+/// stack already), other bridge members (a NIC enslaved to a bridge), and
+/// devices stacked on another (VLAN, bond, macvlan), whose packets the
+/// lower device carries too.
+pub fn default_set(all: &[Interface]) -> Vec<(String, Zone)> {
     all.iter()
-        .filter(|i| i.up && i.ethernet && !i.bridge && !i.bridge_port && !i.stacked)
-        .map(|i| i.name.clone())
+        .filter(|i| {
+            i.up && i.ethernet
+                && !i.bridge
+                && !i.stacked
+                && (!i.bridge_port || i.zone() == Zone::Container)
+        })
+        .map(|i| (i.name.clone(), i.zone()))
         .collect()
 }
 
@@ -85,11 +113,11 @@ mod tests {
             .find(|i| i.name == "lo")
             .expect("lo in /sys/class/net");
         assert!(lo.up && lo.ethernet && !lo.bridge && !lo.stacked);
-        assert!(default_set(&all).contains(&"lo".to_string()));
+        assert!(default_set(&all).contains(&("lo".to_string(), Zone::Host)));
     }
 
     #[test]
-    fn bridges_their_ports_and_stacked_devices_are_left_out() {
+    fn bridges_nic_members_and_stacked_devices_are_left_out_container_veths_kept() {
         let base = Interface {
             name: "eth0".into(),
             up: true,
@@ -97,6 +125,7 @@ mod tests {
             bridge: false,
             bridge_port: false,
             stacked: false,
+            paired: false,
         };
         let all = [
             base.clone(),
@@ -108,6 +137,17 @@ mod tests {
             Interface {
                 name: "veth1a2b".into(),
                 bridge_port: true,
+                paired: true,
+                ..base.clone()
+            },
+            Interface {
+                name: "enp1s0".into(),
+                bridge_port: true,
+                ..base.clone()
+            },
+            Interface {
+                name: "veth-solo".into(),
+                paired: true,
                 ..base.clone()
             },
             Interface {
@@ -126,6 +166,13 @@ mod tests {
                 ..base.clone()
             },
         ];
-        assert_eq!(default_set(&all), ["eth0"]);
+        assert_eq!(
+            default_set(&all),
+            [
+                ("eth0".to_string(), Zone::Host),
+                ("veth1a2b".to_string(), Zone::Container),
+                ("veth-solo".to_string(), Zone::Host),
+            ]
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod caps;
 pub mod config;
+pub mod docker;
 pub mod identity;
 pub mod interfaces;
 pub mod metrics;

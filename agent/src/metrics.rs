@@ -8,7 +8,10 @@ use prometheus::{
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{identity::Identity, probe::Probe};
+use crate::{
+    identity::{ContainerMeta, Identity, ServiceMeta},
+    probe::Probe,
+};
 
 const DIRECTIONS: [(usize, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 
@@ -126,11 +129,43 @@ pub fn fold(mut rows: Vec<Row>, max_series: usize) -> (Vec<Row>, usize) {
     (rows, n)
 }
 
-/// Renders the exposition text for the agent's current state.
+/// The Docker source as /metrics reports it.
+pub struct DockerState<'a> {
+    pub up: bool,
+    /// Allow-listed container labels, exported as `label_<name>`.
+    pub labels: &'a [String],
+}
+
+/// The values of `netpulse_service_info` beyond service and source:
+/// container, image, compose project and service, then the allow-listed
+/// labels. Replicas of one service are listed comma-separated, so the info
+/// metric stays one series per service and joins one-to-one.
+fn info_values(meta: Option<&ServiceMeta>, labels: &[String]) -> Vec<String> {
+    let cs: &[ContainerMeta] = meta.map_or(&[], |m| &m.containers);
+    let join = |f: &dyn Fn(&ContainerMeta) -> &str| {
+        let mut v: Vec<&str> = cs.iter().map(f).filter(|s| !s.is_empty()).collect();
+        v.dedup();
+        v.join(",")
+    };
+    let mut out = vec![
+        join(&|c| &c.name),
+        join(&|c| &c.image),
+        join(&|c| &c.compose_project),
+        join(&|c| &c.compose_service),
+    ];
+    for l in labels {
+        out.push(join(&|c| c.labels.get(l).map_or("", String::as_str)));
+    }
+    out
+}
+
+/// Renders the exposition text for the agent's current state. `docker` is
+/// None when the Docker source is off.
 pub fn render(
     probe: &Probe,
     identity: &Identity,
     max_series: usize,
+    docker: Option<DockerState>,
 ) -> Result<String, MetricsError> {
     let mut packets = counter(
         "netpulse_service_packets_total",
@@ -147,10 +182,27 @@ pub fn render(
         "TCP segments with SYN, FIN or RST set, per service and direction.",
         &["service", "direction", "flag"],
     );
+    let label_names: Vec<String> = docker
+        .as_ref()
+        .map_or(&[][..], |d| d.labels)
+        .iter()
+        .map(|l| crate::config::label_metric_name(l))
+        .collect();
+    let info_labels: Vec<&str> = [
+        "service",
+        "source",
+        "container",
+        "image",
+        "compose_project",
+        "compose_service",
+    ]
+    .into_iter()
+    .chain(label_names.iter().map(String::as_str))
+    .collect();
     let mut info = gauge(
         "netpulse_service_info",
         "Metadata of each service; join on `service`.",
-        &["service", "source", "container", "image", "compose_project"],
+        &info_labels,
     );
     let mut unc_packets = counter(
         "netpulse_unclassified_packets_total",
@@ -190,6 +242,7 @@ pub fn render(
             flags.add(&[service, dir, flag], v);
         }
     };
+    let allow = docker.as_ref().map_or(&[][..], |d| d.labels);
     let mut rows = Vec::with_capacity(identity.services().len());
     for (name, s) in identity.services() {
         rows.push(Row {
@@ -204,7 +257,16 @@ pub fn render(
         for (i, dir) in DIRECTIONS {
             add_dir(&r.name, dir, &r.counts.dir[i]);
         }
-        info.add(&[r.name.as_str(), r.source, "", "", ""], 1);
+        let meta = identity
+            .services()
+            .get(&r.name)
+            .and_then(|s| s.meta.as_ref());
+        let extra = info_values(meta, allow);
+        let values: Vec<&str> = [r.name.as_str(), r.source]
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
+        info.add(&values, 1);
     }
     let mut budget = gauge(
         "netpulse_series_budget",
@@ -232,8 +294,9 @@ pub fn render(
         }
     }
     for (ifname, a) in probe.attachments() {
-        attached.add(&[ifname.as_str(), "xdp", a.xdp_mode.as_str()], 1);
-        attached.add(&[ifname.as_str(), "tc", "egress"], 1);
+        for (hook, mode) in a.hooks() {
+            attached.add(&[ifname.as_str(), hook, mode], 1);
+        }
     }
     for (map, used, max) in probe.table_sizes() {
         entries.add(&[map], used as u64);
@@ -252,6 +315,15 @@ pub fn render(
         1,
     );
 
+    let mut source_up = gauge(
+        "netpulse_source_up",
+        "1 while a service source answers (docker: dockerd's API and event stream).",
+        &["source"],
+    );
+    if let Some(d) = &docker {
+        source_up.add(&["docker"], u64::from(d.up));
+    }
+
     let mut families: Vec<MetricFamily> = vec![
         packets.mf,
         bytes.mf,
@@ -265,6 +337,7 @@ pub fn render(
         build.mf,
         budget.mf,
         dropped.mf,
+        source_up.mf,
     ];
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();

@@ -5,12 +5,13 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use agent_ebpf::{
     EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Group4, Group6, Key4, Key6, LAYOUT_VERSION,
-    MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, NAME_LEN, PORT_GROUP_SHIFT, PORT_INDEX_LEN,
+    MAX_ADDRS, MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, NAME_LEN, PORT_GROUP_SHIFT, PORT_INDEX_LEN,
     PORT_LOCAL_HASH, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters,
     SlotName, maps, port_index, programs,
 };
@@ -84,6 +85,43 @@ pub enum Hook {
     Xdp,
     /// TC clsact egress, on the way out.
     Tc,
+    /// TC ingress on a container's host-side veth: what the container sends.
+    CtFrom,
+    /// TC egress on a container's host-side veth: what the container receives.
+    CtTo,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Xdp => programs::XDP_INGRESS,
+            Hook::Tc => programs::TC_EGRESS,
+            Hook::CtFrom => programs::CT_FROM,
+            Hook::CtTo => programs::CT_TO,
+        }
+    }
+}
+
+/// Which programs an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    /// The host's own interfaces: XDP in, TC out, services matched by the
+    /// packet's local end (and remote services by the other end).
+    Host,
+    /// A container's host-side veth: TC both ways, counting only for the
+    /// container behind it (by its address), so each packet is counted once
+    /// per host. XDP stays off veths: it would switch the container's
+    /// datapath to NAPI mode.
+    Container,
+}
+
+impl Zone {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Zone::Host => "host",
+            Zone::Container => "container",
+        }
+    }
 }
 
 /// Size of the kernel's `struct __sk_buff` and where `gso_segs` sits in it
@@ -107,13 +145,36 @@ impl XdpAttachMode {
     }
 }
 
-/// One interface with both programs on it.
+/// One interface with its two programs.
 #[derive(Debug)]
 pub struct Attachment {
     pub ifindex: u32,
-    pub xdp_mode: XdpAttachMode,
-    xdp: XdpLinkId,
-    tc: SchedClassifierLinkId,
+    pub zone: Zone,
+    links: Links,
+}
+
+#[derive(Debug)]
+enum Links {
+    Host {
+        xdp_mode: XdpAttachMode,
+        xdp: XdpLinkId,
+        tc: SchedClassifierLinkId,
+    },
+    Container {
+        from: SchedClassifierLinkId,
+        to: SchedClassifierLinkId,
+    },
+}
+
+impl Attachment {
+    /// (hook, mode) of each program on the interface, as exported in
+    /// `netpulse_probe_attached`.
+    pub fn hooks(&self) -> [(&'static str, &'static str); 2] {
+        match &self.links {
+            Links::Host { xdp_mode, .. } => [("xdp", xdp_mode.as_str()), ("tc", "egress")],
+            Links::Container { .. } => [("tc", "ingress"), ("tc", "egress")],
+        }
+    }
 }
 
 /// Writes the groups of `want` that differ from `written`; returns how many.
@@ -199,6 +260,27 @@ struct Written {
     groups6: BTreeMap<u32, Group6>,
     /// Port index → its address group id.
     group_of: BTreeMap<u32, u32>,
+    /// Container addresses.
+    addrs: BTreeMap<IpAddr, u32>,
+}
+
+/// An address as the kernel programs compare it: the wire bytes as words.
+fn addr4(a: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn addr6(a: std::net::Ipv6Addr) -> [u32; 4] {
+    let mut k = EndpointKey::default();
+    k.set_addr(&a.octets());
+    k.addr
+}
+
+fn addrs_map(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        maps::ADDRS4
+    } else {
+        maps::ADDRS6
+    }
 }
 
 pub struct Probe {
@@ -210,6 +292,8 @@ pub struct Probe {
     ports: Array<MapData, u64>,
     groups4: Array<MapData, Group4>,
     groups6: Array<MapData, Group6>,
+    addrs4: HashMap<MapData, u32, ServiceRef>,
+    addrs6: HashMap<MapData, [u32; 4], ServiceRef>,
     /// What this agent wrote to the (unpinned) tables: they start empty with
     /// every load, so this copy is exact.
     written: Written,
@@ -260,7 +344,16 @@ impl Probe {
             Array::try_from(take(&mut ebpf, maps::GROUPS6)?).map_err(map_err(maps::GROUPS6))?;
         let names = Array::try_from(take(&mut ebpf, maps::SLOT_NAMES)?)
             .map_err(map_err(maps::SLOT_NAMES))?;
-        for name in [programs::XDP_INGRESS, programs::TC_EGRESS] {
+        let addrs4 =
+            HashMap::try_from(take(&mut ebpf, maps::ADDRS4)?).map_err(map_err(maps::ADDRS4))?;
+        let addrs6 =
+            HashMap::try_from(take(&mut ebpf, maps::ADDRS6)?).map_err(map_err(maps::ADDRS6))?;
+        for name in [
+            programs::XDP_INGRESS,
+            programs::TC_EGRESS,
+            programs::CT_FROM,
+            programs::CT_TO,
+        ] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(ProbeError::MissingProgram(name))?;
@@ -285,6 +378,8 @@ impl Probe {
             ports,
             groups4,
             groups6,
+            addrs4,
+            addrs6,
             written: Written::default(),
             names,
             ncpus,
@@ -306,8 +401,7 @@ impl Probe {
             .map_err(prog_err(name))
     }
 
-    fn tc(&mut self) -> Result<&mut SchedClassifier> {
-        let name = programs::TC_EGRESS;
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(name)
             .ok_or(ProbeError::MissingProgram(name))?
@@ -315,8 +409,9 @@ impl Probe {
             .map_err(prog_err(name))
     }
 
-    /// Attaches XDP (native, else skb mode) and TC egress to `ifname`.
-    pub fn attach(&mut self, ifname: &str) -> Result<&Attachment> {
+    /// Attaches to `ifname`: on a host interface XDP (native, else skb
+    /// mode) and TC egress, on a container veth TC both ways.
+    pub fn attach(&mut self, ifname: &str, zone: Zone) -> Result<&Attachment> {
         let err = |message: String| ProbeError::Attach {
             name: ifname.to_string(),
             message,
@@ -325,10 +420,10 @@ impl Probe {
         if self
             .attached
             .get(ifname)
-            .is_some_and(|a| a.ifindex != ifindex)
+            .is_some_and(|a| a.ifindex != ifindex || a.zone != zone)
         {
-            // Deleted and created again under the same name: the old links
-            // went with the old device.
+            // Deleted and created again under the same name (the old links
+            // went with the old device), or now in another zone.
             self.detach(ifname);
         }
         if self.attached.contains_key(ifname) {
@@ -337,6 +432,44 @@ impl Probe {
                 .get(ifname)
                 .ok_or_else(|| err("attachment vanished".into()));
         }
+        let links = match zone {
+            Zone::Host => self.attach_host(ifname)?,
+            Zone::Container => {
+                let from = self.attach_tc(ifname, programs::CT_FROM, TcAttachType::Ingress)?;
+                match self.attach_tc(ifname, programs::CT_TO, TcAttachType::Egress) {
+                    Ok(to) => Links::Container { from, to },
+                    Err(e) => {
+                        if let Ok(p) = self.classifier(programs::CT_FROM) {
+                            let _ = p.detach(from);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let a = Attachment {
+            ifindex,
+            zone,
+            links,
+        };
+        let [(h0, m0), (h1, m1)] = a.hooks();
+        info!(
+            interface = ifname,
+            ifindex,
+            zone = zone.as_str(),
+            "probes attached ({h0} {m0}, {h1} {m1})"
+        );
+        self.attached.insert(ifname.to_string(), a);
+        self.attached
+            .get(ifname)
+            .ok_or_else(|| err("attachment vanished".into()))
+    }
+
+    fn attach_host(&mut self, ifname: &str) -> Result<Links> {
+        let err = |message: String| ProbeError::Attach {
+            name: ifname.to_string(),
+            message,
+        };
         let xdp = self.xdp()?;
         let (xdp_link, xdp_mode) = match xdp.attach(ifname, XdpMode::Driver) {
             Ok(l) => (l, XdpAttachMode::Native),
@@ -352,43 +485,38 @@ impl Probe {
                 Err(e) => return Err(err(format!("attaching XDP: {}", crate::error_chain(&e)))),
             },
         };
-        let tc = self.tc()?;
-        let tc_link = match tc.attach(ifname, TcAttachType::Egress) {
+        match self.attach_tc(ifname, programs::TC_EGRESS, TcAttachType::Egress) {
+            Ok(tc) => Ok(Links::Host {
+                xdp_mode,
+                xdp: xdp_link,
+                tc,
+            }),
+            Err(e) => {
+                let _ = self.xdp()?.detach(xdp_link);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        program: &'static str,
+        at: TcAttachType,
+    ) -> Result<SchedClassifierLinkId> {
+        let tc = self.classifier(program)?;
+        let link = match tc.attach(ifname, at) {
             Ok(l) => Ok(l),
             // Kernels before 6.6 attach through a clsact qdisc.
             Err(_) => {
                 let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-                tc.attach(ifname, TcAttachType::Egress)
+                tc.attach(ifname, at)
             }
         };
-        let tc_link = match tc_link {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = self.xdp()?.detach(xdp_link);
-                return Err(err(format!(
-                    "attaching TC egress: {}",
-                    crate::error_chain(&e)
-                )));
-            }
-        };
-        info!(
-            interface = ifname,
-            ifindex,
-            xdp_mode = xdp_mode.as_str(),
-            "probes attached"
-        );
-        self.attached.insert(
-            ifname.to_string(),
-            Attachment {
-                ifindex,
-                xdp_mode,
-                xdp: xdp_link,
-                tc: tc_link,
-            },
-        );
-        self.attached
-            .get(ifname)
-            .ok_or_else(|| err("attachment vanished".into()))
+        link.map_err(|e| ProbeError::Attach {
+            name: ifname.to_string(),
+            message: format!("attaching TC {at:?}: {}", crate::error_chain(&e)),
+        })
     }
 
     /// Detaches from `ifname` (if the device still exists) and forgets it.
@@ -397,11 +525,23 @@ impl Probe {
             return;
         };
         // Errors here mean the device (and with it the links) is gone.
-        if let Ok(x) = self.xdp() {
-            let _ = x.detach(a.xdp);
-        }
-        if let Ok(t) = self.tc() {
-            let _ = t.detach(a.tc);
+        match a.links {
+            Links::Host { xdp, tc, .. } => {
+                if let Ok(x) = self.xdp() {
+                    let _ = x.detach(xdp);
+                }
+                if let Ok(t) = self.classifier(programs::TC_EGRESS) {
+                    let _ = t.detach(tc);
+                }
+            }
+            Links::Container { from, to } => {
+                if let Ok(t) = self.classifier(programs::CT_FROM) {
+                    let _ = t.detach(from);
+                }
+                if let Ok(t) = self.classifier(programs::CT_TO) {
+                    let _ = t.detach(to);
+                }
+            }
         }
         info!(interface = ifname, "probes detached");
     }
@@ -435,15 +575,12 @@ impl Probe {
         opts.repeat = repeat.max(1);
         let r = match hook {
             Hook::Xdp => self.xdp()?.test_run(opts),
-            Hook::Tc => {
+            _ => {
                 opts.ctx_in = Some(&ctx);
-                self.tc()?.test_run(opts)
+                self.classifier(hook.program())?.test_run(opts)
             }
         }
-        .map_err(prog_err(match hook {
-            Hook::Xdp => programs::XDP_INGRESS,
-            Hook::Tc => programs::TC_EGRESS,
-        }))?;
+        .map_err(prog_err(hook.program()))?;
         Ok((r.return_value, r.duration))
     }
 
@@ -456,10 +593,13 @@ impl Probe {
 
     /// Entries in use, by map name: the hash tables, the port index and
     /// the address groups.
-    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 5] {
+    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 7] {
         let w = &self.written;
         let v4 = w.hash.keys().filter(|k| k.family == FAMILY_V4).count();
+        let a4 = w.addrs.keys().filter(|a| a.is_ipv4()).count();
         [
+            (maps::ADDRS4, a4, MAX_ADDRS),
+            (maps::ADDRS6, w.addrs.len() - a4, MAX_ADDRS),
             (maps::SERVICES4, v4, MAX_ENDPOINTS),
             (maps::SERVICES6, w.hash.len() - v4, MAX_ENDPOINTS),
             (maps::PORTS, w.ports.len(), PORT_INDEX_LEN),
@@ -650,6 +790,48 @@ impl Probe {
         Ok(changes)
     }
 
+    /// Makes the container address table (`NP_ADDRS4`/`6`) equal to
+    /// `want`, touching only what differs; returns how many entries changed.
+    pub fn sync_addrs(&mut self, want: &BTreeMap<IpAddr, u32>) -> Result<usize> {
+        let mut changes = 0;
+        let gone: Vec<IpAddr> = self
+            .written
+            .addrs
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for a in gone {
+            let res = match a {
+                IpAddr::V4(v4) => self.addrs4.remove(&addr4(v4)),
+                IpAddr::V6(v6) => self.addrs6.remove(&addr6(v6)),
+            };
+            match res {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(addrs_map(&a))(e)),
+            }
+            self.written.addrs.remove(&a);
+            changes += 1;
+        }
+        for (a, slot) in want {
+            if self.written.addrs.get(a) == Some(slot) {
+                continue;
+            }
+            let v = ServiceRef {
+                slot: *slot,
+                _pad: 0,
+            };
+            match a {
+                IpAddr::V4(v4) => self.addrs4.insert(addr4(*v4), v, 0),
+                IpAddr::V6(v6) => self.addrs6.insert(addr6(*v6), v, 0),
+            }
+            .map_err(map_err(addrs_map(a)))?;
+            self.written.addrs.insert(*a, *slot);
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
     // --- counters ------------------------------------------------------
 
     /// One slot, summed over CPUs and both hooks.
@@ -661,9 +843,11 @@ impl Probe {
 
     /// One slot of one hook's counters, summed over CPUs.
     fn hook_counts(&self, hook: Hook, slot: u32) -> Result<SlotCounters> {
+        // The receive path (XDP, TC ingress on container veths) and the
+        // transmit path each have their array.
         let (name, map) = match hook {
-            Hook::Xdp => (maps::COUNTERS_XDP, &self.counters_xdp),
-            Hook::Tc => (maps::COUNTERS_TC, &self.counters_tc),
+            Hook::Xdp | Hook::CtFrom => (maps::COUNTERS_XDP, &self.counters_xdp),
+            Hook::Tc | Hook::CtTo => (maps::COUNTERS_TC, &self.counters_tc),
         };
         let mut sum = SlotCounters::default();
         for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {

@@ -15,9 +15,10 @@ use tracing::{error, info, warn};
 use crate::{
     caps,
     config::{self, ConfigError, Loaded},
+    docker::{self, Container},
     identity::{self, Identity, sockets},
     interfaces,
-    probe::{Probe, ProbeError},
+    probe::{Probe, ProbeError, Zone},
     web,
 };
 
@@ -27,6 +28,21 @@ pub struct Agent {
     pub identity: Identity,
     /// The series budget of /metrics (agent.max_series).
     pub max_series: usize,
+    /// What the Docker source last saw (empty, down, when it is off).
+    pub docker: docker::Shared,
+    /// Whether the Docker source runs (`docker.enabled`).
+    pub docker_enabled: bool,
+    /// Container labels exported on the info metric (`docker.labels`).
+    pub docker_labels: Vec<String>,
+}
+
+fn docker_labels(cfg: &Loaded) -> Vec<String> {
+    cfg.raw
+        .docker
+        .labels
+        .iter()
+        .map(|l| l.get_ref().clone())
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,14 +90,21 @@ pub fn config_path(arg: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
-fn want_interfaces(cfg: &Loaded) -> Vec<String> {
+fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
+    let all = interfaces::list(Path::new("/sys/class/net"));
     if cfg.agent().interfaces.is_empty() {
-        interfaces::default_set(&interfaces::list(Path::new("/sys/class/net")))
+        interfaces::default_set(&all)
     } else {
         cfg.agent()
             .interfaces
             .iter()
-            .map(|s| s.get_ref().clone())
+            .map(|s| {
+                let zone = all
+                    .iter()
+                    .find(|i| &i.name == s.get_ref())
+                    .map_or(Zone::Host, |i| i.zone());
+                (s.get_ref().clone(), zone)
+            })
             .collect()
     }
 }
@@ -93,17 +116,20 @@ fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>
         .probe
         .attachments()
         .iter()
-        .filter(|(name, a)| !want.contains(name) || crate::probe::ifindex(name) != Some(a.ifindex))
+        .filter(|(name, a)| {
+            !want.contains(&((*name).clone(), a.zone))
+                || crate::probe::ifindex(name) != Some(a.ifindex)
+        })
         .map(|(n, _)| n.clone())
         .collect();
     for name in stale {
         agent.probe.detach(&name);
     }
-    for name in want {
+    for (name, zone) in want {
         if agent.probe.attachments().contains_key(&name) {
             continue;
         }
-        match agent.probe.attach(&name) {
+        match agent.probe.attach(&name, zone) {
             Ok(_) => {
                 warned.remove(&name);
             }
@@ -126,7 +152,7 @@ struct Refresher {
     /// when a listener appears that was not seen before, and every
     /// `OWNER_RETRY` rounds for those without a known owner (the process
     /// may not have been visible yet).
-    owners: HashMap<u64, Option<String>>,
+    owners: HashMap<u64, Option<sockets::Owner>>,
     rounds: u64,
     /// The last table error logged.
     table_error: Option<String>,
@@ -137,9 +163,16 @@ const OWNER_RETRY: u64 = 30;
 impl Refresher {
     /// The endpoint table the sources describe now. Runs without the agent
     /// lock: scanning /proc can take a while on a busy host.
-    fn desired(&mut self, cfg: &Loaded) -> identity::Desired {
+    fn desired(&mut self, cfg: &Loaded, containers: &[Container]) -> identity::Desired {
+        let labels = docker_labels(cfg);
         if !cfg.agent().discover_sockets {
-            return identity::desired(&cfg.services, &[], &HashMap::new());
+            return identity::desired(&identity::Sources {
+                config: &cfg.services,
+                listeners: &[],
+                owners: &HashMap::new(),
+                containers,
+                labels: &labels,
+            });
         }
         let proc = Path::new("/proc");
         let ls = sockets::listeners(proc);
@@ -162,16 +195,26 @@ impl Refresher {
                 self.owners.insert(inode, found.remove(&inode));
             }
         }
-        let owners: HashMap<u64, String> = self
+        let owners: HashMap<u64, sockets::Owner> = self
             .owners
             .iter()
             .filter_map(|(i, o)| o.clone().map(|o| (*i, o)))
             .collect();
-        identity::desired(&cfg.services, &ls, &owners)
+        identity::desired(&identity::Sources {
+            config: &cfg.services,
+            listeners: &ls,
+            owners: &owners,
+            containers,
+            labels: &labels,
+        })
     }
 
     fn refresh(&mut self, shared: &web::Shared, cfg: &Loaded) {
-        let want = self.desired(cfg);
+        let containers = {
+            let a = web::lock(shared);
+            docker::lock(&a.docker).containers.clone()
+        };
+        let want = self.desired(cfg, &containers);
         let mut agent = web::lock(shared);
         // The table first: a newly attached interface then counts correctly
         // from its first packet.
@@ -248,11 +291,26 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
     let retire = cfg.agent().retire();
     let identity = Identity::restore(&probe, retire)?;
+    let docker_view = docker::Shared::default();
+    let docker_changed = Arc::new(tokio::sync::Notify::new());
+    let docker_enabled = cfg.raw.docker.enabled;
     let shared: web::Shared = Arc::new(Mutex::new(Agent {
         probe,
         identity,
         max_series: cfg.agent().max_series(),
+        docker: docker_view.clone(),
+        docker_enabled,
+        docker_labels: docker_labels(&cfg),
     }));
+    if docker_enabled {
+        let socket = cfg.raw.docker.socket.clone();
+        let (view, changed) = (docker_view.clone(), docker_changed.clone());
+        tokio::spawn(docker::watch(socket, view, changed));
+        // The first listing names containers from the first refresh, when
+        // dockerd answers quickly.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), docker_changed.notified())
+            .await;
+    }
 
     let mut refresher = Refresher::default();
     refresher.refresh(&shared, &cfg);
@@ -271,18 +329,10 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let mut tick = tokio::time::interval(cfg.agent().refresh());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let (s, c) = (shared.clone(), cfg.clone());
-                let mut r = std::mem::take(&mut refresher);
-                match tokio::task::spawn_blocking(move || {
-                    r.refresh(&s, &c);
-                    r
-                }).await {
-                    Ok(r) => refresher = r,
-                    Err(e) => error!(error = %e, "refresh task failed"),
-                }
-            }
+        let refresh = tokio::select! {
+            _ = tick.tick() => true,
+            // A container change is applied at once, not at the next tick.
+            _ = docker_changed.notified() => true,
             _ = sighup.recv() => match config::load(path.as_deref()) {
                 Ok(new) => {
                     if new.listen != cfg.listen {
@@ -299,14 +349,37 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                         let mut a = web::lock(&shared);
                         a.identity.set_retire_after(new.agent().retire());
                         a.max_series = new.agent().max_series();
+                        a.docker_labels = docker_labels(&new);
+                    }
+                    if new.raw.docker.enabled != cfg.raw.docker.enabled
+                        || new.raw.docker.socket != cfg.raw.docker.socket
+                    {
+                        warn!("docker.enabled and docker.socket take effect at the next restart");
                     }
                     info!("config reloaded");
                     cfg = new;
+                    true
                 }
-                Err(e) => error!("config reload failed, keeping the running config:\n{e}"),
+                Err(e) => {
+                    error!("config reload failed, keeping the running config:\n{e}");
+                    false
+                }
             },
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+        };
+        if refresh {
+            let (s, c) = (shared.clone(), cfg.clone());
+            let mut r = std::mem::take(&mut refresher);
+            match tokio::task::spawn_blocking(move || {
+                r.refresh(&s, &c);
+                r
+            })
+            .await
+            {
+                Ok(r) => refresher = r,
+                Err(e) => error!(error = %e, "refresh task failed"),
+            }
         }
     }
     let _ = stop_tx.send(true);

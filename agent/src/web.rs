@@ -40,7 +40,12 @@ pub fn router(state: Shared) -> Router {
 async fn metrics(State(state): State<Shared>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let agent = lock(&state);
-        crate::metrics::render(&agent.probe, &agent.identity, agent.max_series)
+        let up = crate::docker::lock(&agent.docker).up;
+        let docker = agent.docker_enabled.then_some(crate::metrics::DockerState {
+            up,
+            labels: &agent.docker_labels,
+        });
+        crate::metrics::render(&agent.probe, &agent.identity, agent.max_series, docker)
             .map_err(|e| e.to_string())
     })
     .await;

@@ -15,6 +15,7 @@ use agent_ebpf::{
 };
 use netpulse::{
     config,
+    docker::Container,
     identity::{self, Identity},
     probe::{Hook, Probe},
 };
@@ -67,13 +68,23 @@ fn fixture(tag: &str) -> Option<Fx> {
 }
 
 fn fixture_with(tag: &str, config_text: &str) -> Option<Fx> {
+    fixture_full(tag, config_text, &[])
+}
+
+fn fixture_full(tag: &str, config_text: &str, containers: &[Container]) -> Option<Fx> {
     if !require("root (CAP_BPF) for BPF_PROG_TEST_RUN", is_root()) {
         return None;
     }
     let pins = PinDir::new(tag);
     let mut probe = Probe::load(pins.path()).expect("load the eBPF object");
     let cfg = config::parse(config_text, Path::new("kernel.toml")).expect("test config");
-    let want = identity::desired(&cfg.services, &[], &HashMap::new());
+    let want = identity::desired(&identity::Sources {
+        config: &cfg.services,
+        listeners: &[],
+        owners: &HashMap::new(),
+        containers,
+        labels: &[],
+    });
     let mut id = Identity::restore(&probe, std::time::Duration::from_secs(60)).unwrap();
     id.apply(&mut probe, &want, Instant::now()).unwrap();
     let slots = id
@@ -122,7 +133,7 @@ impl Fx {
             .map_err(|e| e.to_string())?;
         let want = match hook {
             Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_OK,
+            _ => TC_ACT_OK,
         };
         assert_eq!(verdict, want, "{hook:?} must always pass the packet");
         let after = self.snapshot();
@@ -417,6 +428,151 @@ fn remote_service_is_matched_by_the_other_end_in_its_own_view() {
     fx.expect(Hook::Xdp, &f, 0, db, DIR_EGRESS, one(f.len(), TCP_SYN));
 }
 
+fn config_only(services: &[config::Service]) -> identity::Desired {
+    identity::desired(&identity::Sources {
+        config: services,
+        listeners: &[],
+        owners: &HashMap::new(),
+        containers: &[],
+        labels: &[],
+    })
+}
+
+const CT_WEB: [u8; 4] = [172, 17, 0, 2];
+const CT_OTHER: [u8; 4] = [172, 17, 0, 3];
+
+fn ct(id: &str, name: &str, addrs: &[&str]) -> Container {
+    Container {
+        id: id.into(),
+        name: name.into(),
+        image: "busybox".into(),
+        labels: Default::default(),
+        host_network: false,
+        addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        published: Vec::new(),
+    }
+}
+
+/// On a container's host-side veth only the container's end counts: all
+/// of its traffic (server and client alike) is the container's, a config
+/// service on its address and port comes first, and nothing is counted for
+/// host or remote services (their interfaces count those), so a packet
+/// between two containers is counted once for each.
+#[test]
+fn container_veth_programs_count_only_the_container_behind_them() {
+    let config = format!(
+        "{CONFIG}\n[[service]]\nname = \"pg-in-ct\"\nendpoints = [{{ proto = \"tcp\", port = 5432, addr = \"172.17.0.2\" }}]\n"
+    );
+    let Some(mut fx) = fixture_full(
+        "ct",
+        &config,
+        &[
+            ct("a", "web-ct", &["172.17.0.2", "fd00:c::2"]),
+            ct("b", "other-ct", &["172.17.0.3"]),
+        ],
+    ) else {
+        return;
+    };
+    let (web, other, pg) = (fx.slot("web-ct"), fx.slot("other-ct"), fx.slot("pg-in-ct"));
+    // A request to the container, and its answer.
+    let f = v4_tcp(&[], CLIENT, CT_WEB, 40000, 80, TCP_SYN);
+    fx.expect(Hook::CtTo, &f, 0, web, DIR_INGRESS, one(f.len(), TCP_SYN));
+    let f = v4_tcp(&[], CT_WEB, CLIENT, 80, 40000, TCP_SYN | TCP_ACK);
+    fx.expect(Hook::CtFrom, &f, 0, web, DIR_EGRESS, one(f.len(), TCP_SYN));
+    // The container as a client, to a port a host wildcard service (web-any)
+    // and a remote service (db) use: still the container's.
+    let f = v4_tcp(&[], CT_WEB, CLIENT, 41000, 80, TCP_SYN);
+    fx.expect(Hook::CtFrom, &f, 0, web, DIR_EGRESS, one(f.len(), TCP_SYN));
+    let f = v4_tcp(&[], CT_WEB, DB, 41000, 5432, TCP_SYN);
+    fx.expect(Hook::CtFrom, &f, 0, web, DIR_EGRESS, one(f.len(), TCP_SYN));
+    // A configured service on the container's address and port wins.
+    let f = v4_tcp(&[], CT_OTHER, CT_WEB, 41000, 5432, TCP_SYN);
+    fx.expect(Hook::CtTo, &f, 0, pg, DIR_INGRESS, one(f.len(), TCP_SYN));
+    // Container to container: each veth counts its own container.
+    let f = v4_tcp(&[], CT_OTHER, CT_WEB, 41001, 80, TCP_ACK);
+    fx.expect(Hook::CtFrom, &f, 0, other, DIR_EGRESS, one(f.len(), 0));
+    fx.expect(Hook::CtTo, &f, 0, web, DIR_INGRESS, one(f.len(), 0));
+    // IPv6, by address, whatever the protocol.
+    let f = eth(
+        &[],
+        frames::ETH_IPV6,
+        &ipv6(
+            v6(7),
+            [0xfd, 0, 0, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            &[],
+            PROTO_ICMPV6,
+            &icmp_echo(true, 56),
+        ),
+    );
+    fx.expect(Hook::CtTo, &f, 0, web, DIR_INGRESS, one(f.len(), 0));
+    // A GSO skb from the container counts its segments.
+    let f = eth(
+        &[],
+        frames::ETH_IPV4,
+        &ipv4(
+            CT_WEB,
+            CLIENT,
+            PROTO_TCP,
+            0,
+            0,
+            &tcp(80, 40000, TCP_ACK, 5, 3 * 500),
+        ),
+    );
+    fx.expect(
+        Hook::CtFrom,
+        &f,
+        3,
+        web,
+        DIR_EGRESS,
+        DirCounters {
+            packets: 3,
+            bytes: (f.len() + 2 * (14 + 20 + 20)) as u64,
+            ..Default::default()
+        },
+    );
+    // An address no container has (one just starting, say): unclassified,
+    // in the host's view (arriving from the veth = ingress).
+    let f = v4_tcp(&[], [172, 17, 0, 99], CLIENT, 80, 40000, TCP_ACK);
+    fx.expect(
+        Hook::CtFrom,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_INGRESS,
+        one(f.len(), 0),
+    );
+    let f = v4_tcp(&[], CLIENT, [172, 17, 0, 99], 40000, 80, TCP_ACK);
+    fx.expect(
+        Hook::CtTo,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_EGRESS,
+        one(f.len(), 0),
+    );
+    // ARP from the container.
+    let f = eth(&[], frames::ETH_ARP, &[0u8; 28]);
+    fx.expect(
+        Hook::CtFrom,
+        &f,
+        0,
+        SLOT_NOT_IP,
+        DIR_INGRESS,
+        one(f.len(), 0),
+    );
+    // The host programs never count for a container: its address is seen
+    // there only if routed past NAT, and then the veth counts it.
+    let f = v4_tcp(&[], CLIENT, CT_WEB, 40000, 9999, TCP_ACK);
+    fx.expect(
+        Hook::Xdp,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_INGRESS,
+        one(f.len(), 0),
+    );
+}
+
 #[test]
 fn gso_skb_counts_its_segments_and_their_headers() {
     let Some(mut fx) = fixture("gso") else { return };
@@ -638,7 +794,7 @@ fn a_vanished_service_keeps_its_counts_for_the_grace_period_then_frees_its_slot(
     let grace = std::time::Duration::from_secs(60);
     let mut id = Identity::restore(&probe, grace).unwrap();
     let cfg = config::parse(CONFIG, Path::new("kernel.toml")).unwrap();
-    let all = identity::desired(&cfg.services, &[], &HashMap::new());
+    let all = config_only(&cfg.services);
     let t0 = Instant::now();
     id.apply(&mut probe, &all, t0).unwrap();
     // "web" goes away: its endpoint leaves the table at once...
@@ -648,7 +804,7 @@ fn a_vanished_service_keeps_its_counts_for_the_grace_period_then_frees_its_slot(
         .filter(|s| s.name != "web")
         .cloned()
         .collect();
-    let less = identity::desired(&without, &[], &HashMap::new());
+    let less = config_only(&without);
     id.apply(&mut probe, &less, t0).unwrap();
     assert!(!probe.table().values().any(|s| *s == web));
     // ...but its counts stay readable through the grace period.
@@ -666,7 +822,7 @@ fn a_vanished_service_keeps_its_counts_for_the_grace_period_then_frees_its_slot(
     .unwrap();
     let mut with_new = without.clone();
     with_new.extend(newcomer.services);
-    let next = identity::desired(&with_new, &[], &HashMap::new());
+    let next = config_only(&with_new);
     id.apply(&mut probe, &next, t0 + grace).unwrap();
     assert_eq!(
         id.services()["newcomer"].slot,

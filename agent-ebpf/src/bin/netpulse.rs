@@ -33,8 +33,14 @@ mod kernel {
     static NP_GROUPS4: Array<Group4> = Array::with_max_entries(MAX_GROUPS, 0);
     #[map(name = "NP_GROUPS6")]
     static NP_GROUPS6: Array<Group6> = Array::with_max_entries(MAX_GROUPS, 0);
-    // One counter array per hook: the two hooks never write the same memory,
-    // so no atomics are needed even where XDP and TC run on one CPU.
+    #[map(name = "NP_ADDRS4")]
+    static NP_ADDRS4: HashMap<u32, ServiceRef> = HashMap::with_max_entries(MAX_ADDRS, 0);
+    #[map(name = "NP_ADDRS6")]
+    static NP_ADDRS6: HashMap<[u32; 4], ServiceRef> = HashMap::with_max_entries(MAX_ADDRS, 0);
+    // One counter array per path: the receive path (XDP, and TC ingress on
+    // container veths, both in softirq, which never nests on a CPU) and the
+    // transmit path (TC egress). They never write the same memory, so no
+    // atomics are needed even where both run on one CPU.
     #[map(name = "NP_COUNTERS_XDP")]
     static NP_COUNTERS_XDP: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
     #[map(name = "NP_COUNTERS_TC")]
@@ -296,10 +302,26 @@ mod kernel {
         }
     }
 
-    /// Returns (slot, direction in the service's view). Local end first:
-    /// an address-specific service (the port's group, else the hash table),
-    /// then the wildcard one from the port index; then, for ports remote
-    /// services use, the other end.
+    /// An address-specific local service on `port` at `addr`: the port's
+    /// group, else (for ports with more than a group holds) the hash table.
+    #[inline(always)]
+    fn exact(family: u8, proto: u8, port: u16, v: u64, addr: &[u32; 4]) -> Option<u32> {
+        let g = ((v >> PORT_GROUP_SHIFT) & PORT_GROUP_MASK) as u32;
+        if g != 0
+            && let Some(slot) = group(family, g, addr)
+        {
+            return Some(slot);
+        }
+        if v & PORT_LOCAL_HASH != 0 {
+            return table(family, proto, port, ROLE_LOCAL, addr);
+        }
+        None
+    }
+
+    /// Returns (slot, direction in the service's view) on a host interface.
+    /// Local end first: an address-specific service, then the wildcard one
+    /// from the port index; then, for ports remote services use, the other
+    /// end.
     #[inline(always)]
     fn classify(flow: &Flow, hook_dir: usize) -> (u32, usize) {
         let ingress = hook_dir == DIR_INGRESS;
@@ -310,15 +332,7 @@ mod kernel {
         };
         let (family, proto) = (flow.family, flow.proto);
         let v = ports(family, proto, lport);
-        let g = ((v >> PORT_GROUP_SHIFT) & PORT_GROUP_MASK) as u32;
-        if g != 0
-            && let Some(slot) = group(family, g, local)
-        {
-            return (slot, hook_dir);
-        }
-        if v & PORT_LOCAL_HASH != 0
-            && let Some(slot) = table(family, proto, lport, ROLE_LOCAL, local)
-        {
+        if let Some(slot) = exact(family, proto, lport, v, local) {
             return (slot, hook_dir);
         }
         if v & PORT_WILDCARD_MASK != 0 {
@@ -334,6 +348,34 @@ mod kernel {
             }
         }
         (SLOT_NO_MATCH, hook_dir)
+    }
+
+    /// On a container's host-side veth, `dir` is the container's view. Only
+    /// the container's end is looked at: a configured service on its
+    /// address and port first, then the container itself by address. Host
+    /// and remote services are counted on the host's interfaces, so a
+    /// packet between two containers, or from a container to the outside,
+    /// is counted once per service.
+    #[inline(always)]
+    fn classify_container(flow: &Flow, dir: usize) -> Option<u32> {
+        let (addr, port) = if dir == DIR_INGRESS {
+            (&flow.dst, flow.dport)
+        } else {
+            (&flow.src, flow.sport)
+        };
+        let family = flow.family;
+        let v = ports(family, flow.proto, port);
+        if let Some(slot) = exact(family, flow.proto, port, v, addr) {
+            return Some(slot);
+        }
+        // SAFETY (both): plain integers; a concurrent update can at worst
+        // give a stale slot number, which is still a valid slot.
+        let found = if family == FAMILY_V4 {
+            unsafe { NP_ADDRS4.get(&addr[0]) }
+        } else {
+            unsafe { NP_ADDRS6.get(addr) }
+        };
+        found.map(|r| r.slot)
     }
 
     #[inline(always)]
@@ -374,13 +416,20 @@ mod kernel {
         xdp_action::XDP_PASS
     }
 
-    #[classifier]
-    pub fn netpulse_tc(ctx: TcContext) -> i32 {
+    /// The TC path: makes the headers linear, parses, classifies with
+    /// `classify` and counts what the wire carries.
+    #[inline(always)]
+    fn tc_count(
+        ctx: &TcContext,
+        map: &PerCpuArray<SlotCounters>,
+        hook_dir: usize,
+        classify: impl Fn(&Flow) -> (u32, usize),
+    ) {
         let len = ctx.len() as u64;
         // SAFETY: the context pointer is the program's __sk_buff.
         let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
-        // Headers are almost always linear on egress; when they are not,
-        // make the first bytes linear rather than misread the packet.
+        // Headers are almost always linear; when they are not, make the
+        // first bytes linear rather than misread the packet.
         if ctx.data_end() - ctx.data() < TC_PULL as usize
             && len > (ctx.data_end() - ctx.data()) as u64
         {
@@ -396,20 +445,58 @@ mod kernel {
         };
         match parse(p) {
             Ok(flow) => {
-                let (slot, dir) = classify(&flow, DIR_EGRESS);
-                // A GSO skb leaves as `segs` wire packets, each repeating the
+                let (slot, dir) = classify(&flow);
+                // A GSO skb is `segs` wire packets, each repeating the
                 // headers: count what the wire carries.
                 let (packets, bytes) = if segs > 1 {
                     (segs, len + (segs - 1) * flow.hdr_len as u64)
                 } else {
                     (1, len)
                 };
-                count(&NP_COUNTERS_TC, slot, dir, packets, bytes, flow.tcp_flags);
+                count(map, slot, dir, packets, bytes, flow.tcp_flags);
             }
-            Err(slot) => {
-                count(&NP_COUNTERS_TC, slot, DIR_EGRESS, segs.max(1), len, 0);
-            }
+            Err(slot) => count(map, slot, hook_dir, segs.max(1), len, 0),
         }
+    }
+
+    #[classifier]
+    pub fn netpulse_tc(ctx: TcContext) -> i32 {
+        tc_count(&ctx, &NP_COUNTERS_TC, DIR_EGRESS, |f| {
+            classify(f, DIR_EGRESS)
+        });
+        TC_ACT_OK
+    }
+
+    // Unclassified packets on a container veth count in the host's view
+    // (arriving from the container = ingress), like those on any interface.
+
+    /// TC ingress on a container's host-side veth: what the container sends.
+    #[classifier]
+    pub fn netpulse_ct_from(ctx: TcContext) -> i32 {
+        tc_count(
+            &ctx,
+            &NP_COUNTERS_XDP,
+            DIR_INGRESS,
+            |f| match classify_container(f, DIR_EGRESS) {
+                Some(slot) => (slot, DIR_EGRESS),
+                None => (SLOT_NO_MATCH, DIR_INGRESS),
+            },
+        );
+        TC_ACT_OK
+    }
+
+    /// TC egress on a container's host-side veth: what the container receives.
+    #[classifier]
+    pub fn netpulse_ct_to(ctx: TcContext) -> i32 {
+        tc_count(
+            &ctx,
+            &NP_COUNTERS_TC,
+            DIR_EGRESS,
+            |f| match classify_container(f, DIR_INGRESS) {
+                Some(slot) => (slot, DIR_INGRESS),
+                None => (SLOT_NO_MATCH, DIR_EGRESS),
+            },
+        );
         TC_ACT_OK
     }
 

@@ -1,16 +1,18 @@
 //! Service identity: which endpoints belong to which named service, and which
 //! counter slot each service owns.
 //!
-//! Sources, strongest first: the config's `[[service]]` tables, then the
-//! host's listening sockets (named after their process). `desired` merges
-//! them into one endpoint table; `Identity::apply` writes it to the kernel
+//! Sources, strongest first: the config's `[[service]]` tables, then Docker
+//! containers (by address; a host-network container through its sockets'
+//! cgroup), then the host's listening sockets (named after their process).
+//! `desired` merges them into one endpoint table and one container address
+//! table; `Identity::apply` writes it to the kernel
 //! through `probe` and keeps the name ↔ slot mapping pinned, so a restarted
 //! agent continues every service's counts.
 
 pub mod sockets;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -23,13 +25,15 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Proto, Service},
+    docker::{self, Container},
     probe::{Probe, ProbeError},
 };
-use sockets::Listener;
+use sockets::{Listener, Owner};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {
     Config,
+    Container,
     Socket,
 }
 
@@ -37,7 +41,39 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Config => "config",
+            Source::Container => "container",
             Source::Socket => "socket",
+        }
+    }
+}
+
+/// A container behind a service, as `netpulse_service_info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerMeta {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub compose_project: String,
+    pub compose_service: String,
+    /// The allow-listed labels (config `docker.labels`), by label name.
+    pub labels: BTreeMap<String, String>,
+    /// `netpulse.check.<kind>` hints, by kind, for the checks engine.
+    pub check_hints: BTreeMap<String, String>,
+}
+
+impl ContainerMeta {
+    fn new(c: &Container, allow: &[String]) -> Self {
+        Self {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            image: c.image.clone(),
+            compose_project: c.label(docker::LABEL_COMPOSE_PROJECT).to_string(),
+            compose_service: c.label(docker::LABEL_COMPOSE_SERVICE).to_string(),
+            labels: allow
+                .iter()
+                .filter_map(|l| Some((l.clone(), c.labels.get(l)?.clone())))
+                .collect(),
+            check_hints: c.check_hints(),
         }
     }
 }
@@ -47,13 +83,39 @@ impl Source {
 pub struct ServiceMeta {
     pub source: Source,
     pub remote: bool,
+    /// The containers it counts for (replicas of a compose service share
+    /// one service).
+    pub containers: Vec<ContainerMeta>,
 }
 
-/// The endpoint table the kernel should hold, by service name.
+impl ServiceMeta {
+    fn new(source: Source, remote: bool) -> Self {
+        Self {
+            source,
+            remote,
+            containers: Vec::new(),
+        }
+    }
+}
+
+/// The tables the kernel should hold, by service name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Desired {
     pub endpoints: BTreeMap<EndpointKey, String>,
+    /// Container addresses: on the container's veth, every packet of the
+    /// address is the service's.
+    pub addrs: BTreeMap<IpAddr, String>,
     pub services: BTreeMap<String, ServiceMeta>,
+}
+
+/// Everything `desired` merges.
+pub struct Sources<'a> {
+    pub config: &'a [Service],
+    pub listeners: &'a [Listener],
+    pub owners: &'a HashMap<u64, Owner>,
+    pub containers: &'a [Container],
+    /// Container labels exported on the info metric.
+    pub labels: &'a [String],
 }
 
 fn key(addr: Option<IpAddr>, family: u8, proto: Proto, port: u16, role: u8) -> EndpointKey {
@@ -114,16 +176,16 @@ pub fn name_from_process(comm: &str) -> String {
     s
 }
 
-/// Merges the sources. Config services keep their endpoints; a listening
-/// socket adds its endpoints under its process name unless the config already
-/// covers that endpoint (exactly, or by the config's wildcard).
-pub fn desired(
-    config: &[Service],
-    listeners: &[Listener],
-    owners: &std::collections::HashMap<u64, String>,
-) -> Desired {
+/// Merges the sources. Config services keep their endpoints. A container
+/// (not on the host network) claims its addresses. A listening socket adds
+/// its endpoints unless the config already covers that endpoint (exactly,
+/// or by the config's wildcard), named after its host-network container if
+/// it runs in one, else its process; sockets on a container's published
+/// ports (docker-proxy) are left out, as that traffic is counted for the
+/// container on its veth.
+pub fn desired(src: &Sources) -> Desired {
     let mut d = Desired::default();
-    for s in config {
+    for s in src.config {
         let role = if s.remote { ROLE_REMOTE } else { ROLE_LOCAL };
         for e in &s.endpoints {
             let addrs: Vec<Option<IpAddr>> = if e.wildcard {
@@ -137,18 +199,46 @@ pub fn desired(
                 }
             }
         }
-        d.services.insert(
-            s.name.clone(),
-            ServiceMeta {
-                source: Source::Config,
-                remote: s.remote,
-            },
-        );
+        d.services
+            .insert(s.name.clone(), ServiceMeta::new(Source::Config, s.remote));
     }
-    for l in listeners {
-        let name = match owners.get(&l.inode) {
-            Some(comm) => name_from_process(comm),
-            None => format!("{}-{}", l.proto, l.port),
+    let mut published: BTreeSet<(Proto, u16)> = BTreeSet::new();
+    let mut by_id: HashMap<&str, &Container> = HashMap::new();
+    for c in src.containers {
+        published.extend(c.published.iter().copied());
+        by_id.insert(c.id.as_str(), c);
+        if c.host_network {
+            continue;
+        }
+        let name = c.service();
+        let mut claimed = false;
+        for a in &c.addrs {
+            d.addrs.entry(*a).or_insert_with(|| {
+                claimed = true;
+                name.clone()
+            });
+        }
+        if claimed {
+            d.services
+                .entry(name)
+                .or_insert_with(|| ServiceMeta::new(Source::Container, false))
+                .containers
+                .push(ContainerMeta::new(c, src.labels));
+        }
+    }
+    let mut host_net: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for l in src.listeners {
+        if published.contains(&(l.proto, l.port)) {
+            continue;
+        }
+        let owner = src.owners.get(&l.inode);
+        let container = owner
+            .and_then(|o| o.container.as_deref())
+            .and_then(|id| by_id.get(id));
+        let (name, source) = match (container, owner) {
+            (Some(c), _) => (c.service(), Source::Container),
+            (None, Some(o)) => (name_from_process(&o.comm), Source::Socket),
+            (None, None) => (format!("{}-{}", l.proto, l.port), Source::Socket),
         };
         let mut added = false;
         for k in keys_for(Some(l.addr), l.proto, l.port, ROLE_LOCAL) {
@@ -166,11 +256,27 @@ pub fn desired(
             }
         }
         if added {
-            d.services.entry(name).or_insert(ServiceMeta {
-                source: Source::Socket,
-                remote: false,
-            });
+            d.services
+                .entry(name.clone())
+                .or_insert_with(|| ServiceMeta::new(source, false));
+            if let Some(c) = container {
+                host_net.entry(name).or_default().insert(c.id.as_str());
+            }
         }
+    }
+    for (name, ids) in host_net {
+        if let Some(meta) = d.services.get_mut(&name) {
+            for id in ids {
+                if let Some(c) = by_id.get(id)
+                    && !meta.containers.iter().any(|m| m.id == id)
+                {
+                    meta.containers.push(ContainerMeta::new(c, src.labels));
+                }
+            }
+        }
+    }
+    for meta in d.services.values_mut() {
+        meta.containers.sort();
     }
     d
 }
@@ -313,6 +419,12 @@ impl Identity {
             .filter_map(|(k, name)| self.slots.get(name).map(|s| (*k, s.slot)))
             .collect();
         probe.sync_table(table)?;
+        let addrs: BTreeMap<IpAddr, u32> = want
+            .addrs
+            .iter()
+            .filter_map(|(a, name)| self.slots.get(name).map(|s| (*a, s.slot)))
+            .collect();
+        probe.sync_addrs(&addrs)?;
         Ok(())
     }
 }
@@ -354,11 +466,17 @@ endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.5" }]
             l(Proto::Tcp, "127.0.0.1", 9999, 4),
         ];
         let owners = HashMap::from([
-            (1, "nginx".to_string()),
-            (2, "sshd".to_string()),
-            (3, "systemd-resolve".to_string()),
+            (1, owner("nginx", None)),
+            (2, owner("sshd", None)),
+            (3, owner("systemd-resolve", None)),
         ]);
-        let d = desired(&cfg.services, &ls, &owners);
+        let d = desired(&Sources {
+            config: &cfg.services,
+            listeners: &ls,
+            owners: &owners,
+            containers: &[],
+            labels: &[],
+        });
         let names: Vec<&str> = d.services.keys().map(String::as_str).collect();
         assert_eq!(names, ["db", "sshd", "systemd-resolve", "tcp-9999", "web"]);
         // nginx's port 80 is the config's "web": no service named nginx.
@@ -373,6 +491,104 @@ endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.5" }]
         assert_eq!(db.len(), 1);
         assert_eq!(db[0].0.role, ROLE_REMOTE);
         assert_eq!(&db[0].0.addr_bytes()[..4], &[10, 0, 0, 5]);
+    }
+
+    fn owner(comm: &str, container: Option<&str>) -> Owner {
+        Owner {
+            comm: comm.into(),
+            container: container.map(String::from),
+        }
+    }
+
+    fn container(id: &str, name: &str, addrs: &[&str], labels: &[(&str, &str)]) -> Container {
+        Container {
+            id: id.into(),
+            name: name.into(),
+            image: "busybox:static".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            host_network: addrs.is_empty(),
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            published: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn containers_claim_addresses_and_host_network_ones_their_sockets() {
+        let mut web = container(
+            "aa",
+            "shop-web-1",
+            &["172.17.0.2"],
+            &[
+                ("com.docker.compose.service", "web"),
+                ("com.docker.compose.project", "shop"),
+                ("team", "payments"),
+                ("secret", "x"),
+            ],
+        );
+        web.published = vec![(Proto::Tcp, 8080)];
+        let web2 = container(
+            "bb",
+            "shop-web-2",
+            &["172.17.0.3"],
+            &[("com.docker.compose.service", "web")],
+        );
+        let agent = container("cc", "node-agent", &[], &[("netpulse.service", "edge")]);
+        let ls = vec![
+            // docker-proxy on the published port: the container's traffic.
+            l(Proto::Tcp, "0.0.0.0", 8080, 1),
+            l(Proto::Tcp, "::", 8080, 2),
+            // A host-network container's socket.
+            l(Proto::Tcp, "0.0.0.0", 9100, 3),
+            l(Proto::Tcp, "0.0.0.0", 22, 4),
+        ];
+        let owners = HashMap::from([
+            (1, owner("docker-proxy", None)),
+            (2, owner("docker-proxy", None)),
+            (3, owner("node_exporter", Some("cc"))),
+            (4, owner("sshd", None)),
+        ]);
+        let d = desired(&Sources {
+            config: &[],
+            listeners: &ls,
+            owners: &owners,
+            containers: &[web, web2, agent],
+            labels: &["team".to_string()],
+        });
+        let names: Vec<&str> = d.services.keys().map(String::as_str).collect();
+        assert_eq!(names, ["edge", "sshd", "web"]);
+        // Both replicas count for the compose service, by address.
+        let addrs: Vec<(String, &str)> = d
+            .addrs
+            .iter()
+            .map(|(a, n)| (a.to_string(), n.as_str()))
+            .collect();
+        assert_eq!(
+            addrs,
+            [("172.17.0.2".into(), "web"), ("172.17.0.3".into(), "web")]
+        );
+        let web = &d.services["web"];
+        assert_eq!(web.source, Source::Container);
+        assert_eq!(web.containers.len(), 2);
+        assert_eq!(web.containers[0].compose_project, "shop");
+        // Only allow-listed labels are kept.
+        assert_eq!(
+            web.containers[0].labels,
+            BTreeMap::from([("team".to_string(), "payments".to_string())])
+        );
+        // No endpoint for docker-proxy's published port.
+        assert!(!d.endpoints.keys().any(|k| k.port == 8080));
+        // The host-network container is named through its socket's cgroup.
+        let edge = &d.services["edge"];
+        assert_eq!(edge.source, Source::Container);
+        assert_eq!(edge.containers[0].name, "node-agent");
+        assert!(
+            d.endpoints
+                .iter()
+                .any(|(k, n)| k.port == 9100 && n == "edge")
+        );
     }
 
     #[test]

@@ -113,9 +113,36 @@ pub fn listeners(proc: &Path) -> Vec<Listener> {
     out
 }
 
-/// Maps socket inodes to the name (`comm`) of a process holding them.
-/// Inodes no visible process holds are absent.
-pub fn owners(proc: &Path, inodes: &HashSet<u64>) -> HashMap<u64, String> {
+/// The process holding a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Its `comm`.
+    pub comm: String,
+    /// The container it runs in, from its cgroup (a host-network
+    /// container's sockets are the host's).
+    pub container: Option<String>,
+}
+
+/// The 64-hex-digit container id in a `/proc/<pid>/cgroup` text, as Docker
+/// names cgroups: `docker-<id>.scope` under the systemd driver,
+/// `/docker/<id>` under cgroupfs (v1 or v2).
+pub fn container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.split('/').rev().find_map(|part| {
+            let id = part
+                .strip_prefix("docker-")
+                .and_then(|p| p.strip_suffix(".scope"))
+                .unwrap_or(part);
+            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| id.to_ascii_lowercase())
+        })
+    })
+}
+
+/// Maps socket inodes to a process holding them. Inodes no visible process
+/// holds are absent.
+pub fn owners(proc: &Path, inodes: &HashSet<u64>) -> HashMap<u64, Owner> {
     let mut out = HashMap::new();
     if inodes.is_empty() {
         return out;
@@ -134,7 +161,7 @@ pub fn owners(proc: &Path, inodes: &HashSet<u64>) -> HashMap<u64, String> {
         let Ok(fds) = fs::read_dir(proc.join(pid).join("fd")) else {
             continue;
         };
-        let mut comm: Option<String> = None;
+        let mut owner: Option<Owner> = None;
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
@@ -148,13 +175,18 @@ pub fn owners(proc: &Path, inodes: &HashSet<u64>) -> HashMap<u64, String> {
                 continue;
             };
             if inodes.contains(&inode) && !out.contains_key(&inode) {
-                if comm.is_none() {
-                    comm = fs::read_to_string(proc.join(pid).join("comm"))
+                if owner.is_none() {
+                    owner = fs::read_to_string(proc.join(pid).join("comm"))
                         .ok()
-                        .map(|c| c.trim().to_string());
+                        .map(|c| Owner {
+                            comm: c.trim().to_string(),
+                            container: fs::read_to_string(proc.join(pid).join("cgroup"))
+                                .ok()
+                                .and_then(|g| container_id(&g)),
+                        });
                 }
-                if let Some(c) = &comm {
-                    out.insert(inode, c.clone());
+                if let Some(o) = &owner {
+                    out.insert(inode, o.clone());
                 }
             }
         }
@@ -237,6 +269,24 @@ mod tests {
             .expect("our listener in /proc/net/tcp");
         let owners = owners(Path::new("/proc"), &HashSet::from([me.inode]));
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
-        assert_eq!(owners.get(&me.inode).map(String::as_str), Some(comm.trim()));
+        assert_eq!(
+            owners.get(&me.inode).map(|o| o.comm.as_str()),
+            Some(comm.trim())
+        );
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "3f4e5d6c7b8a99aabbccddeeff00112233445566778899aabbccddeeff001122";
+        for text in [
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("12:pids:/docker/{id}\n0::/docker/{id}\n"),
+            format!("0::/docker/{id}/init.scope\n"),
+        ] {
+            assert_eq!(container_id(&text).as_deref(), Some(id), "{text}");
+        }
+        assert_eq!(container_id("0::/user.slice/session-3.scope\n"), None);
+        assert_eq!(container_id("0::/\n"), None);
+        assert_eq!(container_id(""), None);
     }
 }
