@@ -278,7 +278,7 @@ pub mod programs {
     /// sends, egress what it receives.
     pub const CT_FROM: &str = "netpulse_ct_from";
     pub const CT_TO: &str = "netpulse_ct_to";
-    /// Empty XDP_PASS / TC_ACT_OK programs, the benchmark's baseline.
+    /// Empty XDP_PASS / TC_ACT_UNSPEC programs, the benchmark's baseline.
     pub const BASELINE_XDP: &str = "netpulse_baseline_xdp";
     pub const BASELINE_TC: &str = "netpulse_baseline_tc";
 }

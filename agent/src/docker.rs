@@ -36,6 +36,9 @@ pub const LABEL_COMPOSE_PROJECT: &str = "com.docker.compose.project";
 /// service for the checks engine (`netpulse.check.http=/healthz`).
 pub const LABEL_CHECK_PREFIX: &str = "netpulse.check.";
 
+/// The process Docker forwards published ports through (userland proxy).
+pub const PROXY_COMM: &str = "docker-proxy";
+
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Events come in bursts (create, connect, start); one listing after the

@@ -29,7 +29,8 @@ pub fn have_bin() -> bool {
 
 pub struct Agent {
     child: Child,
-    ns: String,
+    /// The namespace it runs in; None for the host's own.
+    ns: Option<String>,
     port: u16,
     pub log: PathBuf,
 }
@@ -38,15 +39,26 @@ impl Agent {
     /// `ip netns exec NS [wrapper...] netpulse run --config CONFIG`, its
     /// stderr appended to `log`. `port` is the config's listen port.
     pub fn start(ns: &Netns, wrapper: &[&str], config: &Path, port: u16, log: &Path) -> Agent {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .args(wrapper)
+            .arg(bin());
+        Self::spawn(cmd, Some(ns.name.clone()), config, port, log)
+    }
+
+    /// `netpulse run --config CONFIG` in the host's own namespace (for
+    /// what lives there: dockerd's containers and their veths).
+    pub fn start_host(config: &Path, port: u16, log: &Path) -> Agent {
+        Self::spawn(Command::new(bin()), None, config, port, log)
+    }
+
+    fn spawn(mut cmd: Command, ns: Option<String>, config: &Path, port: u16, log: &Path) -> Agent {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("agent log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .args(wrapper)
-            .arg(bin())
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -56,7 +68,7 @@ impl Agent {
             .expect("start netpulse");
         Agent {
             child,
-            ns: ns.name.clone(),
+            ns,
             port,
             log: log.to_path_buf(),
         }
@@ -73,12 +85,16 @@ impl Agent {
     /// One scrape from inside the namespace; None if it does not answer.
     pub fn metrics(&self) -> Option<Metrics> {
         let port = self.port;
-        run_in(&self.ns, move || {
+        let scrape = move || {
             get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), "/metrics")
                 .ok()
                 .filter(|(s, _)| *s == 200)
                 .map(|(_, b)| Metrics::parse(&b))
-        })
+        };
+        match &self.ns {
+            Some(ns) => run_in(ns, scrape),
+            None => scrape(),
+        }
     }
 
     /// Scrapes until `ready` holds (20 s at most), failing with the log if

@@ -28,7 +28,8 @@ use netpulse_tests::{
 };
 
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): tcx's "next", so later programs still run.
+const TC_NEXT: u32 = u32::MAX;
 
 const LOCAL: [u8; 4] = [10, 0, 0, 1];
 const OTHER_LOCAL: [u8; 4] = [10, 0, 0, 2];
@@ -133,7 +134,7 @@ impl Fx {
             .map_err(|e| e.to_string())?;
         let want = match hook {
             Hook::Xdp => XDP_PASS,
-            _ => TC_ACT_OK,
+            _ => TC_NEXT,
         };
         assert_eq!(verdict, want, "{hook:?} must always pass the packet");
         let after = self.snapshot();
@@ -918,23 +919,19 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
             }
             f
         };
-        for hook in [Hook::Xdp, Hook::Tc] {
+        for hook in [Hook::Xdp, Hook::Tc, Hook::CtFrom, Hook::CtTo] {
             match fx.probe.test_run(hook, &frame, 0, 1) {
                 Ok((verdict, _)) => {
-                    let pass = if hook == Hook::Xdp {
-                        XDP_PASS
-                    } else {
-                        TC_ACT_OK
-                    };
+                    let pass = if hook == Hook::Xdp { XDP_PASS } else { TC_NEXT };
                     assert_eq!(verdict, pass, "{hook:?} frame #{i}: {frame:02x?}");
                     runs += 1;
                 }
-                Err(_) if hook == Hook::Tc && kernel_refuses_test_skb(&frame) => {}
+                Err(_) if hook != Hook::Xdp && kernel_refuses_test_skb(&frame) => {}
                 Err(e) => panic!("{hook:?} frame #{i}: {e}: {frame:02x?}"),
             }
         }
     }
-    assert!(runs > 7000, "too few runs: {runs}");
+    assert!(runs > 14000, "too few runs: {runs}");
     assert_eq!(total(&fx) - before, runs, "counted packets != packets run");
 }
 

@@ -67,7 +67,8 @@ enum Cmd {
 /// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path,
 /// iproute2/iputils-ping/ethtool for the network-namespace tests, systemd
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
-/// prometheus (and promtool) for the rules and the scrape test.
+/// prometheus (and promtool) for the rules and the scrape test, docker.io
+/// and busybox-static for the container tests (images FROM scratch).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -82,6 +83,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "docker.io",
     "wrk",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -2,7 +2,10 @@
 //!
 //! Both programs parse the frame the same way, find the service it belongs
 //! to in the port index and the service tables, and add to that service's per-CPU slot. They observe
-//! only: every path returns XDP_PASS / TC_ACT_OK. The agent (agent/src/probe)
+//! only: every path returns XDP_PASS, or TC_ACT_UNSPEC on TC: under tcx
+//! that is "next", so programs attached after ours (another tool, a second
+//! netpulse) still run, and the packet passes when none is left; TC_ACT_OK
+//! would end the chain at us. The agent (agent/src/probe)
 //! loads them, keeps the tables current and sums the per-CPU slots.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
@@ -15,7 +18,7 @@ fn main() {}
 mod kernel {
     use agent_ebpf::*;
     use aya_ebpf::{
-        bindings::{TC_ACT_OK, xdp_action},
+        bindings::{TC_ACT_UNSPEC, xdp_action},
         macros::{classifier, map, xdp},
         maps::{Array, HashMap, PerCpuArray},
         programs::{TcContext, XdpContext},
@@ -464,7 +467,7 @@ mod kernel {
         tc_count(&ctx, &NP_COUNTERS_TC, DIR_EGRESS, |f| {
             classify(f, DIR_EGRESS)
         });
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 
     // Unclassified packets on a container veth count in the host's view
@@ -482,7 +485,7 @@ mod kernel {
                 None => (SLOT_NO_MATCH, DIR_INGRESS),
             },
         );
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 
     /// TC egress on a container's host-side veth: what the container receives.
@@ -497,7 +500,7 @@ mod kernel {
                 None => (SLOT_NO_MATCH, DIR_EGRESS),
             },
         );
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 
     /// Empty programs: the baseline `cargo xtask bench` subtracts. Never
@@ -509,7 +512,7 @@ mod kernel {
 
     #[classifier]
     pub fn netpulse_baseline_tc(_ctx: TcContext) -> i32 {
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 
     #[panic_handler]

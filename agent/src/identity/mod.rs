@@ -228,10 +228,15 @@ pub fn desired(src: &Sources) -> Desired {
     }
     let mut host_net: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for l in src.listeners {
-        if published.contains(&(l.proto, l.port)) {
+        let owner = src.owners.get(&l.inode);
+        // docker-proxy only ever forwards to a container; checking its name
+        // too covers the moment between its start and the container listing
+        // that shows the port.
+        if published.contains(&(l.proto, l.port))
+            || owner.is_some_and(|o| o.comm == docker::PROXY_COMM)
+        {
             continue;
         }
-        let owner = src.owners.get(&l.inode);
         let container = owner
             .and_then(|o| o.container.as_deref())
             .and_then(|id| by_id.get(id));

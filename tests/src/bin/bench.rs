@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: per-packet cost of the XDP and TC programs, measured
 //! by the kernel (BPF_PROG_TEST_RUN, mean over `--repeat` runs, median over
-//! `--rounds`), next to empty XDP_PASS / TC_ACT_OK programs measured in the
+//! `--rounds`), next to empty XDP_PASS / TC_ACT_UNSPEC programs measured in the
 //! same run, at 1, 1,000 and 50,000 endpoints in the service table.
 //! Target (issue 2): at most 15 ns per packet above the empty program.
 //! Then /metrics under wrk load while traffic flows (issue 8): p99, errors.

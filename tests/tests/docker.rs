@@ -1,0 +1,483 @@
+//! Containers against a real dockerd: the agent in the host's namespace
+//! names their traffic (label, compose service, container name), counts
+//! each packet once per host whichever way it comes in (the container's
+//! address, a published port through docker-proxy, DNAT, another
+//! container), describes them on `netpulse_service_info`, retires removed
+//! ones after the grace period, follows host-network containers through
+//! their sockets, and keeps counting while dockerd is gone.
+//!
+//! The exact oracle is the container's own kernel: the IPv4 packets and
+//! bytes its IP layer received and sent (`/proc/net/snmp`, `netstat`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use netpulse_tests::{
+    PinDir,
+    agent::{Agent, have_bin},
+    docker::{Container, IpCounters, SocketProxy, TEST_IMAGE, http_get, prerequisites, test_image},
+    scrape::Metrics,
+};
+
+struct Fx {
+    agent: Agent,
+    dir: PathBuf,
+    _pins: PinDir,
+}
+
+impl Drop for Fx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An agent in the host's namespace (where dockerd's veths are), on
+/// 127.0.0.1:`port`, with `extra` appended to its config.
+fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
+    if !prerequisites() || !have_bin() {
+        return None;
+    }
+    test_image();
+    let pins = PinDir::new(tag);
+    let dir = std::env::temp_dir().join(format!("netpulse-docker-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nrefresh_seconds = 0.25\nretire_seconds = 3\n{extra}",
+            pins.path().display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_host(&cfg, port, &dir.join("agent.log"));
+    Some(Fx {
+        agent,
+        dir,
+        _pins: pins,
+    })
+}
+
+fn packets(m: &Metrics, service: &str, dir: &str) -> u64 {
+    m.sum(
+        "netpulse_service_packets_total",
+        &[("service", service), ("direction", dir)],
+    )
+}
+
+fn bytes(m: &Metrics, service: &str, dir: &str) -> u64 {
+    m.sum(
+        "netpulse_service_bytes_total",
+        &[("service", service), ("direction", dir)],
+    )
+}
+
+fn docker_up(m: &Metrics) -> bool {
+    m.sum("netpulse_source_up", &[("source", "docker")]) == 1
+}
+
+/// The container programs on `veth` (a veth is attached as a host
+/// interface for the moment before Docker puts it in the bridge).
+fn on_container_veth(m: &Metrics, veth: &str) -> bool {
+    m.has(
+        "netpulse_probe_attached",
+        &[("interface", veth), ("hook", "tc"), ("mode", "ingress")],
+    )
+}
+
+fn has_service(m: &Metrics, name: &str) -> bool {
+    m.has("netpulse_service_info", &[("service", name)])
+}
+
+/// The agent's counts for `service` as [`IpCounters`]: frames carry 14
+/// bytes of Ethernet header the IP layer does not see.
+fn as_ip(m: &Metrics, service: &str) -> IpCounters {
+    let (pi, pe) = (
+        packets(m, service, "ingress"),
+        packets(m, service, "egress"),
+    );
+    IpCounters {
+        in_packets: pi,
+        out_packets: pe,
+        in_octets: bytes(m, service, "ingress") - 14 * pi,
+        out_octets: bytes(m, service, "egress") - 14 * pe,
+    }
+}
+
+fn delta(a: IpCounters, b: IpCounters) -> IpCounters {
+    IpCounters {
+        in_packets: b.in_packets - a.in_packets,
+        out_packets: b.out_packets - a.out_packets,
+        in_octets: b.in_octets - a.in_octets,
+        out_octets: b.out_octets - a.out_octets,
+    }
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[test]
+fn containers_are_named_described_and_counted_once_per_host() {
+    let pid = std::process::id();
+    let Some(mut fx) = agent("named", 19491, "[docker]\nlabels = [\"team\"]\n") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    // A second agent: its TC programs run after the first's on each veth
+    // (tcx), which must pass the packet on to them, not end the chain.
+    let Some(mut second) = agent("second", 19492, "") else {
+        return;
+    };
+    second.agent.wait_for("the second agent", docker_up);
+
+    let (web_name, labelled_name, compose_name) = (
+        format!("np-web-{pid}"),
+        format!("np-labelled-{pid}"),
+        format!("np-compose-{pid}"),
+    );
+    let (labelled_svc, compose_svc, project) = (
+        format!("np-by-label-{pid}"),
+        format!("np-by-compose-{pid}"),
+        format!("np-proj-{pid}"),
+    );
+    let gateway = netpulse_tests::docker::docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let web = Container::run(
+        &web_name,
+        &[
+            "--label",
+            "team=payments",
+            "--label",
+            "secret=hunter2",
+            "--label",
+            "netpulse.check.http=/",
+            "-p",
+            "127.0.0.1:19493:80",
+            "-p",
+            &format!("{gateway}:19493:80"),
+            TEST_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let labelled = Container::run(
+        &labelled_name,
+        &[
+            "--label",
+            &format!("netpulse.service={labelled_svc}"),
+            "--label",
+            "com.docker.compose.service=not-this-one",
+            TEST_IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    let _compose = Container::run(
+        &compose_name,
+        &[
+            "--label",
+            &format!("com.docker.compose.service={compose_svc}"),
+            "--label",
+            &format!("com.docker.compose.project={project}"),
+            TEST_IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    // docker run returns once the container runs: from then on, 2 s.
+    let started = Instant::now();
+    let m = fx.agent.wait_for("the three containers' services", |m| {
+        [&web_name, &labelled_svc, &compose_svc]
+            .iter()
+            .all(|s| has_service(m, s))
+    });
+    let took = started.elapsed();
+    eprintln!("the last container named {took:?} after it started");
+    assert!(took < Duration::from_secs(2), "naming took {took:?}");
+    assert!(!has_service(&m, "not-this-one"));
+    assert!(m.has(
+        "netpulse_service_info",
+        &[
+            ("service", &web_name),
+            ("source", "container"),
+            ("container", &web_name),
+            ("image", TEST_IMAGE),
+            ("label_team", "payments"),
+        ],
+    ));
+    assert!(m.has(
+        "netpulse_service_info",
+        &[
+            ("service", &compose_svc),
+            ("container", &compose_name),
+            ("compose_project", &project),
+            ("compose_service", &compose_svc),
+        ],
+    ));
+    let leaked = m.0.values().flatten().any(|(l, _)| {
+        l.iter()
+            .any(|(k, v)| k.contains("secret") || v.contains("hunter2"))
+    });
+    assert!(!leaked, "a label outside the allow-list was exported");
+
+    // Every way in, once: the container's address, the published port on
+    // loopback (docker-proxy) and on the bridge address (DNAT from the
+    // host), and another container.
+    let veth = web.host_veth();
+    for a in [&mut fx.agent, &mut second.agent] {
+        a.wait_for("probes on the web container's veth", |m| {
+            on_container_veth(m, &veth) && has_service(m, &web_name)
+        });
+    }
+    let web_ip = web.ip();
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+    settle();
+    let web0 = web.ip_counters();
+    let lab0 = labelled.ip_counters();
+    let m0 = fx.agent.metrics().expect("metrics");
+    let s0 = second.agent.metrics().expect("metrics");
+    const N: usize = 10;
+    for target in [
+        addr(&web_ip, 80),
+        addr("127.0.0.1", 19493),
+        addr(&gateway, 19493),
+    ] {
+        for _ in 0..N {
+            let status = http_get(target);
+            assert!(status.contains(" 200 "), "GET {target}: {status}");
+        }
+    }
+    for _ in 0..N {
+        netpulse_tests::docker::docker_ok(&[
+            "exec",
+            &labelled_name,
+            "/bin/busybox",
+            "wget",
+            "-q",
+            "-O",
+            "/dev/null",
+            &format!("http://{web_ip}/"),
+        ]);
+    }
+    settle();
+    let web1 = web.ip_counters();
+    let lab1 = labelled.ip_counters();
+    let m1 = fx.agent.metrics().expect("metrics");
+    let s1 = second.agent.metrics().expect("metrics");
+    let want = delta(web0, web1);
+    eprintln!("web container, its own kernel: {want:?}");
+    assert!(want.in_packets >= (4 * N * 5) as u64, "{want:?}");
+    assert_eq!(
+        delta(as_ip(&m0, &web_name), as_ip(&m1, &web_name)),
+        want,
+        "the web container's counts against its own kernel's"
+    );
+    assert_eq!(
+        delta(as_ip(&s0, &web_name), as_ip(&s1, &web_name)),
+        want,
+        "the second agent's counts"
+    );
+    assert_eq!(
+        delta(as_ip(&m0, &labelled_svc), as_ip(&m1, &labelled_svc)),
+        delta(lab0, lab1),
+        "the client container's counts against its own kernel's"
+    );
+    // docker-proxy's socket is the container's traffic, not a service.
+    assert!(
+        !m1.label_values("netpulse_service_info", "service")
+            .iter()
+            .any(|s| s.contains("docker-proxy")),
+        "docker-proxy named as a service"
+    );
+    drop(labelled);
+    drop(web);
+}
+
+#[test]
+fn a_removed_container_leaves_after_the_grace_period_and_one_back_continues() {
+    let pid = std::process::id();
+    let Some(mut fx) = agent("retire", 19496, "") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    let name = format!("np-retire-{pid}");
+    let svc = format!("np-retiring-{pid}");
+    let run = || {
+        Container::run(
+            &name,
+            &[
+                "--label",
+                &format!("netpulse.service={svc}"),
+                TEST_IMAGE,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        )
+    };
+    let c = run();
+    let veth = c.host_veth();
+    fx.agent.wait_for("the container's service and veth", |m| {
+        has_service(m, &svc) && on_container_veth(m, &veth)
+    });
+    for _ in 0..5 {
+        http_get(addr(&c.ip(), 80));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = packets(&fx.agent.metrics().unwrap(), &svc, "ingress");
+    assert!(before >= 5 * 4, "{before}");
+    drop(c);
+    // Gone from Docker, still readable through the grace period.
+    let m = fx.agent.metrics().unwrap();
+    assert_eq!(packets(&m, &svc, "ingress"), before);
+    // Back under the same name within the grace period: it continues.
+    let c = run();
+    let veth = c.host_veth();
+    fx.agent.wait_for("the container back", |m| {
+        has_service(m, &svc) && on_container_veth(m, &veth)
+    });
+    for _ in 0..5 {
+        http_get(addr(&c.ip(), 80));
+    }
+    fx.agent.wait_for("counts continuing from before", |m| {
+        packets(m, &svc, "ingress") >= before + 5 * 4
+    });
+    drop(c);
+    let gone = Instant::now();
+    fx.agent
+        .wait_for("the service retired", |m| !has_service(m, &svc));
+    let took = gone.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "retired after {took:?}, before the 3 s grace period"
+    );
+}
+
+#[test]
+fn a_host_network_container_is_named_through_its_sockets() {
+    let pid = std::process::id();
+    let Some(mut fx) = agent("hostnet", 19497, "") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    let name = format!("np-hostnet-{pid}");
+    let _c = Container::run(
+        &name,
+        &[
+            "--network",
+            "host",
+            TEST_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:19494",
+            "-h",
+            "/www",
+        ],
+    );
+    // Not after the process (httpd), after the container it runs in.
+    fx.agent
+        .wait_for("the host-network container's service", |m| {
+            m.has(
+                "netpulse_service_info",
+                &[
+                    ("service", &name),
+                    ("source", "container"),
+                    ("container", &name),
+                ],
+            )
+        });
+    for _ in 0..5 {
+        let status = http_get(addr("127.0.0.1", 19494));
+        assert!(status.contains(" 200 "), "{status}");
+    }
+    fx.agent.wait_for("its traffic counted", |m| {
+        packets(m, &name, "ingress") >= 5 * 4 && packets(m, &name, "egress") >= 5 * 4
+    });
+}
+
+#[test]
+fn without_dockerd_the_agent_counts_on_and_reconnects_when_it_returns() {
+    let pid = std::process::id();
+    if !prerequisites() {
+        return;
+    }
+    let sock = std::env::temp_dir().join(format!("netpulse-dockerd-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let Some(mut fx) = agent(
+        "dockerd",
+        19498,
+        &format!("[docker]\nsocket = \"{}\"\n", sock.display()),
+    ) else {
+        return;
+    };
+    let name = format!("np-outage-{pid}");
+    let c = Container::run(
+        &name,
+        &[TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"],
+    );
+    // No socket at start: the agent runs, says so once, and reports the
+    // source down.
+    let m = fx.agent.wait_for("the agent up without dockerd", |m| {
+        m.has("netpulse_source_up", &[("source", "docker")])
+    });
+    assert!(!docker_up(&m));
+    assert!(!has_service(&m, &name));
+    let log = fx.agent.log_text();
+    assert!(
+        log.contains(&format!("no Docker socket at {}", sock.display())),
+        "{log}"
+    );
+
+    // dockerd appears: within the backoff the container is named.
+    let proxy = SocketProxy::start(&sock, Path::new("/var/run/docker.sock"));
+    let veth = c.host_veth();
+    fx.agent
+        .wait_for("the source up and the container named", |m| {
+            docker_up(m) && has_service(m, &name) && on_container_veth(m, &veth)
+        });
+
+    // dockerd goes away: the source is down, the container keeps its name
+    // and its traffic is still counted.
+    proxy.stop();
+    fx.agent.wait_for("the source down", |m| !docker_up(m));
+    let before = packets(&fx.agent.metrics().unwrap(), &name, "ingress");
+    for _ in 0..5 {
+        http_get(addr(&c.ip(), 80));
+    }
+    fx.agent.wait_for("counting through the outage", |m| {
+        has_service(m, &name) && packets(m, &name, "ingress") >= before + 5 * 4
+    });
+    let warnings = fx
+        .agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("retrying with backoff"))
+        .count();
+    assert_eq!(
+        warnings,
+        2,
+        "one warning per outage:\n{}",
+        fx.agent.log_text()
+    );
+
+    // And back.
+    let _proxy = SocketProxy::start(&sock, Path::new("/var/run/docker.sock"));
+    fx.agent.wait_for("the source up again", docker_up);
+}
