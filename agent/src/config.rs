@@ -568,6 +568,22 @@ mod tests {
     }
 
     #[test]
+    fn docker_defaults_and_label_names() {
+        let l = parse("", Path::new("c.toml")).unwrap();
+        assert!(l.raw.docker.enabled);
+        assert_eq!(l.raw.docker.socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
+        assert_eq!(
+            label_metric_name("com.example.team-name"),
+            "label_com_example_team_name"
+        );
+        // Two labels that would export under one name are refused.
+        let e = errs("[docker]\nlabels = [\"team.name\", \"team-name\"]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("c.toml:2:24:"), "{e:?}");
+        assert!(e[0].contains("label_team_name"), "{e:?}");
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let text = include_str!("../../systemd/config.toml");
         let l = parse(text, Path::new("systemd/config.toml")).unwrap();

@@ -191,15 +191,151 @@ fn proc_tables(text: &str) -> HashMap<(String, String), u64> {
     out
 }
 
-/// One HTTP/1.0 GET; returns the status line. The server closes.
-pub fn http_get(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
+/// The workspace's `target/`, where `cargo xtask` records the dockerd it
+/// started (`dockerd.owned`) and logs it (`dockerd.log`).
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// Where dockerd's own containerd records its pid.
+const CONTAINERD_PID: &str = "/var/run/docker/containerd/containerd.pid";
+
+/// The pid of a dockerd the test harness started (`cargo xtask` records
+/// it), if that process still runs: the only dockerd a test may kill.
+pub fn owned_dockerd() -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(target_dir().join("dockerd.owned"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "dockerd").then_some(pid)
+}
+
+/// SIGKILLs the harness's dockerd (`pid`, from [`owned_dockerd`]), waits
+/// for it to go, and returns a closure that starts it again the way
+/// `cargo xtask` does (recording the new pid) and waits until it answers.
+pub fn kill_owned_dockerd(pid: i32) -> impl FnOnce() {
+    // The containerd dockerd runs dies with it (parent-death signal); a new
+    // dockerd that finds it still exiting waits for it in vain.
+    let containerd: Option<i32> = std::fs::read_to_string(CONTAINERD_PID)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .filter(|c| parent_of(*c) == Some(pid));
+    // SAFETY: signalling a process the harness started, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let gone = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| s.contains(") Z "))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !gone(pid) || containerd.is_some_and(|c| !gone(c)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dockerd {pid} (or its containerd) did not go"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    move || {
+        // A killed dockerd leaves its pid file, and a new one refuses to
+        // start beside it.
+        let pidfile = Path::new("/var/run/docker.pid");
+        if std::fs::read_to_string(pidfile).is_ok_and(|p| p.trim() == pid.to_string()) {
+            let _ = std::fs::remove_file(pidfile);
+        }
+        // Likewise its containerd's, which a dead but unreaped containerd
+        // (a zombie, where nothing reaps orphans) would keep "running".
+        if containerd.is_some() {
+            let _ = std::fs::remove_file(CONTAINERD_PID);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target_dir().join("dockerd.log"))
+            .expect("dockerd log");
+        let child = Command::new("dockerd")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        std::fs::write(target_dir().join("dockerd.owned"), child.id().to_string())
+            .expect("record dockerd");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !docker(&["info"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not come back"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A host outside: a network namespace joined to the host's own namespace
+/// by a veth (`10.78.<net>.2` there, `10.78.<net>.1` on the host's end),
+/// routed through the host. Removed (with its veth) on drop.
+pub struct Outside {
+    pub ns: crate::netns::Netns,
+    pub host_dev: String,
+}
+
+impl Outside {
+    pub fn new(tag: &str, net: u8) -> Self {
+        let ns = crate::netns::Netns::new(&format!("np-{tag}-{}", std::process::id()));
+        let (host_dev, dev) = (format!("npo{net}h"), format!("npo{net}n"));
+        let _ = Command::new("ip").args(["link", "del", &host_dev]).output();
+        let (host_addr, addr, via) = (
+            format!("10.78.{net}.1/24"),
+            format!("10.78.{net}.2/24"),
+            format!("10.78.{net}.1"),
+        );
+        let n = ns.name.as_str();
+        for args in [
+            &[
+                "link", "add", &host_dev, "type", "veth", "peer", "name", &dev, "netns", n,
+            ][..],
+            &["addr", "add", &host_addr, "dev", &host_dev],
+            &["link", "set", &host_dev, "up"],
+            &["-n", n, "addr", "add", &addr, "dev", &dev],
+            &["-n", n, "link", "set", &dev, "up"],
+            &["-n", n, "route", "add", "default", "via", &via],
+        ] {
+            crate::netns::sh("ip", args);
+        }
+        Outside { ns, host_dev }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .output();
+    }
+}
+
+/// One HTTP/1.0 GET; the status line, or the error. The server closes.
+pub fn try_http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")?;
     let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines().next().unwrap_or_default().to_string()
+    s.read_to_string(&mut body)?;
+    Ok(body.lines().next().unwrap_or_default().to_string())
+}
+
+/// Like [`try_http_get`], failing the test on an error.
+pub fn http_get(addr: SocketAddr) -> String {
+    try_http_get(addr).unwrap_or_else(|e| panic!("GET {addr}: {e}"))
 }
 
 /// Forwards a unix socket to dockerd's until stopped, when it closes every

@@ -124,6 +124,19 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
             &[("interface", pair.dev_a.as_str())],
         )
     });
+    // Docker's socket is root's and the docker group's: without the group
+    // the agent says which socket and why, and counts on.
+    if std::path::Path::new("/var/run/docker.sock").exists() {
+        let m = agent.wait_for("the Docker source reported down", |m| {
+            m.has("netpulse_source_up", &[("source", "docker")])
+        });
+        assert_eq!(m.sum("netpulse_source_up", &[("source", "docker")]), 0);
+        let log = agent.log_text();
+        assert!(
+            log.contains("permission denied on the Docker socket /var/run/docker.sock"),
+            "{log}"
+        );
+    }
     // It is who we said: uid nobody, exactly the unit's capabilities.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let field = |k: &str| {

@@ -7,7 +7,8 @@
 //! their sockets, and keeps counting while dockerd is gone.
 //!
 //! The exact oracle is the container's own kernel: the IPv4 packets and
-//! bytes its IP layer received and sent (`/proc/net/snmp`, `netstat`).
+//! bytes its IP layer received and sent (`/proc/net/snmp`, `netstat`),
+//! which sees every packet once, however it came.
 
 use std::{
     net::SocketAddr,
@@ -18,7 +19,11 @@ use std::{
 use netpulse_tests::{
     PinDir,
     agent::{Agent, have_bin},
-    docker::{Container, IpCounters, SocketProxy, TEST_IMAGE, http_get, prerequisites, test_image},
+    docker::{
+        Container, IpCounters, Outside, SocketProxy, TEST_IMAGE, docker, docker_ok, http_get,
+        kill_owned_dockerd, owned_dockerd, prerequisites, test_image, try_http_get,
+    },
+    require,
     scrape::Metrics,
 };
 
@@ -116,6 +121,33 @@ fn delta(a: IpCounters, b: IpCounters) -> IpCounters {
     }
 }
 
+/// Sends requests to `target` until `service` has at least `want` ingress
+/// packets (20 s at most), checking its counts never go back. For a
+/// service that keeps its name through a change (grace period, dockerd
+/// outage) and so is in /metrics before Docker has listed the new
+/// container.
+fn until_counted(agent: &Agent, service: &str, target: SocketAddr, want: u64) {
+    let start = packets(&agent.metrics().expect("metrics"), service, "ingress");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = try_http_get(target);
+        let now = packets(&agent.metrics().expect("metrics"), service, "ingress");
+        assert!(
+            now >= start,
+            "{service}'s counts went back: {start} -> {now}"
+        );
+        if now >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} not counted: {now} of {want}; log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
@@ -126,6 +158,16 @@ fn containers_are_named_described_and_counted_once_per_host() {
     let Some(mut fx) = agent("named", 19491, "[docker]\nlabels = [\"team\"]\n") else {
         return;
     };
+    // A client host outside, behind a veth into this host: its requests to
+    // a published port cross that veth (an uplink, to the agent), the
+    // bridge and the container's veth.
+    let outside = Outside::new("named", 1);
+    fx.agent.wait_for("probes on the outside host's link", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", &outside.host_dev), ("hook", "xdp")],
+        )
+    });
     fx.agent.wait_for("the Docker source", docker_up);
     // A second agent: its TC programs run after the first's on each veth
     // (tcx), which must pass the packet on to them, not end the chain.
@@ -144,7 +186,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
         format!("np-by-compose-{pid}"),
         format!("np-proj-{pid}"),
     );
-    let gateway = netpulse_tests::docker::docker_ok(&[
+    let gateway = docker_ok(&[
         "network",
         "inspect",
         "bridge",
@@ -260,8 +302,16 @@ fn containers_are_named_described_and_counted_once_per_host() {
             assert!(status.contains(" 200 "), "GET {target}: {status}");
         }
     }
+    let published = addr(&gateway, 19493);
     for _ in 0..N {
-        netpulse_tests::docker::docker_ok(&[
+        let status = outside.ns.run(move || http_get(published));
+        assert!(
+            status.contains(" 200 "),
+            "GET {published} from outside: {status}"
+        );
+    }
+    for _ in 0..N {
+        docker_ok(&[
             "exec",
             &labelled_name,
             "/bin/busybox",
@@ -279,7 +329,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
     let s1 = second.agent.metrics().expect("metrics");
     let want = delta(web0, web1);
     eprintln!("web container, its own kernel: {want:?}");
-    assert!(want.in_packets >= (4 * N * 5) as u64, "{want:?}");
+    assert!(want.in_packets >= (5 * N * 5) as u64, "{want:?}");
     assert_eq!(
         delta(as_ip(&m0, &web_name), as_ip(&m1, &web_name)),
         want,
@@ -352,12 +402,9 @@ fn a_removed_container_leaves_after_the_grace_period_and_one_back_continues() {
     fx.agent.wait_for("the container back", |m| {
         has_service(m, &svc) && on_container_veth(m, &veth)
     });
-    for _ in 0..5 {
-        http_get(addr(&c.ip(), 80));
-    }
-    fx.agent.wait_for("counts continuing from before", |m| {
-        packets(m, &svc, "ingress") >= before + 5 * 4
-    });
+    // Still in its grace period, so in /metrics before Docker lists it
+    // again: requests until they are counted, on top of the old counts.
+    until_counted(&fx.agent, &svc, addr(&c.ip(), 80), before + 5 * 4);
     drop(c);
     let gone = Instant::now();
     fx.agent
@@ -480,4 +527,171 @@ fn without_dockerd_the_agent_counts_on_and_reconnects_when_it_returns() {
     // And back.
     let _proxy = SocketProxy::start(&sock, Path::new("/var/run/docker.sock"));
     fx.agent.wait_for("the source up again", docker_up);
+}
+
+/// A user-defined network, removed on drop.
+struct Network(String);
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.0]);
+    }
+}
+
+#[test]
+fn a_container_given_a_new_address_keeps_its_service_and_counts() {
+    let pid = std::process::id();
+    let Some(mut fx) = agent("newip", 19500, "") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    let net = Network(format!("np-net-{pid}"));
+    let _ = docker(&["network", "rm", &net.0]);
+    docker_ok(&["network", "create", "--subnet", "10.79.0.0/24", &net.0]);
+    let (name, svc) = (format!("np-newip-{pid}"), format!("np-moving-{pid}"));
+    let c = Container::run(
+        &name,
+        &[
+            "--network",
+            &net.0,
+            "--ip",
+            "10.79.0.10",
+            "--label",
+            &format!("netpulse.service={svc}"),
+            TEST_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let veth = c.host_veth();
+    fx.agent.wait_for("the container on its network", |m| {
+        has_service(m, &svc) && on_container_veth(m, &veth)
+    });
+    for _ in 0..5 {
+        http_get(addr("10.79.0.10", 80));
+    }
+    let first = fx.agent.wait_for("its first requests", |m| {
+        packets(m, &svc, "ingress") >= 5 * 5
+    });
+    let before = as_ip(&first, &svc);
+
+    // Stopped, moved to another address, started: a new veth, a new
+    // address, the same service.
+    docker_ok(&["stop", "-t", "1", &name]);
+    docker_ok(&["network", "disconnect", &net.0, &name]);
+    docker_ok(&["network", "connect", "--ip", "10.79.0.11", &net.0, &name]);
+    docker_ok(&["start", &name]);
+    let veth = c.host_veth();
+    fx.agent.wait_for("the container at its new address", |m| {
+        on_container_veth(m, &veth)
+    });
+    let target = addr("10.79.0.11", 80);
+    until_counted(&fx.agent, &svc, target, before.in_packets + 5);
+    std::thread::sleep(Duration::from_millis(500));
+    let k0 = c.ip_counters();
+    let m0 = fx.agent.metrics().unwrap();
+    for _ in 0..5 {
+        let status = http_get(target);
+        assert!(status.contains(" 200 "), "{status}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let k1 = c.ip_counters();
+    let m1 = fx.agent.metrics().unwrap();
+    assert_eq!(
+        delta(as_ip(&m0, &svc), as_ip(&m1, &svc)),
+        delta(k0, k1),
+        "at the new address, against the container's own counts"
+    );
+    // The counts went on from where they were.
+    let now = as_ip(&m1, &svc);
+    assert!(
+        now.in_packets >= before.in_packets + 25,
+        "{before:?} -> {now:?}"
+    );
+    drop(c);
+}
+
+#[test]
+fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_back() {
+    let pid = std::process::id();
+    if !prerequisites()
+        || !require(
+            "a dockerd started by the test harness (cargo xtask test records it in target/dockerd.owned); a test kills only that one",
+            owned_dockerd().is_some(),
+        )
+    {
+        return;
+    }
+    let Some(mut fx) = agent("dockerd-kill", 19501, "") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    let (name, svc) = (
+        format!("np-survivor-{pid}"),
+        format!("np-survivor-svc-{pid}"),
+    );
+    let c = Container::run(
+        &name,
+        &[
+            "--restart",
+            "always",
+            "--label",
+            &format!("netpulse.service={svc}"),
+            TEST_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let veth = c.host_veth();
+    let ip = c.ip();
+    fx.agent.wait_for("the container named", |m| {
+        has_service(m, &svc) && on_container_veth(m, &veth)
+    });
+
+    // Traffic all along: a request every 50 ms for at most 60 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, target) = (stop.clone(), addr(&ip, 80));
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < end {
+                let _ = try_http_get(target);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    let dockerd = owned_dockerd().expect("the harness's dockerd");
+    let restart = kill_owned_dockerd(dockerd);
+    let m = fx
+        .agent
+        .wait_for("the Docker source down", |m| !docker_up(m));
+    let during = packets(&m, &svc, "ingress");
+    fx.agent
+        .wait_for("counting on, under the container's name", |m| {
+            packets(m, &svc, "ingress") >= during + 20
+        });
+    assert!(!fx.agent.exited(), "the agent died with dockerd");
+
+    restart();
+    fx.agent.wait_for("the Docker source back", docker_up);
+    // The container is (re)started by the new dockerd: named again, on
+    // its (possibly new) veth, and counted.
+    let veth = c.host_veth();
+    let back = fx.agent.wait_for("the container named again", |m| {
+        has_service(m, &svc) && on_container_veth(m, &veth)
+    });
+    let after = packets(&back, &svc, "ingress");
+    until_counted(&fx.agent, &svc, addr(&c.ip(), 80), after + 5 * 5);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    traffic.join().unwrap();
+    drop(c);
 }

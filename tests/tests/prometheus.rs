@@ -157,7 +157,7 @@ fn rule_exprs() -> Vec<(String, String)> {
         }
         i += 1;
     }
-    assert_eq!(out.len(), 5, "{out:?}");
+    assert_eq!(out.len(), 6, "{out:?}");
     out
 }
 

@@ -321,6 +321,10 @@ fn package() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where `ensure_dockerd` records the pid of a dockerd it started
+/// (tests/src/docker.rs reads it).
+const DOCKERD_OWNED: &str = "target/dockerd.owned";
+
 /// Makes sure a Docker daemon answers; starts Debian's dockerd in the
 /// background if none does (it keeps running after xtask exits).
 fn ensure_dockerd() -> Result<()> {
@@ -331,11 +335,14 @@ fn ensure_dockerd() -> Result<()> {
     std::fs::create_dir_all(root().join("target"))?;
     let log = std::fs::File::create(&log_path)?;
     eprintln!("xtask: starting dockerd (log: {})", log_path.display());
-    Command::new("dockerd")
+    let child = Command::new("dockerd")
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("spawning dockerd")?;
+    // The tests restart only a dockerd the harness started: this file says
+    // which one.
+    std::fs::write(root().join(DOCKERD_OWNED), child.id().to_string())?;
     for _ in 0..120 {
         if ok(Command::new("docker").arg("info")) {
             return Ok(());
