@@ -252,6 +252,9 @@ pub fn kill_owned_dockerd(pid: i32) -> impl FnOnce() {
             .append(true)
             .open(target_dir().join("dockerd.log"))
             .expect("dockerd log");
+        // dockerd outlives the test, as the one the harness started does:
+        // never waited for here.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new("dockerd")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
