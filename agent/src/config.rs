@@ -33,6 +33,8 @@ pub struct Config {
     pub docker: DockerConfig,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    #[serde(default, rename = "check")]
+    pub checks: Vec<CheckConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +86,446 @@ impl Default for AgentConfig {
             max_series: Spanned::new(0..0, 10_000),
         }
     }
+}
+
+/// `[[check]]`: a health check. Keys beyond the common ones belong to one
+/// kind (`body_contains` to http, `send` to tcp, ...); a key of another
+/// kind is an error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub name: Spanned<String>,
+    /// http (http:// and https:// URLs), tcp, dns or icmp.
+    pub kind: Spanned<String>,
+    /// http: a URL; tcp: host:port; dns: the name to query; icmp: a host.
+    pub target: Spanned<String>,
+    #[serde(default)]
+    pub service: Option<Spanned<String>>,
+    #[serde(default)]
+    pub interval_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub timeout_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub jitter_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub retries: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub retry_backoff_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub failure_threshold: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub success_threshold: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub depends_on: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub run_when_blocked: bool,
+    // http
+    #[serde(default)]
+    pub method: Option<Spanned<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Status codes and ranges: `[200, 204]`, `["200-299", 301]`.
+    #[serde(default)]
+    pub expect_status: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub body_contains: Option<Spanned<String>>,
+    #[serde(default)]
+    pub body_regex: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_latency_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub max_redirects: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub tls_ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub cert_min_valid_days: Option<Spanned<f64>>,
+    // tcp
+    #[serde(default)]
+    pub send: Option<Spanned<String>>,
+    /// tcp: a substring of the answer; dns: a substring of an answer record.
+    #[serde(default)]
+    pub expect: Option<Spanned<String>>,
+    // dns
+    #[serde(default)]
+    pub query_type: Option<Spanned<String>>,
+    /// An address (port 53) or address:port; absent: /etc/resolv.conf.
+    #[serde(default)]
+    pub server: Option<Spanned<String>>,
+}
+
+/// Validates the `[[check]]` tables; problems go to `at`.
+fn checks_from(
+    raw: &[CheckConfig],
+    text: &str,
+    at: &mut impl FnMut(Range<usize>, String),
+) -> Vec<crate::checks::Spec> {
+    use crate::checks::{DnsSpec, HttpSpec, Kind, Spec, TcpSpec};
+    let secs = |v: &Option<Spanned<f64>>,
+                what: &str,
+                default: f64,
+                lo: f64,
+                hi: f64,
+                at: &mut dyn FnMut(Range<usize>, String)|
+     -> Duration {
+        let Some(v) = v else {
+            return Duration::from_secs_f64(default);
+        };
+        let x = *v.get_ref();
+        if !(x.is_finite() && (lo..=hi).contains(&x)) {
+            at(v.span(), format!("{what} = {x} is out of range {lo}-{hi}"));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(x)
+    };
+    let count = |v: &Option<Spanned<i64>>,
+                 what: &str,
+                 default: u32,
+                 lo: i64,
+                 hi: i64,
+                 at: &mut dyn FnMut(Range<usize>, String)|
+     -> u32 {
+        let Some(v) = v else { return default };
+        let x = *v.get_ref();
+        if !(lo..=hi).contains(&x) {
+            at(v.span(), format!("{what} = {x} is out of range {lo}-{hi}"));
+            return default;
+        }
+        x as u32
+    };
+    let mut names: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    for c in raw {
+        let name = c.name.get_ref();
+        if let Some(msg) = bad_name(name) {
+            at(c.name.span(), msg.replace("service name", "check name"));
+        } else if let Some(first) = names.get(name) {
+            let (l, col) = line_col(text, first.start);
+            at(
+                c.name.span(),
+                format!("duplicate check `{name}` (first defined at line {l}, column {col})"),
+            );
+        } else {
+            names.insert(name.clone(), c.name.span());
+        }
+    }
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for c in raw {
+        let name = c.name.get_ref().clone();
+        for d in &c.depends_on {
+            if !names.contains_key(d.get_ref()) {
+                at(
+                    d.span(),
+                    format!(
+                        "check `{name}` depends on `{}`, which is not a check",
+                        d.get_ref()
+                    ),
+                );
+            }
+        }
+        deps.insert(
+            name.clone(),
+            c.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+        );
+        let kind_name = c.kind.get_ref().as_str();
+        // Keys that belong to one kind only.
+        let only: [(&str, bool, &[&str]); 12] = [
+            ("method", c.method.is_some(), &["http"]),
+            ("headers", !c.headers.is_empty(), &["http"]),
+            ("expect_status", !c.expect_status.is_empty(), &["http"]),
+            ("body_contains", c.body_contains.is_some(), &["http"]),
+            ("body_regex", c.body_regex.is_some(), &["http"]),
+            (
+                "max_latency_seconds",
+                c.max_latency_seconds.is_some(),
+                &["http"],
+            ),
+            ("max_redirects", c.max_redirects.is_some(), &["http"]),
+            ("tls_ca_file", c.tls_ca_file.is_some(), &["http"]),
+            (
+                "cert_min_valid_days",
+                c.cert_min_valid_days.is_some(),
+                &["http"],
+            ),
+            ("send", c.send.is_some(), &["tcp"]),
+            ("expect", c.expect.is_some(), &["tcp", "dns"]),
+            (
+                "query_type",
+                c.query_type.is_some() || c.server.is_some(),
+                &["dns"],
+            ),
+        ];
+        for (key, set, kinds) in only {
+            if set && !kinds.contains(&kind_name) {
+                at(
+                    c.kind.span(),
+                    format!(
+                        "check `{name}`: `{key}` applies to kind {}, not {kind_name}",
+                        kinds.join(" and ")
+                    ),
+                );
+            }
+        }
+        let target = c.target.get_ref();
+        let kind = match kind_name {
+            "http" => {
+                let url: Option<hyper::Uri> = match target.parse::<hyper::Uri>() {
+                    Ok(u)
+                        if matches!(u.scheme_str(), Some("http" | "https"))
+                            && u.host().is_some() =>
+                    {
+                        Some(u)
+                    }
+                    _ => {
+                        at(
+                            c.target.span(),
+                            format!("check `{name}`: `{target}` is not an http:// or https:// URL"),
+                        );
+                        None
+                    }
+                };
+                let method = match &c.method {
+                    None => Some(hyper::Method::GET),
+                    Some(m) => match hyper::Method::from_bytes(m.get_ref().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            at(m.span(), format!("`{}` is not an HTTP method", m.get_ref()));
+                            None
+                        }
+                    },
+                };
+                let mut expect_status = Vec::new();
+                for v in &c.expect_status {
+                    let range = match v.get_ref() {
+                        toml::Value::Integer(i) => u16::try_from(*i).ok().map(|i| i..=i),
+                        toml::Value::String(s) => s.split_once('-').and_then(|(a, b)| {
+                            Some(a.trim().parse::<u16>().ok()?..=b.trim().parse::<u16>().ok()?)
+                        }),
+                        _ => None,
+                    };
+                    match range {
+                        Some(r) if *r.start() >= 100 && *r.end() <= 599 && r.start() <= r.end() => {
+                            expect_status.push(r)
+                        }
+                        _ => at(
+                            v.span(),
+                            "expect_status takes codes (200) and ranges (\"200-299\") within 100-599"
+                                .to_string(),
+                        ),
+                    }
+                }
+                if expect_status.is_empty() {
+                    expect_status.push(200..=299);
+                }
+                let body_regex = c.body_regex.as_ref().and_then(|r| {
+                    regex::Regex::new(r.get_ref())
+                        .map_err(|e| at(r.span(), format!("body_regex: {e}")))
+                        .ok()
+                });
+                let ca_file = c.tls_ca_file.as_ref().map(|p| p.get_ref().clone());
+                let tls = match crate::checks::kinds::tls_config(ca_file.as_deref()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let span = c.tls_ca_file.as_ref().map_or(c.kind.span(), |p| p.span());
+                        at(span, format!("tls_ca_file: {e}"));
+                        None
+                    }
+                };
+                let max_latency = c.max_latency_seconds.as_ref().map(|_| {
+                    secs(
+                        &c.max_latency_seconds,
+                        "max_latency_seconds",
+                        1.0,
+                        0.0,
+                        3600.0,
+                        at,
+                    )
+                });
+                let cert_min_valid = c.cert_min_valid_days.as_ref().map(|_| {
+                    secs(
+                        &c.cert_min_valid_days,
+                        "cert_min_valid_days",
+                        0.0,
+                        0.0,
+                        3650.0,
+                        at,
+                    ) * 86400
+                });
+                match (url, method, tls) {
+                    (Some(url), Some(method), Some(tls)) => Some(Kind::Http(HttpSpec {
+                        url,
+                        method,
+                        headers: c.headers.clone(),
+                        expect_status,
+                        body_contains: c.body_contains.as_ref().map(|s| s.get_ref().clone()),
+                        body_regex,
+                        max_latency,
+                        max_redirects: count(&c.max_redirects, "max_redirects", 5, 0, 20, at),
+                        cert_min_valid,
+                        tls,
+                        ca_file,
+                    })),
+                    _ => None,
+                }
+            }
+            "tcp" => match target
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            {
+                Some((host, port)) if !host.is_empty() && port != 0 => Some(Kind::Tcp(TcpSpec {
+                    host: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    port,
+                    send: c.send.as_ref().map(|s| s.get_ref().clone()),
+                    expect: c.expect.as_ref().map(|s| s.get_ref().clone()),
+                })),
+                _ => {
+                    at(
+                        c.target.span(),
+                        format!("check `{name}`: `{target}` is not host:port"),
+                    );
+                    None
+                }
+            },
+            "dns" => {
+                let record_type = match &c.query_type {
+                    None => Some(hickory_proto::rr::RecordType::A),
+                    Some(q) => match q.get_ref().to_ascii_uppercase().parse() {
+                        Ok(t) => Some(t),
+                        Err(_) => {
+                            at(
+                                q.span(),
+                                format!("`{}` is not a DNS record type", q.get_ref()),
+                            );
+                            None
+                        }
+                    },
+                };
+                let server =
+                    match &c.server {
+                        None => Some(None),
+                        Some(s) => {
+                            let v = s.get_ref();
+                            match v.parse::<SocketAddr>().ok().or_else(|| {
+                                v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+                            }) {
+                                Some(a) => Some(Some(a)),
+                                None => {
+                                    at(
+                                        s.span(),
+                                        format!("server `{v}` is not an address or address:port"),
+                                    );
+                                    None
+                                }
+                            }
+                        }
+                    };
+                if hickory_proto::rr::Name::from_ascii(target).is_err() || target.is_empty() {
+                    at(
+                        c.target.span(),
+                        format!("check `{name}`: `{target}` is not a DNS name"),
+                    );
+                }
+                match (record_type, server) {
+                    (Some(record_type), Some(server)) => Some(Kind::Dns(DnsSpec {
+                        name: target.clone(),
+                        record_type,
+                        server,
+                        expect: c.expect.as_ref().map(|s| s.get_ref().clone()),
+                    })),
+                    _ => None,
+                }
+            }
+            "icmp" => {
+                if target.is_empty() {
+                    at(c.target.span(), format!("check `{name}`: an empty host"));
+                }
+                Some(Kind::Icmp {
+                    host: target.clone(),
+                })
+            }
+            other => {
+                at(
+                    c.kind.span(),
+                    format!("check `{name}`: kind `{other}` is not one of http, tcp, dns, icmp"),
+                );
+                None
+            }
+        };
+        let interval = secs(
+            &c.interval_seconds,
+            "interval_seconds",
+            30.0,
+            0.05,
+            86400.0,
+            at,
+        );
+        let timeout = secs(
+            &c.timeout_seconds,
+            "timeout_seconds",
+            10.0_f64.min(interval.as_secs_f64()),
+            0.01,
+            3600.0,
+            at,
+        );
+        if timeout > interval {
+            let span = c
+                .timeout_seconds
+                .as_ref()
+                .map_or(c.name.span(), |t| t.span());
+            at(
+                span,
+                format!(
+                    "check `{name}`: timeout_seconds {} exceeds interval_seconds {}",
+                    timeout.as_secs_f64(),
+                    interval.as_secs_f64()
+                ),
+            );
+        }
+        if let Some(kind) = kind {
+            out.push(Spec {
+                name,
+                kind,
+                service: c.service.as_ref().map(|s| s.get_ref().clone()),
+                interval,
+                timeout,
+                jitter: secs(
+                    &c.jitter_seconds,
+                    "jitter_seconds",
+                    interval.as_secs_f64().min(86400.0) / 10.0,
+                    0.0,
+                    86400.0,
+                    at,
+                ),
+                retries: count(&c.retries, "retries", 0, 0, 10, at),
+                retry_backoff: secs(
+                    &c.retry_backoff_seconds,
+                    "retry_backoff_seconds",
+                    1.0,
+                    0.0,
+                    600.0,
+                    at,
+                ),
+                failure_threshold: count(&c.failure_threshold, "failure_threshold", 1, 1, 100, at),
+                success_threshold: count(&c.success_threshold, "success_threshold", 1, 1, 100, at),
+                depends_on: c.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+                run_when_blocked: c.run_when_blocked,
+            });
+        }
+    }
+    if let Some(cycle) = crate::checks::find_cycle(&deps)
+        && let Some(first) = raw.iter().find(|c| c.name.get_ref() == &cycle[0])
+    {
+        at(
+            first.name.span(),
+            format!(
+                "checks depend on each other in a cycle: {}",
+                cycle.join(" -> ")
+            ),
+        );
+    }
+    out
 }
 
 /// `[docker]`: naming traffic after Docker containers.
@@ -216,6 +658,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub struct Loaded {
     pub raw: Config,
     pub services: Vec<Service>,
+    pub checks: Vec<crate::checks::Spec>,
     pub listen: SocketAddr,
     pub source: Option<PathBuf>,
 }
@@ -381,6 +824,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         .flat_map(|s| &s.endpoints)
         .map(|e| if e.wildcard { 2 } else { e.addrs.len() })
         .sum();
+    let checks = checks_from(&raw.checks, text, &mut at);
     let max = agent_ebpf::MAX_ENDPOINTS as usize / 2;
     if entries > max {
         at(
@@ -397,6 +841,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     Ok(Loaded {
         raw,
         services,
+        checks,
         listen,
         source: Some(path.to_path_buf()),
     })
@@ -565,6 +1010,123 @@ mod tests {
         assert!(l.agent().interfaces.is_empty());
         assert!(l.agent().discover_sockets);
         assert_eq!(l.agent().pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn checks_parse_with_defaults() {
+        let l = parse(
+            r#"
+[[check]]
+name = "web"
+kind = "http"
+target = "https://example.invalid:8443/healthz"
+expect_status = [200, "300-399"]
+body_contains = "ok"
+[[check]]
+name = "db"
+kind = "tcp"
+target = "[::1]:5432"
+interval_seconds = 5
+[[check]]
+name = "dns"
+kind = "dns"
+target = "example.invalid"
+query_type = "aaaa"
+server = "127.0.0.1:5353"
+depends_on = ["db"]
+"#,
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(l.checks.len(), 3);
+        let web = &l.checks[0];
+        assert_eq!(web.interval, Duration::from_secs(30));
+        assert_eq!(web.timeout, Duration::from_secs(10));
+        match &web.kind {
+            crate::checks::Kind::Http(h) => {
+                assert_eq!(h.expect_status, vec![200..=200, 300..=399]);
+                assert_eq!(h.max_redirects, 5);
+            }
+            k => panic!("{k:?}"),
+        }
+        let db = &l.checks[1];
+        assert_eq!(
+            db.timeout,
+            Duration::from_secs(5),
+            "timeout defaults to at most the interval"
+        );
+        assert_eq!(db.target(), "::1:5432");
+        assert_eq!(l.checks[2].depends_on, ["db"]);
+    }
+
+    #[test]
+    fn check_mistakes_are_named_with_their_place() {
+        let e = errs(
+            r#"
+[[check]]
+name = "a"
+kind = "http"
+target = "ftp://x/"
+send = "PING"
+[[check]]
+name = "b"
+kind = "tcp"
+target = "nohost"
+depends_on = ["nope"]
+[[check]]
+name = "c"
+kind = "smtp"
+target = "x"
+"#,
+        );
+        assert_eq!(e.len(), 5, "{e:?}");
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("c.toml:5:10:")
+                    && l.contains("not an http:// or https:// URL")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("c.toml:4:8:") && l.contains("`send` applies to kind tcp")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("c.toml:10:10:") && l.contains("not host:port")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("c.toml:11:15:") && l.contains("depends on `nope`")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("c.toml:14:8:") && l.contains("kind `smtp`")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_dependency_cycle_is_refused_and_named() {
+        let e = errs(
+            r#"
+[[check]]
+name = "a"
+kind = "tcp"
+target = "h:1"
+depends_on = ["b"]
+[[check]]
+name = "b"
+kind = "tcp"
+target = "h:2"
+depends_on = ["a"]
+"#,
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("c.toml:3:8:"), "{e:?}");
+        assert!(e[0].contains("cycle: a -> b -> a"), "{e:?}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! endpoint is which service) → metrics/web (what is served), driven by run.
 
 pub mod caps;
+pub mod checks;
 pub mod config;
 pub mod docker;
 pub mod identity;

@@ -1,4 +1,4 @@
-//! The `netpulse` command line: `run` (the agent) and `config check`.
+//! The `netpulse` command line: `run` (the agent), `check run` and `config check`.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -29,6 +29,33 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Health checks.
+    Check {
+        #[command(subcommand)]
+        command: CheckCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckCommand {
+    /// Run checks once, without an agent, and print the results; exits 0
+    /// only if every check passed (1 otherwise, 2 for a bad config).
+    Run {
+        /// The check to run; every check without a name (or with --all).
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+        #[arg(long, short, env = "NETPULSE_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +75,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour for a terminal only: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Run { config } => {
@@ -70,6 +99,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check {
+            command:
+                CheckCommand::Run {
+                    name,
+                    all: _,
+                    config,
+                    output,
+                },
+        } => check_run(name, config, output),
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -92,5 +130,178 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `netpulse check run`: every selected check once, concurrently; a check
+/// whose dependency failed shows as blocked (and is not run unless it
+/// says `run_when_blocked`).
+fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> ExitCode {
+    use netpulse::checks::engine::{Engine, State};
+    let path = run::config_path(config);
+    let cfg = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut specs = cfg.checks.clone();
+    if let Some(n) = &name {
+        if !specs.iter().any(|s| &s.name == n) {
+            let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            eprintln!(
+                "no check named `{n}` in {} (checks: {})",
+                path.as_deref()
+                    .map_or("<embedded default>".into(), |p| p.display().to_string()),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+            return ExitCode::from(2);
+        }
+        specs.retain(|s| &s.name == n);
+        // A single check runs without its dependencies.
+        for s in &mut specs {
+            s.depends_on.clear();
+        }
+    }
+    if specs.is_empty() {
+        eprintln!("no checks configured");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("netpulse: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // One run each, and thresholds of one: this is a verdict, not a schedule.
+    for s in &mut specs {
+        s.failure_threshold = 1;
+        s.success_threshold = 1;
+    }
+    let engine = Engine::new(specs, 32, Default::default());
+    let view = rt.block_on(async {
+        // Dependencies first: a check runs once its dependencies have.
+        let mut done: std::collections::BTreeSet<String> = Default::default();
+        let all = engine.view();
+        while done.len() < all.len() {
+            let ready: Vec<_> = all
+                .iter()
+                .filter(|v| !done.contains(&v.spec.name))
+                .filter(|v| v.spec.depends_on.iter().all(|d| done.contains(d)))
+                .map(|v| v.spec.clone())
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            let mut tasks = Vec::new();
+            for spec in ready {
+                done.insert(spec.name.clone());
+                if !spec.run_when_blocked && engine.state(&spec.name) == State::Blocked {
+                    continue;
+                }
+                let e = engine.clone();
+                tasks.push(tokio::spawn(async move { e.run_now(&spec.name).await }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        engine.view()
+    });
+    let ok = view.iter().all(|v| v.state == State::Up);
+    match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = view
+                .iter()
+                .map(|v| {
+                    let last = v.status.last.as_ref();
+                    serde_json::json!({
+                        "check": v.spec.name,
+                        "kind": v.spec.kind.as_str(),
+                        "target": v.spec.target(),
+                        "state": v.state.as_str(),
+                        "duration_seconds": last.map(|l| l.duration.as_secs_f64()),
+                        "error": last.and_then(|l| l.error.clone()),
+                        "http_status": last.and_then(|l| l.http_status),
+                        "cert_expiry_timestamp_seconds": last
+                            .and_then(|l| l.cert_expiry)
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs()),
+                        "phases": last.map(|l| l
+                            .phases
+                            .iter()
+                            .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
+                            .collect::<std::collections::BTreeMap<_, _>>()),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rows).unwrap_or_default()
+            );
+        }
+        Output::Table => {
+            let rows: Vec<[String; 5]> = view
+                .iter()
+                .map(|v| {
+                    let last = v.status.last.as_ref();
+                    [
+                        v.spec.name.clone(),
+                        v.spec.kind.as_str().to_string(),
+                        v.state.as_str().to_string(),
+                        last.map_or("-".into(), |l| {
+                            format!("{:.1} ms", l.duration.as_secs_f64() * 1000.0)
+                        }),
+                        match (v.state, last) {
+                            (State::Blocked, _) => "a dependency is down".to_string(),
+                            (_, Some(l)) => l.error.clone().unwrap_or_else(|| v.spec.target()),
+                            (_, None) => v.spec.target(),
+                        },
+                    ]
+                })
+                .collect();
+            let head = ["CHECK", "KIND", "STATE", "TIME", "DETAIL"];
+            let width = |i: usize| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([head[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            };
+            let w: Vec<usize> = (0..4).map(width).collect();
+            let line = |r: [&str; 5]| {
+                format!(
+                    "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    w0 = w[0],
+                    w1 = w[1],
+                    w2 = w[2],
+                    w3 = w[3]
+                )
+            };
+            println!("{}", line(head));
+            for r in &rows {
+                println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -159,6 +159,162 @@ fn info_values(meta: Option<&ServiceMeta>, labels: &[String]) -> Vec<String> {
     out
 }
 
+/// Seconds since the epoch, as exported.
+fn epoch(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn sample(labels: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect(),
+    );
+    m
+}
+
+fn family(name: &str, help: &str, ty: MetricType) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(name.to_string());
+    mf.set_help(help.to_string());
+    mf.set_field_type(ty);
+    mf
+}
+
+fn gauge_sample(mf: &mut MetricFamily, labels: &[(&str, &str)], v: f64) {
+    let mut m = sample(labels);
+    let mut g = Gauge::default();
+    g.set_value(v);
+    m.set_gauge(g);
+    mf.mut_metric().push(m);
+}
+
+/// The `netpulse_check_*` families (DESIGN.md), from the check engine.
+pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamily> {
+    use crate::checks::engine::{BUCKETS, State};
+    use prometheus::proto::{Bucket, Histogram};
+    let mut up = family(
+        "netpulse_check_up",
+        "1 if the check is up (after thresholds and dependencies), else 0.",
+        MetricType::GAUGE,
+    );
+    let mut state = family(
+        "netpulse_check_state",
+        "The check's state: 1 for the current one of up, down, blocked (a dependency is down) and unknown (not run yet).",
+        MetricType::GAUGE,
+    );
+    let mut duration = family(
+        "netpulse_check_duration_seconds",
+        "Duration of check runs, retries included.",
+        MetricType::HISTOGRAM,
+    );
+    let mut phases = family(
+        "netpulse_check_phase_duration_seconds",
+        "Duration of each phase of the last run (http: dns, connect, tls, first_byte, transfer; tcp: dns, connect).",
+        MetricType::GAUGE,
+    );
+    let mut runs = family(
+        "netpulse_check_runs_total",
+        "Check runs, by result.",
+        MetricType::COUNTER,
+    );
+    let mut last_success = family(
+        "netpulse_check_last_success_timestamp_seconds",
+        "When the check last succeeded.",
+        MetricType::GAUGE,
+    );
+    let mut expiry = family(
+        "netpulse_check_tls_cert_expiry_timestamp_seconds",
+        "When the certificate an HTTPS check last saw expires.",
+        MetricType::GAUGE,
+    );
+    let mut status_code = family(
+        "netpulse_check_http_status_code",
+        "The HTTP status of the last answer (after redirects).",
+        MetricType::GAUGE,
+    );
+    for v in engine.view() {
+        let (name, kind) = (v.spec.name.as_str(), v.spec.kind.as_str());
+        gauge_sample(
+            &mut up,
+            &[("check", name), ("kind", kind)],
+            f64::from(u8::from(v.state == State::Up)),
+        );
+        for s in State::ALL {
+            gauge_sample(
+                &mut state,
+                &[("check", name), ("state", s.as_str())],
+                f64::from(u8::from(v.state == s)),
+            );
+        }
+        let st = &v.status;
+        let count = st.runs_ok + st.runs_failed;
+        let mut h = Histogram::default();
+        h.set_sample_count(count);
+        h.set_sample_sum(st.duration_sum);
+        h.set_bucket(
+            BUCKETS
+                .iter()
+                .zip(st.buckets)
+                .map(|(le, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(*le);
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        let mut m = sample(&[("check", name), ("kind", kind)]);
+        m.set_histogram(h);
+        duration.mut_metric().push(m);
+        for (result, n) in [("success", st.runs_ok), ("failure", st.runs_failed)] {
+            let mut m = sample(&[("check", name), ("result", result)]);
+            let mut c = Counter::default();
+            c.set_value(n as f64);
+            m.set_counter(c);
+            runs.mut_metric().push(m);
+        }
+        if let Some(t) = st.last_success {
+            gauge_sample(&mut last_success, &[("check", name)], epoch(t));
+        }
+        if let Some(last) = &st.last {
+            for (phase, d) in &last.phases {
+                gauge_sample(
+                    &mut phases,
+                    &[("check", name), ("phase", phase)],
+                    d.as_secs_f64(),
+                );
+            }
+            if let Some(t) = last.cert_expiry {
+                gauge_sample(&mut expiry, &[("check", name)], epoch(t));
+            }
+            if let Some(code) = last.http_status {
+                gauge_sample(&mut status_code, &[("check", name)], f64::from(code));
+            }
+        }
+    }
+    let mut out = vec![
+        up,
+        state,
+        duration,
+        phases,
+        runs,
+        last_success,
+        expiry,
+        status_code,
+    ];
+    out.retain(|f| !f.get_metric().is_empty());
+    out
+}
+
 /// Renders the exposition text for the agent's current state. `docker` is
 /// None when the Docker source is off.
 pub fn render(
@@ -166,6 +322,7 @@ pub fn render(
     identity: &Identity,
     max_series: usize,
     docker: Option<DockerState>,
+    checks: &crate::checks::engine::Engine,
 ) -> Result<String, MetricsError> {
     let mut packets = counter(
         "netpulse_service_packets_total",
@@ -339,6 +496,7 @@ pub fn render(
         dropped.mf,
         source_up.mf,
     ];
+    families.extend(check_families(checks));
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
     TextEncoder::new().encode(&families, &mut out)?;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     caps,
+    checks::engine::Engine,
     config::{self, ConfigError, Loaded},
     docker::{self, Container},
     identity::{self, Identity, sockets},
@@ -34,6 +35,26 @@ pub struct Agent {
     pub docker_enabled: bool,
     /// Container labels exported on the info metric (`docker.labels`).
     pub docker_labels: Vec<String>,
+    /// The health checks and their states.
+    pub checks: Arc<Engine>,
+}
+
+/// Checks running at once, at most.
+const CHECK_CONCURRENCY: usize = 32;
+
+/// Starts the config's checks; dropping (or sending on) the returned
+/// sender stops them.
+fn start_checks(
+    cfg: &Loaded,
+    keep: std::collections::BTreeMap<String, crate::checks::engine::Status>,
+) -> (Arc<Engine>, tokio::sync::watch::Sender<bool>) {
+    let engine = Engine::new(cfg.checks.clone(), CHECK_CONCURRENCY, keep);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    engine.spawn(rx);
+    if !engine.is_empty() {
+        info!(checks = cfg.checks.len(), "health checks scheduled");
+    }
+    (engine, tx)
 }
 
 fn docker_labels(cfg: &Loaded) -> Vec<String> {
@@ -301,7 +322,10 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         docker: docker_view.clone(),
         docker_enabled,
         docker_labels: docker_labels(&cfg),
+        checks: Engine::new(Vec::new(), 1, Default::default()),
     }));
+    let (checks, mut checks_stop) = start_checks(&cfg, Default::default());
+    web::lock(&shared).checks = checks;
     if docker_enabled {
         let socket = cfg.raw.docker.socket.clone();
         let (view, changed) = (docker_view.clone(), docker_changed.clone());
@@ -356,6 +380,13 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     {
                         warn!("docker.enabled and docker.socket take effect at the next restart");
                     }
+                    {
+                        let keep = web::lock(&shared).checks.statuses();
+                        let _ = checks_stop.send(true);
+                        let (engine, stop) = start_checks(&new, keep);
+                        checks_stop = stop;
+                        web::lock(&shared).checks = engine;
+                    }
                     info!("config reloaded");
                     cfg = new;
                     true
@@ -383,6 +414,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         }
     }
     let _ = stop_tx.send(true);
+    let _ = checks_stop.send(true);
     if let Err(e) = server.await {
         warn!(error = %e, "HTTP server task");
     }

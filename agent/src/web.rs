@@ -45,8 +45,14 @@ async fn metrics(State(state): State<Shared>) -> Response {
             up,
             labels: &agent.docker_labels,
         });
-        crate::metrics::render(&agent.probe, &agent.identity, agent.max_series, docker)
-            .map_err(|e| e.to_string())
+        crate::metrics::render(
+            &agent.probe,
+            &agent.identity,
+            agent.max_series,
+            docker,
+            &agent.checks,
+        )
+        .map_err(|e| e.to_string())
     })
     .await;
     match body {

@@ -68,7 +68,8 @@ enum Cmd {
 /// iproute2/iputils-ping/ethtool for the network-namespace tests, systemd
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
-/// and busybox-static for the container tests (images FROM scratch).
+/// and busybox-static for the container tests (images FROM scratch),
+/// dnsmasq-base for the DNS checks' test server.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -84,6 +85,7 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",
     "wrk",
     "busybox-static",
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
