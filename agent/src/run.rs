@@ -42,19 +42,46 @@ pub struct Agent {
 /// Checks running at once, at most.
 const CHECK_CONCURRENCY: usize = 32;
 
-/// Starts the config's checks; dropping (or sending on) the returned
+/// Starts the config's checks and those container labels ask for (the
+/// config wins a name both use); dropping (or sending on) the returned
 /// sender stops them.
 fn start_checks(
     cfg: &Loaded,
+    hinted: &[crate::checks::Spec],
     keep: std::collections::BTreeMap<String, crate::checks::engine::Status>,
 ) -> (Arc<Engine>, tokio::sync::watch::Sender<bool>) {
-    let engine = Engine::new(cfg.checks.clone(), CHECK_CONCURRENCY, keep);
+    let mut specs = cfg.checks.clone();
+    for h in hinted {
+        if !specs.iter().any(|s| s.name == h.name) {
+            specs.push(h.clone());
+        }
+    }
+    let n = specs.len();
+    let engine = Engine::new(specs, CHECK_CONCURRENCY, keep);
     let (tx, rx) = tokio::sync::watch::channel(false);
     engine.spawn(rx);
-    if !engine.is_empty() {
-        info!(checks = cfg.checks.len(), "health checks scheduled");
+    if n > 0 {
+        info!(
+            checks = n,
+            from_labels = hinted.len(),
+            "health checks scheduled"
+        );
     }
     (engine, tx)
+}
+
+/// The checks container labels ask for now; each label that does not
+/// parse is logged once.
+fn hinted_checks(shared: &web::Shared, warned: &mut HashSet<String>) -> Vec<crate::checks::Spec> {
+    let containers = {
+        let a = web::lock(shared);
+        docker::lock(&a.docker).containers.clone()
+    };
+    crate::checks::hints::specs(&containers, &mut |c, label, why| {
+        if warned.insert(format!("{c} {label}")) {
+            warn!(container = c, label, "ignoring a check label: {why}");
+        }
+    })
 }
 
 fn docker_labels(cfg: &Loaded) -> Vec<String> {
@@ -324,7 +351,9 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         docker_labels: docker_labels(&cfg),
         checks: Engine::new(Vec::new(), 1, Default::default()),
     }));
-    let (checks, mut checks_stop) = start_checks(&cfg, Default::default());
+    let mut hint_warned = HashSet::new();
+    let mut hinted: Vec<crate::checks::Spec> = Vec::new();
+    let (checks, mut checks_stop) = start_checks(&cfg, &hinted, Default::default());
     web::lock(&shared).checks = checks;
     if docker_enabled {
         let socket = cfg.raw.docker.socket.clone();
@@ -383,7 +412,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     {
                         let keep = web::lock(&shared).checks.statuses();
                         let _ = checks_stop.send(true);
-                        let (engine, stop) = start_checks(&new, keep);
+                        let (engine, stop) = start_checks(&new, &hinted, keep);
                         checks_stop = stop;
                         web::lock(&shared).checks = engine;
                     }
@@ -410,6 +439,17 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
             {
                 Ok(r) => refresher = r,
                 Err(e) => error!(error = %e, "refresh task failed"),
+            }
+            // Containers came or went: the checks their labels ask for too.
+            let now = hinted_checks(&shared, &mut hint_warned);
+            if crate::checks::hints::fingerprint(&now) != crate::checks::hints::fingerprint(&hinted)
+            {
+                hinted = now;
+                let keep = web::lock(&shared).checks.statuses();
+                let _ = checks_stop.send(true);
+                let (engine, stop) = start_checks(&cfg, &hinted, keep);
+                checks_stop = stop;
+                web::lock(&shared).checks = engine;
             }
         }
     }

@@ -269,6 +269,14 @@ fn containers_are_named_described_and_counted_once_per_host() {
             ("compose_service", &compose_svc),
         ],
     ));
+    // Its `netpulse.check.http=/` label became a check of the container.
+    let check = format!("{web_name}:http");
+    fx.agent.wait_for("the check its label asks for, up", |m| {
+        m.sum(
+            "netpulse_check_state",
+            &[("check", &check), ("state", "up")],
+        ) == 1
+    });
     let leaked = m.0.values().flatten().any(|(l, _)| {
         l.iter()
             .any(|(k, v)| k.contains("secret") || v.contains("hunter2"))

@@ -7,6 +7,7 @@
 //! blocked: the root cause is down, its dependents are not "down" too.
 
 pub mod engine;
+pub mod hints;
 pub mod kinds;
 
 use std::{
