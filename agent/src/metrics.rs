@@ -236,6 +236,11 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
         "When the certificate an HTTPS check last saw expires.",
         MetricType::GAUGE,
     );
+    let mut info = family(
+        "netpulse_check_info",
+        "Each check's kind, target and the service it watches; join on `check`.",
+        MetricType::GAUGE,
+    );
     let mut status_code = family(
         "netpulse_check_http_status_code",
         "The HTTP status of the last answer (after redirects).",
@@ -243,6 +248,16 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
     );
     for v in engine.view() {
         let (name, kind) = (v.spec.name.as_str(), v.spec.kind.as_str());
+        gauge_sample(
+            &mut info,
+            &[
+                ("check", name),
+                ("kind", kind),
+                ("service", v.spec.service.as_deref().unwrap_or("")),
+                ("target", &v.spec.target()),
+            ],
+            1.0,
+        );
         gauge_sample(
             &mut up,
             &[("check", name), ("kind", kind)],
@@ -303,6 +318,7 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
     }
     let mut out = vec![
         up,
+        info,
         state,
         duration,
         phases,

@@ -157,7 +157,7 @@ fn rule_exprs() -> Vec<(String, String)> {
         }
         i += 1;
     }
-    assert_eq!(out.len(), 6, "{out:?}");
+    assert_eq!(out.len(), 8, "{out:?}");
     out
 }
 
@@ -189,8 +189,9 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7301 }}]\n",
-            pins.path().display()
+            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7301 }}]\n\n[[check]]\nname = \"web-tcp\"\nkind = \"tcp\"\ntarget = \"{}:7301\"\nservice = \"web\"\ninterval_seconds = 1\n",
+            pins.path().display(),
+            pair.addr_a
         ),
     )
     .unwrap();
