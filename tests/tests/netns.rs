@@ -187,6 +187,14 @@ endpoints = [{{ proto = "udp", port = {UDP_PORT}, addr = "{a}" }}]
 [[service]]
 name = "ping"
 endpoints = [{{ proto = "icmp", addr = "{a}" }}]
+
+# A check for the dashboards' check panels, on loopback's port 1 (refused):
+# no service's traffic.
+[[check]]
+name = "nothing-there"
+kind = "tcp"
+target = "127.0.0.1:1"
+interval_seconds = 0.2
 "#,
             pins = pins.path().display(),
             a = pair.addr_a,
@@ -211,6 +219,9 @@ endpoints = [{{ proto = "icmp", addr = "{a}" }}]
         ) && m.has(
             "netpulse_service_info",
             &[("service", discovered.as_str()), ("source", "socket")],
+        ) && m.has(
+            "netpulse_check_phase_duration_seconds",
+            &[("check", "nothing-there")],
         )
     });
     // veth has native XDP; lo has none.
