@@ -1,4 +1,5 @@
-//! The HTTP side: `/metrics` and `/healthz` (axum). Handlers are thin: they
+//! The HTTP side: `/metrics`, `/healthz` and blackbox_exporter's `/probe`
+//! (axum). Handlers are thin: they
 //! lock the agent state, read, and let go. `serve` is the connection loop,
 //! with the limits a privileged agent on a production host needs: a bounded
 //! number of connections, a deadline for request headers (slow clients
@@ -34,7 +35,53 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/probe", get(probe))
         .with_state(state)
+}
+
+/// blackbox_exporter's `/probe?target=…&module=…` (see checks::blackbox).
+/// As with blackbox_exporter, whoever reaches this endpoint can make the
+/// agent connect to any target: keep it on loopback or behind a proxy.
+async fn probe(
+    State(state): State<Shared>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let text = |code: StatusCode, body: String| {
+        (
+            code,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    };
+    let Some(target) = q.get("target").filter(|t| !t.is_empty()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Target parameter is missing\n".into(),
+        );
+    };
+    let module = q.get("module").map_or("http_2xx", String::as_str);
+    let specs = lock(&state).checks.specs();
+    let mut spec = match crate::checks::blackbox::module(module, target, &specs) {
+        Ok(s) => s,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    // Like blackbox_exporter: finish within Prometheus's scrape timeout.
+    if let Some(t) = headers
+        .get("X-Prometheus-Scrape-Timeout-Seconds")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|t| t.is_finite() && *t > 0.6)
+    {
+        spec.timeout = spec.timeout.min(Duration::from_secs_f64(t - 0.5));
+    }
+    let out = crate::checks::kinds::run(&spec).await;
+    let mut resp = text(StatusCode::OK, crate::checks::blackbox::render(&spec, &out));
+    if let Ok(v) = header::HeaderValue::from_str("text/plain; version=0.0.4; charset=utf-8") {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {

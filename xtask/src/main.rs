@@ -69,7 +69,8 @@ enum Cmd {
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
 /// and busybox-static for the container tests (images FROM scratch),
-/// dnsmasq-base for the DNS checks' test server.
+/// dnsmasq-base for the DNS checks' test server, and
+/// prometheus-blackbox-exporter, the peer /probe is held to.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -86,6 +87,7 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "busybox-static",
     "dnsmasq-base",
+    "prometheus-blackbox-exporter",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

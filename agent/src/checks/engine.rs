@@ -116,6 +116,11 @@ impl Engine {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The checks it runs.
+    pub fn specs(&self) -> Vec<Spec> {
+        self.specs.values().map(|s| (**s).clone()).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.specs.is_empty()
     }

@@ -36,7 +36,7 @@ pub struct Outcome {
     /// transfer; TCP: dns, connect).
     pub phases: Vec<(&'static str, Duration)>,
     pub http_status: Option<u16>,
-    /// notAfter of the peer's leaf certificate (HTTPS).
+    /// The earliest notAfter of the peer's certificate chain (HTTPS).
     pub cert_expiry: Option<SystemTime>,
 }
 
@@ -298,12 +298,13 @@ async fn http_once(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+        // The earliest expiry of the chain the server sent (as
+        // blackbox_exporter's probe_ssl_earliest_cert_expiry).
         out.cert_expiry = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| not_after(c));
+            .and_then(|chain| chain.iter().filter_map(|c| not_after(c)).min());
         out.phases.push(("tls", t.elapsed()));
         Box::new(tls)
     } else {

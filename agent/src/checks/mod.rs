@@ -6,6 +6,7 @@
 //! it has run, and `blocked` while a check it depends on is down or
 //! blocked: the root cause is down, its dependents are not "down" too.
 
+pub mod blackbox;
 pub mod engine;
 pub mod hints;
 pub mod kinds;
