@@ -21,6 +21,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/netpulse";
 pub const DEFAULT_PATH: &str = "/etc/netpulse/config.toml";
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/netpulse";
 /// Largest CIDR a service endpoint may name: each address is one table entry.
 pub const MAX_CIDR_ADDRESSES: u32 = 1024;
 
@@ -35,6 +36,10 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     #[serde(default, rename = "check")]
     pub checks: Vec<CheckConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default, rename = "hook")]
+    pub hooks: Vec<HookConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +60,10 @@ pub struct AgentConfig {
     /// Most per-service series /metrics serves; services beyond it are
     /// summed into `service="~other"`.
     pub max_series: Spanned<usize>,
+    /// Where the store (check history, jobs) lives.
+    pub state_dir: PathBuf,
+    /// Days of check results kept.
+    pub history_days: Spanned<f64>,
 }
 
 impl AgentConfig {
@@ -67,6 +76,11 @@ impl AgentConfig {
     pub fn retire(&self) -> Duration {
         Duration::try_from_secs_f64(*self.retire_seconds.get_ref())
             .unwrap_or(Duration::from_secs(60))
+    }
+
+    pub fn history(&self) -> Duration {
+        Duration::try_from_secs_f64(*self.history_days.get_ref() * 86400.0)
+            .unwrap_or(Duration::from_secs(7 * 86400))
     }
 
     pub fn max_series(&self) -> usize {
@@ -84,6 +98,8 @@ impl Default for AgentConfig {
             refresh_seconds: Spanned::new(0..0, 1.0),
             retire_seconds: Spanned::new(0..0, 60.0),
             max_series: Spanned::new(0..0, 10_000),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            history_days: Spanned::new(0..0, 7.0),
         }
     }
 }
@@ -119,6 +135,10 @@ pub struct CheckConfig {
     pub depends_on: Vec<Spanned<String>>,
     #[serde(default)]
     pub run_when_blocked: bool,
+    #[serde(default)]
+    pub tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
     // http
     #[serde(default)]
     pub method: Option<Spanned<String>>,
@@ -151,6 +171,157 @@ pub struct CheckConfig {
     /// An address (port 53) or address:port; absent: /etc/resolv.conf.
     #[serde(default)]
     pub server: Option<Spanned<String>>,
+}
+
+/// `actions = [{ kind = "webhook", url = "...", after = 3 }]` on a check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// webhook or restart_container.
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub container: Option<Spanned<String>>,
+    /// Consecutive failed runs before it fires (default 1).
+    #[serde(default)]
+    pub after: Option<Spanned<i64>>,
+    /// Least seconds between two firings (default 300).
+    #[serde(default)]
+    pub cooldown_seconds: Option<Spanned<f64>>,
+}
+
+/// `[api]`: who may start work through the API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The bearer token of the endpoints that start work; without one
+    /// (here or in `token_file`) they are off.
+    pub token: Option<Spanned<String>>,
+    /// A file holding the token (first line), readable by the agent only.
+    pub token_file: Option<Spanned<PathBuf>>,
+}
+
+/// `[[hook]]`: `POST /api/v1/hooks/<name>` runs these checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub checks: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub tags: Vec<Spanned<String>>,
+}
+
+/// A validated hook.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hook {
+    pub checks: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+fn actions_from(
+    c: &CheckConfig,
+    at: &mut impl FnMut(Range<usize>, String),
+) -> Vec<crate::checks::actions::Action> {
+    use crate::checks::actions::{Action, Do};
+    let mut out = Vec::new();
+    for a in &c.actions {
+        let kind = a.kind.get_ref().as_str();
+        let what = match kind {
+            "webhook" => match a
+                .url
+                .as_ref()
+                .map(|u| (u, u.get_ref().parse::<hyper::Uri>()))
+            {
+                Some((_, Ok(url)))
+                    if matches!(url.scheme_str(), Some("http" | "https"))
+                        && url.host().is_some() =>
+                {
+                    Some(Do::Webhook { url })
+                }
+                Some((u, _)) => {
+                    at(
+                        u.span(),
+                        format!("`{}` is not an http:// or https:// URL", u.get_ref()),
+                    );
+                    None
+                }
+                None => {
+                    at(a.kind.span(), "a webhook action needs `url`".into());
+                    None
+                }
+            },
+            "restart_container" => match &a.container {
+                Some(c) if !c.get_ref().is_empty() => Some(Do::RestartContainer {
+                    container: c.get_ref().clone(),
+                }),
+                _ => {
+                    at(
+                        a.kind.span(),
+                        "a restart_container action needs `container`".into(),
+                    );
+                    None
+                }
+            },
+            "capture" => {
+                at(
+                    a.kind.span(),
+                    "the capture action comes with packet capture, which this version lacks".into(),
+                );
+                None
+            }
+            "exec" => {
+                at(
+                    a.kind.span(),
+                    "there is no exec action: an agent with these capabilities running commands from its config would be a root shell by another name".into(),
+                );
+                None
+            }
+            other => {
+                at(
+                    a.kind.span(),
+                    format!("action `{other}` is not one of webhook, restart_container"),
+                );
+                None
+            }
+        };
+        let after = match &a.after {
+            None => 1,
+            Some(v) if (1..=1000).contains(v.get_ref()) => *v.get_ref() as u32,
+            Some(v) => {
+                at(
+                    v.span(),
+                    format!("after = {} is out of range 1-1000", v.get_ref()),
+                );
+                1
+            }
+        };
+        let cooldown = match &a.cooldown_seconds {
+            None => Duration::from_secs(300),
+            Some(v) if v.get_ref().is_finite() && (0.0..=7.0 * 86400.0).contains(v.get_ref()) => {
+                Duration::from_secs_f64(*v.get_ref())
+            }
+            Some(v) => {
+                at(
+                    v.span(),
+                    format!(
+                        "cooldown_seconds = {} is out of range 0-604800",
+                        v.get_ref()
+                    ),
+                );
+                Duration::from_secs(300)
+            }
+        };
+        if let Some(what) = what {
+            out.push(Action {
+                what,
+                after,
+                cooldown,
+            });
+        }
+    }
+    out
 }
 
 /// Validates the `[[check]]` tables; problems go to `at`.
@@ -511,6 +682,8 @@ fn checks_from(
                 success_threshold: count(&c.success_threshold, "success_threshold", 1, 1, 100, at),
                 depends_on: c.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
                 run_when_blocked: c.run_when_blocked,
+                tags: c.tags.iter().map(|t| t.get_ref().clone()).collect(),
+                actions: actions_from(c, at),
             });
         }
     }
@@ -659,6 +832,9 @@ pub struct Loaded {
     pub raw: Config,
     pub services: Vec<Service>,
     pub checks: Vec<crate::checks::Spec>,
+    pub hooks: BTreeMap<String, Hook>,
+    /// The API's bearer token, from `api.token` or `api.token_file`.
+    pub api_token: Option<String>,
     pub listen: SocketAddr,
     pub source: Option<PathBuf>,
 }
@@ -722,6 +898,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     for (what, v, lo, hi) in [
         ("refresh_seconds", &a.refresh_seconds, 0.05, 3600.0),
         ("retire_seconds", &a.retire_seconds, 0.0, 7.0 * 86400.0),
+        ("history_days", &a.history_days, 0.0, 3650.0),
     ] {
         let x = *v.get_ref();
         if !(x.is_finite() && (lo..=hi).contains(&x)) {
@@ -825,6 +1002,91 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         .map(|e| if e.wildcard { 2 } else { e.addrs.len() })
         .sum();
     let checks = checks_from(&raw.checks, text, &mut at);
+    let mut hooks = BTreeMap::new();
+    for h in &raw.hooks {
+        let name = h.name.get_ref();
+        if let Some(msg) = bad_name(name) {
+            at(h.name.span(), msg.replace("service name", "hook name"));
+        }
+        for c in &h.checks {
+            if !raw.checks.iter().any(|k| k.name.get_ref() == c.get_ref()) {
+                at(
+                    c.span(),
+                    format!(
+                        "hook `{name}` names `{}`, which is not a check",
+                        c.get_ref()
+                    ),
+                );
+            }
+        }
+        for t in &h.tags {
+            if !raw
+                .checks
+                .iter()
+                .any(|k| k.tags.iter().any(|x| x.get_ref() == t.get_ref()))
+            {
+                at(
+                    t.span(),
+                    format!(
+                        "hook `{name}` names tag `{}`, which no check has",
+                        t.get_ref()
+                    ),
+                );
+            }
+        }
+        if h.checks.is_empty() && h.tags.is_empty() {
+            at(
+                h.name.span(),
+                format!("hook `{name}` names no checks and no tags"),
+            );
+        }
+        if hooks
+            .insert(
+                name.clone(),
+                Hook {
+                    checks: h.checks.iter().map(|c| c.get_ref().clone()).collect(),
+                    tags: h.tags.iter().map(|t| t.get_ref().clone()).collect(),
+                },
+            )
+            .is_some()
+        {
+            at(h.name.span(), format!("duplicate hook `{name}`"));
+        }
+    }
+    let api_token = match (&raw.api.token, &raw.api.token_file) {
+        (Some(t), Some(_)) => {
+            at(t.span(), "set api.token or api.token_file, not both".into());
+            None
+        }
+        (Some(t), None) if t.get_ref().len() < 16 => {
+            at(t.span(), "api.token is shorter than 16 characters".into());
+            None
+        }
+        (Some(t), None) => Some(t.get_ref().clone()),
+        (None, Some(f)) => match std::fs::read_to_string(f.get_ref()) {
+            Ok(text) => match text.lines().next().map(str::trim) {
+                Some(t) if t.len() >= 16 => Some(t.to_string()),
+                _ => {
+                    at(
+                        f.span(),
+                        format!(
+                            "{}: the token's first line is shorter than 16 characters",
+                            f.get_ref().display()
+                        ),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                at(
+                    f.span(),
+                    format!("api.token_file {}: {e}", f.get_ref().display()),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
     let max = agent_ebpf::MAX_ENDPOINTS as usize / 2;
     if entries > max {
         at(
@@ -835,6 +1097,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         );
     }
     if !problems.is_empty() {
+        // In file order, as an editor would walk them.
+        problems.sort_by_key(|p| (p.line, p.col));
         return Err(invalid(problems));
     }
     let listen = listen.ok_or_else(|| invalid(Vec::new()))?;
@@ -842,6 +1106,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         raw,
         services,
         checks,
+        hooks,
+        api_token,
         listen,
         source: Some(path.to_path_buf()),
     })
@@ -1127,6 +1393,43 @@ depends_on = ["a"]
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("c.toml:3:8:"), "{e:?}");
         assert!(e[0].contains("cycle: a -> b -> a"), "{e:?}");
+    }
+
+    #[test]
+    fn hooks_actions_and_the_token_are_checked() {
+        let e = errs(
+            r#"
+[api]
+token = "short"
+[[check]]
+name = "a"
+kind = "tcp"
+target = "h:1"
+actions = [{ kind = "exec" }, { kind = "webhook", url = "ftp://x" }, { kind = "restart_container", container = "c", after = 0 }]
+[[hook]]
+name = "deploy"
+checks = ["a", "b"]
+"#,
+        );
+        assert_eq!(e.len(), 5, "{e:?}");
+        assert!(e[0].contains("api.token is shorter than 16"), "{e:?}");
+        assert!(
+            e.iter().any(|l| l.contains("there is no exec action")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.contains("`ftp://x` is not an http")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.contains("after = 0 is out of range")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.contains("hook `deploy` names `b`, which is not a check")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -3,15 +3,18 @@
 //! path in DESIGN.md: probe (kernel programs and maps) → identity (which
 //! endpoint is which service) → metrics/web (what is served), driven by run.
 
+pub mod api;
 pub mod caps;
 pub mod checks;
 pub mod config;
 pub mod docker;
 pub mod identity;
 pub mod interfaces;
+pub mod jobs;
 pub mod metrics;
 pub mod probe;
 pub mod run;
+pub mod store;
 pub mod web;
 
 /// An error and its causes on one line: "a: b: c". aya's errors keep the

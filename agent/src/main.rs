@@ -188,7 +188,7 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
         s.failure_threshold = 1;
         s.success_threshold = 1;
     }
-    let engine = Engine::new(specs, 32, Default::default());
+    let engine = Engine::new(specs, 32, Default::default(), Default::default());
     let view = rt.block_on(async {
         // Dependencies first: a check runs once its dependencies have.
         let mut done: std::collections::BTreeSet<String> = Default::default();

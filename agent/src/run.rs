@@ -37,6 +37,12 @@ pub struct Agent {
     pub docker_labels: Vec<String>,
     /// The health checks and their states.
     pub checks: Arc<Engine>,
+    /// Check history and the job queue; None if it could not be opened.
+    pub store: Option<Arc<crate::store::Store>>,
+    /// Wakes the job workers when a job is queued.
+    pub jobs_wake: Arc<tokio::sync::Notify>,
+    pub api_token: Option<String>,
+    pub hooks: std::collections::BTreeMap<String, config::Hook>,
 }
 
 /// Checks running at once, at most.
@@ -49,6 +55,7 @@ fn start_checks(
     cfg: &Loaded,
     hinted: &[crate::checks::Spec],
     keep: std::collections::BTreeMap<String, crate::checks::engine::Status>,
+    sink: crate::checks::engine::Sink,
 ) -> (Arc<Engine>, tokio::sync::watch::Sender<bool>) {
     let mut specs = cfg.checks.clone();
     for h in hinted {
@@ -57,7 +64,7 @@ fn start_checks(
         }
     }
     let n = specs.len();
-    let engine = Engine::new(specs, CHECK_CONCURRENCY, keep);
+    let engine = Engine::new(specs, CHECK_CONCURRENCY, keep, sink);
     let (tx, rx) = tokio::sync::watch::channel(false);
     engine.spawn(rx);
     if n > 0 {
@@ -339,6 +346,19 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
     let retire = cfg.agent().retire();
     let identity = Identity::restore(&probe, retire)?;
+    let store = match crate::store::Store::open(&cfg.agent().state_dir) {
+        Ok(s) => {
+            info!(store = %s.path().display(), "store open");
+            Some(Arc::new(s))
+        }
+        Err(e) => {
+            warn!(
+                error = %crate::error_chain(&e),
+                "no store: check history and jobs are off; counting and checks go on"
+            );
+            None
+        }
+    };
     let docker_view = docker::Shared::default();
     let docker_changed = Arc::new(tokio::sync::Notify::new());
     let docker_enabled = cfg.raw.docker.enabled;
@@ -349,11 +369,22 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         docker: docker_view.clone(),
         docker_enabled,
         docker_labels: docker_labels(&cfg),
-        checks: Engine::new(Vec::new(), 1, Default::default()),
+        checks: Engine::new(Vec::new(), 1, Default::default(), Default::default()),
+        store: store.clone(),
+        jobs_wake: Arc::new(tokio::sync::Notify::new()),
+        api_token: cfg.api_token.clone(),
+        hooks: cfg.hooks.clone(),
     }));
+    let sink = crate::checks::engine::Sink {
+        store: store.clone(),
+        actions: Arc::new(crate::checks::actions::Context {
+            docker_socket: cfg.raw.docker.socket.clone(),
+        }),
+    };
+    crate::jobs::spawn(shared.clone());
     let mut hint_warned = HashSet::new();
     let mut hinted: Vec<crate::checks::Spec> = Vec::new();
-    let (checks, mut checks_stop) = start_checks(&cfg, &hinted, Default::default());
+    let (checks, mut checks_stop) = start_checks(&cfg, &hinted, Default::default(), sink.clone());
     web::lock(&shared).checks = checks;
     if docker_enabled {
         let socket = cfg.raw.docker.socket.clone();
@@ -379,6 +410,18 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
     notify_ready();
 
+    // History older than history_days goes, hourly.
+    if let Some(store) = store.clone() {
+        let keep = cfg.agent().history();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let s = store.clone();
+                let _ = tokio::task::spawn_blocking(move || s.prune(keep)).await;
+            }
+        });
+    }
     let mut tick = tokio::time::interval(cfg.agent().refresh());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -412,9 +455,12 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                     {
                         let keep = web::lock(&shared).checks.statuses();
                         let _ = checks_stop.send(true);
-                        let (engine, stop) = start_checks(&new, &hinted, keep);
+                        let (engine, stop) = start_checks(&new, &hinted, keep, sink.clone());
                         checks_stop = stop;
-                        web::lock(&shared).checks = engine;
+                        let mut a = web::lock(&shared);
+                        a.checks = engine;
+                        a.api_token = new.api_token.clone();
+                        a.hooks = new.hooks.clone();
                     }
                     info!("config reloaded");
                     cfg = new;
@@ -447,7 +493,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                 hinted = now;
                 let keep = web::lock(&shared).checks.statuses();
                 let _ = checks_stop.send(true);
-                let (engine, stop) = start_checks(&cfg, &hinted, keep);
+                let (engine, stop) = start_checks(&cfg, &hinted, keep, sink.clone());
                 checks_stop = stop;
                 web::lock(&shared).checks = engine;
             }

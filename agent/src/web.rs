@@ -36,6 +36,7 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/probe", get(probe))
+        .merge(crate::api::routes())
         .with_state(state)
 }
 

@@ -108,6 +108,8 @@ fn stock(name: &str) -> Result<Spec, String> {
         success_threshold: 1,
         depends_on: Vec::new(),
         run_when_blocked: false,
+        tags: Vec::new(),
+        actions: Vec::new(),
     })
 }
 

@@ -4,16 +4,25 @@
 //! `blocked` for checks whose dependencies are down.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     hash::{Hash, Hasher},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
-use super::{Outcome, Spec, kinds};
+use super::{Outcome, Spec, actions, kinds};
+use crate::store::{ResultRow, Store};
+
+/// Where results go besides the engine's memory: the store (history), and
+/// what actions need.
+#[derive(Clone, Default)]
+pub struct Sink {
+    pub store: Option<Arc<Store>>,
+    pub actions: Arc<actions::Context>,
+}
 
 /// Upper bounds of `netpulse_check_duration_seconds`, in seconds.
 pub const BUCKETS: [f64; 11] = [
@@ -88,11 +97,19 @@ pub struct Engine {
     specs: BTreeMap<String, Arc<Spec>>,
     status: Mutex<BTreeMap<String, Status>>,
     running: Semaphore,
+    sink: Sink,
+    /// When each (check, action index) last fired.
+    fired: Mutex<HashMap<(String, usize), Instant>>,
 }
 
 impl Engine {
     /// `keep`: statuses of a previous engine (a config reload), by name.
-    pub fn new(specs: Vec<Spec>, concurrency: usize, keep: BTreeMap<String, Status>) -> Arc<Self> {
+    pub fn new(
+        specs: Vec<Spec>,
+        concurrency: usize,
+        keep: BTreeMap<String, Status>,
+        sink: Sink,
+    ) -> Arc<Self> {
         let status = specs
             .iter()
             .map(|s| {
@@ -109,6 +126,8 @@ impl Engine {
                 .collect(),
             status: Mutex::new(status),
             running: Semaphore::new(concurrency.max(1)),
+            sink,
+            fired: Mutex::new(HashMap::new()),
         })
     }
 
@@ -242,8 +261,45 @@ impl Engine {
             }
         }
         s.last = Some(out.clone());
+        let failures = s.consecutive_failures;
         let after = self.states(&all);
         drop(all);
+        if let Some(store) = &self.sink.store {
+            store.add_result(
+                &spec.name,
+                &ResultRow {
+                    at_ms: crate::store::now_ms(),
+                    ok: out.ok,
+                    duration_ms: out.duration.as_secs_f64() * 1000.0,
+                    error: out.error.clone(),
+                },
+            );
+        }
+        // Actions fire once per run of failures, when it reaches `after`.
+        for (i, a) in spec.actions.iter().enumerate() {
+            if out.ok || failures != a.after {
+                continue;
+            }
+            let mut fired = self.fired.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (spec.name.clone(), i);
+            if fired.get(&key).is_some_and(|t| t.elapsed() < a.cooldown) {
+                continue;
+            }
+            fired.insert(key, Instant::now());
+            drop(fired);
+            let event = serde_json::json!({
+                "check": spec.name,
+                "kind": spec.kind.as_str(),
+                "target": spec.target(),
+                "service": spec.service,
+                "state": after.get(&spec.name).copied().unwrap_or(State::Unknown).as_str(),
+                "previous": before.get(&spec.name).copied().unwrap_or(State::Unknown).as_str(),
+                "consecutive_failures": failures,
+                "error": out.error,
+                "at_ms": crate::store::now_ms(),
+            });
+            actions::fire(a, &spec.name, event, &self.sink.actions);
+        }
         for (n, new) in &after {
             let old = before.get(n).copied().unwrap_or(State::Unknown);
             if old == *new {

@@ -98,6 +98,8 @@ pub fn specs(containers: &[Container], warn: &mut dyn FnMut(&str, &str, String))
                     success_threshold: 1,
                     depends_on: Vec::new(),
                     run_when_blocked: false,
+                    tags: Vec::new(),
+                    actions: Vec::new(),
                 }),
                 Err(why) => warn(&c.name, &format!("netpulse.check.{kind}"), why),
             }

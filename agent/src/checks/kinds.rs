@@ -162,7 +162,7 @@ fn not_after(der: &[u8]) -> Option<SystemTime> {
 
 // --- HTTP --------------------------------------------------------------
 
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 async fn http(spec: &HttpSpec, started: Instant) -> Outcome {

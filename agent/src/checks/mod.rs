@@ -6,6 +6,7 @@
 //! it has run, and `blocked` while a check it depends on is down or
 //! blocked: the root cause is down, its dependents are not "down" too.
 
+pub mod actions;
 pub mod blackbox;
 pub mod engine;
 pub mod hints;
@@ -39,6 +40,11 @@ pub struct Spec {
     /// Whether a blocked check still runs (its result is kept, its state
     /// stays `blocked`).
     pub run_when_blocked: bool,
+    /// Labels for running checks together (`POST /api/v1/tags/{tag}/run`,
+    /// hooks).
+    pub tags: Vec<String>,
+    /// What to do after consecutive failures.
+    pub actions: Vec<actions::Action>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,0 +1,212 @@
+//! `/api/v1`: checks (read), jobs (read), and the endpoints that start
+//! work (run a check, run the checks of a tag, a webhook for deploy
+//! pipelines). Starting work needs `Authorization: Bearer <api.token>`,
+//! compared in constant time; with no token configured those endpoints
+//! are off and say so. Errors are JSON: `{"error": "..."}`.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::{
+    checks::engine::State as CheckState,
+    store::{Store, now_ms},
+    web::{Shared, lock},
+};
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/checks", get(checks))
+        .route("/api/v1/checks/{name}/run", post(run_check))
+        .route("/api/v1/tags/{tag}/run", post(run_tag))
+        .route("/api/v1/hooks/{name}", post(hook))
+        .route("/api/v1/jobs/{id}", get(job))
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// None if the request may start work; else the answer that refuses it.
+fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let token = lock(shared).api_token.clone();
+    let Some(token) = token else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "endpoints that start work are off: no api.token (or api.token_file) in the config",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return None;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "a valid `Authorization: Bearer <token>` header is required",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(r)
+}
+
+/// The store, if it could be opened.
+fn store(shared: &Shared) -> Option<Arc<Store>> {
+    lock(shared).store.clone()
+}
+
+fn no_store() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the job store is not available (see the agent's log)",
+    )
+}
+
+/// Queues a job and wakes the workers: 202 with its id.
+fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
+    let Some(store) = store(shared) else {
+        return no_store();
+    };
+    match store.enqueue(kind, arg) {
+        Some(id) => {
+            lock(shared).jobs_wake.notify_one();
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, format!("/api/v1/jobs/{id}"))],
+                Json(json!({ "job": id, "url": format!("/api/v1/jobs/{id}") })),
+            )
+                .into_response()
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the job store cannot write (see the agent's log)",
+        ),
+    }
+}
+
+async fn run_check(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&shared, &headers) {
+        return r;
+    }
+    let known = lock(&shared).checks.specs().iter().any(|s| s.name == name);
+    if !known {
+        return error(StatusCode::NOT_FOUND, format!("no check named `{name}`"));
+    }
+    queue(&shared, "check", &name)
+}
+
+async fn run_tag(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Path(tag): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&shared, &headers) {
+        return r;
+    }
+    let any = lock(&shared)
+        .checks
+        .specs()
+        .iter()
+        .any(|s| s.tags.contains(&tag));
+    if !any {
+        return error(StatusCode::NOT_FOUND, format!("no check has tag `{tag}`"));
+    }
+    queue(&shared, "tag", &tag)
+}
+
+async fn hook(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&shared, &headers) {
+        return r;
+    }
+    if !lock(&shared).hooks.contains_key(&name) {
+        return error(StatusCode::NOT_FOUND, format!("no hook named `{name}`"));
+    }
+    queue(&shared, "hook", &name)
+}
+
+async fn job(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("`{id}` is not a job id"));
+    };
+    let Some(store) = store(&shared) else {
+        return no_store();
+    };
+    match tokio::task::spawn_blocking(move || store.job(id)).await {
+        Ok(Some(j)) => Json(j).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Every check: state, the last result, uptime over 24 h and 7 d, recent
+/// results and incidents.
+async fn checks(State(shared): State<Shared>) -> Response {
+    let (view, store) = {
+        let a = lock(&shared);
+        (a.checks.view(), a.store.clone())
+    };
+    let body = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let (day, week) = (now - 86_400_000, now - 7 * 86_400_000);
+        view.iter()
+            .map(|v| {
+                let last = v.status.last.as_ref();
+                let (up24, up7, recent, incidents) = match &store {
+                    Some(s) => (
+                        s.uptime(&v.spec.name, day),
+                        s.uptime(&v.spec.name, week),
+                        s.recent(&v.spec.name, 20),
+                        s.incidents(&v.spec.name, week),
+                    ),
+                    None => (None, None, Vec::new(), Vec::new()),
+                };
+                json!({
+                    "name": v.spec.name,
+                    "kind": v.spec.kind.as_str(),
+                    "target": v.spec.target(),
+                    "service": v.spec.service,
+                    "tags": v.spec.tags,
+                    "depends_on": v.spec.depends_on,
+                    "state": v.state.as_str(),
+                    "blocked": v.state == CheckState::Blocked,
+                    "last": last.map(|l| json!({
+                        "ok": l.ok,
+                        "error": l.error,
+                        "duration_seconds": l.duration.as_secs_f64(),
+                        "http_status": l.http_status,
+                        "phases": l.phases.iter().map(|(p, d)| (p.to_string(), d.as_secs_f64())).collect::<std::collections::BTreeMap<_, _>>(),
+                    })),
+                    "uptime": { "24h": up24, "7d": up7 },
+                    "recent": recent,
+                    "incidents": incidents,
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match body {
+        Ok(rows) => Json(json!({ "checks": rows })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -1,0 +1,426 @@
+//! The agent's durable state, in SQLite (`<state_dir>/netpulse.db`): every
+//! check result (kept `history_days`), and the job queue.
+//!
+//! Writes that fail (a full disk, say) are logged once per kind of failure
+//! and dropped; the agent goes on counting and serving, and the store
+//! recovers by itself when writes succeed again.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Interrupted,
+}
+
+impl JobState {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "failed" => JobState::Failed,
+            _ => JobState::Interrupted,
+        }
+    }
+}
+
+/// A queued piece of work: `kind` = `check` (run one check, `arg` its
+/// name).
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub kind: String,
+    pub arg: String,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    /// JSON, once finished.
+    pub result: Option<serde_json::Value>,
+}
+
+/// One stored check result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRow {
+    pub at_ms: i64,
+    pub ok: bool,
+    pub duration_ms: f64,
+    pub error: Option<String>,
+}
+
+/// A down → up interval (`end_ms` None: still down).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Incident {
+    pub check: String,
+    pub start_ms: i64,
+    pub end_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    /// The last write error logged, so a full disk is logged once.
+    failing: Mutex<Option<String>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    duration_ms REAL NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS results_by_check ON results (check_name, at_ms);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    arg TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+";
+
+impl Store {
+    /// Opens (creating) `<dir>/netpulse.db`. Jobs a previous agent left
+    /// running are marked interrupted; pending ones stay queued.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("netpulse.db");
+        let open = |path: &Path| -> Result<Connection, rusqlite::Error> {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let c = Connection::open(path)?;
+            c.busy_timeout(Duration::from_secs(5))?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.execute_batch(SCHEMA)?;
+            Ok(c)
+        };
+        let conn = open(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let n = conn.execute(
+            "UPDATE jobs SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
+            params![now_ms()],
+        )?;
+        if n > 0 {
+            warn!(
+                jobs = n,
+                "jobs running when the agent stopped are marked interrupted"
+            );
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+            failing: Mutex::new(None),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs a failed write once (until writes succeed again).
+    fn wrote<T>(&self, what: &str, r: Result<T, rusqlite::Error>) -> Option<T> {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(v) => {
+                if failing.take().is_some() {
+                    info!(store = %self.path.display(), "store writes work again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if failing.as_deref() != Some(msg.as_str()) {
+                    warn!(
+                        store = %self.path.display(),
+                        error = %msg,
+                        "store write failed ({what}); going on without it, retrying with each write"
+                    );
+                    *failing = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether the last write failed.
+    pub fn failing(&self) -> bool {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    pub fn add_result(&self, check: &str, row: &ResultRow) {
+        let r = self.conn().execute(
+            "INSERT INTO results (check_name, at_ms, ok, duration_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![check, row.at_ms, row.ok, row.duration_ms, row.error],
+        );
+        self.wrote("check result", r);
+    }
+
+    /// Deletes results older than `keep`.
+    pub fn prune(&self, keep: Duration) {
+        let cutoff = now_ms() - keep.as_millis() as i64;
+        let r = self
+            .conn()
+            .execute("DELETE FROM results WHERE at_ms < ?1", params![cutoff]);
+        self.wrote("pruning history", r);
+    }
+
+    /// Share of successful results of `check` since `since_ms` (None:
+    /// no results in that window).
+    pub fn uptime(&self, check: &str, since_ms: i64) -> Option<f64> {
+        self.conn()
+            .query_row(
+                "SELECT avg(ok) FROM results WHERE check_name = ?1 AND at_ms >= ?2",
+                params![check, since_ms],
+                |r| r.get::<_, Option<f64>>(0),
+            )
+            .ok()
+            .flatten()
+    }
+
+    /// The latest `limit` results of `check`, newest first.
+    pub fn recent(&self, check: &str, limit: usize) -> Vec<ResultRow> {
+        let conn = self.conn();
+        let Ok(mut st) = conn.prepare(
+            "SELECT at_ms, ok, duration_ms, error FROM results WHERE check_name = ?1 ORDER BY at_ms DESC, id DESC LIMIT ?2",
+        ) else {
+            return Vec::new();
+        };
+        st.query_map(params![check, limit as i64], |r| {
+            Ok(ResultRow {
+                at_ms: r.get(0)?,
+                ok: r.get(1)?,
+                duration_ms: r.get(2)?,
+                error: r.get(3)?,
+            })
+        })
+        .map(|rows| rows.flatten().collect())
+        .unwrap_or_default()
+    }
+
+    /// Down → up intervals of `check` since `since_ms`, oldest first.
+    pub fn incidents(&self, check: &str, since_ms: i64) -> Vec<Incident> {
+        let conn = self.conn();
+        let Ok(mut st) = conn.prepare(
+            "SELECT at_ms, ok, error FROM results WHERE check_name = ?1 AND at_ms >= ?2 ORDER BY at_ms, id",
+        ) else {
+            return Vec::new();
+        };
+        let rows: Vec<(i64, bool, Option<String>)> = st
+            .query_map(params![check, since_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map(|rows| rows.flatten().collect())
+            .unwrap_or_default();
+        let mut out: Vec<Incident> = Vec::new();
+        for (at, ok, error) in rows {
+            match (ok, out.last_mut()) {
+                (false, Some(open)) if open.end_ms.is_none() => {}
+                (false, _) => out.push(Incident {
+                    check: check.to_string(),
+                    start_ms: at,
+                    end_ms: None,
+                    error,
+                }),
+                (true, Some(open)) if open.end_ms.is_none() => open.end_ms = Some(at),
+                (true, _) => {}
+            }
+        }
+        out
+    }
+
+    // --- jobs --------------------------------------------------------------
+
+    /// Queues a job; its id, or None if the store cannot write.
+    pub fn enqueue(&self, kind: &str, arg: &str) -> Option<i64> {
+        let conn = self.conn();
+        let r = conn
+            .execute(
+                "INSERT INTO jobs (kind, arg, state, created_ms) VALUES (?1, ?2, 'pending', ?3)",
+                params![kind, arg, now_ms()],
+            )
+            .map(|_| conn.last_insert_rowid());
+        drop(conn);
+        self.wrote("queueing a job", r)
+    }
+
+    /// Takes the oldest pending job, marking it running.
+    pub fn claim(&self) -> Option<Job> {
+        let conn = self.conn();
+        let id: Option<i64> = conn
+            .query_row(
+                "UPDATE jobs SET state = 'running', started_ms = ?1 WHERE id = (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1) RETURNING id",
+                params![now_ms()],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten();
+        drop(conn);
+        self.job(id?)
+    }
+
+    pub fn finish(&self, id: i64, ok: bool, result: &serde_json::Value) {
+        let state = if ok { JobState::Done } else { JobState::Failed };
+        let r = self.conn().execute(
+            "UPDATE jobs SET state = ?1, finished_ms = ?2, result = ?3 WHERE id = ?4",
+            params![state.as_str(), now_ms(), result.to_string(), id],
+        );
+        self.wrote("finishing a job", r);
+    }
+
+    pub fn job(&self, id: i64) -> Option<Job> {
+        self.conn()
+            .query_row(
+                "SELECT id, kind, arg, state, created_ms, started_ms, finished_ms, result FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    let result: Option<String> = r.get(7)?;
+                    Ok(Job {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        arg: r.get(2)?,
+                        state: JobState::parse(&r.get::<_, String>(3)?),
+                        created_ms: r.get(4)?,
+                        started_ms: r.get(5)?,
+                        finished_ms: r.get(6)?,
+                        result: result.and_then(|s| serde_json::from_str(&s).ok()),
+                    })
+                },
+            )
+            .optional()
+            .ok()
+            .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("netpulse-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn uptime_and_incidents_from_results() {
+        let d = tmp("uptime");
+        let s = Store::open(&d).unwrap();
+        let t0 = now_ms() - 10_000;
+        for (i, ok) in [true, true, false, false, true, false].iter().enumerate() {
+            s.add_result(
+                "web",
+                &ResultRow {
+                    at_ms: t0 + i as i64 * 1000,
+                    ok: *ok,
+                    duration_ms: 1.0,
+                    error: (!ok).then(|| format!("e{i}")),
+                },
+            );
+        }
+        assert_eq!(s.uptime("web", t0), Some(0.5));
+        assert_eq!(s.uptime("other", t0), None);
+        let inc = s.incidents("web", t0);
+        assert_eq!(
+            inc,
+            [
+                Incident {
+                    check: "web".into(),
+                    start_ms: t0 + 2000,
+                    end_ms: Some(t0 + 4000),
+                    error: Some("e2".into())
+                },
+                Incident {
+                    check: "web".into(),
+                    start_ms: t0 + 5000,
+                    end_ms: None,
+                    error: Some("e5".into())
+                },
+            ]
+        );
+        assert_eq!(s.recent("web", 2)[0].at_ms, t0 + 5000);
+        s.prune(Duration::from_millis(3000));
+        assert!(s.recent("web", 10).len() < 6);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn jobs_survive_a_restart_and_running_ones_are_interrupted() {
+        let d = tmp("jobs");
+        let s = Store::open(&d).unwrap();
+        let a = s.enqueue("check", "web").unwrap();
+        let b = s.enqueue("check", "db").unwrap();
+        let claimed = s.claim().unwrap();
+        assert_eq!((claimed.id, claimed.state), (a, JobState::Running));
+        drop(s);
+        let s = Store::open(&d).unwrap();
+        assert_eq!(s.job(a).unwrap().state, JobState::Interrupted);
+        let next = s.claim().unwrap();
+        assert_eq!(next.id, b);
+        s.finish(b, true, &serde_json::json!({"ok": true}));
+        let done = s.job(b).unwrap();
+        assert_eq!(done.state, JobState::Done);
+        assert_eq!(done.result, Some(serde_json::json!({"ok": true})));
+        assert!(s.claim().is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
