@@ -273,6 +273,10 @@ pub mod maps {
 pub mod programs {
     pub const XDP_INGRESS: &str = "netpulse_xdp";
     pub const TC_EGRESS: &str = "netpulse_tc";
+    /// Ingress on host interfaces without native XDP (lo, some virtual
+    /// NICs): TC, because generic (skb-mode) XDP copies every cloned skb
+    /// (all of TCP's) to run at all.
+    pub const TC_INGRESS: &str = "netpulse_tc_in";
     /// On a container's host-side veth (TC both ways; XDP on veth would
     /// change the container's datapath): ingress there is what the container
     /// sends, egress what it receives.

@@ -390,7 +390,7 @@ pub fn render(
     let mut attached = gauge(
         "netpulse_probe_attached",
         "1 for each interface and hook the probes are attached to.",
-        &["interface", "hook", "mode"],
+        &["interface", "hook", "mode", "zone"],
     );
     let mut entries = gauge(
         "netpulse_map_entries",
@@ -468,7 +468,7 @@ pub fn render(
     }
     for (ifname, a) in probe.attachments() {
         for (hook, mode) in a.hooks() {
-            attached.add(&[ifname.as_str(), hook, mode], 1);
+            attached.add(&[ifname.as_str(), hook, mode, a.zone.as_str()], 1);
         }
     }
     for (map, used, max) in probe.table_sizes() {

@@ -85,6 +85,8 @@ pub enum Hook {
     Xdp,
     /// TC clsact egress, on the way out.
     Tc,
+    /// TC ingress on a host interface without native XDP.
+    TcIn,
     /// TC ingress on a container's host-side veth: what the container sends.
     CtFrom,
     /// TC egress on a container's host-side veth: what the container receives.
@@ -96,6 +98,7 @@ impl Hook {
         match self {
             Hook::Xdp => programs::XDP_INGRESS,
             Hook::Tc => programs::TC_EGRESS,
+            Hook::TcIn => programs::TC_INGRESS,
             Hook::CtFrom => programs::CT_FROM,
             Hook::CtTo => programs::CT_TO,
         }
@@ -129,22 +132,6 @@ impl Zone {
 const SKB_CTX_LEN: usize = 192;
 const SKB_CTX_GSO_SEGS: usize = 164;
 
-/// How XDP ended up attached to an interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XdpAttachMode {
-    Native,
-    Skb,
-}
-
-impl XdpAttachMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Skb => "skb",
-        }
-    }
-}
-
 /// One interface with its two programs.
 #[derive(Debug)]
 pub struct Attachment {
@@ -155,9 +142,14 @@ pub struct Attachment {
 
 #[derive(Debug)]
 enum Links {
+    /// Native XDP in, TC out.
     Host {
-        xdp_mode: XdpAttachMode,
         xdp: XdpLinkId,
+        tc: SchedClassifierLinkId,
+    },
+    /// TC both ways, where the driver has no native XDP.
+    HostTc {
+        ingress: SchedClassifierLinkId,
         tc: SchedClassifierLinkId,
     },
     Container {
@@ -171,8 +163,8 @@ impl Attachment {
     /// `netpulse_probe_attached`.
     pub fn hooks(&self) -> [(&'static str, &'static str); 2] {
         match &self.links {
-            Links::Host { xdp_mode, .. } => [("xdp", xdp_mode.as_str()), ("tc", "egress")],
-            Links::Container { .. } => [("tc", "ingress"), ("tc", "egress")],
+            Links::Host { .. } => [("xdp", "native"), ("tc", "egress")],
+            Links::HostTc { .. } | Links::Container { .. } => [("tc", "ingress"), ("tc", "egress")],
         }
     }
 }
@@ -351,6 +343,7 @@ impl Probe {
         for name in [
             programs::XDP_INGRESS,
             programs::TC_EGRESS,
+            programs::TC_INGRESS,
             programs::CT_FROM,
             programs::CT_TO,
         ] {
@@ -409,8 +402,8 @@ impl Probe {
             .map_err(prog_err(name))
     }
 
-    /// Attaches to `ifname`: on a host interface XDP (native, else skb
-    /// mode) and TC egress, on a container veth TC both ways.
+    /// Attaches to `ifname`: on a host interface XDP (native, else TC
+    /// ingress) and TC egress, on a container veth TC both ways.
     pub fn attach(&mut self, ifname: &str, zone: Zone) -> Result<&Attachment> {
         let err = |message: String| ProbeError::Attach {
             name: ifname.to_string(),
@@ -471,28 +464,40 @@ impl Probe {
             message,
         };
         let xdp = self.xdp()?;
-        let (xdp_link, xdp_mode) = match xdp.attach(ifname, XdpMode::Driver) {
-            Ok(l) => (l, XdpAttachMode::Native),
-            Err(native) => match xdp.attach(ifname, XdpMode::Skb) {
-                Ok(l) => {
-                    info!(
-                        interface = ifname,
-                        reason = crate::error_chain(&native),
-                        "no native XDP; using skb mode"
-                    );
-                    (l, XdpAttachMode::Skb)
+        // Native XDP, else TC ingress: generic (skb-mode) XDP would copy
+        // every cloned skb (all of TCP's) to run, on lo for every local
+        // connection.
+        let ingress = match xdp.attach(ifname, XdpMode::Driver) {
+            Ok(l) => Ok(l),
+            Err(native) => {
+                let reason = crate::error_chain(&native);
+                match self.attach_tc(ifname, programs::TC_INGRESS, TcAttachType::Ingress) {
+                    Ok(l) => {
+                        info!(
+                            interface = ifname,
+                            reason, "no native XDP; counting ingress with TC"
+                        );
+                        Err(l)
+                    }
+                    Err(e) => {
+                        return Err(err(format!(
+                            "attaching XDP ({reason}) or TC ingress: {}",
+                            crate::error_chain(&e)
+                        )));
+                    }
                 }
-                Err(e) => return Err(err(format!("attaching XDP: {}", crate::error_chain(&e)))),
-            },
+            }
         };
-        match self.attach_tc(ifname, programs::TC_EGRESS, TcAttachType::Egress) {
-            Ok(tc) => Ok(Links::Host {
-                xdp_mode,
-                xdp: xdp_link,
-                tc,
-            }),
-            Err(e) => {
-                let _ = self.xdp()?.detach(xdp_link);
+        let tc = self.attach_tc(ifname, programs::TC_EGRESS, TcAttachType::Egress);
+        match (ingress, tc) {
+            (Ok(xdp), Ok(tc)) => Ok(Links::Host { xdp, tc }),
+            (Err(ingress), Ok(tc)) => Ok(Links::HostTc { ingress, tc }),
+            (Ok(xdp), Err(e)) => {
+                let _ = self.xdp()?.detach(xdp);
+                Err(e)
+            }
+            (Err(ingress), Err(e)) => {
+                let _ = self.classifier(programs::TC_INGRESS)?.detach(ingress);
                 Err(e)
             }
         }
@@ -526,9 +531,17 @@ impl Probe {
         };
         // Errors here mean the device (and with it the links) is gone.
         match a.links {
-            Links::Host { xdp, tc, .. } => {
+            Links::Host { xdp, tc } => {
                 if let Ok(x) = self.xdp() {
                     let _ = x.detach(xdp);
+                }
+                if let Ok(t) = self.classifier(programs::TC_EGRESS) {
+                    let _ = t.detach(tc);
+                }
+            }
+            Links::HostTc { ingress, tc } => {
+                if let Ok(t) = self.classifier(programs::TC_INGRESS) {
+                    let _ = t.detach(ingress);
                 }
                 if let Ok(t) = self.classifier(programs::TC_EGRESS) {
                     let _ = t.detach(tc);
@@ -846,7 +859,7 @@ impl Probe {
         // The receive path (XDP, TC ingress on container veths) and the
         // transmit path each have their array.
         let (name, map) = match hook {
-            Hook::Xdp | Hook::CtFrom => (maps::COUNTERS_XDP, &self.counters_xdp),
+            Hook::Xdp | Hook::TcIn | Hook::CtFrom => (maps::COUNTERS_XDP, &self.counters_xdp),
             Hook::Tc | Hook::CtTo => (maps::COUNTERS_TC, &self.counters_tc),
         };
         let mut sum = SlotCounters::default();

@@ -410,15 +410,29 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
     notify_ready();
 
-    // History older than history_days goes, hourly.
+    // Results are written once a second; history older than history_days
+    // goes hourly.
     if let Some(store) = store.clone() {
         let keep = cfg.agent().history();
         tokio::spawn(async move {
-            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
+            second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut last_prune: Option<std::time::Instant> = None;
             loop {
-                hourly.tick().await;
+                second.tick().await;
+                let prune =
+                    last_prune.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(3600));
+                if prune {
+                    last_prune = Some(std::time::Instant::now());
+                }
                 let s = store.clone();
-                let _ = tokio::task::spawn_blocking(move || s.prune(keep)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    s.flush();
+                    if prune {
+                        s.prune(keep);
+                    }
+                })
+                .await;
             }
         });
     }
@@ -505,6 +519,9 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         warn!(error = %e, "HTTP server task");
     }
     web::lock(&shared).probe.detach_all();
+    if let Some(s) = &store {
+        s.flush();
+    }
     info!("probes detached; counters stay pinned for the next run");
     Ok(())
 }

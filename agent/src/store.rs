@@ -100,10 +100,17 @@ pub struct Incident {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Results not yet written: `flush` writes them in one transaction
+    /// (the agent does every second), so a busy schedule costs one commit
+    /// a second, not one per result.
+    pending: Mutex<Vec<(String, ResultRow)>>,
     path: PathBuf,
     /// The last write error logged, so a full disk is logged once.
     failing: Mutex<Option<String>>,
 }
+
+/// Results held in memory at most, waiting for a write to succeed.
+const MAX_PENDING: usize = 100_000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS results (
@@ -159,6 +166,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            pending: Mutex::new(Vec::new()),
             path,
             failing: Mutex::new(None),
         })
@@ -205,16 +213,55 @@ impl Store {
             .is_some()
     }
 
+    /// Queues a result for the next `flush`. Bounded: while the disk
+    /// refuses writes, results beyond `MAX_PENDING` are dropped (counting
+    /// and checking go on).
     pub fn add_result(&self, check: &str, row: &ResultRow) {
-        let r = self.conn().execute(
-            "INSERT INTO results (check_name, at_ms, ok, duration_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![check, row.at_ms, row.ok, row.duration_ms, row.error],
-        );
-        self.wrote("check result", r);
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() < MAX_PENDING {
+            p.push((check.to_string(), row.clone()));
+        }
+    }
+
+    /// Writes the queued results in one transaction; on failure they stay
+    /// queued for the next try.
+    pub fn flush(&self) {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if batch.is_empty() {
+            return;
+        }
+        let mut conn = self.conn();
+        let r = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO results (check_name, at_ms, ok, duration_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (check, row) in &batch {
+                    st.execute(params![
+                        check,
+                        row.at_ms,
+                        row.ok,
+                        row.duration_ms,
+                        row.error
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        drop(conn);
+        if self.wrote("check results", r).is_none() {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let room = MAX_PENDING.saturating_sub(p.len());
+            let mut back: Vec<_> = batch.into_iter().take(room).collect();
+            back.append(&mut p);
+            *p = back;
+        }
     }
 
     /// Deletes results older than `keep`.
     pub fn prune(&self, keep: Duration) {
+        self.flush();
         let cutoff = now_ms() - keep.as_millis() as i64;
         let r = self
             .conn()
@@ -225,6 +272,7 @@ impl Store {
     /// Share of successful results of `check` since `since_ms` (None:
     /// no results in that window).
     pub fn uptime(&self, check: &str, since_ms: i64) -> Option<f64> {
+        self.flush();
         self.conn()
             .query_row(
                 "SELECT avg(ok) FROM results WHERE check_name = ?1 AND at_ms >= ?2",
@@ -237,6 +285,7 @@ impl Store {
 
     /// The latest `limit` results of `check`, newest first.
     pub fn recent(&self, check: &str, limit: usize) -> Vec<ResultRow> {
+        self.flush();
         let conn = self.conn();
         let Ok(mut st) = conn.prepare(
             "SELECT at_ms, ok, duration_ms, error FROM results WHERE check_name = ?1 ORDER BY at_ms DESC, id DESC LIMIT ?2",
@@ -257,6 +306,7 @@ impl Store {
 
     /// Down → up intervals of `check` since `since_ms`, oldest first.
     pub fn incidents(&self, check: &str, since_ms: i64) -> Vec<Incident> {
+        self.flush();
         let conn = self.conn();
         let Ok(mut st) = conn.prepare(
             "SELECT at_ms, ok, error FROM results WHERE check_name = ?1 AND at_ms >= ?2 ORDER BY at_ms, id",

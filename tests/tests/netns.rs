@@ -235,7 +235,12 @@ interval_seconds = 0.2
     ));
     assert!(m.has(
         "netpulse_probe_attached",
-        &[("interface", "lo"), ("hook", "xdp"), ("mode", "skb")]
+        &[
+            ("interface", "lo"),
+            ("hook", "tc"),
+            ("mode", "ingress"),
+            ("zone", "host")
+        ]
     ));
     for s in ["echo-tcp", "echo-udp", "ping"] {
         assert!(m.has(

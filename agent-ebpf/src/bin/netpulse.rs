@@ -470,6 +470,16 @@ mod kernel {
         TC_ACT_UNSPEC
     }
 
+    /// TC ingress on a host interface without native XDP: what XDP would
+    /// count, after GRO (a merged skb counts its segments).
+    #[classifier]
+    pub fn netpulse_tc_in(ctx: TcContext) -> i32 {
+        tc_count(&ctx, &NP_COUNTERS_XDP, DIR_INGRESS, |f| {
+            classify(f, DIR_INGRESS)
+        });
+        TC_ACT_UNSPEC
+    }
+
     // Unclassified packets on a container veth count in the host's view
     // (arriving from the container = ingress), like those on any interface.
 

@@ -126,6 +126,14 @@ fn system_roots() -> Arc<rustls::RootCertStore> {
 /// The client config for a check: the system roots, or the check's own
 /// CA file.
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    // The common case, built once: every check and /probe without a CA
+    // file of its own shares it.
+    static SYSTEM: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    if ca_file.is_none()
+        && let Some(c) = SYSTEM.get()
+    {
+        return Ok(c.clone());
+    }
     let roots = match ca_file {
         None => system_roots(),
         Some(path) => {
@@ -150,7 +158,11 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    let cfg = Arc::new(cfg);
+    if ca_file.is_none() {
+        return Ok(SYSTEM.get_or_init(|| cfg).clone());
+    }
+    Ok(cfg)
 }
 
 /// notAfter of a DER certificate.

@@ -29,6 +29,9 @@ struct Args {
     /// Seconds of wrk load on /metrics.
     #[arg(long, default_value_t = 10)]
     http_seconds: u32,
+    /// Sequential /probe requests per tool and module.
+    #[arg(long, default_value_t = 2000)]
+    probes: u32,
 }
 
 const TARGET_NS: f64 = 15.0;
@@ -147,7 +150,8 @@ fn main() -> Result<()> {
     let result = bench(&args, object, &pin);
     let _ = std::fs::remove_dir_all(&pin);
     result?;
-    http_load(args.http_seconds)
+    http_load(args.http_seconds)?;
+    probe_bench(args.probes)
 }
 
 fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
@@ -389,5 +393,188 @@ fn http_load(seconds: u32) -> Result<()> {
             errors
         }
     );
+    Ok(())
+}
+
+/// Probes per CPU-second: netpulse's `/probe` against Debian's
+/// prometheus-blackbox-exporter's, the same stock modules on the same
+/// loopback targets, in one run. CPU is each process's user + system time
+/// (/proc/<pid>/stat) over the probes.
+fn probe_bench(probes: u32) -> Result<()> {
+    use netpulse_tests::{
+        PinDir,
+        agent::Agent,
+        scrape::{get, urlencode},
+    };
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::{Ipv4Addr, SocketAddr, TcpListener},
+        process::{Command, Stdio},
+    };
+    if Command::new("prometheus-blackbox-exporter")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!("prometheus-blackbox-exporter is not installed (cargo xtask setup)");
+    }
+    // Targets: a minimal HTTP server and a TCP listener, in this process.
+    let http = TcpListener::bind("127.0.0.1:0")?;
+    let http_addr = http.local_addr()?;
+    std::thread::spawn(move || {
+        for s in http.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(match s.try_clone() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                });
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = (&s).write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                );
+            });
+        }
+    });
+    let tcp = TcpListener::bind("127.0.0.1:0")?;
+    let tcp_addr = tcp.local_addr()?;
+    std::thread::spawn(move || for _ in tcp.incoming() {});
+
+    let dir = std::env::temp_dir().join(format!("netpulse-probe-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bb_cfg = dir.join("blackbox.yml");
+    std::fs::write(
+        &bb_cfg,
+        "modules:\n  http_2xx:\n    prober: http\n  tcp_connect:\n    prober: tcp\n",
+    )?;
+    let (bb_port, np_port) = (19508u16, 19509u16);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let bb = Kill(
+        Command::new("prometheus-blackbox-exporter")
+            .arg(format!("--config.file={}", bb_cfg.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{bb_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let pins = PinDir::new("probe-bench");
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{np_port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"lo\"]\ndiscover_sockets = false\n[docker]\nenabled = false\n",
+            pins.path().display(),
+            dir.join("state").display()
+        ),
+    )?;
+    let mut agent = Agent::start_host(&cfg, np_port, &dir.join("agent.log"));
+    agent.wait_for("the agent", |m| m.has("netpulse_build_info", &[]));
+    let started = std::time::Instant::now();
+    while get(SocketAddr::from((Ipv4Addr::LOCALHOST, bb_port)), "/").is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("blackbox_exporter did not start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tck = {
+        // SAFETY: sysconf has no preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as f64 } else { 100.0 }
+    };
+    let cpu = |pid: u32| -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime), counted from 1 before the ')'.
+        let (u, s): (f64, f64) = (f[11].parse()?, f[12].parse()?);
+        Ok((u + s) / tck)
+    };
+    // netpulse as deployed: the same probes as scheduled checks (20 at
+    // 20 Hz each), no HTTP request per probe; CPU over 5 s, its history
+    // writes and refreshes included.
+    let scheduled = |module: &str, target: &str| -> Result<f64> {
+        let kind = if module == "http_2xx" { "http" } else { "tcp" };
+        let port = 19511u16;
+        let pins = PinDir::new("probe-bench-sched");
+        let mut text = format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"lo\"]\ndiscover_sockets = false\n[docker]\nenabled = false\n",
+            pins.path().display(),
+            dir.join("state-sched").display()
+        );
+        for i in 0..20 {
+            text.push_str(&format!(
+                "[[check]]\nname = \"c{i}\"\nkind = \"{kind}\"\ntarget = \"{target}\"\ninterval_seconds = 0.05\n"
+            ));
+        }
+        let cfg = dir.join("sched.toml");
+        std::fs::write(&cfg, text)?;
+        let mut a = Agent::start_host(&cfg, port, &dir.join("sched.log"));
+        let runs = |m: &netpulse_tests::scrape::Metrics| m.sum("netpulse_check_runs_total", &[]);
+        a.wait_for("checks running", |m| runs(m) > 100);
+        let m0 = a.metrics().context("metrics")?;
+        let c0 = cpu(a.pid())?;
+        std::thread::sleep(Duration::from_secs(5));
+        let c = cpu(a.pid())? - c0;
+        let m1 = a.metrics().context("metrics")?;
+        let failed = m1.sum("netpulse_check_runs_total", &[("result", "failure")]);
+        if failed > 0 {
+            bail!("{failed} scheduled {module} checks failed");
+        }
+        let n = runs(&m1) - runs(&m0);
+        a.stop();
+        Ok(n as f64 / c.max(1.0 / tck))
+    };
+    println!(
+        "\nProbe cost: {probes} sequential `/probe` requests per tool and module, and netpulse's own schedule; CPU of the prober process (user + system)\n"
+    );
+    println!(
+        "| module | target | blackbox_exporter `/probe` probes/CPU-s | netpulse `/probe` | netpulse scheduled checks | `/probe` ratio | scheduled ratio | ≥ 5× |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|:-:|");
+    let mut worst = f64::INFINITY;
+    for (module, target) in [
+        ("http_2xx", format!("http://{http_addr}/")),
+        ("tcp_connect", tcp_addr.to_string()),
+    ] {
+        let rate = |port: u16, pid: u32| -> Result<f64> {
+            let path = format!("/probe?module={module}&target={}", urlencode(&target));
+            // Warm up, and check the probe succeeds.
+            let (s, body) = get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &path)?;
+            if s != 200 || !body.contains("probe_success 1") {
+                bail!("{module} {target} on :{port} did not succeed: {body}");
+            }
+            let c0 = cpu(pid)?;
+            for _ in 0..probes {
+                get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &path)?;
+            }
+            let used = cpu(pid)? - c0;
+            Ok(f64::from(probes) / used.max(1.0 / tck))
+        };
+        let theirs = rate(bb_port, bb.0.id())?;
+        let ours = rate(np_port, agent.pid())?;
+        let sched = scheduled(module, &target)?;
+        let (ratio, sratio) = (ours / theirs, sched / theirs);
+        worst = worst.min(sratio);
+        println!(
+            "| {module} | {target} | {theirs:.0} | {ours:.0} | {sched:.0} | {ratio:.1}× | {sratio:.1}× | {} |",
+            if sratio >= 5.0 { "yes" } else { "no" }
+        );
+    }
+    println!(
+        "\nworst scheduled ratio: {worst:.1}× (target ≥ 5×; `/probe` pays an HTTP request per probe, as blackbox_exporter does)"
+    );
+    agent.stop();
+    drop(bb);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
