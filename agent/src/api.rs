@@ -97,19 +97,36 @@ fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
     }
 }
 
+/// The POSTs that start work: the token first, then whether `kind`
+/// `arg` names anything, then the job.
+fn start(shared: &Shared, headers: &HeaderMap, kind: &str, arg: &str) -> Response {
+    if let Some(r) = refuse(shared, headers) {
+        return r;
+    }
+    let missing = {
+        let a = lock(shared);
+        let specs = a.checks.specs();
+        match kind {
+            "check" => {
+                (!specs.iter().any(|s| s.name == arg)).then(|| format!("no check named `{arg}`"))
+            }
+            "tag" => (!specs.iter().any(|s| s.tags.iter().any(|t| t == arg)))
+                .then(|| format!("no check has tag `{arg}`")),
+            _ => (!a.hooks.contains_key(arg)).then(|| format!("no hook named `{arg}`")),
+        }
+    };
+    match missing {
+        Some(why) => error(StatusCode::NOT_FOUND, why),
+        None => queue(shared, kind, arg),
+    }
+}
+
 async fn run_check(
     State(shared): State<Shared>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Some(r) = refuse(&shared, &headers) {
-        return r;
-    }
-    let known = lock(&shared).checks.specs().iter().any(|s| s.name == name);
-    if !known {
-        return error(StatusCode::NOT_FOUND, format!("no check named `{name}`"));
-    }
-    queue(&shared, "check", &name)
+    start(&shared, &headers, "check", &name)
 }
 
 async fn run_tag(
@@ -117,18 +134,7 @@ async fn run_tag(
     headers: HeaderMap,
     Path(tag): Path<String>,
 ) -> Response {
-    if let Some(r) = refuse(&shared, &headers) {
-        return r;
-    }
-    let any = lock(&shared)
-        .checks
-        .specs()
-        .iter()
-        .any(|s| s.tags.contains(&tag));
-    if !any {
-        return error(StatusCode::NOT_FOUND, format!("no check has tag `{tag}`"));
-    }
-    queue(&shared, "tag", &tag)
+    start(&shared, &headers, "tag", &tag)
 }
 
 async fn hook(
@@ -136,13 +142,7 @@ async fn hook(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Some(r) = refuse(&shared, &headers) {
-        return r;
-    }
-    if !lock(&shared).hooks.contains_key(&name) {
-        return error(StatusCode::NOT_FOUND, format!("no hook named `{name}`"));
-    }
-    queue(&shared, "hook", &name)
+    start(&shared, &headers, "hook", &name)
 }
 
 async fn job(State(shared): State<Shared>, Path(id): Path<String>) -> Response {

@@ -67,6 +67,18 @@ enum ConfigCommand {
     },
 }
 
+/// The agent's runtime: two workers (a node agent shares the host).
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("netpulse: starting the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -80,16 +92,9 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run { config } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("netpulse: starting the runtime: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             match rt.block_on(run::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -172,16 +177,9 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
         eprintln!("no checks configured");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("netpulse: starting the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     // One run each, and thresholds of one: this is a verdict, not a schedule.
     for s in &mut specs {

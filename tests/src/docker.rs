@@ -99,6 +99,14 @@ impl Container {
         Container(name.to_string())
     }
 
+    /// `docker run -d --name NAME OPTS... TEST_IMAGE httpd` serving /www
+    /// on port 80.
+    pub fn httpd(name: &str, opts: &[&str]) -> Self {
+        let mut args = opts.to_vec();
+        args.extend_from_slice(&[TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"]);
+        Self::run(name, &args)
+    }
+
     pub fn ip(&self) -> String {
         docker_ok(&[
             "inspect",

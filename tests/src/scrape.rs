@@ -79,6 +79,22 @@ impl Metrics {
         Metrics(m)
     }
 
+    /// A service's packets in one direction.
+    pub fn packets(&self, service: &str, direction: &str) -> u64 {
+        self.sum(
+            "netpulse_service_packets_total",
+            &[("service", service), ("direction", direction)],
+        )
+    }
+
+    /// A service's bytes in one direction.
+    pub fn bytes(&self, service: &str, direction: &str) -> u64 {
+        self.sum(
+            "netpulse_service_bytes_total",
+            &[("service", service), ("direction", direction)],
+        )
+    }
+
     /// Sum of the samples of `name` whose labels include all of `want`.
     pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> u64 {
         self.0

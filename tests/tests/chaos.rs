@@ -17,7 +17,6 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites},
     netns::Pair,
-    scrape::Metrics,
 };
 
 fn workdir(tag: &str) -> PathBuf {
@@ -69,13 +68,6 @@ fn setup(tag: &str, net: u8, port: u16) -> Setup {
         port,
         agent,
     }
-}
-
-fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
-    m.sum(
-        "netpulse_service_packets_total",
-        &[("service", service), ("direction", dir)],
-    )
 }
 
 /// A UDP echo server on every address of namespace a, port 7500; it stops
@@ -164,9 +156,9 @@ fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
 
     for dir in ["ingress", "egress"] {
         let (b, a, e) = (
-            pkts(&before, "echo", dir),
-            pkts(&after, "echo", dir),
-            pkts(&end, "echo", dir),
+            before.packets("echo", dir),
+            after.packets("echo", dir),
+            end.packets("echo", dir),
         );
         assert!(b > 0, "no {dir} traffic counted before the kill");
         assert!(a >= b, "{dir} reset by the restart: {b} before, {a} after");
@@ -178,11 +170,14 @@ fn sigkill_mid_traffic_then_restart_continues_without_reset_or_double_count() {
 
     // Quiet now: a known burst moves the counters by exactly that much, so
     // no probe of the killed agent is still attached beside the new one.
-    let (i0, e0) = (pkts(&end, "echo", "ingress"), pkts(&end, "echo", "egress"));
+    let (i0, e0) = (
+        end.packets("echo", "ingress"),
+        end.packets("echo", "egress"),
+    );
     assert_eq!(exchange(&pair, 40), 40);
     let m = agent.metrics().unwrap();
-    assert_eq!(pkts(&m, "echo", "ingress") - i0, 40);
-    assert_eq!(pkts(&m, "echo", "egress") - e0, 40);
+    assert_eq!(m.packets("echo", "ingress") - i0, 40);
+    assert_eq!(m.packets("echo", "egress") - e0, 40);
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -202,7 +197,7 @@ fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
     } = setup("relink", 96, 19483);
     echo_server(&pair);
     assert_eq!(exchange(&pair, 5), 5);
-    let base = pkts(&agent.metrics().unwrap(), "echo", "ingress");
+    let base = agent.metrics().unwrap().packets("echo", "ingress");
     assert_eq!(base, 5);
 
     pair.unlink();
@@ -211,7 +206,7 @@ fn an_interface_deleted_and_created_again_is_reattached_within_5_s() {
     let took = loop {
         exchange(&pair, 1);
         let m = agent.metrics().unwrap();
-        if pkts(&m, "echo", "ingress") > base && pkts(&m, "echo", "egress") > base {
+        if m.packets("echo", "ingress") > base && m.packets("echo", "egress") > base {
             break recreated.elapsed();
         }
         assert!(

@@ -66,20 +66,6 @@ fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
     })
 }
 
-fn packets(m: &Metrics, service: &str, dir: &str) -> u64 {
-    m.sum(
-        "netpulse_service_packets_total",
-        &[("service", service), ("direction", dir)],
-    )
-}
-
-fn bytes(m: &Metrics, service: &str, dir: &str) -> u64 {
-    m.sum(
-        "netpulse_service_bytes_total",
-        &[("service", service), ("direction", dir)],
-    )
-}
-
 fn docker_up(m: &Metrics) -> bool {
     m.sum("netpulse_source_up", &[("source", "docker")]) == 1
 }
@@ -100,15 +86,12 @@ fn has_service(m: &Metrics, name: &str) -> bool {
 /// The agent's counts for `service` as [`IpCounters`]: frames carry 14
 /// bytes of Ethernet header the IP layer does not see.
 fn as_ip(m: &Metrics, service: &str) -> IpCounters {
-    let (pi, pe) = (
-        packets(m, service, "ingress"),
-        packets(m, service, "egress"),
-    );
+    let (pi, pe) = (m.packets(service, "ingress"), m.packets(service, "egress"));
     IpCounters {
         in_packets: pi,
         out_packets: pe,
-        in_octets: bytes(m, service, "ingress") - 14 * pi,
-        out_octets: bytes(m, service, "egress") - 14 * pe,
+        in_octets: m.bytes(service, "ingress") - 14 * pi,
+        out_octets: m.bytes(service, "egress") - 14 * pe,
     }
 }
 
@@ -127,11 +110,17 @@ fn delta(a: IpCounters, b: IpCounters) -> IpCounters {
 /// outage) and so is in /metrics before Docker has listed the new
 /// container.
 fn until_counted(agent: &Agent, service: &str, target: SocketAddr, want: u64) {
-    let start = packets(&agent.metrics().expect("metrics"), service, "ingress");
+    let start = agent
+        .metrics()
+        .expect("metrics")
+        .packets(service, "ingress");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let _ = try_http_get(target);
-        let now = packets(&agent.metrics().expect("metrics"), service, "ingress");
+        let now = agent
+            .metrics()
+            .expect("metrics")
+            .packets(service, "ingress");
         assert!(
             now >= start,
             "{service}'s counts went back: {start} -> {now}"
@@ -193,7 +182,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
         "-f",
         "{{(index .IPAM.Config 0).Gateway}}",
     ]);
-    let web = Container::run(
+    let web = Container::httpd(
         &web_name,
         &[
             "--label",
@@ -206,13 +195,6 @@ fn containers_are_named_described_and_counted_once_per_host() {
             "127.0.0.1:19493:80",
             "-p",
             &format!("{gateway}:19493:80"),
-            TEST_IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
         ],
     );
     let labelled = Container::run(
@@ -373,22 +355,7 @@ fn a_removed_container_leaves_after_the_grace_period_and_one_back_continues() {
     fx.agent.wait_for("the Docker source", docker_up);
     let name = format!("np-retire-{pid}");
     let svc = format!("np-retiring-{pid}");
-    let run = || {
-        Container::run(
-            &name,
-            &[
-                "--label",
-                &format!("netpulse.service={svc}"),
-                TEST_IMAGE,
-                "httpd",
-                "-f",
-                "-p",
-                "80",
-                "-h",
-                "/www",
-            ],
-        )
-    };
+    let run = || Container::httpd(&name, &["--label", &format!("netpulse.service={svc}")]);
     let c = run();
     let veth = c.host_veth();
     fx.agent.wait_for("the container's service and veth", |m| {
@@ -398,12 +365,12 @@ fn a_removed_container_leaves_after_the_grace_period_and_one_back_continues() {
         http_get(addr(&c.ip(), 80));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let before = packets(&fx.agent.metrics().unwrap(), &svc, "ingress");
+    let before = fx.agent.metrics().unwrap().packets(&svc, "ingress");
     assert!(before >= 5 * 4, "{before}");
     drop(c);
     // Gone from Docker, still readable through the grace period.
     let m = fx.agent.metrics().unwrap();
-    assert_eq!(packets(&m, &svc, "ingress"), before);
+    assert_eq!(m.packets(&svc, "ingress"), before);
     // Back under the same name within the grace period: it continues.
     let c = run();
     let veth = c.host_veth();
@@ -463,7 +430,7 @@ fn a_host_network_container_is_named_through_its_sockets() {
         assert!(status.contains(" 200 "), "{status}");
     }
     fx.agent.wait_for("its traffic counted", |m| {
-        packets(m, &name, "ingress") >= 5 * 4 && packets(m, &name, "egress") >= 5 * 4
+        m.packets(&name, "ingress") >= 5 * 4 && m.packets(&name, "egress") >= 5 * 4
     });
 }
 
@@ -483,10 +450,7 @@ fn without_dockerd_the_agent_counts_on_and_reconnects_when_it_returns() {
         return;
     };
     let name = format!("np-outage-{pid}");
-    let c = Container::run(
-        &name,
-        &[TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"],
-    );
+    let c = Container::httpd(&name, &[]);
     // No socket at start: the agent runs, says so once, and reports the
     // source down.
     let m = fx.agent.wait_for("the agent up without dockerd", |m| {
@@ -512,12 +476,12 @@ fn without_dockerd_the_agent_counts_on_and_reconnects_when_it_returns() {
     // and its traffic is still counted.
     proxy.stop();
     fx.agent.wait_for("the source down", |m| !docker_up(m));
-    let before = packets(&fx.agent.metrics().unwrap(), &name, "ingress");
+    let before = fx.agent.metrics().unwrap().packets(&name, "ingress");
     for _ in 0..5 {
         http_get(addr(&c.ip(), 80));
     }
     fx.agent.wait_for("counting through the outage", |m| {
-        has_service(m, &name) && packets(m, &name, "ingress") >= before + 5 * 4
+        has_service(m, &name) && m.packets(&name, "ingress") >= before + 5 * 4
     });
     let warnings = fx
         .agent
@@ -557,7 +521,7 @@ fn a_container_given_a_new_address_keeps_its_service_and_counts() {
     let _ = docker(&["network", "rm", &net.0]);
     docker_ok(&["network", "create", "--subnet", "10.79.0.0/24", &net.0]);
     let (name, svc) = (format!("np-newip-{pid}"), format!("np-moving-{pid}"));
-    let c = Container::run(
+    let c = Container::httpd(
         &name,
         &[
             "--network",
@@ -566,13 +530,6 @@ fn a_container_given_a_new_address_keeps_its_service_and_counts() {
             "10.79.0.10",
             "--label",
             &format!("netpulse.service={svc}"),
-            TEST_IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
         ],
     );
     let veth = c.host_veth();
@@ -583,7 +540,7 @@ fn a_container_given_a_new_address_keeps_its_service_and_counts() {
         http_get(addr("10.79.0.10", 80));
     }
     let first = fx.agent.wait_for("its first requests", |m| {
-        packets(m, &svc, "ingress") >= 5 * 5
+        m.packets(&svc, "ingress") >= 5 * 5
     });
     let before = as_ip(&first, &svc);
 
@@ -642,20 +599,13 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
         format!("np-survivor-{pid}"),
         format!("np-survivor-svc-{pid}"),
     );
-    let c = Container::run(
+    let c = Container::httpd(
         &name,
         &[
             "--restart",
             "always",
             "--label",
             &format!("netpulse.service={svc}"),
-            TEST_IMAGE,
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
         ],
     );
     let veth = c.host_veth();
@@ -682,10 +632,10 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
     let m = fx
         .agent
         .wait_for("the Docker source down", |m| !docker_up(m));
-    let during = packets(&m, &svc, "ingress");
+    let during = m.packets(&svc, "ingress");
     fx.agent
         .wait_for("counting on, under the container's name", |m| {
-            packets(m, &svc, "ingress") >= during + 20
+            m.packets(&svc, "ingress") >= during + 20
         });
     assert!(!fx.agent.exited(), "the agent died with dockerd");
 
@@ -697,7 +647,7 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
     let back = fx.agent.wait_for("the container named again", |m| {
         has_service(m, &svc) && on_container_veth(m, &veth)
     });
-    let after = packets(&back, &svc, "ingress");
+    let after = back.packets(&svc, "ingress");
     until_counted(&fx.agent, &svc, addr(&c.ip(), 80), after + 5 * 5);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     traffic.join().unwrap();

@@ -16,7 +16,7 @@ use std::{
 use netpulse_tests::{
     PinDir,
     agent::{Agent, have_bin},
-    docker::{Container, TEST_IMAGE, docker_ok, prerequisites, test_image},
+    docker::{Container, docker_ok, prerequisites, test_image},
     is_root, require,
     scrape::request,
 };
@@ -379,10 +379,7 @@ fn restart_container_acts_on_a_real_container() {
     test_image();
     let d = dir("restart");
     let name = format!("np-restart-{}", std::process::id());
-    let c = Container::run(
-        &name,
-        &[TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"],
-    );
+    let c = Container::httpd(&name, &[]);
     let started = |n: &str| docker_ok(&["inspect", "-f", "{{.State.StartedAt}}", n]);
     let first = started(&name);
     let pins = PinDir::new("restart");

@@ -136,20 +136,6 @@ fn settled(pair: &Pair) -> Link {
     }
 }
 
-fn pkts(m: &Metrics, service: &str, dir: &str) -> u64 {
-    m.sum(
-        "netpulse_service_packets_total",
-        &[("service", service), ("direction", dir)],
-    )
-}
-
-fn bytes(m: &Metrics, service: &str, dir: &str) -> u64 {
-    m.sum(
-        "netpulse_service_bytes_total",
-        &[("service", service), ("direction", dir)],
-    )
-}
-
 fn flag(m: &Metrics, service: &str, dir: &str, flag: &str) -> u64 {
     m.sum(
         "netpulse_service_tcp_flags_total",
@@ -274,8 +260,8 @@ interval_seconds = 0.2
     });
     for s in ["echo-tcp", "echo-udp", "ping", discovered.as_str()] {
         for d in ["ingress", "egress"] {
-            assert_eq!(pkts(&m2, s, d), pkts(&m1, s, d), "{s} {d} after restart");
-            assert_eq!(bytes(&m2, s, d), bytes(&m1, s, d), "{s} {d} after restart");
+            assert_eq!(m2.packets(s, d), m1.packets(s, d), "{s} {d} after restart");
+            assert_eq!(m2.bytes(s, d), m1.bytes(s, d), "{s} {d} after restart");
         }
     }
     send_traffic(&pair);
@@ -294,21 +280,33 @@ fn check_round(a: &Metrics, b: &Metrics, link: Link, discovered: &str, rounds: u
 
     // UDP and ICMP: exactly what was sent, both ways.
     let udp_frame = (14 + 20 + 8 + UDP_PAYLOAD) as u64;
-    assert_eq!(d(pkts, "echo-udp", "ingress"), rounds * UDP_DATAGRAMS);
-    assert_eq!(d(pkts, "echo-udp", "egress"), rounds * UDP_DATAGRAMS);
     assert_eq!(
-        d(bytes, "echo-udp", "ingress"),
+        d(Metrics::packets, "echo-udp", "ingress"),
+        rounds * UDP_DATAGRAMS
+    );
+    assert_eq!(
+        d(Metrics::packets, "echo-udp", "egress"),
+        rounds * UDP_DATAGRAMS
+    );
+    assert_eq!(
+        d(Metrics::bytes, "echo-udp", "ingress"),
         rounds * UDP_DATAGRAMS * udp_frame
     );
     assert_eq!(
-        d(bytes, "echo-udp", "egress"),
+        d(Metrics::bytes, "echo-udp", "egress"),
         rounds * UDP_DATAGRAMS * udp_frame
     );
     let ping_frame = 14 + 20 + 8 + 56;
-    assert_eq!(d(pkts, "ping", "ingress"), rounds * PINGS);
-    assert_eq!(d(pkts, "ping", "egress"), rounds * PINGS);
-    assert_eq!(d(bytes, "ping", "ingress"), rounds * PINGS * ping_frame);
-    assert_eq!(d(bytes, "ping", "egress"), rounds * PINGS * ping_frame);
+    assert_eq!(d(Metrics::packets, "ping", "ingress"), rounds * PINGS);
+    assert_eq!(d(Metrics::packets, "ping", "egress"), rounds * PINGS);
+    assert_eq!(
+        d(Metrics::bytes, "ping", "ingress"),
+        rounds * PINGS * ping_frame
+    );
+    assert_eq!(
+        d(Metrics::bytes, "ping", "egress"),
+        rounds * PINGS * ping_frame
+    );
 
     // TCP: one connection per round to each TCP service, each opened and
     // closed once in each direction.
@@ -335,8 +333,8 @@ fn check_round(a: &Metrics, b: &Metrics, link: Link, discovered: &str, rounds: u
         );
     }
     // The upload alone is at least TCP_UPLOAD bytes of payload in.
-    assert!(d(bytes, "echo-tcp", "ingress") > (rounds as usize * TCP_UPLOAD) as u64);
-    assert!(d(bytes, "echo-tcp", "egress") > (rounds as usize * TCP_REPLY) as u64);
+    assert!(d(Metrics::bytes, "echo-tcp", "ingress") > (rounds as usize * TCP_UPLOAD) as u64);
+    assert!(d(Metrics::bytes, "echo-tcp", "egress") > (rounds as usize * TCP_REPLY) as u64);
 
     // Everything on the veth belongs to one of the services, and the sums
     // equal the kernel's own interface counters, packet for packet. Our
@@ -352,42 +350,42 @@ fn check_round(a: &Metrics, b: &Metrics, link: Link, discovered: &str, rounds: u
     let checks = [
         (
             "ingress packets = our rx",
-            sum(pkts, "ingress"),
+            sum(Metrics::packets, "ingress"),
             link.a.rx_packets,
         ),
         (
             "ingress packets = peer tx",
-            sum(pkts, "ingress"),
+            sum(Metrics::packets, "ingress"),
             link.b.tx_packets,
         ),
         (
             "ingress bytes = our rx + L2",
-            sum(bytes, "ingress"),
+            sum(Metrics::bytes, "ingress"),
             link.a.rx_bytes + eth,
         ),
         (
             "ingress bytes = peer tx + L2",
-            sum(bytes, "ingress"),
+            sum(Metrics::bytes, "ingress"),
             link.b.tx_bytes + eth,
         ),
         (
             "egress packets = our tx",
-            sum(pkts, "egress"),
+            sum(Metrics::packets, "egress"),
             link.a.tx_packets,
         ),
         (
             "egress bytes = our tx",
-            sum(bytes, "egress"),
+            sum(Metrics::bytes, "egress"),
             link.a.tx_bytes,
         ),
         (
             "egress packets = peer rx",
-            sum(pkts, "egress"),
+            sum(Metrics::packets, "egress"),
             link.b.rx_packets,
         ),
         (
             "egress bytes = peer rx",
-            sum(bytes, "egress"),
+            sum(Metrics::bytes, "egress"),
             link.b.rx_bytes,
         ),
     ];

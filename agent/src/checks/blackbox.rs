@@ -95,22 +95,14 @@ fn stock(name: &str) -> Result<Spec, String> {
         },
         other => return Err(format!("Unknown module \"{other}\"")),
     };
-    Ok(Spec {
-        name: name.to_string(),
+    let mut spec = Spec::new(
+        name.to_string(),
         kind,
-        service: None,
-        interval: Duration::from_secs(60),
-        timeout: Duration::from_secs(5),
-        jitter: Duration::ZERO,
-        retries: 0,
-        retry_backoff: Duration::from_secs(1),
-        failure_threshold: 1,
-        success_threshold: 1,
-        depends_on: Vec::new(),
-        run_when_blocked: false,
-        tags: Vec::new(),
-        actions: Vec::new(),
-    })
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    );
+    spec.jitter = Duration::ZERO;
+    Ok(spec)
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, samples: &[(&str, f64)]) {

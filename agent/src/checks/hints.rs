@@ -85,22 +85,12 @@ pub fn specs(containers: &[Container], warn: &mut dyn FnMut(&str, &str, String))
                 other => Err(format!("no check kind `{other}`")),
             };
             match spec {
-                Ok(kind_spec) => out.push(Spec {
-                    name: format!("{}:{kind}", c.name),
-                    kind: kind_spec,
-                    service: Some(c.service()),
-                    interval,
-                    timeout,
-                    jitter: interval / 10,
-                    retries: 0,
-                    retry_backoff: Duration::from_secs(1),
-                    failure_threshold: 1,
-                    success_threshold: 1,
-                    depends_on: Vec::new(),
-                    run_when_blocked: false,
-                    tags: Vec::new(),
-                    actions: Vec::new(),
-                }),
+                Ok(kind_spec) => {
+                    let mut spec =
+                        Spec::new(format!("{}:{kind}", c.name), kind_spec, interval, timeout);
+                    spec.service = Some(c.service());
+                    out.push(spec);
+                }
                 Err(why) => warn(&c.name, &format!("netpulse.check.{kind}"), why),
             }
         }

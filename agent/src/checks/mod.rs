@@ -116,6 +116,27 @@ pub struct DnsSpec {
 }
 
 impl Spec {
+    /// A check of `kind` with the schedule's defaults (no retries,
+    /// thresholds of one, no dependencies, tags or actions).
+    pub fn new(name: String, kind: Kind, interval: Duration, timeout: Duration) -> Self {
+        Spec {
+            name,
+            kind,
+            service: None,
+            interval,
+            timeout,
+            jitter: interval / 10,
+            retries: 0,
+            retry_backoff: Duration::from_secs(1),
+            failure_threshold: 1,
+            success_threshold: 1,
+            depends_on: Vec::new(),
+            run_when_blocked: false,
+            tags: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+
     /// Where it points, as shown in tables.
     pub fn target(&self) -> String {
         match &self.kind {
