@@ -74,6 +74,19 @@ pub const PORT_REMOTE: u64 = 1 << 62;
 /// whatever the port (its server and its client traffic alike).
 pub const MAX_ADDRS: u32 = 16_384;
 
+/// Container veths (`NP_VETHS`): the container behind each host-side veth,
+/// by ifindex (at `ifindex % MAX_VETHS`, the ifindex stored beside the
+/// slot to tell collisions apart), so the veth programs find it with an
+/// array look-up; the address table is the fallback.
+pub const MAX_VETHS: u32 = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VethSlot {
+    pub ifindex: u32,
+    pub slot: u32,
+}
+
 /// Address groups per family; group 0 is never used.
 pub const MAX_GROUPS: u32 = 16_384;
 
@@ -267,6 +280,7 @@ pub mod maps {
     pub const SLOT_NAMES: &str = "NP_SLOT_NAMES";
     pub const ADDRS4: &str = "NP_ADDRS4";
     pub const ADDRS6: &str = "NP_ADDRS6";
+    pub const VETHS: &str = "NP_VETHS";
 }
 
 /// Program names in the object file.
@@ -300,4 +314,5 @@ mod user {
     unsafe impl aya::Pod for DirCounters {}
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for SlotName {}
+    unsafe impl aya::Pod for VethSlot {}
 }

@@ -61,6 +61,8 @@ pub struct Container {
     /// Host ports published for it: whatever listens there on the host
     /// (docker-proxy) is the container's, and is counted on its veth.
     pub published: Vec<(Proto, u16)>,
+    /// The host-side ends of its veths (ifindexes in the host's namespace).
+    pub veths: Vec<u32>,
 }
 
 impl Container {
@@ -141,6 +143,7 @@ impl Container {
             host_network,
             addrs,
             published,
+            veths: Vec::new(),
         })
     }
 }
@@ -193,17 +196,58 @@ pub fn describe(e: &bollard::errors::Error, socket: &Path) -> String {
     )
 }
 
+/// The host-side peers of a process's network interfaces: each of its
+/// interfaces' `iflink`, read through /proc/<pid>/root/sys (Docker mounts
+/// sysfs in containers).
+pub fn veth_peers(proc: &Path, pid: i64) -> Vec<u32> {
+    let dir = proc.join(pid.to_string()).join("root/sys/class/net");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = entries
+        .flatten()
+        .filter(|e| e.file_name() != "lo")
+        .filter_map(|e| {
+            let read = |f: &str| -> Option<u32> {
+                std::fs::read_to_string(e.path().join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            let (ifindex, iflink) = (read("ifindex")?, read("iflink")?);
+            (ifindex != iflink).then_some(iflink)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 async fn list(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error> {
     let opts = ListContainersOptions {
         all: false,
         ..Default::default()
     };
-    Ok(docker
+    let mut out: Vec<Container> = docker
         .list_containers(Some(opts))
         .await?
         .iter()
         .filter_map(Container::from_summary)
-        .collect())
+        .collect();
+    // Which veth is whose: the container's process shows its interfaces.
+    for c in out.iter_mut().filter(|c| !c.host_network) {
+        let pid = docker
+            .inspect_container(&c.id, None)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0);
+        if let Some(pid) = pid {
+            c.veths = veth_peers(Path::new("/proc"), pid);
+        }
+    }
+    Ok(out)
 }
 
 fn publish(view: &Shared, changed: &Notify, containers: Vec<Container>) {

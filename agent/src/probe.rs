@@ -11,9 +11,9 @@ use std::{
 
 use agent_ebpf::{
     EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Group4, Group6, Key4, Key6, LAYOUT_VERSION,
-    MAX_ADDRS, MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, NAME_LEN, PORT_GROUP_SHIFT, PORT_INDEX_LEN,
-    PORT_LOCAL_HASH, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef, SlotCounters,
-    SlotName, maps, port_index, programs,
+    MAX_ADDRS, MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, MAX_VETHS, NAME_LEN, PORT_GROUP_SHIFT,
+    PORT_INDEX_LEN, PORT_LOCAL_HASH, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef,
+    SlotCounters, SlotName, VethSlot, maps, port_index, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -254,6 +254,8 @@ struct Written {
     group_of: BTreeMap<u32, u32>,
     /// Container addresses.
     addrs: BTreeMap<IpAddr, u32>,
+    /// Container veths, by their position in `NP_VETHS`.
+    veths: BTreeMap<u32, VethSlot>,
 }
 
 /// An address as the kernel programs compare it: the wire bytes as words.
@@ -286,6 +288,7 @@ pub struct Probe {
     groups6: Array<MapData, Group6>,
     addrs4: HashMap<MapData, u32, ServiceRef>,
     addrs6: HashMap<MapData, [u32; 4], ServiceRef>,
+    veths: Array<MapData, VethSlot>,
     /// What this agent wrote to the (unpinned) tables: they start empty with
     /// every load, so this copy is exact.
     written: Written,
@@ -340,6 +343,7 @@ impl Probe {
             HashMap::try_from(take(&mut ebpf, maps::ADDRS4)?).map_err(map_err(maps::ADDRS4))?;
         let addrs6 =
             HashMap::try_from(take(&mut ebpf, maps::ADDRS6)?).map_err(map_err(maps::ADDRS6))?;
+        let veths = Array::try_from(take(&mut ebpf, maps::VETHS)?).map_err(map_err(maps::VETHS))?;
         for name in [
             programs::XDP_INGRESS,
             programs::TC_EGRESS,
@@ -373,6 +377,7 @@ impl Probe {
             groups6,
             addrs4,
             addrs6,
+            veths,
             written: Written::default(),
             names,
             ncpus,
@@ -606,13 +611,14 @@ impl Probe {
 
     /// Entries in use, by map name: the hash tables, the port index and
     /// the address groups.
-    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 7] {
+    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 8] {
         let w = &self.written;
         let v4 = w.hash.keys().filter(|k| k.family == FAMILY_V4).count();
         let a4 = w.addrs.keys().filter(|a| a.is_ipv4()).count();
         [
             (maps::ADDRS4, a4, MAX_ADDRS),
             (maps::ADDRS6, w.addrs.len() - a4, MAX_ADDRS),
+            (maps::VETHS, w.veths.len(), MAX_VETHS),
             (maps::SERVICES4, v4, MAX_ENDPOINTS),
             (maps::SERVICES6, w.hash.len() - v4, MAX_ENDPOINTS),
             (maps::PORTS, w.ports.len(), PORT_INDEX_LEN),
@@ -841,6 +847,43 @@ impl Probe {
             .map_err(map_err(addrs_map(a)))?;
             self.written.addrs.insert(*a, *slot);
             changes += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Makes the veth table (`NP_VETHS`) hold `want` (host-side veth
+    /// ifindex → slot). Two ifindexes that share a position: the lower
+    /// keeps it, the other's container is found by address. Returns how
+    /// many positions changed.
+    pub fn sync_veths(&mut self, want: &BTreeMap<u32, u32>) -> Result<usize> {
+        let mut at: BTreeMap<u32, VethSlot> = BTreeMap::new();
+        for (ifindex, slot) in want {
+            at.entry(ifindex % MAX_VETHS).or_insert(VethSlot {
+                ifindex: *ifindex,
+                slot: *slot,
+            });
+        }
+        let mut changes = 0;
+        let gone: Vec<u32> = self
+            .written
+            .veths
+            .keys()
+            .filter(|i| !at.contains_key(i))
+            .copied()
+            .collect();
+        for i in gone {
+            self.veths
+                .set(i, VethSlot::default(), 0)
+                .map_err(map_err(maps::VETHS))?;
+            self.written.veths.remove(&i);
+            changes += 1;
+        }
+        for (i, v) in at {
+            if self.written.veths.get(&i) != Some(&v) {
+                self.veths.set(i, v, 0).map_err(map_err(maps::VETHS))?;
+                self.written.veths.insert(i, v);
+                changes += 1;
+            }
         }
         Ok(changes)
     }

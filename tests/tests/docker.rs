@@ -274,6 +274,11 @@ fn containers_are_named_described_and_counted_once_per_host() {
             on_container_veth(m, &veth) && has_service(m, &web_name)
         });
     }
+    // Its veth is known as its own (the array path of the veth programs).
+    fx.agent
+        .wait_for("the web container's veth in NP_VETHS", |m| {
+            m.sum("netpulse_map_entries", &[("map", "NP_VETHS")]) >= 1
+        });
     let web_ip = web.ip();
     let settle = || std::thread::sleep(Duration::from_millis(500));
     settle();

@@ -453,6 +453,7 @@ fn ct(id: &str, name: &str, addrs: &[&str]) -> Container {
         host_network: false,
         addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         published: Vec::new(),
+        veths: Vec::new(),
     }
 }
 
@@ -571,6 +572,56 @@ fn container_veth_programs_count_only_the_container_behind_them() {
         &f,
         0,
         SLOT_NO_MATCH,
+        DIR_INGRESS,
+        one(f.len(), 0),
+    );
+}
+
+/// A container's veth in the table: everything on it is the container's,
+/// whatever the address (a link-local one, one Docker has not listed), by
+/// an array look-up. BPF_PROG_TEST_RUN runs on lo, ifindex 1.
+#[test]
+fn a_containers_veth_claims_all_its_traffic() {
+    let mut c = ct("v", "veth-ct", &["172.17.0.7"]);
+    c.veths = vec![1];
+    let Some(mut fx) = fixture_full("veth", CONFIG, &[c]) else {
+        return;
+    };
+    let slot = fx.slot("veth-ct");
+    let f = v4_tcp(&[], [172, 17, 0, 99], CLIENT, 80, 40000, TCP_ACK);
+    fx.expect(Hook::CtFrom, &f, 0, slot, DIR_EGRESS, one(f.len(), 0));
+    let f = eth(
+        &[],
+        frames::ETH_IPV6,
+        &ipv6(v6(7), v6(9), &[], PROTO_ICMPV6, &icmp_echo(true, 56)),
+    );
+    fx.expect(Hook::CtTo, &f, 0, slot, DIR_INGRESS, one(f.len(), 0));
+    // Multicast the host sends down every veth (neighbour discovery) is
+    // not the container's.
+    let mut all_nodes = [0u8; 16];
+    all_nodes[0] = 0xff;
+    all_nodes[1] = 0x02;
+    all_nodes[15] = 1;
+    let f = eth(
+        &[],
+        frames::ETH_IPV6,
+        &ipv6(v6(7), all_nodes, &[], PROTO_ICMPV6, &icmp_echo(true, 8)),
+    );
+    fx.expect(
+        Hook::CtTo,
+        &f,
+        0,
+        SLOT_NO_MATCH,
+        DIR_EGRESS,
+        one(f.len(), 0),
+    );
+    // Not IP is still not IP.
+    let f = eth(&[], frames::ETH_ARP, &[0u8; 28]);
+    fx.expect(
+        Hook::CtFrom,
+        &f,
+        0,
+        SLOT_NOT_IP,
         DIR_INGRESS,
         one(f.len(), 0),
     );

@@ -38,6 +38,8 @@ mod kernel {
     static NP_GROUPS6: Array<Group6> = Array::with_max_entries(MAX_GROUPS, 0);
     #[map(name = "NP_ADDRS4")]
     static NP_ADDRS4: HashMap<u32, ServiceRef> = HashMap::with_max_entries(MAX_ADDRS, 0);
+    #[map(name = "NP_VETHS")]
+    static NP_VETHS: Array<VethSlot> = Array::with_max_entries(MAX_VETHS, 0);
     #[map(name = "NP_ADDRS6")]
     static NP_ADDRS6: HashMap<[u32; 4], ServiceRef> = HashMap::with_max_entries(MAX_ADDRS, 0);
     // One counter array per path: the receive path (XDP, and TC ingress on
@@ -355,12 +357,13 @@ mod kernel {
 
     /// On a container's host-side veth, `dir` is the container's view. Only
     /// the container's end is looked at: a configured service on its
-    /// address and port first, then the container itself by address. Host
+    /// address and port first, then the container behind this veth (by
+    /// ifindex, an array look-up), else by address. Host
     /// and remote services are counted on the host's interfaces, so a
     /// packet between two containers, or from a container to the outside,
     /// is counted once per service.
     #[inline(always)]
-    fn classify_container(flow: &Flow, dir: usize) -> Option<u32> {
+    fn classify_container(flow: &Flow, dir: usize, ifindex: u32) -> Option<u32> {
         let (addr, port) = if dir == DIR_INGRESS {
             (&flow.dst, flow.dport)
         } else {
@@ -370,6 +373,22 @@ mod kernel {
         let v = ports(family, flow.proto, port);
         if let Some(slot) = exact(family, flow.proto, port, v, addr) {
             return Some(slot);
+        }
+        // Unicast only: multicast the host sends down every veth (IPv6
+        // neighbour discovery, MLD) is not the container's traffic. The
+        // first address byte is the low byte of the first word.
+        let first = (addr[0] & 0xff) as u8;
+        let multicast = if family == FAMILY_V4 {
+            first & 0xf0 == 0xe0
+        } else {
+            first == 0xff
+        };
+        if !multicast
+            && let Some(e) = NP_VETHS.get(ifindex % MAX_VETHS)
+            && e.ifindex == ifindex
+            && e.slot != 0
+        {
+            return Some(e.slot);
         }
         // SAFETY (both): plain integers; a concurrent update can at worst
         // give a stale slot number, which is still a valid slot.
@@ -486,11 +505,13 @@ mod kernel {
     /// TC ingress on a container's host-side veth: what the container sends.
     #[classifier]
     pub fn netpulse_ct_from(ctx: TcContext) -> i32 {
+        // SAFETY: the context pointer is the program's __sk_buff.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         tc_count(
             &ctx,
             &NP_COUNTERS_XDP,
             DIR_INGRESS,
-            |f| match classify_container(f, DIR_EGRESS) {
+            |f| match classify_container(f, DIR_EGRESS, ifindex) {
                 Some(slot) => (slot, DIR_EGRESS),
                 None => (SLOT_NO_MATCH, DIR_INGRESS),
             },
@@ -501,11 +522,13 @@ mod kernel {
     /// TC egress on a container's host-side veth: what the container receives.
     #[classifier]
     pub fn netpulse_ct_to(ctx: TcContext) -> i32 {
+        // SAFETY: as above.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         tc_count(
             &ctx,
             &NP_COUNTERS_TC,
             DIR_EGRESS,
-            |f| match classify_container(f, DIR_INGRESS) {
+            |f| match classify_container(f, DIR_INGRESS, ifindex) {
                 Some(slot) => (slot, DIR_INGRESS),
                 None => (SLOT_NO_MATCH, DIR_EGRESS),
             },

@@ -164,6 +164,7 @@ mod tests {
             host_network: false,
             addrs: vec!["172.17.0.5".parse().unwrap()],
             published: vec![],
+            veths: vec![],
         }
     }
 

@@ -105,6 +105,9 @@ pub struct Desired {
     /// Container addresses: on the container's veth, every packet of the
     /// address is the service's.
     pub addrs: BTreeMap<IpAddr, String>,
+    /// Containers' host-side veths (ifindex): every packet there is the
+    /// container's.
+    pub veths: BTreeMap<u32, String>,
     pub services: BTreeMap<String, ServiceMeta>,
 }
 
@@ -214,6 +217,12 @@ pub fn desired(src: &Sources) -> Desired {
         let mut claimed = false;
         for a in &c.addrs {
             d.addrs.entry(*a).or_insert_with(|| {
+                claimed = true;
+                name.clone()
+            });
+        }
+        for v in &c.veths {
+            d.veths.entry(*v).or_insert_with(|| {
                 claimed = true;
                 name.clone()
             });
@@ -430,6 +439,12 @@ impl Identity {
             .filter_map(|(a, name)| self.slots.get(name).map(|s| (*a, s.slot)))
             .collect();
         probe.sync_addrs(&addrs)?;
+        let veths: BTreeMap<u32, u32> = want
+            .veths
+            .iter()
+            .filter_map(|(i, name)| self.slots.get(name).map(|s| (*i, s.slot)))
+            .collect();
+        probe.sync_veths(&veths)?;
         Ok(())
     }
 }
@@ -517,6 +532,7 @@ endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.5" }]
             host_network: addrs.is_empty(),
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             published: Vec::new(),
+            veths: Vec::new(),
         }
     }
 
