@@ -15,6 +15,46 @@ use crate::{
 
 const DIRECTIONS: [(usize, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 
+/// A metric with these labels, value to be set.
+fn sample<'x>(labels: impl IntoIterator<Item = (&'x str, &'x str)>) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(
+        labels
+            .into_iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect(),
+    );
+    m
+}
+
+pub(crate) fn family(name: &str, help: &str, ty: MetricType) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(name.to_string());
+    mf.set_help(help.to_string());
+    mf.set_field_type(ty);
+    mf
+}
+
+pub(crate) fn gauge_sample(mf: &mut MetricFamily, labels: &[(&str, &str)], v: f64) {
+    let mut m = sample(labels.iter().copied());
+    let mut g = Gauge::default();
+    g.set_value(v);
+    m.set_gauge(g);
+    mf.mut_metric().push(m);
+}
+
+/// The exposition text of `families`.
+pub(crate) fn encode(families: &[MetricFamily]) -> Result<String, prometheus::Error> {
+    let mut out = Vec::new();
+    TextEncoder::new().encode(families, &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// One metric family, filled sample by sample. The families are built
 /// straight from their parts: each label set is written once per scrape,
 /// so the registry machinery (hashing, per-child metrics) would only cost.
@@ -26,35 +66,20 @@ struct Fam<'a> {
 
 impl<'a> Fam<'a> {
     fn new(name: &str, help: &str, labels: &'a [&'a str], counter: bool) -> Self {
-        let mut mf = MetricFamily::default();
-        mf.set_name(name.to_string());
-        mf.set_help(help.to_string());
-        mf.set_field_type(if counter {
+        let ty = if counter {
             MetricType::COUNTER
         } else {
             MetricType::GAUGE
-        });
+        };
         Fam {
-            mf,
+            mf: family(name, help, ty),
             labels,
             counter,
         }
     }
 
     fn add(&mut self, values: &[&str], v: u64) {
-        let mut m = Metric::default();
-        m.set_label(
-            self.labels
-                .iter()
-                .zip(values)
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
-                })
-                .collect(),
-        );
+        let mut m = sample(self.labels.iter().copied().zip(values.iter().copied()));
         if self.counter {
             let mut c = Counter::default();
             c.set_value(v as f64);
@@ -160,41 +185,9 @@ fn info_values(meta: Option<&ServiceMeta>, labels: &[String]) -> Vec<String> {
 }
 
 /// Seconds since the epoch, as exported.
-fn epoch(t: std::time::SystemTime) -> f64 {
+pub(crate) fn epoch(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn sample(labels: &[(&str, &str)]) -> Metric {
-    let mut m = Metric::default();
-    m.set_label(
-        labels
-            .iter()
-            .map(|(k, v)| {
-                let mut l = LabelPair::default();
-                l.set_name(k.to_string());
-                l.set_value(v.to_string());
-                l
-            })
-            .collect(),
-    );
-    m
-}
-
-fn family(name: &str, help: &str, ty: MetricType) -> MetricFamily {
-    let mut mf = MetricFamily::default();
-    mf.set_name(name.to_string());
-    mf.set_help(help.to_string());
-    mf.set_field_type(ty);
-    mf
-}
-
-fn gauge_sample(mf: &mut MetricFamily, labels: &[(&str, &str)], v: f64) {
-    let mut m = sample(labels);
-    let mut g = Gauge::default();
-    g.set_value(v);
-    m.set_gauge(g);
-    mf.mut_metric().push(m);
 }
 
 /// The `netpulse_check_*` families (DESIGN.md), from the check engine.
@@ -287,11 +280,11 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
                 })
                 .collect(),
         );
-        let mut m = sample(&[("check", name), ("kind", kind)]);
+        let mut m = sample([("check", name), ("kind", kind)]);
         m.set_histogram(h);
         duration.mut_metric().push(m);
         for (result, n) in [("success", st.runs_ok), ("failure", st.runs_failed)] {
-            let mut m = sample(&[("check", name), ("result", result)]);
+            let mut m = sample([("check", name), ("result", result)]);
             let mut c = Counter::default();
             c.set_value(n as f64);
             m.set_counter(c);
@@ -514,9 +507,7 @@ pub fn render(
     ];
     families.extend(check_families(checks));
     families.retain(|f| !f.get_metric().is_empty());
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&families, &mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    Ok(encode(&families)?)
 }
 
 #[cfg(test)]

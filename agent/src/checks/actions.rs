@@ -12,7 +12,6 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Uri, header};
-use hyper_util::rt::TokioIo;
 use tracing::{info, warn};
 
 #[derive(Debug, Clone)]
@@ -78,24 +77,13 @@ pub async fn post_json(url: &Uri, body: &serde_json::Value) -> Result<(), String
         .await
         .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
         let stream: Box<dyn super::kinds::Io> = if https {
-            let name = rustls_pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| format!("TLS server name `{host}`: {e}"))?;
-            let tls = super::kinds::tls_config(None)?;
-            Box::new(
-                tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS with {host}: {e}"))?,
-            )
+            super::kinds::tls_wrap(&host, tcp, super::kinds::tls_config(None)?)
+                .await?
+                .0
         } else {
             Box::new(tcp)
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (mut sender, driver) = super::kinds::http1(stream).await?;
         let req = Request::post(url.path_and_query().map_or("/", |p| p.as_str()))
             .header(
                 header::HOST,

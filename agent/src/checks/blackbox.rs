@@ -12,9 +12,12 @@
 //! `probe_http_ssl`, `probe_http_content_length`... as far as netpulse
 //! measures them, and `probe_ssl_earliest_cert_expiry` for HTTPS.
 
-use std::{fmt::Write as _, time::Duration};
+use std::time::Duration;
+
+use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{Kind, Outcome, Spec};
+use crate::metrics;
 
 /// The module `name` applied to `target`, or why not.
 pub fn module(name: &str, target: &str, checks: &[Spec]) -> Result<Spec, String> {
@@ -105,17 +108,17 @@ fn stock(name: &str) -> Result<Spec, String> {
     Ok(spec)
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, samples: &[(&str, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} gauge");
+/// One gauge family of a single series per label set.
+fn gauge(name: &str, help: &str, samples: &[(&[(&str, &str)], f64)]) -> MetricFamily {
+    let mut mf = metrics::family(name, help, MetricType::GAUGE);
     for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{labels} {v}");
+        metrics::gauge_sample(&mut mf, labels, *v);
     }
+    mf
 }
 
 /// The exposition blackbox_exporter would give for this run.
 pub fn render(spec: &Spec, o: &Outcome) -> String {
-    let mut out = String::new();
     let phase = |p: &str| {
         o.phases
             .iter()
@@ -123,61 +126,53 @@ pub fn render(spec: &Spec, o: &Outcome) -> String {
             .map(|(_, d)| d.as_secs_f64())
             .fold(0.0, |a, b| a + b)
     };
-    gauge(
-        &mut out,
-        "probe_dns_lookup_time_seconds",
-        "Returns the time taken for probe dns lookup in seconds",
-        &[("", phase("dns"))],
-    );
-    gauge(
-        &mut out,
-        "probe_duration_seconds",
-        "Returns how long the probe took to complete in seconds",
-        &[("", o.duration.as_secs_f64())],
-    );
+    let mut out = vec![
+        gauge(
+            "probe_dns_lookup_time_seconds",
+            "Returns the time taken for probe dns lookup in seconds",
+            &[(&[], phase("dns"))],
+        ),
+        gauge(
+            "probe_duration_seconds",
+            "Returns how long the probe took to complete in seconds",
+            &[(&[], o.duration.as_secs_f64())],
+        ),
+    ];
     if let Kind::Http(h) = &spec.kind {
         let https = o.cert_expiry.is_some() || h.url.scheme_str() == Some("https");
-        gauge(
-            &mut out,
+        out.push(gauge(
             "probe_http_duration_seconds",
             "Duration of http request by phase, summed over all redirects",
             &[
-                ("{phase=\"connect\"}", phase("connect")),
-                ("{phase=\"processing\"}", phase("first_byte")),
-                ("{phase=\"resolve\"}", phase("dns")),
-                ("{phase=\"tls\"}", phase("tls")),
-                ("{phase=\"transfer\"}", phase("transfer")),
+                (&[("phase", "connect")], phase("connect")),
+                (&[("phase", "processing")], phase("first_byte")),
+                (&[("phase", "resolve")], phase("dns")),
+                (&[("phase", "tls")], phase("tls")),
+                (&[("phase", "transfer")], phase("transfer")),
             ],
-        );
-        gauge(
-            &mut out,
+        ));
+        out.push(gauge(
             "probe_http_ssl",
             "Indicates if SSL was used for the final redirect",
-            &[("", f64::from(u8::from(https)))],
-        );
-        gauge(
-            &mut out,
+            &[(&[], f64::from(u8::from(https)))],
+        ));
+        out.push(gauge(
             "probe_http_status_code",
             "Response HTTP status code",
-            &[("", f64::from(o.http_status.unwrap_or(0)))],
-        );
+            &[(&[], f64::from(o.http_status.unwrap_or(0)))],
+        ));
         if let Some(t) = o.cert_expiry {
-            let secs = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            gauge(
-                &mut out,
+            out.push(gauge(
                 "probe_ssl_earliest_cert_expiry",
                 "Returns last SSL chain expiry in unixtime",
-                &[("", secs)],
-            );
+                &[(&[], metrics::epoch(t))],
+            ));
         }
     }
-    gauge(
-        &mut out,
+    out.push(gauge(
         "probe_success",
         "Displays whether or not the probe was a success",
-        &[("", f64::from(u8::from(o.ok)))],
-    );
-    out
+        &[(&[], f64::from(u8::from(o.ok)))],
+    ));
+    metrics::encode(&out).unwrap_or_default()
 }

@@ -174,6 +174,57 @@ fn not_after(der: &[u8]) -> Option<SystemTime> {
 
 // --- HTTP --------------------------------------------------------------
 
+/// TLS over `tcp` to `host`; the stream and the earliest expiry of the
+/// chain the server sent (as blackbox_exporter's
+/// probe_ssl_earliest_cert_expiry).
+pub(crate) async fn tls_wrap(
+    host: &str,
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(Box<dyn Io>, Option<SystemTime>), String> {
+    let name = rustls_pki_types::ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+    .map_err(|e| format!("TLS server name `{host}`: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+    let expiry = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.iter().filter_map(|c| not_after(c)).min());
+    Ok((Box::new(tls), expiry))
+}
+
+/// An HTTP/1 client connection over `stream`, its driver spawned (abort
+/// it when done).
+pub(crate) async fn http1<B>(
+    stream: Box<dyn Io>,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, driver))
+}
+
 pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
@@ -300,35 +351,15 @@ async fn http_once(
     out.phases.push(("connect", t.elapsed()));
     let t = Instant::now();
     let stream: Box<dyn Io> = if https {
-        let name = rustls_pki_types::ServerName::try_from(
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-        )
-        .map_err(|e| format!("TLS server name `{host}`: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(spec.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
-        // The earliest expiry of the chain the server sent (as
-        // blackbox_exporter's probe_ssl_earliest_cert_expiry).
-        out.cert_expiry = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.iter().filter_map(|c| not_after(c)).min());
+        let (tls, expiry) = tls_wrap(&host, tcp, spec.tls.clone()).await?;
+        out.cert_expiry = expiry;
         out.phases.push(("tls", t.elapsed()));
-        Box::new(tls)
+        tls
     } else {
         Box::new(tcp)
     };
     let t = Instant::now();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (mut sender, driver) = http1(stream).await?;
     let authority = uri.authority().map_or(host.clone(), |a| a.to_string());
     let mut req = Request::builder()
         .method(spec.method.clone())
@@ -563,14 +594,17 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
     };
     sock.send_to(&packet, &socket2::SockAddr::from(SocketAddr::new(addr, 0)))
         .map_err(|e| format!("sending an echo request to {addr}: {e}"))?;
+    let silent = || {
+        format!(
+            "no echo reply from {addr} within {:.1} s",
+            timeout.as_secs_f64()
+        )
+    };
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
-                "no echo reply from {addr} within {:.1} s",
-                timeout.as_secs_f64()
-            ));
+            return Err(silent());
         }
         sock.set_read_timeout(Some(left))
             .map_err(|e| format!("raw ICMP socket: {e}"))?;
@@ -582,10 +616,7 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!(
-                    "no echo reply from {addr} within {:.1} s",
-                    timeout.as_secs_f64()
-                ));
+                return Err(silent());
             }
             Err(e) => return Err(format!("receiving from {addr}: {e}")),
         };
