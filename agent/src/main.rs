@@ -81,10 +81,17 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The agent logs what it does; one-shot commands print their results
+    // and log only errors (RUST_LOG overrides both).
+    let default = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "error"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         // Colour for a terminal only: journald and log files get plain text.
