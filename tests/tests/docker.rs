@@ -23,7 +23,6 @@ use netpulse_tests::{
         Container, IpCounters, Outside, SocketProxy, TEST_IMAGE, docker, docker_ok, http_get,
         kill_owned_dockerd, owned_dockerd, prerequisites, test_image, try_http_get,
     },
-    require,
     scrape::Metrics,
 };
 
@@ -588,12 +587,16 @@ fn a_container_given_a_new_address_keeps_its_service_and_counts() {
 #[test]
 fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_back() {
     let pid = std::process::id();
-    if !prerequisites()
-        || !require(
-            "a dockerd started by the test harness (cargo xtask test records it in target/dockerd.owned); a test kills only that one",
-            owned_dockerd().is_some(),
-        )
-    {
+    if !prerequisites() {
+        return;
+    }
+    // Not a missing prerequisite but a rule: a test kills only a dockerd
+    // the harness started (on a fresh machine `cargo xtask test` does, and
+    // records it). One someone else runs is left alone, even under CI.
+    if owned_dockerd().is_none() {
+        eprintln!(
+            "SKIPPED: dockerd was not started by the test harness (target/dockerd.owned); it is not ours to kill"
+        );
         return;
     }
     let Some(mut fx) = agent("dockerd-kill", 19501, "") else {
