@@ -28,12 +28,11 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/checks/{name}/run", post(run_check))
         .route("/api/v1/tags/{tag}/run", post(run_tag))
         .route("/api/v1/hooks/{name}", post(hook))
+        .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
 }
 
-fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({ "error": msg.into() }))).into_response()
-}
+use crate::status::error;
 
 /// None if the request may start work; else the answer that refuses it.
 fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
@@ -143,6 +142,30 @@ async fn hook(
     Path(name): Path<String>,
 ) -> Response {
     start(&shared, &headers, "hook", &name)
+}
+
+/// The newest jobs (`?limit=`, 100 by default, 1000 at most).
+async fn jobs(
+    State(shared): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`limit` must be a number from 1 to 1000",
+            );
+        }
+    };
+    let Some(store) = store(&shared) else {
+        return no_store();
+    };
+    match tokio::task::spawn_blocking(move || store.jobs(limit)).await {
+        Ok(j) => Json(json!({ "jobs": j })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn job(State(shared): State<Shared>, Path(id): Path<String>) -> Response {

@@ -6,14 +6,18 @@
 pub mod api;
 pub mod caps;
 pub mod checks;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod docker;
+pub mod history;
 pub mod identity;
 pub mod interfaces;
 pub mod jobs;
 pub mod metrics;
 pub mod probe;
 pub mod run;
+pub mod status;
 pub mod store;
 pub mod web;
 

@@ -1,6 +1,6 @@
 //! The `netpulse` command line: `run` (the agent), `check run` and `config check`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use netpulse::{config, run};
@@ -34,6 +34,24 @@ enum Command {
         #[command(subcommand)]
         command: CheckCommand,
     },
+    /// Show the services of a running agent: state, traffic, checks, uptime.
+    Status {
+        /// The agent's HTTP address.
+        #[arg(long, env = "NETPULSE_URL", default_value = netpulse::cli::DEFAULT_URL)]
+        url: String,
+        /// Redraw the table in place until interrupted.
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between redraws with --watch.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print a shell completion script (e.g. `netpulse completions bash > /etc/bash_completion.d/netpulse`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +138,27 @@ fn main() -> ExitCode {
                     output,
                 },
         } => check_run(name, config, output),
+        Command::Status {
+            url,
+            watch,
+            interval,
+            output,
+        } => status(&url, watch, Duration::from_secs(interval), output),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "netpulse", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("netpulse: writing the man page: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -142,6 +181,48 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `netpulse status`: the services of a running agent, once or redrawn
+/// every `interval`.
+fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCode {
+    use netpulse::cli;
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let color = cli::color();
+    loop {
+        let got = rt.block_on(cli::get_json(url, "/api/v1/services"));
+        let text = match (&got, output) {
+            (Ok(doc), Output::Json) if watch => format!("{doc}\n"),
+            (Ok(doc), Output::Json) => format!(
+                "{}\n",
+                serde_json::to_string_pretty(doc).unwrap_or_default()
+            ),
+            (Ok(doc), Output::Table) => cli::status_text(doc, color),
+            (Err(e), _) if !watch => {
+                eprintln!("netpulse: {e}");
+                return ExitCode::from(1);
+            }
+            (Err(e), _) => format!("netpulse: {e}\n"),
+        };
+        if !watch {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        if matches!(output, Output::Table) && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            // Home and clear, then the new table: redrawn in place.
+            print!(
+                "\x1b[H\x1b[2J{text}\nevery {}s · Ctrl-C to quit\n",
+                interval.as_secs()
+            );
+        } else {
+            print!("{text}");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        std::thread::sleep(interval);
     }
 }
 
@@ -256,11 +337,11 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
             );
         }
         Output::Table => {
-            let rows: Vec<[String; 5]> = view
+            let rows: Vec<Vec<String>> = view
                 .iter()
                 .map(|v| {
                     let last = v.status.last.as_ref();
-                    [
+                    vec![
                         v.spec.name.clone(),
                         v.spec.kind.as_str().to_string(),
                         v.state.as_str().to_string(),
@@ -275,33 +356,16 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
                     ]
                 })
                 .collect();
-            let head = ["CHECK", "KIND", "STATE", "TIME", "DETAIL"];
-            let width = |i: usize| {
-                rows.iter()
-                    .map(|r| r[i].chars().count())
-                    .chain([head[i].len()])
-                    .max()
-                    .unwrap_or(0)
-            };
-            let w: Vec<usize> = (0..4).map(width).collect();
-            let line = |r: [&str; 5]| {
-                format!(
-                    "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    w0 = w[0],
-                    w1 = w[1],
-                    w2 = w[2],
-                    w3 = w[3]
+            print!(
+                "{}",
+                netpulse::cli::table(
+                    &["CHECK", "KIND", "STATE", "TIME", "DETAIL"],
+                    &rows,
+                    &[3],
+                    Some(2),
+                    netpulse::cli::color(),
                 )
-            };
-            println!("{}", line(head));
-            for r in &rows {
-                println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
-            }
+            );
         }
     }
     if ok {

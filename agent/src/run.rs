@@ -43,6 +43,8 @@ pub struct Agent {
     pub jobs_wake: Arc<tokio::sync::Notify>,
     pub api_token: Option<String>,
     pub hooks: std::collections::BTreeMap<String, config::Hook>,
+    /// The last 15 minutes of every service's counters (rates, sparklines).
+    pub history: crate::history::History,
 }
 
 /// Checks running at once, at most.
@@ -374,6 +376,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         jobs_wake: Arc::new(tokio::sync::Notify::new()),
         api_token: cfg.api_token.clone(),
         hooks: cfg.hooks.clone(),
+        history: Default::default(),
     }));
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
@@ -407,6 +410,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         })?;
     info!(listen = %cfg.listen, "serving /metrics and /healthz");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::status::sample(shared.clone(), stop_rx.clone()));
     let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
     notify_ready();
 

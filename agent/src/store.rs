@@ -379,26 +379,43 @@ impl Store {
     pub fn job(&self, id: i64) -> Option<Job> {
         self.conn()
             .query_row(
-                "SELECT id, kind, arg, state, created_ms, started_ms, finished_ms, result FROM jobs WHERE id = ?1",
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
                 params![id],
-                |r| {
-                    let result: Option<String> = r.get(7)?;
-                    Ok(Job {
-                        id: r.get(0)?,
-                        kind: r.get(1)?,
-                        arg: r.get(2)?,
-                        state: JobState::parse(&r.get::<_, String>(3)?),
-                        created_ms: r.get(4)?,
-                        started_ms: r.get(5)?,
-                        finished_ms: r.get(6)?,
-                        result: result.and_then(|s| serde_json::from_str(&s).ok()),
-                    })
-                },
+                job_row,
             )
             .optional()
             .ok()
             .flatten()
     }
+
+    /// The newest `limit` jobs, newest first.
+    pub fn jobs(&self, limit: usize) -> Vec<Job> {
+        let conn = self.conn();
+        let Ok(mut st) = conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?1"
+        )) else {
+            return Vec::new();
+        };
+        st.query_map(params![limit as i64], job_row)
+            .map(|rows| rows.flatten().collect())
+            .unwrap_or_default()
+    }
+}
+
+const JOB_COLUMNS: &str = "id, kind, arg, state, created_ms, started_ms, finished_ms, result";
+
+fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+    let result: Option<String> = r.get(7)?;
+    Ok(Job {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        arg: r.get(2)?,
+        state: JobState::parse(&r.get::<_, String>(3)?),
+        created_ms: r.get(4)?,
+        started_ms: r.get(5)?,
+        finished_ms: r.get(6)?,
+        result: result.and_then(|s| serde_json::from_str(&s).ok()),
+    })
 }
 
 #[cfg(test)]

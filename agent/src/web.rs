@@ -37,7 +37,17 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/probe", get(probe))
         .merge(crate::api::routes())
+        .merge(crate::status::routes())
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// Anything else: a JSON 404 that names what was asked for.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    crate::status::error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
 }
 
 /// blackbox_exporter's `/probe?target=…&module=…` (see checks::blackbox).

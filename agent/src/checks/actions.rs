@@ -10,8 +10,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Uri, header};
+use hyper::Uri;
 use tracing::{info, warn};
 
 #[derive(Debug, Clone)]
@@ -66,49 +65,20 @@ pub fn fire(action: &Action, check: &str, event: serde_json::Value, ctx: &Arc<Co
 
 /// POSTs `body` as JSON; a 2xx answer is success.
 pub async fn post_json(url: &Uri, body: &serde_json::Value) -> Result<(), String> {
-    let https = url.scheme_str() == Some("https");
-    let host = url.host().ok_or("URL without a host")?.to_string();
-    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let fut = async {
-        let tcp = tokio::net::TcpStream::connect((
-            host.trim_start_matches('[').trim_end_matches(']'),
-            port,
-        ))
-        .await
-        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-        let stream: Box<dyn super::kinds::Io> = if https {
-            super::kinds::tls_wrap(&host, tcp, super::kinds::tls_config(None)?)
-                .await?
-                .0
-        } else {
-            Box::new(tcp)
-        };
-        let (mut sender, driver) = super::kinds::http1(stream).await?;
-        let req = Request::post(url.path_and_query().map_or("/", |p| p.as_str()))
-            .header(
-                header::HOST,
-                url.authority().map_or(host.clone(), |a| a.to_string()),
-            )
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::USER_AGENT,
-                concat!("netpulse/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
-        driver.abort();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("{url} answered {status}"))
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .map_err(|_| format!("{url}: no answer within 10 s"))?
+    let (status, _) = crate::client::request(
+        hyper::Method::POST,
+        url,
+        &[],
+        Some(("application/json", Bytes::from(body.to_string()))),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| format!("{url}: {e}"))?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {status}"))
+    }
 }
 
 async fn restart(socket: &std::path::Path, container: &str) -> Result<(), String> {

@@ -1,0 +1,242 @@
+//! What the one-shot commands print: aligned tables, coloured by state on
+//! a terminal, and `netpulse status`, which reads a running agent's API.
+
+use std::{io::IsTerminal, time::Duration};
+
+use hyper::{Method, Uri};
+use serde_json::Value;
+
+/// The agent's address when neither `--url` nor `NETPULSE_URL` says.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:9477";
+
+/// Whether stdout gets colour: a terminal, and no NO_COLOR
+/// (https://no-color.org).
+pub fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The ANSI colour of a state word.
+fn state_color(s: &str) -> Option<&'static str> {
+    match s {
+        "up" | "ok" => Some("32"),
+        "down" | "failed" => Some("31"),
+        "degraded" | "blocked" => Some("33"),
+        "unknown" => Some("90"),
+        _ => None,
+    }
+}
+
+/// Columns aligned to their widest cell; `right` columns are
+/// right-aligned, `state` (if any) is coloured when `color`.
+pub fn table(
+    head: &[&str],
+    rows: &[Vec<String>],
+    right: &[usize],
+    state: Option<usize>,
+    color: bool,
+) -> String {
+    let n = head.len();
+    let width: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>, bold: bool| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            let last = i + 1 == n;
+            let text = match (color, bold, state == Some(i)) {
+                (true, true, _) => format!("\x1b[1m{c}\x1b[0m"),
+                (true, false, true) => match state_color(c) {
+                    Some(code) => format!("\x1b[{code}m{c}\x1b[0m"),
+                    None => c.to_string(),
+                },
+                _ => c.to_string(),
+            };
+            if right.contains(&i) {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(&text);
+            } else {
+                out.push_str(&text);
+                if !last {
+                    out.push_str(&" ".repeat(pad));
+                }
+            }
+            if !last {
+                out.push_str("  ");
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(head.to_vec(), true);
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect(), false));
+    }
+    out
+}
+
+/// Bytes per second, in SI units as the status page shows them.
+pub fn rate(bps: Option<f64>) -> String {
+    let Some(mut v) = bps else {
+        return "-".into();
+    };
+    let units = ["B/s", "kB/s", "MB/s", "GB/s", "TB/s"];
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", units[i])
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn pct(u: Option<f64>) -> String {
+    u.map_or("-".into(), |u| format!("{:.2}%", u * 100.0))
+}
+
+/// The rows of `netpulse status` from `/api/v1/services`.
+pub fn status_rows(services: &[Value]) -> Vec<Vec<String>> {
+    services
+        .iter()
+        .map(|s| {
+            let r = &s["rates"]["1m"];
+            let checks = s["checks"].as_array().map_or(&[][..], Vec::as_slice);
+            let up = checks.iter().filter(|c| c["state"] == "up").count();
+            vec![
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["state"].as_str().unwrap_or("unknown").to_string(),
+                s["source"].as_str().unwrap_or("").to_string(),
+                rate(r["rx_bytes_per_second"].as_f64()),
+                rate(r["tx_bytes_per_second"].as_f64()),
+                s["counters"]["ingress"]["packets"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .to_string(),
+                s["counters"]["egress"]["packets"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .to_string(),
+                if checks.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{up}/{}", checks.len())
+                },
+                s["latency_seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |l| format!("{:.1} ms", l * 1000.0)),
+                pct(s["uptime"]["24h"].as_f64()),
+                pct(s["uptime"]["7d"].as_f64()),
+            ]
+        })
+        .collect()
+}
+
+pub const STATUS_HEAD: [&str; 11] = [
+    "SERVICE", "STATE", "SOURCE", "RX/s", "TX/s", "RX PKTS", "TX PKTS", "CHECKS", "LATENCY",
+    "UP 24h", "UP 7d",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "cannot reach the agent at {url}: {why}\nIs `netpulse run` running there? Point the CLI at another agent with --url URL or NETPULSE_URL (default {DEFAULT_URL})."
+    )]
+    Unreachable { url: String, why: String },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url} did not answer JSON: {why}")]
+    Json { url: String, why: String },
+    #[error("`{0}` is not a URL: {1}")]
+    Url(String, String),
+}
+
+/// GETs `path` from the agent at `base` and parses the JSON.
+pub async fn get_json(base: &str, path: &str) -> Result<Value, StatusError> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| StatusError::Url(url.clone(), e.to_string()))?;
+    let (status, body) =
+        crate::client::request(Method::GET, &uri, &[], None, Duration::from_secs(5))
+            .await
+            .map_err(|why| StatusError::Unreachable {
+                url: url.clone(),
+                why,
+            })?;
+    if !status.is_success() {
+        return Err(StatusError::Status {
+            url,
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| StatusError::Json {
+        url,
+        why: e.to_string(),
+    })
+}
+
+/// The table `netpulse status` prints, with a summary line.
+pub fn status_text(doc: &Value, color: bool) -> String {
+    let services = doc["services"].as_array().map_or(&[][..], Vec::as_slice);
+    let rows = status_rows(services);
+    let count = |s: &str| rows.iter().filter(|r| r[1] == s).count();
+    let mut out = format!(
+        "{} services on {}: {} up, {} down, {} degraded or blocked\n\n",
+        rows.len(),
+        doc["host"].as_str().unwrap_or("?"),
+        count("up"),
+        count("down"),
+        count("degraded") + count("blocked"),
+    );
+    out.push_str(&table(
+        &STATUS_HEAD,
+        &rows,
+        &[3, 4, 5, 6, 8, 9, 10],
+        Some(1),
+        color,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_colour_only_the_state() {
+        let rows = vec![
+            vec!["web".into(), "up".into(), "12 B/s".into()],
+            vec!["database".into(), "down".into(), "1.5 kB/s".into()],
+        ];
+        let plain = table(&["NAME", "STATE", "RATE"], &rows, &[2], Some(1), false);
+        assert_eq!(
+            plain,
+            "NAME      STATE      RATE\nweb       up       12 B/s\ndatabase  down   1.5 kB/s\n"
+        );
+        let coloured = table(&["NAME", "STATE", "RATE"], &rows, &[2], Some(1), true);
+        assert!(coloured.contains("\x1b[31mdown\x1b[0m"));
+        assert!(coloured.contains("\x1b[32mup\x1b[0m"));
+    }
+
+    #[test]
+    fn rates_in_si_units() {
+        assert_eq!(rate(None), "-");
+        assert_eq!(rate(Some(999.0)), "999 B/s");
+        assert_eq!(rate(Some(1500.0)), "1.5 kB/s");
+        assert_eq!(rate(Some(2.5e9)), "2.5 GB/s");
+    }
+}
