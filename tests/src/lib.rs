@@ -3,6 +3,7 @@
 //! bpffs pin directories that clean up after themselves.
 
 pub mod agent;
+pub mod browser;
 pub mod docker;
 pub mod frames;
 pub mod netns;

@@ -283,3 +283,162 @@ fn the_series_budget_folds_the_excess_into_other() {
     );
     agent.stop();
 }
+
+#[test]
+fn status_prints_a_running_agents_services_as_a_table_and_as_json() {
+    if !live_prerequisites() {
+        return;
+    }
+    let pair = Pair::new("status", 105);
+    let pins = PinDir::mounted("status");
+    let port = 19545;
+    let cfg = tmp(
+        "status.toml",
+        &format!(
+            r#"[agent]
+listen = "127.0.0.1:{port}"
+pin_dir = "{}"
+discover_sockets = false
+state_dir = "{}"
+
+[[service]]
+name = "web"
+endpoints = [{{ proto = "tcp", port = 19544 }}]
+
+[[service]]
+name = "db"
+endpoints = [{{ proto = "tcp", port = 19546 }}]
+
+[[check]]
+name = "db-tcp"
+kind = "tcp"
+target = "127.0.0.1:19546"
+service = "db"
+interval_seconds = 1
+failure_threshold = 1
+"#,
+            pins.path().display(),
+            std::env::temp_dir()
+                .join(format!("netpulse-cli-status-{}", std::process::id()))
+                .display()
+        ),
+    );
+    let log = cfg.with_extension("log");
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &log);
+    // Nothing listens on db's port: its check goes down.
+    agent.wait_for("db's check to fail", |m| {
+        m.has("netpulse_check_up", &[("check", "db-tcp")])
+            && m.sum("netpulse_check_runs_total", &[("check", "db-tcp")]) > 0
+    });
+    // Known traffic to web: 5 SYNs from the other side (refused: RSTs back).
+    let target = std::net::SocketAddr::from((pair.addr_a, 19544));
+    pair.b.run(move || {
+        for _ in 0..5 {
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let status = |args: &[&str]| {
+        let out = pair
+            .a
+            .exec(&bin(), &[&["status", "--url", &url], args].concat());
+        assert!(
+            out.status.success(),
+            "netpulse status {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let json: serde_json::Value = serde_json::from_str(&status(&["--output", "json"])).unwrap();
+    let services = json["services"].as_array().unwrap();
+    let web = services.iter().find(|s| s["name"] == "web").unwrap();
+    assert_eq!(web["counters"]["ingress"]["syn"], 5);
+    assert_eq!(web["counters"]["egress"]["rst"], 5);
+    let db = services.iter().find(|s| s["name"] == "db").unwrap();
+    assert_eq!(db["state"], "down");
+
+    let table = status(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].contains("2 services") && lines[0].contains("1 down"),
+        "{table}"
+    );
+    let head = lines.iter().position(|l| l.starts_with("SERVICE")).unwrap();
+    let cols: Vec<&str> = lines[head].split_whitespace().collect();
+    assert_eq!(&cols[..3], ["SERVICE", "STATE", "SOURCE"], "{table}");
+    let row = |name: &str| -> Vec<&str> {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .split_whitespace()
+            .collect()
+    };
+    assert_eq!(&row("db")[1..3], ["down", "config"]);
+    assert_eq!(row("web")[1], "unknown");
+    // Not a terminal: no colour codes.
+    assert!(!table.contains('\x1b'));
+
+    // --watch redraws until stopped.
+    let mut watch = Command::new("ip")
+        .args(["netns", "exec", &pair.a.name, &bin()])
+        .args(["status", "--url", &url, "--watch", "--interval", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    // SAFETY: the child we spawned (ip netns exec execs netpulse).
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    let mut out = String::new();
+    std::io::Read::read_to_string(watch.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let _ = watch.wait();
+    assert!(
+        out.matches("SERVICE").count() >= 2,
+        "--watch drew {} tables:\n{out}",
+        out.matches("SERVICE").count()
+    );
+    agent.stop();
+}
+
+#[test]
+fn status_says_which_url_it_tried_and_how_to_point_it_elsewhere() {
+    if !have_bin() {
+        return;
+    }
+    // Nothing listens on port 1 of loopback.
+    let out = Command::new(bin())
+        .arg("status")
+        .env("NETPULSE_URL", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http://127.0.0.1:1/api/v1/services")
+            && err.contains("--url")
+            && err.contains("NETPULSE_URL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    if !have_bin() {
+        return;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("complete -F _netpulse"), "{bash}");
+    for sub in ["status", "check", "config", "run"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef netpulse"));
+    let man = run(&["man"]);
+    assert!(man.contains(".TH netpulse"), "{man}");
+    assert!(man.contains("status"));
+}

@@ -70,7 +70,8 @@ enum Cmd {
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
 /// and busybox-static for the container tests (images FROM scratch),
 /// dnsmasq-base for the DNS checks' test server, and
-/// prometheus-blackbox-exporter, the peer /probe is held to.
+/// prometheus-blackbox-exporter, the peer /probe is held to, and
+/// chromium with chromium-driver for the status page's browser test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -88,6 +89,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "dnsmasq-base",
     "prometheus-blackbox-exporter",
+    "chromium",
+    "chromium-driver",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
