@@ -28,6 +28,7 @@ use netpulse_tests::{
 
 struct Fx {
     agent: Agent,
+    port: u16,
     dir: PathBuf,
     _pins: PinDir,
 }
@@ -60,6 +61,7 @@ fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
     let agent = Agent::start_host(&cfg, port, &dir.join("agent.log"));
     Some(Fx {
         agent,
+        port,
         dir,
         _pins: pins,
     })
@@ -250,6 +252,18 @@ fn containers_are_named_described_and_counted_once_per_host() {
             ("compose_service", &compose_svc),
         ],
     ));
+    // The API groups it under its compose project, with its container.
+    let (code, body) = netpulse_tests::scrape::get(
+        SocketAddr::from(([127, 0, 0, 1], fx.port)),
+        &format!("/api/v1/services/{compose_svc}"),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let svc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(svc["source"], "container");
+    assert_eq!(svc["compose_project"], project.as_str());
+    assert_eq!(svc["containers"][0]["name"], compose_name.as_str());
+    assert_eq!(svc["containers"][0]["image"], TEST_IMAGE);
     // Its `netpulse.check.http=/` label became a check of the container.
     let check = format!("{web_name}:http");
     fx.agent.wait_for("the check its label asks for, up", |m| {
