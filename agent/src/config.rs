@@ -40,6 +40,31 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default, rename = "hook")]
     pub hooks: Vec<HookConfig>,
+    #[serde(default)]
+    pub web: WebConfig,
+}
+
+/// `[web]`: TLS and basic auth on every endpoint, with the keys of
+/// Prometheus exporter-toolkit's web-config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    pub tls_server_config: Option<TlsServerConfig>,
+    /// User → bcrypt hash (`netpulse config hash-password`).
+    pub basic_auth_users: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsServerConfig {
+    pub cert_file: Spanned<PathBuf>,
+    pub key_file: Spanned<PathBuf>,
+    #[serde(default)]
+    pub client_auth_type: Option<Spanned<String>>,
+    #[serde(default)]
+    pub client_ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub min_version: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -835,6 +860,10 @@ pub struct Loaded {
     pub hooks: BTreeMap<String, Hook>,
     /// The API's bearer token, from `api.token` or `api.token_file`.
     pub api_token: Option<String>,
+    /// `[web.tls_server_config]`, validated (its files loaded once).
+    pub tls: Option<crate::websec::TlsSettings>,
+    /// `[web.basic_auth_users]`: user → bcrypt hash.
+    pub basic_auth_users: BTreeMap<String, String>,
     pub listen: SocketAddr,
     pub source: Option<PathBuf>,
 }
@@ -1087,6 +1116,78 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         },
         (None, None) => None,
     };
+    let tls = raw.web.tls_server_config.as_ref().and_then(|t| {
+        let kind = t
+            .client_auth_type
+            .as_ref()
+            .map_or("NoClientCert", |k| k.get_ref().as_str());
+        if let Some(k) = &t.client_auth_type
+            && !crate::websec::CLIENT_AUTH_TYPES.contains(&k.get_ref().as_str())
+        {
+            at(
+                k.span(),
+                format!(
+                    "client_auth_type `{}` is not one of {}",
+                    k.get_ref(),
+                    crate::websec::CLIENT_AUTH_TYPES.join(", ")
+                ),
+            );
+            return None;
+        }
+        if kind != "NoClientCert" && t.client_ca_file.is_none() {
+            let span = t.client_auth_type.as_ref().map_or(0..0, |k| k.span());
+            at(
+                span,
+                format!("client_auth_type {kind} needs client_ca_file"),
+            );
+            return None;
+        }
+        let min = t
+            .min_version
+            .as_ref()
+            .map_or("TLS12", |v| v.get_ref().as_str());
+        if !["TLS12", "TLS13"].contains(&min) {
+            let span = t.min_version.as_ref().map_or(0..0, |v| v.span());
+            at(span, format!("min_version `{min}` is not TLS12 or TLS13"));
+            return None;
+        }
+        let settings = crate::websec::TlsSettings {
+            cert_file: t.cert_file.get_ref().clone(),
+            key_file: t.key_file.get_ref().clone(),
+            client_auth_type: kind.to_string(),
+            client_ca_file: t.client_ca_file.as_ref().map(|f| f.get_ref().clone()),
+            min_version: min.to_string(),
+        };
+        // Load it once now, so a bad file is a config error with a place.
+        match crate::websec::server_config(&settings) {
+            Ok(_) => Some(settings),
+            Err(e) => {
+                let file = |f: &Spanned<PathBuf>| e.contains(&f.get_ref().display().to_string());
+                let span = if file(&t.key_file) && !file(&t.cert_file) {
+                    t.key_file.span()
+                } else if t.client_ca_file.as_ref().is_some_and(file) {
+                    t.client_ca_file.as_ref().map_or(0..0, |f| f.span())
+                } else {
+                    t.cert_file.span()
+                };
+                at(span, format!("web.tls_server_config: {e}"));
+                None
+            }
+        }
+    });
+    let mut basic_auth_users = BTreeMap::new();
+    for (user, hash) in &raw.web.basic_auth_users {
+        if crate::websec::valid_hash(hash.get_ref()) {
+            basic_auth_users.insert(user.clone(), hash.get_ref().clone());
+        } else {
+            at(
+                hash.span(),
+                format!(
+                    "basic_auth_users.{user}: not a bcrypt hash (make one with `netpulse config hash-password`)"
+                ),
+            );
+        }
+    }
     let max = agent_ebpf::MAX_ENDPOINTS as usize / 2;
     if entries > max {
         at(
@@ -1108,6 +1209,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         checks,
         hooks,
         api_token,
+        tls,
+        basic_auth_users,
         listen,
         source: Some(path.to_path_buf()),
     })

@@ -20,6 +20,7 @@ pub mod run;
 pub mod status;
 pub mod store;
 pub mod web;
+pub mod websec;
 
 /// An error and its causes on one line: "a: b: c". aya's errors keep the
 /// errno in their source, which a plain `{}` would drop.

@@ -83,6 +83,9 @@ enum ConfigCommand {
         #[arg(long, short, env = "NETPULSE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Read a password on stdin and print its bcrypt hash, for
+    /// `[web.basic_auth_users]`.
+    HashPassword,
 }
 
 /// The agent's runtime: two workers (a node agent shares the host).
@@ -155,6 +158,30 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("netpulse: writing the man page: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::HashPassword,
+        } => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("netpulse: reading the password: {e}");
+                return ExitCode::from(1);
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("netpulse: an empty password on stdin");
+                return ExitCode::from(2);
+            }
+            match netpulse::websec::hash(password) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("netpulse: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -45,6 +45,8 @@ pub struct Agent {
     pub hooks: std::collections::BTreeMap<String, config::Hook>,
     /// The last 15 minutes of every service's counters (rates, sparklines).
     pub history: crate::history::History,
+    /// `[web.basic_auth_users]`; empty: no basic auth.
+    pub web_users: Arc<crate::websec::Users>,
 }
 
 /// Checks running at once, at most.
@@ -377,6 +379,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         api_token: cfg.api_token.clone(),
         hooks: cfg.hooks.clone(),
         history: Default::default(),
+        web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
     }));
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
@@ -408,10 +411,25 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
             addr: cfg.listen,
             source,
         })?;
-    info!(listen = %cfg.listen, "serving /metrics and /healthz");
+    let tls = match &cfg.tls {
+        Some(t) => Some(crate::websec::server_config(t).map_err(RunError::Other)?),
+        None => None,
+    };
+    info!(
+        listen = %cfg.listen,
+        tls = tls.is_some(),
+        basic_auth = !cfg.basic_auth_users.is_empty(),
+        "serving HTTP: the status page, /metrics, /api/v1"
+    );
+    let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::status::sample(shared.clone(), stop_rx.clone()));
-    let server = tokio::spawn(web::serve(listener, web::router(shared.clone()), stop_rx));
+    let server = tokio::spawn(web::serve(
+        listener,
+        web::router(shared.clone()),
+        stop_rx,
+        tls_rx,
+    ));
     notify_ready();
 
     // Results are written once a second; history older than history_days
@@ -479,6 +497,17 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
                         a.checks = engine;
                         a.api_token = new.api_token.clone();
                         a.hooks = new.hooks.clone();
+                        a.web_users =
+                            Arc::new(crate::websec::Users::new(new.basic_auth_users.clone()));
+                    }
+                    if new.tls != cfg.tls {
+                        match new.tls.as_ref().map(crate::websec::server_config).transpose() {
+                            Ok(t) => {
+                                info!(tls = t.is_some(), "TLS settings reloaded");
+                                let _ = tls_tx.send(t);
+                            }
+                            Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
+                        }
                     }
                     info!("config reloaded");
                     cfg = new;

@@ -39,7 +39,56 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::api::routes())
         .merge(crate::status::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .with_state(state)
+}
+
+/// With `[web.basic_auth_users]`, every request needs a user's password
+/// (`Authorization: Basic`) or the API token (`Authorization: Bearer`, the
+/// stronger credential: a pipeline that may start work may also read).
+async fn authenticate(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (users, token) = {
+        let a = lock(&state);
+        (a.web_users.clone(), a.api_token.clone())
+    };
+    if users.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bearer_ok = match (given.strip_prefix("Bearer "), &token) {
+        (Some(g), Some(t)) => bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), t.as_bytes())),
+        _ => false,
+    };
+    let ok = bearer_ok
+        || match crate::websec::basic_credentials(&given) {
+            Some((user, password)) => {
+                tokio::task::spawn_blocking(move || users.check(&user, &password))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+    if ok {
+        return next.run(req).await;
+    }
+    let mut r = crate::status::error(StatusCode::UNAUTHORIZED, "authentication required");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"netpulse\", charset=\"UTF-8\""),
+    );
+    r
 }
 
 /// Anything else: a JSON 404 that names what was asked for.
@@ -158,16 +207,17 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (hyper's minimum buffer is 8 KiB).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Serves `app` on `listener` until `shutdown` turns true.
+/// A TLS client has this long to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` turns true; over TLS while
+/// `tls` holds a server config (it can change on a reload).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    tls: tokio::sync::watch::Receiver<Option<Arc<rustls::ServerConfig>>>,
 ) {
-    use hyper_util::{
-        rt::{TokioIo, TokioTimer},
-        service::TowerToHyperService,
-    };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -189,17 +239,43 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        let tls = tls.borrow().clone();
         tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES);
-            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(error = %e, "connection closed");
+            match tls {
+                None => serve_io(stream, app).await,
+                Some(cfg) => {
+                    let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(s)) => serve_io(s, app).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
+    }
+}
+
+/// HTTP/1 on one connection, with the header deadline and size cap.
+async fn serve_io<I>(io: I, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::{
+        rt::{TokioIo, TokioTimer},
+        service::TowerToHyperService,
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    if let Err(e) = http
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .await
+    {
+        tracing::debug!(error = %e, "connection closed");
     }
 }
 

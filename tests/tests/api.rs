@@ -109,6 +109,7 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
         api_token: None,
         hooks: Default::default(),
         history: Default::default(),
+        web_users: Default::default(),
     };
     Some(Fx {
         shared: Arc::new(Mutex::new(agent)),
