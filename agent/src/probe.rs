@@ -468,11 +468,22 @@ impl Probe {
             name: ifname.to_string(),
             message,
         };
-        let xdp = self.xdp()?;
         // Native XDP, else TC ingress: generic (skb-mode) XDP would copy
         // every cloned skb (all of TCP's) to run, on lo for every local
-        // connection.
-        let ingress = match xdp.attach(ifname, XdpMode::Driver) {
+        // connection. A veth's "native" XDP is no better: it moves the
+        // device to NAPI mode and copies every skb a local socket sends
+        // (less headroom than XDP wants) into a page before the program
+        // runs; TC sees the skb as it is.
+        let native = if crate::interfaces::driver(ifname).as_deref() == Some("veth") {
+            Err(err(
+                "a veth: its XDP would copy every skb from a local socket".into(),
+            ))
+        } else {
+            self.xdp()?
+                .attach(ifname, XdpMode::Driver)
+                .map_err(|e| err(crate::error_chain(&e)))
+        };
+        let ingress = match native {
             Ok(l) => Ok(l),
             Err(native) => {
                 let reason = crate::error_chain(&native);

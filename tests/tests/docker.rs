@@ -155,7 +155,11 @@ fn containers_are_named_described_and_counted_once_per_host() {
     fx.agent.wait_for("probes on the outside host's link", |m| {
         m.has(
             "netpulse_probe_attached",
-            &[("interface", &outside.host_dev), ("hook", "xdp")],
+            &[
+                ("interface", &outside.host_dev),
+                ("mode", "ingress"),
+                ("zone", "host"),
+            ],
         )
     });
     fx.agent.wait_for("the Docker source", docker_up);

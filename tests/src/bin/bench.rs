@@ -32,7 +32,16 @@ struct Args {
     /// Sequential /probe requests per tool and module.
     #[arg(long, default_value_t = 2000)]
     probes: u32,
+    /// Seconds per round of the live-overhead blast.
+    #[arg(long, default_value_t = 4)]
+    overhead_seconds: u64,
+    /// Run only these parts (comma-separated: probes, http, probe, overhead).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
+
+#[path = "bench/overhead.rs"]
+mod overhead;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -145,13 +154,24 @@ fn main() -> Result<()> {
     if object.is_empty() {
         bail!("netpulse was built with AYA_BUILD_SKIP=1: no eBPF object to measure");
     }
-    let pin =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/netpulse-bench-{}", std::process::id()));
-    let result = bench(&args, object, &pin);
-    let _ = std::fs::remove_dir_all(&pin);
-    result?;
-    http_load(args.http_seconds)?;
-    probe_bench(args.probes)
+    let part = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    if part("probes") {
+        let pin =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/netpulse-bench-{}", std::process::id()));
+        let result = bench(&args, object, &pin);
+        let _ = std::fs::remove_dir_all(&pin);
+        result?;
+    }
+    if part("http") {
+        http_load(args.http_seconds)?;
+    }
+    if part("probe") {
+        probe_bench(args.probes)?;
+    }
+    if part("overhead") {
+        overhead::overhead(args.overhead_seconds, args.rounds.min(5), false)?;
+    }
+    Ok(())
 }
 
 fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {

@@ -1,0 +1,310 @@
+//! Live overhead: the most packets/s a sender gets through a veth pair to a
+//! receiver in another network namespace, with nothing watching, with
+//! netpulse's eBPF programs attached, with `tcpdump -w /dev/null` on the
+//! receiving interface, and with netpulse's pcap backend, in one run. Reports delivered pps (the
+//! kernel's rx counter of the receiving veth), CPU per packet (all CPUs'
+//! busy time over the packets) and the share each watcher counted.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use netpulse_tests::{
+    PinDir,
+    agent::Agent,
+    netns::{LinkStats, Pair},
+    scrape::{Metrics, get},
+};
+
+const PORT: u16 = 9;
+const AGENT_PORT: u16 = 19560;
+
+/// Busy and total jiffies of all CPUs (/proc/stat).
+fn cpu() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let total: u64 = v.iter().take(8).sum();
+    (total - idle, total)
+}
+
+fn jiffy() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Sends 64-byte UDP payloads to `to` as fast as one thread can
+/// (sendmmsg, 64 at a time) until `stop`; returns how many were sent.
+fn blast(to: SocketAddr, stop: Arc<AtomicBool>) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return 0;
+    };
+    if sock.connect(to).is_err() {
+        return 0;
+    }
+    let payload = [0x5au8; 64];
+    const BATCH: usize = 64;
+    let mut iov = [libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    }; BATCH];
+    // SAFETY: zeroed mmsghdr is valid; each points at its own iovec.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // One CPU for the sender: the receive path runs in its softirq, so
+    // per-packet work a watcher adds there comes out of its throughput.
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: msgs and their iovecs outlive the call.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        if n > 0 {
+            sent += n as u64;
+        }
+    }
+    sent
+}
+
+struct Run {
+    pps: f64,
+    cpu_ns: f64,
+    counted: Option<f64>,
+}
+
+/// One timed blast; `watched` reads what the watcher counted so far.
+fn measure(pair: &Pair, seconds: u64, watched: &dyn Fn() -> Option<u64>) -> Run {
+    let before_count = watched();
+    let before = pair.a.link_stats(&pair.dev_a);
+    let (busy0, _) = cpu();
+    let stop = Arc::new(AtomicBool::new(false));
+    let to = SocketAddr::from((pair.addr_a, PORT));
+    let s = stop.clone();
+    let sender = pair.b.spawn(move || blast(to, s));
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.join();
+    let secs = started.elapsed().as_secs_f64();
+    // Let queued packets drain before reading the counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let (busy1, _) = cpu();
+    let got: LinkStats = pair.a.link_stats(&pair.dev_a) - before;
+    let counted = match (before_count, watched()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / got.rx_packets.max(1) as f64),
+        _ => None,
+    };
+    Run {
+        pps: got.rx_packets as f64 / secs,
+        cpu_ns: (busy1 - busy0) as f64 * jiffy() * 1e9 / got.rx_packets.max(1) as f64,
+        counted,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: &'static str,
+    pps: f64,
+    cpu_ns: f64,
+    counted: Option<f64>,
+}
+
+/// The sink service's ingress packets as the agent in `ns` reports them.
+fn service_packets(ns: &str) -> Option<u64> {
+    netpulse_tests::netns::run_in(ns, || {
+        get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_PORT)),
+            "/metrics",
+        )
+        .ok()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| Metrics::parse(&b).packets("sink", "ingress"))
+    })
+}
+
+/// What watches the receiving interface during a round.
+#[derive(Clone, Copy)]
+enum Watcher {
+    Nothing,
+    /// `netpulse run` with this backend (`ebpf` or `pcap`).
+    Netpulse(&'static str),
+    Tcpdump,
+}
+
+impl Watcher {
+    fn name(self) -> &'static str {
+        match self {
+            Watcher::Nothing => "no monitoring",
+            Watcher::Netpulse("pcap") => "netpulse pcap backend",
+            Watcher::Netpulse(_) => "netpulse eBPF",
+            Watcher::Tcpdump => "tcpdump -w /dev/null",
+        }
+    }
+}
+
+/// One round under `w`: the blast, and the share `w` counted.
+fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result<Run> {
+    match w {
+        Watcher::Nothing => Ok(measure(pair, seconds, &|| None)),
+        Watcher::Netpulse(backend) => {
+            let pins = PinDir::mounted("ovh");
+            let cfg = dir.join("config.toml");
+            let backend_line = if backend == "pcap" {
+                "backend = \"pcap\"\n"
+            } else {
+                ""
+            };
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[agent]\nlisten = \"127.0.0.1:{AGENT_PORT}\"\npin_dir = \"{}\"\ndiscover_sockets = false\nstate_dir = \"{}\"\n{backend_line}\n[[service]]\nname = \"sink\"\nendpoints = [{{ proto = \"udp\", port = {PORT} }}]\n",
+                    pins.path().display(),
+                    dir.join("state").display()
+                ),
+            )?;
+            let mut agent = Agent::start(&pair.a, &[], &cfg, AGENT_PORT, &dir.join("agent.log"));
+            let dev = pair.dev_a.clone();
+            agent.wait_for("netpulse watching the veth", |m| {
+                m.has("netpulse_probe_attached", &[("interface", &dev)])
+            });
+            let ns = pair.a.name.clone();
+            let r = measure(pair, seconds, &|| service_packets(&ns));
+            agent.stop();
+            Ok(r)
+        }
+        Watcher::Tcpdump => {
+            // What it captured is in its exit statistics.
+            let td = Command::new("ip")
+                .args(["netns", "exec", &pair.a.name, "tcpdump", "-i", &pair.dev_a])
+                .args(["-w", "/dev/null", "-n", "-q"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting tcpdump")?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut r = measure(pair, seconds, &|| None);
+            // SAFETY: the tcpdump we spawned (ip netns exec execs it).
+            unsafe { libc::kill(td.id() as i32, libc::SIGINT) };
+            let out = td.wait_with_output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            let captured: u64 = err
+                .lines()
+                .find(|l| l.contains("packets captured"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .context("tcpdump printed no capture statistics")?;
+            // The capture outlived the blast: of the blast it saw at most
+            // the blast.
+            r.counted = Some((captured as f64 / (r.pps * seconds as f64)).min(1.0));
+            Ok(r)
+        }
+    }
+}
+
+/// `pcap`: also measure the netpulse pcap backend.
+pub fn overhead(seconds: u64, n: usize, pcap: bool) -> Result<()> {
+    let pair = Pair::new("ovh", 107);
+    // A socket that never reads: the kernel drops at its queue, no ICMP.
+    let sink = pair.a.run({
+        let addr = pair.addr_a;
+        move || std::net::UdpSocket::bind((addr, PORT))
+    })?;
+    let dir = std::env::temp_dir().join(format!("netpulse-ovh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut watchers = vec![
+        Watcher::Nothing,
+        Watcher::Netpulse("ebpf"),
+        Watcher::Tcpdump,
+    ];
+    if pcap {
+        watchers.push(Watcher::Netpulse("pcap"));
+    }
+    // Rounds interleave the conditions, so drift in the machine's load
+    // spreads over all of them.
+    let mut runs: Vec<Vec<Run>> = watchers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..n {
+        for (i, w) in watchers.iter().enumerate() {
+            runs[i].push(round(&pair, *w, seconds, &dir)?);
+        }
+    }
+    let rows: Vec<Row> = watchers
+        .iter()
+        .zip(runs)
+        .map(|(w, runs)| Row {
+            name: w.name(),
+            pps: median(runs.iter().map(|r| r.pps).collect()),
+            cpu_ns: median(runs.iter().map(|r| r.cpu_ns).collect()),
+            counted: runs
+                .iter()
+                .map(|r| r.counted)
+                .collect::<Option<Vec<f64>>>()
+                .map(|v| v.into_iter().fold(f64::INFINITY, f64::min)),
+        })
+        .collect();
+    drop(sink);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let base = rows[0].pps;
+    println!(
+        "\nLive overhead: one sender, 64-byte UDP over a veth pair between namespaces, {seconds} s × {n} rounds each (medians); pps = the receiving veth's rx counter\n"
+    );
+    println!("| condition | pps | throughput lost | CPU ns/packet | counted |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.1}% | {:.0} | {} |",
+            r.name,
+            r.pps,
+            (1.0 - r.pps / base) * 100.0,
+            r.cpu_ns,
+            r.counted
+                .map_or("-".to_string(), |c| format!("{:.2}%", c * 100.0))
+        );
+    }
+    let loss = |i: usize| (1.0 - rows[i].pps / base).max(0.0);
+    let (ebpf, tcpdump) = (loss(1), loss(2));
+    println!(
+        "\nnetpulse eBPF loses {:.1}% of the throughput, tcpdump {:.1}%: {} (target: at most 1/5 of tcpdump's loss, and 100% counted)",
+        ebpf * 100.0,
+        tcpdump * 100.0,
+        if ebpf <= tcpdump / 5.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    if rows[1].counted.is_some_and(|c| c < 1.0) {
+        bail!(
+            "netpulse eBPF counted less than every packet: {:?}",
+            rows[1].counted
+        );
+    }
+    Ok(())
+}
