@@ -62,6 +62,10 @@ fn the_deb_installs_works_and_purges_cleanly() {
             "/usr/share/netpulse/dashboards/provisioning.yaml",
             "/usr/share/netpulse/rules/alerts.yaml",
             "/usr/share/doc/netpulse/README.md",
+            "/usr/share/man/man1/netpulse.1.gz",
+            "/usr/share/bash-completion/completions/netpulse",
+            "/usr/share/zsh/vendor-completions/_netpulse",
+            "/usr/share/fish/vendor_completions.d/netpulse.fish",
         ];
         for f in files {
             assert!(

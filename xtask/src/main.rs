@@ -309,6 +309,26 @@ fn fuzz(seconds: u64) -> Result<()> {
 /// Release build, then cargo-deb on it. Returns the .deb's path.
 fn package() -> Result<PathBuf> {
     build(true)?;
+    // The man page and shell completions, from the binary's own clap
+    // definitions (the .deb's assets list them).
+    let bin = root().join("target/release/netpulse");
+    let gen_dir = root().join("target/generated");
+    std::fs::create_dir_all(&gen_dir)?;
+    for (args, file) in [
+        (&["man"][..], "netpulse.1"),
+        (&["completions", "bash"][..], "netpulse.bash"),
+        (&["completions", "zsh"][..], "_netpulse"),
+        (&["completions", "fish"][..], "netpulse.fish"),
+    ] {
+        let out = Command::new(&bin)
+            .args(args)
+            .output()
+            .with_context(|| format!("netpulse {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!("netpulse {} failed", args.join(" "));
+        }
+        std::fs::write(gen_dir.join(file), out.stdout)?;
+    }
     let out = cargo()
         .args(["deb", "--package", "netpulse", "--no-build"])
         .output()
