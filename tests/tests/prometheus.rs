@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -13,8 +13,9 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites},
     netns::{Pair, have},
+    prom::Prometheus,
     require,
-    scrape::{get, urlencode},
+    scrape::get,
 };
 
 const DASHBOARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards");
@@ -161,17 +162,6 @@ fn rule_exprs() -> Vec<(String, String)> {
     out
 }
 
-/// A Prometheus server we started, stopped on drop.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        // SAFETY: a child we spawned.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     if !live_prerequisites()
@@ -204,30 +194,8 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         ),
     )
     .unwrap();
-    let _prom = Kill(
-        Command::new("ip")
-            .args(["netns", "exec", &pair.a.name, "prometheus"])
-            .arg(format!("--config.file={}", prom_cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let query = move |q: String| -> serde_json::Value {
-        let (status, body) = get(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, prom_port)),
-            &format!("/api/v1/query?query={}", urlencode(&q)),
-        )
-        .unwrap_or((0, String::new()));
-        serde_json::from_str(&body)
-            .unwrap_or(serde_json::json!({"status": format!("http {status}"), "body": body}))
-    };
+    let prom = Prometheus::start(&pair.a, &prom_cfg, &dir, prom_port);
+    let query = |q: String| prom.query(&q);
 
     // Traffic for the whole scrape window, so rates are not zero.
     let addr = pair.addr_a;
@@ -264,9 +232,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     // Until Prometheus holds several scrapes of the agent.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = pair
-            .a
-            .run(move || query("count_over_time(netpulse_build_info[1m])".into()));
+        let v = query("count_over_time(netpulse_build_info[1m])".into());
         if v["data"]["result"][0]["value"][1]
             .as_str()
             .and_then(|s| s.parse::<f64>().ok())
@@ -277,7 +243,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         assert!(
             Instant::now() < deadline,
             "Prometheus did not scrape the agent: {v}\nprometheus log:\n{}\nagent log:\n{}",
-            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default(),
+            prom.log_text(),
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -316,10 +282,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
 
     let mut failures = Vec::new();
     for (what, q) in dashboard_queries() {
-        let v = pair.a.run({
-            let q = q.clone();
-            move || query(q)
-        });
+        let v = query(q.clone());
         let ok = v["status"] == "success"
             && v["data"]["result"]
                 .as_array()
@@ -329,10 +292,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         }
     }
     for (name, q) in rule_exprs() {
-        let v = pair.a.run({
-            let q = q.clone();
-            move || query(q)
-        });
+        let v = query(q.clone());
         if v["status"] != "success" {
             failures.push(format!("rule {name}: {q}\n  -> {v}"));
         }

@@ -8,7 +8,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,8 +17,9 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, bin, have_bin, live_prerequisites},
     netns::{Pair, have},
+    prom::Prometheus,
     require,
-    scrape::{get, urlencode},
+    scrape::get,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
@@ -189,16 +190,6 @@ fn hash_password(password: &str) -> String {
     h
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        // SAFETY: a child we spawned (ip netns exec execs prometheus).
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn prometheus_scrapes_over_mutual_tls_with_a_password_and_nobody_else_gets_in() {
     if !live_prerequisites() || !require("prometheus (Debian)", have("prometheus")) {
@@ -343,32 +334,8 @@ prom = "{hash}"
         ),
     )
     .unwrap();
-    let _prom = Kill(
-        Command::new("ip")
-            .args(["netns", "exec", &pair.a.name, "prometheus"])
-            .arg(format!("--config.file={}", prom_cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{PROM}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let query = |q: &str| -> serde_json::Value {
-        let q = q.to_string();
-        pair.a.run(move || {
-            let (_, body) = get(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, PROM)),
-                &format!("/api/v1/query?query={}", urlencode(&q)),
-            )
-            .unwrap_or((0, String::new()));
-            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
-        })
-    };
+    let prom = Prometheus::start(&pair.a, &prom_cfg, &dir, PROM);
+    let query = |q: &str| prom.query(q);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = query("up");
@@ -385,7 +352,7 @@ prom = "{hash}"
         assert!(
             Instant::now() < deadline,
             "Prometheus did not scrape over TLS: {v}\n{}",
-            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+            prom.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
