@@ -64,7 +64,8 @@ enum Cmd {
     },
 }
 
-/// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path,
+/// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path
+/// (tcpdump and tshark, the references `analyze` is tested and benched against),
 /// iproute2/iputils-ping/ethtool for the network-namespace tests, systemd
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
@@ -77,6 +78,8 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "libpcap-dev",
+    "tcpdump",
+    "tshark",
     "iproute2",
     "iputils-ping",
     "ethtool",
