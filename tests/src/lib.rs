@@ -6,6 +6,7 @@ pub mod agent;
 pub mod docker;
 pub mod frames;
 pub mod netns;
+pub mod pcapfile;
 pub mod scrape;
 
 use std::path::{Path, PathBuf};
