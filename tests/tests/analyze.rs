@@ -97,6 +97,12 @@ fn unclassified(r: &Value, reason: &str) -> u64 {
 
 type End = (String, u16);
 
+/// tshark's frames and exact bytes summed, and the rows it rounded.
+type Summed = (u64, u64, Vec<pcapfile::Bytes>);
+
+/// A link-layer wrapper: (name, linktype, wrap(ethertype, ip packet)).
+type Wrap = (&'static str, u32, fn(u16, &[u8]) -> Vec<u8>);
+
 /// Conversations of `proto` as {a→b: (packets, bytes)} over both
 /// orientations, keyed by the unordered pair of ends.
 fn convs(r: &Value, proto: &str) -> BTreeMap<(End, End), [(u64, u64); 2]> {
@@ -125,8 +131,7 @@ fn assert_matches_tshark(file: &Path, args: &[&str]) -> Value {
         let ours = convs(&r, proto);
         // tshark splits a 5-tuple into several rows when a port is reused
         // by a new connection; sum them per pair of ends.
-        let mut theirs: BTreeMap<(End, End), [(u64, u64, Vec<pcapfile::Bytes>); 2]> =
-            BTreeMap::new();
+        let mut theirs: BTreeMap<(End, End), [Summed; 2]> = BTreeMap::new();
         for t in tshark_conv(file, proto) {
             let (lo, hi, fwd) = if t.a <= t.b {
                 (t.a.clone(), t.b.clone(), true)
@@ -382,7 +387,7 @@ fn synthetic_sll_sll2_and_raw_ip_give_the_same_services() {
     if !have_bin() || !require("tshark (apt-get install tshark)", have("tshark")) {
         return;
     }
-    let wrap: [(&str, u32, fn(u16, &[u8]) -> Vec<u8>); 3] = [
+    let wrap: [Wrap; 3] = [
         ("sll", pcapfile::LINKTYPE_LINUX_SLL, pcapfile::sll),
         ("sll2", pcapfile::LINKTYPE_LINUX_SLL2, pcapfile::sll2),
         ("raw", pcapfile::LINKTYPE_RAW, |_, p| p.to_vec()),
