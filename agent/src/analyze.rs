@@ -178,6 +178,10 @@ struct ConvKey {
 struct ConvStats {
     ab: (u64, u64),
     ba: (u64, u64),
+    /// IP packets between the same addresses without ports to count them
+    /// by (fragments, cut headers): for the per-address table only.
+    other_ab: (u64, u64),
+    other_ba: (u64, u64),
     syn: u64,
     fin: u64,
     rst: u64,
@@ -196,7 +200,6 @@ pub struct Analyzer {
     table: Table,
     slots: Vec<SlotCounters>,
     convs: FxHashMap<ConvKey, ConvStats>,
-    talkers: FxHashMap<(u8, [u8; 16]), Talker>,
     /// (packets, bytes) per (IPv4|IPv6, IP protocol).
     protos: Vec<(u64, u64)>,
     not_ip: (u64, u64),
@@ -212,14 +215,11 @@ impl Analyzer {
     pub fn new(link: Link, table: Table) -> Self {
         let mut convs = FxHashMap::default();
         convs.reserve(4096);
-        let mut talkers = FxHashMap::default();
-        talkers.reserve(1024);
         Analyzer {
             link,
             slots: vec![SlotCounters::default(); table.slots()],
             table,
             convs,
-            talkers,
             protos: vec![(0, 0); 512],
             not_ip: (0, 0),
             malformed: (0, 0),
@@ -243,66 +243,76 @@ impl Analyzer {
         self.last_ts = ts;
         let res = packet::parse(self.link, data, &mut self.flow);
         let f = self.flow;
-        if f.family != 0 {
-            let p =
-                &mut self.protos[usize::from(f.family != FAMILY_V4) * 256 + usize::from(f.proto)];
-            p.0 += 1;
-            p.1 += len;
-            let t = self.talkers.entry((f.family, f.src)).or_default();
-            t.tx.0 += 1;
-            t.tx.1 += len;
-            let t = self.talkers.entry((f.family, f.dst)).or_default();
-            t.rx.0 += 1;
-            t.rx.1 += len;
+        if f.family == 0 {
+            let slot = res.err().unwrap_or(agent_ebpf::SLOT_MALFORMED);
+            add(&mut self.slots[slot as usize].dir[DIR_INGRESS], len, 0);
+            let m = if slot == agent_ebpf::SLOT_NOT_IP {
+                &mut self.not_ip
+            } else {
+                &mut self.malformed
+            };
+            m.0 += 1;
+            m.1 += len;
+            return;
         }
-        match res {
+        let p = &mut self.protos[usize::from(f.family != FAMILY_V4) * 256 + usize::from(f.proto)];
+        p.0 += 1;
+        p.1 += len;
+        // One table for conversations and addresses: an IP packet without
+        // ports (a fragment, a cut L4 header) is keyed with ports 0 and
+        // counted for its addresses only.
+        let (ok, slot) = match res {
             Ok(()) => {
                 let (slot, dir) = self.table.classify_file(&f);
                 add(&mut self.slots[slot as usize].dir[dir], len, f.tcp_flags);
-                let fwd = (f.src, f.sport) <= (f.dst, f.dport);
-                let key = if fwd {
-                    ConvKey {
-                        family: f.family,
-                        proto: f.proto,
-                        a: f.src,
-                        pa: f.sport,
-                        b: f.dst,
-                        pb: f.dport,
-                    }
-                } else {
-                    ConvKey {
-                        family: f.family,
-                        proto: f.proto,
-                        a: f.dst,
-                        pa: f.dport,
-                        b: f.src,
-                        pb: f.sport,
-                    }
-                };
-                let c = self.convs.entry(key).or_default();
-                let d = if fwd { &mut c.ab } else { &mut c.ba };
-                d.0 += 1;
-                d.1 += len;
-                if f.proto == PROTO_TCP {
-                    c.syn += u64::from(f.tcp_flags & TCP_SYN != 0);
-                    c.fin += u64::from(f.tcp_flags & TCP_FIN != 0);
-                    c.rst += u64::from(f.tcp_flags & TCP_RST != 0);
-                }
-                c.slot = slot;
+                (true, slot)
             }
             Err(slot) => {
                 add(&mut self.slots[slot as usize].dir[DIR_INGRESS], len, 0);
-                if f.family == 0 {
-                    let m = if slot == agent_ebpf::SLOT_NOT_IP {
-                        &mut self.not_ip
-                    } else {
-                        &mut self.malformed
-                    };
-                    m.0 += 1;
-                    m.1 += len;
-                }
+                (false, slot)
             }
+        };
+        let (sport, dport) = if ok { (f.sport, f.dport) } else { (0, 0) };
+        let fwd = (f.src, sport) <= (f.dst, dport);
+        let key = if fwd {
+            ConvKey {
+                family: f.family,
+                proto: f.proto,
+                a: f.src,
+                pa: sport,
+                b: f.dst,
+                pb: dport,
+            }
+        } else {
+            ConvKey {
+                family: f.family,
+                proto: f.proto,
+                a: f.dst,
+                pa: dport,
+                b: f.src,
+                pb: sport,
+            }
+        };
+        let c = self.convs.entry(key).or_default();
+        if !ok {
+            let d = if fwd {
+                &mut c.other_ab
+            } else {
+                &mut c.other_ba
+            };
+            d.0 += 1;
+            d.1 += len;
+            return;
         }
+        let d = if fwd { &mut c.ab } else { &mut c.ba };
+        d.0 += 1;
+        d.1 += len;
+        if f.proto == PROTO_TCP {
+            c.syn += u64::from(f.tcp_flags & TCP_SYN != 0);
+            c.fin += u64::from(f.tcp_flags & TCP_FIN != 0);
+            c.rst += u64::from(f.tcp_flags & TCP_RST != 0);
+        }
+        c.slot = slot;
     }
 
     pub fn packets(&self) -> u64 {
@@ -340,8 +350,24 @@ impl Analyzer {
             })
             .collect();
         let keep = |n: usize| if top == 0 { n } else { top.min(n) };
-        let conversations_total = self.convs.len();
-        let mut convs: Vec<(ConvKey, ConvStats)> = self.convs.into_iter().collect();
+        // Addresses from the conversation table: every IP packet is in it.
+        let mut by_addr: FxHashMap<(u8, [u8; 16]), Talker> = FxHashMap::default();
+        for (k, c) in &self.convs {
+            let ab = (c.ab.0 + c.other_ab.0, c.ab.1 + c.other_ab.1);
+            let ba = (c.ba.0 + c.other_ba.0, c.ba.1 + c.other_ba.1);
+            let a = by_addr.entry((k.family, k.a)).or_default();
+            a.tx = (a.tx.0 + ab.0, a.tx.1 + ab.1);
+            a.rx = (a.rx.0 + ba.0, a.rx.1 + ba.1);
+            let b = by_addr.entry((k.family, k.b)).or_default();
+            b.tx = (b.tx.0 + ba.0, b.tx.1 + ba.1);
+            b.rx = (b.rx.0 + ab.0, b.rx.1 + ab.1);
+        }
+        let mut convs: Vec<(ConvKey, ConvStats)> = self
+            .convs
+            .into_iter()
+            .filter(|(_, c)| c.ab.0 + c.ba.0 > 0)
+            .collect();
+        let conversations_total = convs.len();
         // Largest first; ties in a fixed order, so output is stable.
         convs.sort_unstable_by(|x, y| {
             (y.1.ab.1 + y.1.ba.1, y.1.ab.0 + y.1.ba.0)
@@ -372,8 +398,8 @@ impl Analyzer {
                 service: name(s.slot),
             })
             .collect();
-        let addresses_total = self.talkers.len();
-        let mut talkers: Vec<((u8, [u8; 16]), Talker)> = self.talkers.into_iter().collect();
+        let addresses_total = by_addr.len();
+        let mut talkers: Vec<((u8, [u8; 16]), Talker)> = by_addr.into_iter().collect();
         talkers.sort_unstable_by(|x, y| {
             (y.1.tx.1 + y.1.rx.1, y.1.tx.0 + y.1.rx.0)
                 .cmp(&(x.1.tx.1 + x.1.rx.1, x.1.tx.0 + x.1.rx.0))
@@ -574,7 +600,7 @@ const PROGRESS_EVERY: u64 = 1 << 16;
 
 /// Opens `input` with libpcap. Returns the capture, the file's size (for
 /// progress) and whether it is a classic pcap (whose offsets we can count).
-fn open(input: &Input) -> Result<(pcap::Capture<pcap::Offline>, Option<u64>, bool), AnalyzeError> {
+fn open(input: &Input) -> Result<(Reader, Option<u64>, bool), AnalyzeError> {
     use std::os::unix::fs::FileExt;
     let what = input.describe();
     let open_err = |message: String| AnalyzeError::Open {
@@ -603,18 +629,69 @@ fn open(input: &Input) -> Result<(pcap::Capture<pcap::Offline>, Option<u64>, boo
             (fd, None, false)
         }
     };
-    // SAFETY: the descriptor is ours alone (opened or duplicated above);
-    // the capture takes it over and closes it.
-    let cap = unsafe { pcap::Capture::from_raw_fd(fd.into_raw_fd()) }
-        .map_err(|e| open_err(e.to_string()))?;
-    Ok((cap, size, classic))
+    let reader = fopen_offline(fd).map_err(open_err)?;
+    Ok((reader, size, classic))
+}
+
+unsafe extern "C" {
+    /// libpcap's reader on a stdio stream we opened (the pcap crate opens
+    /// one with stdio's default 4 KiB buffer, a read(2) per 4 KiB).
+    fn pcap_fopen_offline(fp: *mut libc::FILE, errbuf: *mut libc::c_char) -> *mut libc::c_void;
+}
+
+/// stdio buffer for capture files: 1 MiB reads.
+const READ_BUFFER: usize = 1 << 20;
+
+/// A libpcap offline capture and the stdio buffer its stream reads into.
+/// Fields drop in order: the capture (closing the stream) before the buffer.
+struct Reader {
+    cap: pcap::Capture<pcap::Offline>,
+    _buf: Vec<u8>,
+}
+
+/// `fd` as a libpcap offline capture, read through a 1 MiB stdio buffer.
+fn fopen_offline(fd: OwnedFd) -> Result<Reader, String> {
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` is an open descriptor we own; fdopen takes it over
+    // (fclose, through pcap_close, closes it). setvbuf comes before any
+    // I/O on the stream, as it must; stdio allocates the buffer.
+    let file = unsafe { libc::fdopen(raw, c"r".as_ptr()) };
+    if file.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopen failed, so the descriptor is still ours to close.
+        unsafe { libc::close(raw) };
+        return Err(e.to_string());
+    }
+    // Our own buffer: given none, glibc sizes it by st_blksize (4 KiB),
+    // whatever size is asked for.
+    let mut buf = vec![0u8; READ_BUFFER];
+    // SAFETY: a fresh stream; `buf` outlives it (see `Reader`).
+    unsafe { libc::setvbuf(file, buf.as_mut_ptr().cast(), libc::_IOFBF, READ_BUFFER) };
+    let mut err = [0 as libc::c_char; 257];
+    // SAFETY: `file` is a valid read stream, `err` is PCAP_ERRBUF_SIZE
+    // (256) bytes and more; on success libpcap owns the stream.
+    let p = unsafe { pcap_fopen_offline(file, err.as_mut_ptr()) };
+    match std::ptr::NonNull::new(p) {
+        Some(p) => Ok(Reader {
+            cap: pcap::Capture::from(p.cast()),
+            _buf: buf,
+        }),
+        None => {
+            // SAFETY: libpcap did not take the stream; `err` is
+            // NUL-terminated by libpcap (and by our zeroed last byte).
+            unsafe { libc::fclose(file) };
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            Err(msg.to_string_lossy().into_owned())
+        }
+    }
 }
 
 /// Reads all of `input` into a report. A read error part-way is not an
 /// `Err`: the report says where it stopped.
 pub fn analyze(input: &Input, table: Table, top: usize) -> Result<Report, AnalyzeError> {
     let what = input.describe();
-    let (mut cap, size, classic) = open(input)?;
+    let (mut reader, size, classic) = open(input)?;
+    let cap = &mut reader.cap;
     let dlt = cap.get_datalink();
     let link = Link::from_dlt(dlt.0).ok_or_else(|| AnalyzeError::Link {
         what: what.clone(),

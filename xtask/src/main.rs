@@ -52,8 +52,9 @@ enum Cmd {
     /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
     /// if it is not running).
     Image,
-    /// Per-packet cost of both programs vs an empty program, then /metrics
-    /// under wrk load (markdown tables).
+    /// Per-packet cost of both programs vs an empty program, /metrics
+    /// under wrk load, then `netpulse analyze` vs tcpdump and tshark
+    /// (markdown tables).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -61,6 +62,9 @@ enum Cmd {
         /// Measurements per cell; the table shows the median.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// `analyze`: only `netpulse analyze` vs tcpdump and tshark.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -501,9 +505,14 @@ fn main() -> Result<()> {
             setup()?;
             package().map(|p| println!("{}", p.display()))
         }
-        Cmd::Bench { repeat, rounds } => {
+        Cmd::Bench {
+            repeat,
+            rounds,
+            only,
+        } => {
             setup()?;
-            if !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root() {
+            if only.is_none() && !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root()
+            {
                 bail!("the benchmark runs eBPF programs in the kernel: run it as root");
             }
             build(true)?;
@@ -524,7 +533,8 @@ fn main() -> Result<()> {
                     &repeat.to_string(),
                     "--rounds",
                     &rounds.to_string(),
-                ]))
+                ])
+                .args(only.iter().flat_map(|o| ["--only", o.as_str()])))
         }
     }
 }

@@ -4,6 +4,8 @@
 //! same run, at 1, 1,000 and 50,000 endpoints in the service table.
 //! Target (issue 2): at most 15 ns per packet above the empty program.
 //! Then /metrics under wrk load while traffic flows (issue 8): p99, errors.
+//! Then `netpulse analyze` vs tcpdump and tshark on a 1M-packet file
+//! (issue 6; `--only analyze` for just that).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -32,7 +34,20 @@ struct Args {
     /// Sequential /probe requests per tool and module.
     #[arg(long, default_value_t = 2000)]
     probes: u32,
+    /// Packets in the file `netpulse analyze` reads against tcpdump and tshark.
+    #[arg(long, default_value_t = 1_000_000)]
+    analyze_packets: u64,
+    /// `analyze`: only the `netpulse analyze` comparison (needs no root).
+    #[arg(long)]
+    only: Option<String>,
+    /// Write the analyze benchmark's capture file here and stop (to
+    /// profile or compare by hand).
+    #[arg(long)]
+    write_pcap: Option<std::path::PathBuf>,
 }
+
+#[path = "bench/analyze.rs"]
+mod analyze;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -141,6 +156,17 @@ fn ns(d: Duration) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.write_pcap {
+        analyze::generate(path, args.analyze_packets)?;
+        return Ok(());
+    }
+    if args.only.as_deref() == Some("analyze") {
+        return analyze::run(
+            &netpulse_tests::agent::bin(),
+            args.analyze_packets,
+            args.rounds,
+        );
+    }
     let object = netpulse::probe::object();
     if object.is_empty() {
         bail!("netpulse was built with AYA_BUILD_SKIP=1: no eBPF object to measure");
@@ -151,7 +177,12 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&pin);
     result?;
     http_load(args.http_seconds)?;
-    probe_bench(args.probes)
+    probe_bench(args.probes)?;
+    analyze::run(
+        &netpulse_tests::agent::bin(),
+        args.analyze_packets,
+        args.rounds,
+    )
 }
 
 fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
