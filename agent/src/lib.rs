@@ -14,6 +14,7 @@ pub mod interfaces;
 pub mod jobs;
 pub mod metrics;
 pub mod packet;
+pub mod pcap_backend;
 pub mod probe;
 pub mod run;
 pub mod store;

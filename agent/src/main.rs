@@ -23,6 +23,10 @@ enum Command {
         /// Config file (default: /etc/netpulse/config.toml if present, else built-in defaults).
         #[arg(long, short, env = "NETPULSE_CONFIG")]
         config: Option<PathBuf>,
+        /// What counts packets (overrides agent.backend): eBPF, libpcap, or
+        /// eBPF falling back to libpcap.
+        #[arg(long, value_enum)]
+        backend: Option<config::Backend>,
     },
     /// Inspect the configuration.
     Config {
@@ -128,12 +132,12 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Analyze(args) => analyze(args),
-        Command::Run { config } => {
+        Command::Run { config, backend } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            match rt.block_on(run::run(config)) {
+            match rt.block_on(run::run(config, backend)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("netpulse: {}", netpulse::error_chain(&e));

@@ -221,19 +221,33 @@ const INDEX_WORDS: usize = (agent_ebpf::PORT_INDEX_LEN as usize).div_ceil(64);
 
 impl Table {
     /// The table of `endpoints` (endpoint → service name), as
-    /// `identity::desired` builds it.
+    /// `identity::desired` builds it; services get slots from
+    /// [`FIRST_SERVICE_SLOT`] on, in name order.
     pub fn new(endpoints: &std::collections::BTreeMap<EndpointKey, String>) -> Table {
+        let mut names: Vec<String> = Vec::new();
+        let mut slot_of: FxHashMap<&str, u32> = FxHashMap::default();
+        let mut slotted = Vec::with_capacity(endpoints.len());
+        for (k, name) in endpoints {
+            let slot = *slot_of.entry(name.as_str()).or_insert_with(|| {
+                names.push(name.clone());
+                FIRST_SERVICE_SLOT + names.len() as u32 - 1
+            });
+            slotted.push((*k, slot));
+        }
+        let mut t = Table::with_slots(slotted);
+        t.names = names;
+        t
+    }
+
+    /// The table of endpoints whose slots are given (the agent's, as
+    /// `Probe::sync_table` receives it); no names.
+    pub fn with_slots(entries: impl IntoIterator<Item = (EndpointKey, u32)>) -> Table {
         let mut t = Table {
             keys: FxHashMap::default(),
             used: [vec![0; INDEX_WORDS], vec![0; INDEX_WORDS]],
             names: Vec::new(),
         };
-        let mut slot_of: FxHashMap<&str, u32> = FxHashMap::default();
-        for (k, name) in endpoints {
-            let slot = *slot_of.entry(name.as_str()).or_insert_with(|| {
-                t.names.push(name.clone());
-                FIRST_SERVICE_SLOT + t.names.len() as u32 - 1
-            });
+        for (k, slot) in entries {
             let Some(i) = port_index(k.family, k.proto, k.port) else {
                 continue;
             };
@@ -292,6 +306,17 @@ impl Table {
             return (s, hook_dir ^ 1);
         }
         (SLOT_NO_MATCH, hook_dir)
+    }
+
+    /// A local service at one end (`dir` ingress: the destination), as the
+    /// kernel's container programs look first.
+    #[inline]
+    pub fn local(&self, f: &Flow, dir: usize) -> Option<u32> {
+        if dir == DIR_INGRESS {
+            self.lookup(ROLE_LOCAL, f, f.dport, &f.dst)
+        } else {
+            self.lookup(ROLE_LOCAL, f, f.sport, &f.src)
+        }
     }
 
     /// Slot and direction of a flow read from a file, where no hook says
