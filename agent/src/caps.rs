@@ -2,6 +2,7 @@
 //! "missing CAP_BPF" instead of a bare EPERM from the bpf() syscall.
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -15,6 +16,11 @@ fn effective() -> Option<u64> {
 /// The capabilities the probes need that this process lacks, by name.
 pub fn missing_for_probes() -> Vec<&'static str> {
     missing_in(effective().unwrap_or(0))
+}
+
+/// Whether this process may open packet sockets (the pcap backend).
+pub fn can_capture() -> bool {
+    effective().unwrap_or(0) & (1u64 << CAP_NET_RAW) != 0
 }
 
 pub fn missing_in(eff: u64) -> Vec<&'static str> {

@@ -89,6 +89,17 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Days of check results kept.
     pub history_days: Spanned<f64>,
+    /// What counts packets: `ebpf`, `pcap` (libpcap, no eBPF needed), or
+    /// `auto`: eBPF, else pcap with the reason logged.
+    pub backend: Spanned<String>,
+}
+
+/// `agent.backend` / `netpulse run --backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Auto,
+    Ebpf,
+    Pcap,
 }
 
 impl AgentConfig {
@@ -111,6 +122,15 @@ impl AgentConfig {
     pub fn max_series(&self) -> usize {
         *self.max_series.get_ref()
     }
+
+    /// Validated by `parse`.
+    pub fn backend(&self) -> Backend {
+        match self.backend.get_ref().as_str() {
+            "ebpf" => Backend::Ebpf,
+            "pcap" => Backend::Pcap,
+            _ => Backend::Auto,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -125,6 +145,7 @@ impl Default for AgentConfig {
             max_series: Spanned::new(0..0, 10_000),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             history_days: Spanned::new(0..0, 7.0),
+            backend: Spanned::new(0..0, "auto".to_string()),
         }
     }
 }
@@ -941,6 +962,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
             format!(
                 "max_series = {} is out of range {min_series}-10000000 (at least two services' series)",
                 a.max_series.get_ref()
+            ),
+        );
+    }
+    if !matches!(a.backend.get_ref().as_str(), "auto" | "ebpf" | "pcap") {
+        at(
+            a.backend.span(),
+            format!(
+                "backend `{}` is not one of auto, ebpf, pcap",
+                a.backend.get_ref()
             ),
         );
     }

@@ -3,6 +3,7 @@
 //! path in DESIGN.md: probe (kernel programs and maps) → identity (which
 //! endpoint is which service) → metrics/web (what is served), driven by run.
 
+pub mod analyze;
 pub mod api;
 pub mod caps;
 pub mod checks;
@@ -15,6 +16,8 @@ pub mod identity;
 pub mod interfaces;
 pub mod jobs;
 pub mod metrics;
+pub mod packet;
+pub mod pcap_backend;
 pub mod probe;
 pub mod run;
 pub mod status;

@@ -23,6 +23,10 @@ enum Command {
         /// Config file (default: /etc/netpulse/config.toml if present, else built-in defaults).
         #[arg(long, short, env = "NETPULSE_CONFIG")]
         config: Option<PathBuf>,
+        /// What counts packets (overrides agent.backend): eBPF, libpcap, or
+        /// eBPF falling back to libpcap.
+        #[arg(long, value_enum)]
+        backend: Option<config::Backend>,
     },
     /// Inspect the configuration.
     Config {
@@ -52,6 +56,35 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
     Man,
+    /// Read a pcap or pcapng file (`-` for stdin) and report packets and
+    /// bytes per service, per conversation, per address and per protocol.
+    /// Exits 1 if the file stops early (the report covers what was read).
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// The capture file; `-` reads stdin.
+    file: String,
+    /// Take services from this config file's `[[service]]` tables.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A service: NAME=PROTO/PORT (web=tcp/80), NAME=PROTO/ADDR:PORT or
+    /// NAME=icmp. Repeatable.
+    #[arg(long = "service", short = 's', value_name = "NAME=PROTO/PORT")]
+    services: Vec<String>,
+    #[arg(long, short, value_enum, default_value_t = AnalyzeOutput::Table)]
+    output: AnalyzeOutput,
+    /// Conversations and addresses to list, largest first (0 = all).
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AnalyzeOutput {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Subcommand)]
@@ -119,12 +152,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Run { config } => {
+        Command::Analyze(args) => analyze(args),
+        Command::Run { config, backend } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            match rt.block_on(run::run(config)) {
+            match rt.block_on(run::run(config, backend)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("netpulse: {}", netpulse::error_chain(&e));
@@ -250,6 +284,53 @@ fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCod
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         std::thread::sleep(interval);
+    }
+}
+
+/// `netpulse analyze`: the report on stdout; problems on stderr.
+fn analyze(args: AnalyzeArgs) -> ExitCode {
+    use netpulse::analyze::{self, Format, Input};
+    let fail = |e: analyze::AnalyzeError| {
+        eprintln!("netpulse analyze: {e}");
+        ExitCode::from(e.exit_code())
+    };
+    let services = match analyze::services(args.config.as_deref(), &args.services) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let input = Input::parse(&args.file);
+    let report = match analyze::analyze(&input, analyze::table(&services), args.top) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let format = match args.output {
+        AnalyzeOutput::Table => Format::Table,
+        AnalyzeOutput::Json => Format::Json,
+        AnalyzeOutput::Csv => Format::Csv,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if let Err(e) =
+        analyze::print(&report, format, &mut out).and_then(|()| std::io::Write::flush(&mut out))
+    {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("netpulse analyze: writing the report: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    match &report.stopped {
+        Some(s) => {
+            eprintln!(
+                "netpulse analyze: {}: stopped after packet {}{}: {}",
+                report.input,
+                s.after_packets,
+                s.offset
+                    .map_or(String::new(), |o| format!(" at byte offset {o}")),
+                s.error
+            );
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 

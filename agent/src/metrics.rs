@@ -489,6 +489,20 @@ pub fn render(
     if let Some(d) = &docker {
         source_up.add(&["docker"], u64::from(d.up));
     }
+    let mut backend = gauge(
+        "netpulse_backend_info",
+        "What counts packets: ebpf (kernel programs) or pcap (libpcap captures).",
+        &["backend"],
+    );
+    backend.add(&[probe.backend()], 1);
+    let mut capture_dropped = counter(
+        "netpulse_capture_dropped_packets_total",
+        "Packets the pcap backend's captures lost because their buffer was full (libpcap's statistics).",
+        &["interface"],
+    );
+    for (ifname, n) in probe.capture_drops() {
+        capture_dropped.add(&[ifname.as_str()], n);
+    }
 
     let mut families: Vec<MetricFamily> = vec![
         packets.mf,
@@ -504,6 +518,8 @@ pub fn render(
         budget.mf,
         dropped.mf,
         source_up.mf,
+        backend.mf,
+        capture_dropped.mf,
     ];
     families.extend(check_families(checks));
     families.retain(|f| !f.get_metric().is_empty());

@@ -61,6 +61,8 @@ pub enum ProbeError {
     Attach { name: String, message: String },
     #[error("counting CPUs: {0}")]
     Cpus(String),
+    #[error("the pcap backend runs no eBPF programs")]
+    NotKernel,
 }
 
 type Result<T> = std::result::Result<T, ProbeError>;
@@ -156,6 +158,8 @@ enum Links {
         from: SchedClassifierLinkId,
         to: SchedClassifierLinkId,
     },
+    /// libpcap captures (the pcap backend).
+    Pcap,
 }
 
 impl Attachment {
@@ -165,6 +169,7 @@ impl Attachment {
         match &self.links {
             Links::Host { .. } => [("xdp", "native"), ("tc", "egress")],
             Links::HostTc { .. } | Links::Container { .. } => [("tc", "ingress"), ("tc", "egress")],
+            Links::Pcap => [("pcap", "ingress"), ("pcap", "egress")],
         }
     }
 }
@@ -277,7 +282,8 @@ fn addrs_map(a: &IpAddr) -> &'static str {
     }
 }
 
-pub struct Probe {
+/// The kernel programs and their maps.
+pub struct Kernel {
     ebpf: Ebpf,
     services4: HashMap<MapData, Key4, ServiceRef>,
     services6: HashMap<MapData, Key6, ServiceRef>,
@@ -301,7 +307,7 @@ pub struct Probe {
 /// Counters of one slot, summed over CPUs and over both hooks.
 pub type Counts = SlotCounters;
 
-impl Probe {
+impl Kernel {
     /// Loads both programs with their maps pinned under
     /// `<pin_root>/v<LAYOUT_VERSION>/` (reusing pinned maps if present).
     pub fn load(pin_root: &Path) -> Result<Self> {
@@ -571,6 +577,7 @@ impl Probe {
                     let _ = t.detach(to);
                 }
             }
+            Links::Pcap => {}
         }
         info!(interface = ifname, "probes detached");
     }
@@ -984,9 +991,247 @@ impl Probe {
     }
 }
 
-impl Drop for Probe {
+impl Drop for Kernel {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// The libpcap backend with the interfaces it captures on.
+pub struct PcapProbe {
+    pcap: crate::pcap_backend::Pcap,
+    attached: BTreeMap<String, Attachment>,
+}
+
+/// What counts packets: the kernel programs, or libpcap captures where
+/// eBPF cannot load (`pcap_backend`). The rest of the agent talks to this
+/// and does not know which.
+pub enum Probe {
+    Kernel(Box<Kernel>),
+    Pcap(PcapProbe),
+}
+
+impl Probe {
+    /// Loads the kernel programs (see [`Kernel::load`]).
+    pub fn load(pin_root: &Path) -> Result<Self> {
+        Kernel::load(pin_root).map(|k| Probe::Kernel(Box::new(k)))
+    }
+
+    pub fn load_object(object: &[u8], pin_root: &Path) -> Result<Self> {
+        Kernel::load_object(object, pin_root).map(|k| Probe::Kernel(Box::new(k)))
+    }
+
+    /// The pcap backend, capturing nowhere yet.
+    pub fn pcap() -> Self {
+        Probe::Pcap(PcapProbe {
+            pcap: crate::pcap_backend::Pcap::new(),
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// `ebpf` or `pcap`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Probe::Kernel(_) => "ebpf",
+            Probe::Pcap(_) => "pcap",
+        }
+    }
+
+    /// Where the kernel's maps are pinned (None for pcap: its counters
+    /// live in this process).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        match self {
+            Probe::Kernel(k) => Some(k.pin_dir()),
+            Probe::Pcap(_) => None,
+        }
+    }
+
+    pub fn attach(&mut self, ifname: &str, zone: Zone) -> Result<&Attachment> {
+        match self {
+            Probe::Kernel(k) => k.attach(ifname, zone),
+            Probe::Pcap(p) => {
+                let err = |message: String| ProbeError::Attach {
+                    name: ifname.to_string(),
+                    message,
+                };
+                let ifindex = ifindex(ifname).ok_or_else(|| err("no such interface".into()))?;
+                if p.attached
+                    .get(ifname)
+                    .is_some_and(|a| a.ifindex != ifindex || a.zone != zone)
+                {
+                    p.pcap.stop(ifname);
+                    p.attached.remove(ifname);
+                }
+                if !p.attached.contains_key(ifname) {
+                    p.pcap.start(ifname, zone, ifindex).map_err(err)?;
+                    p.attached.insert(
+                        ifname.to_string(),
+                        Attachment {
+                            ifindex,
+                            zone,
+                            links: Links::Pcap,
+                        },
+                    );
+                }
+                p.attached
+                    .get(ifname)
+                    .ok_or_else(|| err("attachment vanished".into()))
+            }
+        }
+    }
+
+    pub fn detach(&mut self, ifname: &str) {
+        match self {
+            Probe::Kernel(k) => k.detach(ifname),
+            Probe::Pcap(p) => {
+                if p.attached.remove(ifname).is_some() {
+                    p.pcap.stop(ifname);
+                    info!(interface = ifname, "capture stopped");
+                }
+            }
+        }
+    }
+
+    pub fn detach_all(&mut self) {
+        match self {
+            Probe::Kernel(k) => k.detach_all(),
+            Probe::Pcap(p) => {
+                p.pcap.stop_all();
+                p.attached.clear();
+            }
+        }
+    }
+
+    pub fn attachments(&self) -> &BTreeMap<String, Attachment> {
+        match self {
+            Probe::Kernel(k) => k.attachments(),
+            Probe::Pcap(p) => &p.attached,
+        }
+    }
+
+    /// See [`Kernel::test_run`]; the pcap backend has no programs to run.
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        gso_segs: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration)> {
+        match self {
+            Probe::Kernel(k) => k.test_run(hook, frame, gso_segs, repeat),
+            Probe::Pcap(_) => Err(ProbeError::NotKernel),
+        }
+    }
+
+    pub fn table(&self) -> &BTreeMap<EndpointKey, u32> {
+        match self {
+            Probe::Kernel(k) => k.table(),
+            Probe::Pcap(p) => p.pcap.table(),
+        }
+    }
+
+    pub fn table_sizes(&self) -> [(&'static str, usize, u32); 8] {
+        match self {
+            Probe::Kernel(k) => k.table_sizes(),
+            Probe::Pcap(p) => {
+                // The same logical tables, held in userspace.
+                let t = p.pcap.table();
+                let v4 = t.keys().filter(|k| k.family == FAMILY_V4).count();
+                let (a4, a6) = p.pcap.addr_count();
+                [
+                    (maps::ADDRS4, a4, MAX_ADDRS),
+                    (maps::ADDRS6, a6, MAX_ADDRS),
+                    (maps::VETHS, p.pcap.veth_count(), MAX_VETHS),
+                    (maps::SERVICES4, v4, MAX_ENDPOINTS),
+                    (maps::SERVICES6, t.len() - v4, MAX_ENDPOINTS),
+                    (maps::PORTS, 0, PORT_INDEX_LEN),
+                    (maps::GROUPS4, 0, MAX_GROUPS - 1),
+                    (maps::GROUPS6, 0, MAX_GROUPS - 1),
+                ]
+            }
+        }
+    }
+
+    pub fn sync_table(&mut self, want: BTreeMap<EndpointKey, u32>) -> Result<usize> {
+        match self {
+            Probe::Kernel(k) => k.sync_table(want),
+            Probe::Pcap(p) => Ok(p.pcap.sync_table(want)),
+        }
+    }
+
+    pub fn sync_addrs(&mut self, want: &BTreeMap<IpAddr, u32>) -> Result<usize> {
+        match self {
+            Probe::Kernel(k) => k.sync_addrs(want),
+            Probe::Pcap(p) => Ok(p.pcap.sync_addrs(want)),
+        }
+    }
+
+    pub fn sync_veths(&mut self, want: &BTreeMap<u32, u32>) -> Result<usize> {
+        match self {
+            Probe::Kernel(k) => k.sync_veths(want),
+            Probe::Pcap(p) => Ok(p.pcap.sync_veths(want)),
+        }
+    }
+
+    /// One slot, both directions of the hooks summed.
+    pub fn counts(&self, slot: u32) -> Result<Counts> {
+        match self {
+            Probe::Kernel(k) => k.counts(slot),
+            Probe::Pcap(p) => {
+                let (mut rx, tx) = p.pcap.counts(slot);
+                rx.add(&tx);
+                Ok(rx)
+            }
+        }
+    }
+
+    /// The reserved slots: (slot, receive path, transmit path).
+    pub fn reserved_counts(&self) -> Result<Vec<(u32, SlotCounters, SlotCounters)>> {
+        match self {
+            Probe::Kernel(k) => k.reserved_counts(),
+            Probe::Pcap(p) => Ok(agent_ebpf::RESERVED_SLOTS
+                .iter()
+                .map(|(slot, _)| {
+                    let (rx, tx) = p.pcap.counts(*slot);
+                    (*slot, rx, tx)
+                })
+                .collect()),
+        }
+    }
+
+    pub fn zero(&mut self, slot: u32) -> Result<()> {
+        match self {
+            Probe::Kernel(k) => k.zero(slot),
+            Probe::Pcap(p) => {
+                p.pcap.zero(slot);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn slot_names(&self) -> Result<BTreeMap<u32, String>> {
+        match self {
+            Probe::Kernel(k) => k.slot_names(),
+            Probe::Pcap(p) => Ok(p.pcap.slot_names()),
+        }
+    }
+
+    pub fn set_slot_name(&mut self, slot: u32, name: Option<&str>) -> Result<()> {
+        match self {
+            Probe::Kernel(k) => k.set_slot_name(slot, name),
+            Probe::Pcap(p) => {
+                p.pcap.set_slot_name(slot, name);
+                Ok(())
+            }
+        }
+    }
+
+    /// Packets libpcap dropped, by interface (the pcap backend only).
+    pub fn capture_drops(&self) -> BTreeMap<String, u64> {
+        match self {
+            Probe::Kernel(_) => BTreeMap::new(),
+            Probe::Pcap(p) => p.pcap.dropped(),
+        }
     }
 }
 

@@ -319,7 +319,49 @@ fn notify_ready() {
     }
 }
 
-pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
+/// The counting backend: what `want` says; with `auto`, eBPF, else pcap
+/// with the reason logged (a missing capability, an old kernel, a binary
+/// built without the programs).
+fn open_probe(want: config::Backend, pin_dir: &Path) -> Result<Probe, RunError> {
+    let missing = caps::missing_for_probes();
+    let pcap = |why: &str| {
+        if !caps::can_capture() {
+            return Err(RunError::Capabilities(vec!["CAP_NET_RAW"]));
+        }
+        warn!(
+            reason = why,
+            "eBPF is not available: counting with the pcap backend (libpcap)"
+        );
+        Ok(Probe::pcap())
+    };
+    match want {
+        config::Backend::Pcap => {
+            if !caps::can_capture() {
+                return Err(RunError::Capabilities(vec!["CAP_NET_RAW"]));
+            }
+            info!("counting with the pcap backend (libpcap), as configured");
+            Ok(Probe::pcap())
+        }
+        config::Backend::Ebpf | config::Backend::Auto if !missing.is_empty() => {
+            if want == config::Backend::Auto && caps::can_capture() {
+                pcap(&format!("missing capabilities: {}", missing.join(", ")))
+            } else {
+                Err(RunError::Capabilities(missing))
+            }
+        }
+        config::Backend::Ebpf => Ok(Probe::load(pin_dir)?),
+        config::Backend::Auto => match Probe::load(pin_dir) {
+            Ok(p) => Ok(p),
+            Err(e) if caps::can_capture() => pcap(&crate::error_chain(&e)),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+pub async fn run(
+    config_arg: Option<PathBuf>,
+    backend: Option<config::Backend>,
+) -> Result<(), RunError> {
     let path = config_path(config_arg);
     let mut cfg = config::load(path.as_deref())?;
     info!(
@@ -327,10 +369,7 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
         "netpulse {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    let missing = caps::missing_for_probes();
-    if !missing.is_empty() {
-        return Err(RunError::Capabilities(missing));
-    }
+    let backend = backend.unwrap_or(cfg.agent().backend());
     let all = interfaces::list(Path::new("/sys/class/net"));
     for i in &cfg.agent().interfaces {
         let name = i.get_ref();
@@ -346,8 +385,10 @@ pub async fn run(config_arg: Option<PathBuf>) -> Result<(), RunError> {
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| RunError::Other(e.to_string()))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| RunError::Other(e.to_string()))?;
-    let probe = Probe::load(&cfg.agent().pin_dir)?;
-    info!(pin_dir = %probe.pin_dir().display(), "eBPF programs loaded");
+    let probe = open_probe(backend, &cfg.agent().pin_dir)?;
+    if let Some(pin) = probe.pin_dir() {
+        info!(pin_dir = %pin.display(), "eBPF programs loaded");
+    }
     let retire = cfg.agent().retire();
     let identity = Identity::restore(&probe, retire)?;
     let store = match crate::store::Store::open(&cfg.agent().state_dir) {

@@ -7,6 +7,7 @@ pub mod browser;
 pub mod docker;
 pub mod frames;
 pub mod netns;
+pub mod pcapfile;
 pub mod prom;
 pub mod scrape;
 

@@ -161,6 +161,23 @@ impl Pair {
         pair
     }
 
+    /// As [`Pair::new`] under the names and subnet of the capture tests:
+    /// namespaces `np6-<tag>-a|b-<pid>`, devices `np6<tag><net>a|b`,
+    /// addresses 10.86.<net>.1 and .2.
+    pub fn np6(tag: &str, net: u8) -> Self {
+        let pid = std::process::id();
+        let pair = Pair {
+            a: Netns::new(&format!("np6-{tag}-a-{pid}")),
+            b: Netns::new(&format!("np6-{tag}-b-{pid}")),
+            dev_a: format!("np6{tag}{net}a"),
+            dev_b: format!("np6{tag}{net}b"),
+            addr_a: std::net::Ipv4Addr::new(10, 86, net, 1),
+            addr_b: std::net::Ipv4Addr::new(10, 86, net, 2),
+        };
+        pair.link();
+        pair
+    }
+
     /// Deletes the veth pair (both ends go with either).
     pub fn unlink(&self) {
         sh("ip", &["-n", &self.a.name, "link", "del", &self.dev_a]);

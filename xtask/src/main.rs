@@ -52,8 +52,9 @@ enum Cmd {
     /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
     /// if it is not running).
     Image,
-    /// Per-packet cost of both programs vs an empty program, then /metrics
-    /// under wrk load (markdown tables).
+    /// Per-packet cost of both programs vs an empty program, /metrics
+    /// under wrk load, then `netpulse analyze` vs tcpdump and tshark
+    /// (markdown tables).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -61,10 +62,14 @@ enum Cmd {
         /// Measurements per cell; the table shows the median.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// `analyze`: only `netpulse analyze` vs tcpdump and tshark.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
-/// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path,
+/// Debian packages: LLVM 22 for bpf-linker, libpcap for the capture path
+/// (tcpdump and tshark, the references `analyze` is tested and benched against),
 /// iproute2/iputils-ping/ethtool for the network-namespace tests, systemd
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
@@ -78,6 +83,8 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "libpcap-dev",
+    "tcpdump",
+    "tshark",
     "iproute2",
     "iputils-ping",
     "ethtool",
@@ -521,9 +528,14 @@ fn main() -> Result<()> {
             setup()?;
             package().map(|p| println!("{}", p.display()))
         }
-        Cmd::Bench { repeat, rounds } => {
+        Cmd::Bench {
+            repeat,
+            rounds,
+            only,
+        } => {
             setup()?;
-            if !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root() {
+            if only.is_none() && !ok(Command::new("test").args(["-w", "/sys/fs/bpf"])) && !is_root()
+            {
                 bail!("the benchmark runs eBPF programs in the kernel: run it as root");
             }
             build(true)?;
@@ -544,7 +556,8 @@ fn main() -> Result<()> {
                     &repeat.to_string(),
                     "--rounds",
                     &rounds.to_string(),
-                ]))
+                ])
+                .args(only.iter().flat_map(|o| ["--only", o.as_str()])))
         }
     }
 }

@@ -4,6 +4,8 @@
 //! same run, at 1, 1,000 and 50,000 endpoints in the service table.
 //! Target (issue 2): at most 15 ns per packet above the empty program.
 //! Then /metrics under wrk load while traffic flows (issue 8): p99, errors.
+//! Then `netpulse analyze` vs tcpdump and tshark on a 1M-packet file
+//! (issue 6; `--only analyze` for just that).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -35,13 +37,24 @@ struct Args {
     /// Seconds per round of the live-overhead blast.
     #[arg(long, default_value_t = 4)]
     overhead_seconds: u64,
-    /// Run only these parts (comma-separated: probes, http, probe, overhead).
+    /// Packets in the file `netpulse analyze` reads against tcpdump and tshark.
+    #[arg(long, default_value_t = 1_000_000)]
+    analyze_packets: u64,
+    /// Run only these parts (comma-separated: probes, http, probe,
+    /// overhead, analyze); `analyze` alone needs no root.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Write the analyze benchmark's capture file here and stop (to
+    /// profile or compare by hand).
+    #[arg(long)]
+    write_pcap: Option<std::path::PathBuf>,
 }
 
 #[path = "bench/overhead.rs"]
 mod overhead;
+
+#[path = "bench/analyze.rs"]
+mod analyze;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -150,6 +163,17 @@ fn ns(d: Duration) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.write_pcap {
+        analyze::generate(path, args.analyze_packets)?;
+        return Ok(());
+    }
+    if args.only == ["analyze"] {
+        return analyze::run(
+            &netpulse_tests::agent::bin(),
+            args.analyze_packets,
+            args.rounds,
+        );
+    }
     let object = netpulse::probe::object();
     if object.is_empty() {
         bail!("netpulse was built with AYA_BUILD_SKIP=1: no eBPF object to measure");
@@ -169,7 +193,14 @@ fn main() -> Result<()> {
         probe_bench(args.probes)?;
     }
     if part("overhead") {
-        overhead::overhead(args.overhead_seconds, args.rounds.min(5), false)?;
+        overhead::overhead(args.overhead_seconds, args.rounds.min(5), true)?;
+    }
+    if part("analyze") {
+        analyze::run(
+            &netpulse_tests::agent::bin(),
+            args.analyze_packets,
+            args.rounds,
+        )?;
     }
     Ok(())
 }

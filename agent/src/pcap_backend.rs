@@ -1,0 +1,510 @@
+//! The pcap backend: the kernel programs' per-service counters, from
+//! libpcap captures, for hosts where eBPF cannot load. One capture per
+//! interface and direction (immediate mode, a sized buffer, headers only),
+//! each on its own thread, parsed and classified by `packet` into the same
+//! slots the kernel would use. `probe::Probe` drives it through the same
+//! calls as the kernel programs, so identity, metrics and the API do not
+//! know which backend counts.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::{
+    DIR_EGRESS, DIR_INGRESS, DirCounters, EndpointKey, FAMILY_V4, MAX_SLOTS, SLOT_NO_MATCH,
+    SlotCounters,
+};
+use rustc_hash::FxHashMap;
+use tracing::{info, warn};
+
+use crate::{
+    packet::{self, Flow, Link, TCP_FIN, TCP_RST, TCP_SYN, Table},
+    probe::Zone,
+};
+
+/// Bytes of each packet copied to us: headers only (the kernel programs
+/// read no further than 512 bytes in either).
+const SNAPLEN: i32 = 640;
+/// Kernel buffer per capture.
+const BUFFER_BYTES: i32 = 8 << 20;
+/// How long a capture waits for a packet before it looks at its stop flag.
+const POLL_MS: i32 = 100;
+
+#[derive(Default)]
+struct Dir {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    syn: AtomicU64,
+    fin: AtomicU64,
+    rst: AtomicU64,
+}
+
+impl Dir {
+    #[inline]
+    fn add(&self, bytes: u64, flags: u8) {
+        self.packets.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+            self.syn.fetch_add(u64::from(flags & TCP_SYN != 0), Relaxed);
+            self.fin.fetch_add(u64::from(flags & TCP_FIN != 0), Relaxed);
+            self.rst.fetch_add(u64::from(flags & TCP_RST != 0), Relaxed);
+        }
+    }
+
+    fn load(&self) -> DirCounters {
+        DirCounters {
+            packets: self.packets.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            syn: self.syn.load(Relaxed),
+            fin: self.fin.load(Relaxed),
+            rst: self.rst.load(Relaxed),
+        }
+    }
+
+    fn zero(&self) {
+        for c in [&self.packets, &self.bytes, &self.syn, &self.fin, &self.rst] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    dir: [Dir; 2],
+}
+
+/// What every capture reads: the tables and where it counts.
+struct Tables {
+    table: Table,
+    addrs: FxHashMap<(u8, [u8; 16]), u32>,
+    veths: FxHashMap<u32, u32>,
+}
+
+struct Shared {
+    /// The receive path (what the kernel counts at XDP / TC ingress) and
+    /// the transmit path (TC egress), like the kernel's two arrays.
+    rx: Vec<Slot>,
+    tx: Vec<Slot>,
+    tables: RwLock<Arc<Tables>>,
+    /// Bumped on every table change; captures re-read `tables` when it moves.
+    generation: AtomicU64,
+}
+
+/// Which way a capture sees packets, in kernel-hook terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hooks {
+    /// Received packets (XDP / TC ingress).
+    In,
+    /// Sent packets (TC egress).
+    Out,
+    /// Loopback: libpcap shows each packet once, where the kernel runs
+    /// both hooks on it.
+    Both,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    /// Wakes a capture blocked in poll(2) (libpcap's eventfd on Linux).
+    wake: Vec<pcap::BreakLoop>,
+    threads: Vec<JoinHandle<()>>,
+    drops: Vec<Arc<AtomicU64>>,
+}
+
+impl Running {
+    fn dropped(&self) -> u64 {
+        self.drops.iter().map(|d| d.load(Relaxed)).sum()
+    }
+}
+
+pub struct Pcap {
+    shared: Arc<Shared>,
+    captures: BTreeMap<String, Running>,
+    /// Drops of captures since stopped, by interface, so the exported
+    /// counter never goes back.
+    retired_drops: BTreeMap<String, u64>,
+    table: BTreeMap<EndpointKey, u32>,
+    addrs: BTreeMap<IpAddr, u32>,
+    veths: BTreeMap<u32, u32>,
+    names: BTreeMap<u32, String>,
+}
+
+impl Default for Pcap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_loopback(ifname: &str) -> bool {
+    // IFF_LOOPBACK in the interface flags.
+    std::fs::read_to_string(Path::new("/sys/class/net").join(ifname).join("flags"))
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|f| f & 0x8 != 0)
+}
+
+impl Pcap {
+    pub fn new() -> Pcap {
+        let slots = || (0..MAX_SLOTS).map(|_| Slot::default()).collect();
+        Pcap {
+            shared: Arc::new(Shared {
+                rx: slots(),
+                tx: slots(),
+                tables: RwLock::new(Arc::new(Tables {
+                    table: Table::default(),
+                    addrs: FxHashMap::default(),
+                    veths: FxHashMap::default(),
+                })),
+                generation: AtomicU64::new(0),
+            }),
+            captures: BTreeMap::new(),
+            retired_drops: BTreeMap::new(),
+            table: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            veths: BTreeMap::new(),
+            names: BTreeMap::new(),
+        }
+    }
+
+    /// Starts capturing on `ifname`: one capture per direction (one on
+    /// loopback). Errors name what libpcap said.
+    pub fn start(&mut self, ifname: &str, zone: Zone, ifindex: u32) -> Result<(), String> {
+        self.stop(ifname);
+        let hooks: &[Hooks] = if is_loopback(ifname) {
+            &[Hooks::Both]
+        } else {
+            &[Hooks::In, Hooks::Out]
+        };
+        let mut caps = Vec::new();
+        for h in hooks {
+            let cap = pcap::Capture::from_device(ifname)
+                .and_then(|c| {
+                    c.immediate_mode(true)
+                        .buffer_size(BUFFER_BYTES)
+                        .snaplen(SNAPLEN)
+                        .timeout(POLL_MS)
+                        .promisc(false)
+                        .open()
+                })
+                .map_err(|e| format!("libpcap: {e}"))?;
+            match h {
+                Hooks::In => cap.direction(pcap::Direction::In),
+                Hooks::Out => cap.direction(pcap::Direction::Out),
+                Hooks::Both => Ok(()),
+            }
+            .map_err(|e| format!("libpcap direction: {e}"))?;
+            let dlt = cap.get_datalink().0;
+            let link = Link::from_dlt(dlt)
+                .ok_or_else(|| format!("link type {dlt} is not one netpulse parses"))?;
+            caps.push((cap, link, *h));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut running = Running {
+            stop: stop.clone(),
+            wake: Vec::new(),
+            threads: Vec::new(),
+            drops: Vec::new(),
+        };
+        for (mut cap, link, h) in caps {
+            running.wake.push(cap.breakloop_handle());
+            let drops = Arc::new(AtomicU64::new(0));
+            running.drops.push(drops.clone());
+            let tap = Tap {
+                shared: self.shared.clone(),
+                link,
+                hooks: h,
+                zone,
+                ifindex,
+                stop: stop.clone(),
+                drops,
+                ifname: ifname.to_string(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("pcap-{ifname}"))
+                .spawn(move || tap.run(cap))
+                .map_err(|e| format!("starting the capture thread: {e}"))?;
+            running.threads.push(t);
+        }
+        info!(
+            interface = ifname,
+            zone = zone.as_str(),
+            "capturing with libpcap"
+        );
+        self.captures.insert(ifname.to_string(), running);
+        Ok(())
+    }
+
+    /// Stops the captures on `ifname`, if any.
+    pub fn stop(&mut self, ifname: &str) {
+        let Some(r) = self.captures.remove(ifname) else {
+            return;
+        };
+        r.stop.store(true, Relaxed);
+        for w in &r.wake {
+            w.breakloop();
+        }
+        let dropped = r.dropped();
+        for t in r.threads {
+            let _ = t.join();
+        }
+        *self.retired_drops.entry(ifname.to_string()).or_default() += dropped;
+    }
+
+    /// Packets libpcap dropped (its buffer was full), by interface, since
+    /// this agent started.
+    pub fn dropped(&self) -> BTreeMap<String, u64> {
+        let mut out = self.retired_drops.clone();
+        for (name, r) in &self.captures {
+            *out.entry(name.clone()).or_default() += r.dropped();
+        }
+        out
+    }
+
+    fn publish(&self) {
+        let tables = Tables {
+            table: Table::with_slots(self.table.iter().map(|(k, s)| (*k, *s))),
+            addrs: self
+                .addrs
+                .iter()
+                .map(|(a, s)| {
+                    let mut b = [0u8; 16];
+                    let family = match a {
+                        IpAddr::V4(v4) => {
+                            b[..4].copy_from_slice(&v4.octets());
+                            FAMILY_V4
+                        }
+                        IpAddr::V6(v6) => {
+                            b = v6.octets();
+                            agent_ebpf::FAMILY_V6
+                        }
+                    };
+                    ((family, b), *s)
+                })
+                .collect(),
+            veths: self.veths.iter().map(|(i, s)| (*i, *s)).collect(),
+        };
+        if let Ok(mut t) = self.shared.tables.write() {
+            *t = Arc::new(tables);
+        }
+        self.shared.generation.fetch_add(1, Relaxed);
+    }
+
+    pub fn table(&self) -> &BTreeMap<EndpointKey, u32> {
+        &self.table
+    }
+
+    pub fn sync_table(&mut self, want: BTreeMap<EndpointKey, u32>) -> usize {
+        if want == self.table {
+            return 0;
+        }
+        let changes = want
+            .iter()
+            .filter(|(k, v)| self.table.get(k) != Some(v))
+            .count()
+            + self.table.keys().filter(|k| !want.contains_key(k)).count();
+        self.table = want;
+        self.publish();
+        changes
+    }
+
+    pub fn sync_addrs(&mut self, want: &BTreeMap<IpAddr, u32>) -> usize {
+        if *want == self.addrs {
+            return 0;
+        }
+        let changes = want.len().abs_diff(self.addrs.len()).max(1);
+        self.addrs = want.clone();
+        self.publish();
+        changes
+    }
+
+    pub fn sync_veths(&mut self, want: &BTreeMap<u32, u32>) -> usize {
+        if *want == self.veths {
+            return 0;
+        }
+        let changes = want.len().abs_diff(self.veths.len()).max(1);
+        self.veths = want.clone();
+        self.publish();
+        changes
+    }
+
+    pub fn addr_count(&self) -> (usize, usize) {
+        let v4 = self.addrs.keys().filter(|a| a.is_ipv4()).count();
+        (v4, self.addrs.len() - v4)
+    }
+
+    pub fn veth_count(&self) -> usize {
+        self.veths.len()
+    }
+
+    fn read(path: &[Slot], slot: u32) -> SlotCounters {
+        match path.get(slot as usize) {
+            Some(s) => SlotCounters {
+                dir: [s.dir[0].load(), s.dir[1].load()],
+            },
+            None => SlotCounters::default(),
+        }
+    }
+
+    /// (receive path, transmit path) counters of a slot.
+    pub fn counts(&self, slot: u32) -> (SlotCounters, SlotCounters) {
+        (
+            Self::read(&self.shared.rx, slot),
+            Self::read(&self.shared.tx, slot),
+        )
+    }
+
+    pub fn zero(&mut self, slot: u32) {
+        for path in [&self.shared.rx, &self.shared.tx] {
+            if let Some(s) = path.get(slot as usize) {
+                s.dir[0].zero();
+                s.dir[1].zero();
+            }
+        }
+    }
+
+    pub fn slot_names(&self) -> BTreeMap<u32, String> {
+        self.names.clone()
+    }
+
+    pub fn set_slot_name(&mut self, slot: u32, name: Option<&str>) {
+        match name {
+            Some(n) => self.names.insert(slot, n.to_string()),
+            None => self.names.remove(&slot),
+        };
+    }
+
+    pub fn stop_all(&mut self) {
+        let names: Vec<String> = self.captures.keys().cloned().collect();
+        for n in names {
+            self.stop(&n);
+        }
+    }
+}
+
+impl Drop for Pcap {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// The kernel's `classify_container`: on a container's host-side veth only
+/// the container's end counts (its service, else the container behind the
+/// veth, else the container by address); unicast only.
+#[inline]
+fn container_slot(t: &Tables, f: &Flow, dir: usize, ifindex: u32) -> Option<u32> {
+    if let Some(s) = t.table.local(f, dir) {
+        return Some(s);
+    }
+    let addr = if dir == DIR_INGRESS { &f.dst } else { &f.src };
+    let multicast = if f.family == FAMILY_V4 {
+        addr[0] & 0xf0 == 0xe0
+    } else {
+        addr[0] == 0xff
+    };
+    if !multicast && let Some(s) = t.veths.get(&ifindex) {
+        return Some(*s);
+    }
+    t.addrs.get(&(f.family, *addr)).copied()
+}
+
+/// One capture's view: where it counts and what it is.
+struct Tap {
+    shared: Arc<Shared>,
+    link: Link,
+    hooks: Hooks,
+    zone: Zone,
+    ifindex: u32,
+    stop: Arc<AtomicBool>,
+    drops: Arc<AtomicU64>,
+    ifname: String,
+}
+
+impl Tap {
+    /// Counts one packet as the kernel hook of direction `hook_dir` would.
+    #[inline]
+    fn count(&self, t: &Tables, parsed: packet::Parsed, f: &Flow, len: u64, hook_dir: usize) {
+        let path = if hook_dir == DIR_INGRESS {
+            &self.shared.rx
+        } else {
+            &self.shared.tx
+        };
+        let (slot, dir, flags) = match parsed {
+            Ok(()) => {
+                let (slot, dir) = match self.zone {
+                    Zone::Host => t.table.classify_hook(f, hook_dir),
+                    // Ingress at the host-side veth is what the container sends.
+                    Zone::Container => match container_slot(t, f, hook_dir ^ 1, self.ifindex) {
+                        Some(s) => (s, hook_dir ^ 1),
+                        None => (SLOT_NO_MATCH, hook_dir),
+                    },
+                };
+                (slot, dir, f.tcp_flags)
+            }
+            Err(slot) => (slot, hook_dir, 0),
+        };
+        if let Some(s) = path.get(slot as usize) {
+            s.dir[dir & 1].add(len, flags);
+        }
+    }
+
+    fn tables(&self) -> Arc<Tables> {
+        match self.shared.tables.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Reads packets until told to stop or the interface goes away.
+    fn run(self, mut cap: pcap::Capture<pcap::Active>) {
+        let mut flow = Flow::default();
+        let mut seen = self.shared.generation.load(Relaxed);
+        let mut tables = self.tables();
+        let mut last_stats = Instant::now();
+        while !self.stop.load(Relaxed) {
+            let g = self.shared.generation.load(Relaxed);
+            if g != seen {
+                seen = g;
+                tables = self.tables();
+            }
+            match cap.next_packet() {
+                Ok(p) => {
+                    let len = u64::from(p.header.len);
+                    let parsed = packet::parse(self.link, p.data, &mut flow);
+                    match self.hooks {
+                        Hooks::In => self.count(&tables, parsed, &flow, len, DIR_INGRESS),
+                        Hooks::Out => self.count(&tables, parsed, &flow, len, DIR_EGRESS),
+                        Hooks::Both => {
+                            self.count(&tables, parsed, &flow, len, DIR_EGRESS);
+                            self.count(&tables, parsed, &flow, len, DIR_INGRESS);
+                        }
+                    }
+                }
+                Err(pcap::Error::TimeoutExpired) => {}
+                // pcap_breakloop: `stop` is set.
+                Err(pcap::Error::NoMorePackets) => {}
+                Err(e) => {
+                    // The interface went away; the refresh loop notices
+                    // and stops or restarts this capture.
+                    warn!(interface = %self.ifname, error = %e, "capture stopped");
+                    break;
+                }
+            }
+            if last_stats.elapsed() >= Duration::from_secs(1) {
+                last_stats = Instant::now();
+                if let Ok(s) = cap.stats() {
+                    self.drops.store(u64::from(s.dropped), Relaxed);
+                }
+            }
+        }
+        if let Ok(s) = cap.stats() {
+            self.drops.store(u64::from(s.dropped), Relaxed);
+        }
+    }
+}
