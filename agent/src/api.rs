@@ -29,6 +29,7 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/tags/{tag}/run", post(run_tag))
         .route("/api/v1/hooks/{name}", post(hook))
         .route("/api/v1/jobs/{id}", get(job))
+        .merge(crate::capture::routes())
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -36,7 +37,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// None if the request may start work; else the answer that refuses it.
-fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = lock(shared).api_token.clone();
     let Some(token) = token else {
         return Some(error(
@@ -76,7 +77,7 @@ fn no_store() -> Response {
 }
 
 /// Queues a job and wakes the workers: 202 with its id.
-fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
+pub(crate) fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
     let Some(store) = store(shared) else {
         return no_store();
     };

@@ -40,6 +40,37 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default, rename = "hook")]
     pub hooks: Vec<HookConfig>,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+}
+
+/// `[capture]`: the capture folder (`<state_dir>/captures`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// All capture files together, at most (MB); the oldest go first.
+    pub max_disk_mb: Spanned<f64>,
+    /// One capture file, at most (MB); a capture past it starts a new part.
+    pub file_mb: Spanned<f64>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            max_disk_mb: Spanned::new(0..0, 512.0),
+            file_mb: Spanned::new(0..0, 64.0),
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Validated by `parse`.
+    pub fn settings(&self) -> crate::capture::Settings {
+        crate::capture::Settings {
+            max_disk_bytes: (*self.max_disk_mb.get_ref() * 1e6) as u64,
+            file_bytes: (*self.file_mb.get_ref() * 1e6) as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -935,6 +966,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 a.max_series.get_ref()
             ),
         );
+    }
+    for (what, v) in [
+        ("max_disk_mb", &raw.capture.max_disk_mb),
+        ("file_mb", &raw.capture.file_mb),
+    ] {
+        let x = *v.get_ref();
+        if !(x.is_finite() && (0.01..=1e7).contains(&x)) {
+            at(
+                v.span(),
+                format!("capture.{what} = {x} is out of range 0.01-10000000"),
+            );
+        }
     }
     if !matches!(a.backend.get_ref().as_str(), "auto" | "ebpf" | "pcap") {
         at(

@@ -43,6 +43,8 @@ pub struct Agent {
     pub jobs_wake: Arc<tokio::sync::Notify>,
     pub api_token: Option<String>,
     pub hooks: std::collections::BTreeMap<String, config::Hook>,
+    /// The capture folder's limits (`[capture]`).
+    pub capture: crate::capture::Settings,
 }
 
 /// Checks running at once, at most.
@@ -415,6 +417,7 @@ pub async fn run(
         jobs_wake: Arc::new(tokio::sync::Notify::new()),
         api_token: cfg.api_token.clone(),
         hooks: cfg.hooks.clone(),
+        capture: cfg.raw.capture.settings(),
     }));
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
@@ -516,6 +519,7 @@ pub async fn run(
                         a.checks = engine;
                         a.api_token = new.api_token.clone();
                         a.hooks = new.hooks.clone();
+                        a.capture = new.raw.capture.settings();
                     }
                     info!("config reloaded");
                     cfg = new;
