@@ -31,6 +31,8 @@ use crate::{
     web::{Shared, lock},
 };
 
+pub mod ring;
+
 /// Disk limits of the capture folder (`[capture]` in the config).
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {

@@ -229,7 +229,7 @@ pub struct CheckConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
-    /// webhook or restart_container.
+    /// webhook, restart_container or capture.
     pub kind: Spanned<String>,
     #[serde(default)]
     pub url: Option<Spanned<String>>,
@@ -241,6 +241,21 @@ pub struct ActionConfig {
     /// Least seconds between two firings (default 300).
     #[serde(default)]
     pub cooldown_seconds: Option<Spanned<f64>>,
+    /// capture: seconds captured after the failure (default 10).
+    #[serde(default)]
+    pub seconds: Option<Spanned<f64>>,
+    /// capture: a BPF filter (default: the check's service's endpoints).
+    #[serde(default)]
+    pub filter: Option<Spanned<String>>,
+    /// capture: the interface (default: any).
+    #[serde(default)]
+    pub interface: Option<Spanned<String>>,
+    /// capture: packets kept from before the failure (default 1000).
+    #[serde(default)]
+    pub ring_packets: Option<Spanned<i64>>,
+    /// capture: seconds kept from before the failure (default 30).
+    #[serde(default)]
+    pub ring_seconds: Option<Spanned<f64>>,
 }
 
 /// `[api]`: who may start work through the API.
@@ -317,11 +332,58 @@ fn actions_from(
                 }
             },
             "capture" => {
-                at(
-                    a.kind.span(),
-                    "the capture action comes with packet capture, which this version lacks".into(),
-                );
-                None
+                let seconds = a.seconds.as_ref().map_or(10.0, |v| *v.get_ref());
+                let ring_seconds = a.ring_seconds.as_ref().map_or(30.0, |v| *v.get_ref());
+                let ring_packets = a.ring_packets.as_ref().map_or(1000, |v| *v.get_ref());
+                let mut ok = true;
+                for (what, v, x, hi) in [
+                    ("seconds", &a.seconds, seconds, crate::capture::MAX_SECONDS),
+                    ("ring_seconds", &a.ring_seconds, ring_seconds, 3600.0),
+                ] {
+                    if !(x.is_finite() && x > 0.0 && x <= hi) {
+                        let span = v.as_ref().map_or(a.kind.span(), |v| v.span());
+                        at(span, format!("{what} = {x} is out of range (0, {hi}]"));
+                        ok = false;
+                    }
+                }
+                if !(1..=100_000).contains(&ring_packets) {
+                    let span = a.ring_packets.as_ref().map_or(a.kind.span(), |v| v.span());
+                    at(
+                        span,
+                        format!("ring_packets = {ring_packets} is out of range 1-100000"),
+                    );
+                    ok = false;
+                }
+                let filter = a.filter.as_ref().map(|f| f.get_ref().clone());
+                if let (Some(f), Some(span)) = (&filter, a.filter.as_ref().map(|f| f.span())) {
+                    let compiles = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| d.compile(f, true).map(|_| ()).map_err(|e| e.to_string()));
+                    if let Err(e) = compiles {
+                        at(span, format!("filter `{f}`: {e}"));
+                        ok = false;
+                    }
+                }
+                if filter.is_none() && c.service.is_none() {
+                    at(
+                        a.kind.span(),
+                        "a capture action needs `filter`, or a `service` on its check".into(),
+                    );
+                    ok = false;
+                }
+                ok.then(|| {
+                    Do::Capture(crate::capture::ring::Spec {
+                        interface: a
+                            .interface
+                            .as_ref()
+                            .map_or_else(|| "any".to_string(), |i| i.get_ref().clone()),
+                        filter,
+                        service: c.service.as_ref().map(|s| s.get_ref().clone()),
+                        seconds,
+                        ring_packets: ring_packets as usize,
+                        ring_seconds,
+                    })
+                })
             }
             "exec" => {
                 at(
@@ -333,7 +395,7 @@ fn actions_from(
             other => {
                 at(
                     a.kind.span(),
-                    format!("action `{other}` is not one of webhook, restart_container"),
+                    format!("action `{other}` is not one of webhook, restart_container, capture"),
                 );
                 None
             }

@@ -419,9 +419,13 @@ pub async fn run(
         hooks: cfg.hooks.clone(),
         capture: cfg.raw.capture.settings(),
     }));
+    // Pre-trigger rings for the checks' capture actions.
+    let rings = crate::capture::ring::Rings::default();
+    crate::capture::ring::sync_config(&rings, &cfg, store.clone());
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
+            rings: rings.clone(),
             docker_socket: cfg.raw.docker.socket.clone(),
         }),
     };
@@ -521,6 +525,7 @@ pub async fn run(
                         a.hooks = new.hooks.clone();
                         a.capture = new.raw.capture.settings();
                     }
+                    crate::capture::ring::sync_config(&rings, &new, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true
@@ -563,6 +568,7 @@ pub async fn run(
     if let Err(e) = server.await {
         warn!(error = %e, "HTTP server task");
     }
+    rings.stop_all();
     web::lock(&shared).probe.detach_all();
     if let Some(s) = &store {
         s.flush();

@@ -385,3 +385,179 @@ fn the_disk_cap_holds_while_a_capture_rotates() {
     assert_eq!(s, 404, "a file the cap removed is gone from the API too");
     agent.stop();
 }
+
+/// A TCP server on `addr:port` that reads what it is sent and answers;
+/// it stops listening (new connections are refused) when `stop` is set.
+fn stoppable_server(
+    pair: &Pair,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let addr = pair.addr_a;
+    let l = pair
+        .a
+        .run(move || std::net::TcpListener::bind((addr, port)).unwrap());
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(b"ok");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        // The listener closes here: SYNs get RSTs from now on.
+    })
+}
+
+#[test]
+fn a_failing_check_leaves_a_capture_with_packets_from_before_the_failure() {
+    if !live_prerequisites() || !require("tshark (apt-get install tshark)", have("tshark")) {
+        return;
+    }
+    use std::sync::{Arc, atomic::AtomicBool};
+    let pair = Pair::np6("cf", 14);
+    let dir = std::env::temp_dir().join(format!("netpulse-capfail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, web) = (19653, 19660);
+    let cfg = dir.join("fail.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[agent]
+listen = "127.0.0.1:{port}"
+state_dir = "{state}"
+refresh_seconds = 0.2
+interfaces = ["{dev}"]
+discover_sockets = false
+backend = "pcap"
+
+[api]
+token = "{TOKEN}"
+
+[[service]]
+name = "web"
+endpoints = [{{ proto = "tcp", port = {web} }}]
+
+[[check]]
+name = "web-up"
+kind = "tcp"
+target = "{a}:{web}"
+service = "web"
+interval_seconds = 0.3
+timeout_seconds = 0.25
+actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets = 500, ring_seconds = 60, cooldown_seconds = 3600 }}]
+"#,
+            state = dir.join("state").display(),
+            dev = pair.dev_a,
+            a = pair.addr_a,
+        ),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = stoppable_server(&pair, web, stop.clone());
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("the check up", |m| {
+        m.sum("netpulse_check_up", &[("check", "web-up")]) == 1
+    });
+    assert!(
+        agent.log_text().contains("pre-trigger ring started"),
+        "{}",
+        agent.log_text()
+    );
+
+    // Before the failure: five requests from b, with payload.
+    let addr = pair.addr_a;
+    pair.b.run(move || {
+        use std::io::{Read, Write};
+        for _ in 0..5 {
+            let mut s = std::net::TcpStream::connect((addr, web)).unwrap();
+            s.write_all(&[0x42; 700]).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The failure: the server stops listening; the check goes down and its
+    // capture action fires. After it, b's attempts are refused.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.join().unwrap();
+    agent.wait_for("the check down", |m| {
+        m.sum("netpulse_check_up", &[("check", "web-up")]) == 0
+    });
+    pair.b.run(move || {
+        for _ in 0..3 {
+            assert!(std::net::TcpStream::connect((addr, web)).is_err());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // The capture job, done once its 2 s are over.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let capture = loop {
+        let (s, b) = api(&pair, port, "GET", "/api/v1/captures", false);
+        assert_eq!(s, 200);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        if let Some(c) = v["captures"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["state"] == "done"))
+        {
+            break c.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished capture: {v}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(capture["plan"]["check"], "web-up", "{capture}");
+    assert!(
+        capture["result"]["packets_before_trigger"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{capture}"
+    );
+    let id = capture["id"].as_i64().unwrap();
+    let file = dir.join("failure.pcapng");
+    let out = cli(
+        &pair,
+        port,
+        &[
+            "--token",
+            TOKEN,
+            "get",
+            &id.to_string(),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = pair.addr_b.to_string();
+    let counts = tshark_io(
+        &file,
+        &[
+            // b's requests, answered: only possible before the failure.
+            &format!("ip.src=={b} && tcp.dstport=={web} && tcp.len==700"),
+            // b's refused attempts: after it.
+            &format!("ip.dst=={b} && tcp.srcport=={web} && tcp.flags.reset==1"),
+        ],
+    );
+    assert_eq!(
+        counts[0].0, 5,
+        "the requests from before the failure are in the file"
+    );
+    assert!(counts[1].0 >= 3, "the refusals after it too: {counts:?}");
+    agent.stop();
+}
