@@ -30,12 +30,13 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/hooks/{name}", post(hook))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
+        .merge(crate::capture::routes())
 }
 
 use crate::status::error;
 
 /// None if the request may start work; else the answer that refuses it.
-fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = lock(shared).api_token.clone();
     let Some(token) = token else {
         return Some(error(
@@ -75,7 +76,7 @@ fn no_store() -> Response {
 }
 
 /// Queues a job and wakes the workers: 202 with its id.
-fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
+pub(crate) fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
     let Some(store) = store(shared) else {
         return no_store();
     };

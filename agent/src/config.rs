@@ -42,6 +42,8 @@ pub struct Config {
     pub hooks: Vec<HookConfig>,
     #[serde(default)]
     pub web: WebConfig,
+    #[serde(default)]
+    pub capture: CaptureConfig,
 }
 
 /// `[web]`: TLS and basic auth on every endpoint, with the keys of
@@ -65,6 +67,35 @@ pub struct TlsServerConfig {
     pub client_ca_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub min_version: Option<Spanned<String>>,
+}
+
+/// `[capture]`: the capture folder (`<state_dir>/captures`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// All capture files together, at most (MB); the oldest go first.
+    pub max_disk_mb: Spanned<f64>,
+    /// One capture file, at most (MB); a capture past it starts a new part.
+    pub file_mb: Spanned<f64>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            max_disk_mb: Spanned::new(0..0, 512.0),
+            file_mb: Spanned::new(0..0, 64.0),
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Validated by `parse`.
+    pub fn settings(&self) -> crate::capture::Settings {
+        crate::capture::Settings {
+            max_disk_bytes: (*self.max_disk_mb.get_ref() * 1e6) as u64,
+            file_bytes: (*self.file_mb.get_ref() * 1e6) as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,7 +254,7 @@ pub struct CheckConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
-    /// webhook or restart_container.
+    /// webhook, restart_container or capture.
     pub kind: Spanned<String>,
     #[serde(default)]
     pub url: Option<Spanned<String>>,
@@ -235,6 +266,21 @@ pub struct ActionConfig {
     /// Least seconds between two firings (default 300).
     #[serde(default)]
     pub cooldown_seconds: Option<Spanned<f64>>,
+    /// capture: seconds captured after the failure (default 10).
+    #[serde(default)]
+    pub seconds: Option<Spanned<f64>>,
+    /// capture: a BPF filter (default: the check's service's endpoints).
+    #[serde(default)]
+    pub filter: Option<Spanned<String>>,
+    /// capture: the interface (default: any).
+    #[serde(default)]
+    pub interface: Option<Spanned<String>>,
+    /// capture: packets kept from before the failure (default 1000).
+    #[serde(default)]
+    pub ring_packets: Option<Spanned<i64>>,
+    /// capture: seconds kept from before the failure (default 30).
+    #[serde(default)]
+    pub ring_seconds: Option<Spanned<f64>>,
 }
 
 /// `[api]`: who may start work through the API.
@@ -311,11 +357,58 @@ fn actions_from(
                 }
             },
             "capture" => {
-                at(
-                    a.kind.span(),
-                    "the capture action comes with packet capture, which this version lacks".into(),
-                );
-                None
+                let seconds = a.seconds.as_ref().map_or(10.0, |v| *v.get_ref());
+                let ring_seconds = a.ring_seconds.as_ref().map_or(30.0, |v| *v.get_ref());
+                let ring_packets = a.ring_packets.as_ref().map_or(1000, |v| *v.get_ref());
+                let mut ok = true;
+                for (what, v, x, hi) in [
+                    ("seconds", &a.seconds, seconds, crate::capture::MAX_SECONDS),
+                    ("ring_seconds", &a.ring_seconds, ring_seconds, 3600.0),
+                ] {
+                    if !(x.is_finite() && x > 0.0 && x <= hi) {
+                        let span = v.as_ref().map_or(a.kind.span(), |v| v.span());
+                        at(span, format!("{what} = {x} is out of range (0, {hi}]"));
+                        ok = false;
+                    }
+                }
+                if !(1..=100_000).contains(&ring_packets) {
+                    let span = a.ring_packets.as_ref().map_or(a.kind.span(), |v| v.span());
+                    at(
+                        span,
+                        format!("ring_packets = {ring_packets} is out of range 1-100000"),
+                    );
+                    ok = false;
+                }
+                let filter = a.filter.as_ref().map(|f| f.get_ref().clone());
+                if let (Some(f), Some(span)) = (&filter, a.filter.as_ref().map(|f| f.span())) {
+                    let compiles = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| d.compile(f, true).map(|_| ()).map_err(|e| e.to_string()));
+                    if let Err(e) = compiles {
+                        at(span, format!("filter `{f}`: {e}"));
+                        ok = false;
+                    }
+                }
+                if filter.is_none() && c.service.is_none() {
+                    at(
+                        a.kind.span(),
+                        "a capture action needs `filter`, or a `service` on its check".into(),
+                    );
+                    ok = false;
+                }
+                ok.then(|| {
+                    Do::Capture(crate::capture::ring::Spec {
+                        interface: a
+                            .interface
+                            .as_ref()
+                            .map_or_else(|| "any".to_string(), |i| i.get_ref().clone()),
+                        filter,
+                        service: c.service.as_ref().map(|s| s.get_ref().clone()),
+                        seconds,
+                        ring_packets: ring_packets as usize,
+                        ring_seconds,
+                    })
+                })
             }
             "exec" => {
                 at(
@@ -327,7 +420,7 @@ fn actions_from(
             other => {
                 at(
                     a.kind.span(),
-                    format!("action `{other}` is not one of webhook, restart_container"),
+                    format!("action `{other}` is not one of webhook, restart_container, capture"),
                 );
                 None
             }
@@ -964,6 +1057,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 a.max_series.get_ref()
             ),
         );
+    }
+    for (what, v) in [
+        ("max_disk_mb", &raw.capture.max_disk_mb),
+        ("file_mb", &raw.capture.file_mb),
+    ] {
+        let x = *v.get_ref();
+        if !(x.is_finite() && (0.01..=1e7).contains(&x)) {
+            at(
+                v.span(),
+                format!("capture.{what} = {x} is out of range 0.01-10000000"),
+            );
+        }
     }
     if !matches!(a.backend.get_ref().as_str(), "auto" | "ebpf" | "pcap") {
         at(

@@ -86,6 +86,9 @@ fn targets(shared: &Shared, job: &Job) -> Result<Vec<String>, String> {
 
 async fn run(shared: &Shared, job: &Job) -> (bool, serde_json::Value) {
     info!(job = job.id, kind = %job.kind, arg = %job.arg, "job started");
+    if job.kind == "capture" {
+        return crate::capture::job(shared, job).await;
+    }
     let names = match targets(shared, job) {
         Ok(n) => n,
         Err(e) => {

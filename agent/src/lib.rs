@@ -6,6 +6,7 @@
 pub mod analyze;
 pub mod api;
 pub mod caps;
+pub mod capture;
 pub mod checks;
 pub mod cli;
 pub mod client;

@@ -60,6 +60,60 @@ enum Command {
     /// bytes per service, per conversation, per address and per protocol.
     /// Exits 1 if the file stops early (the report covers what was read).
     Analyze(AnalyzeArgs),
+    /// Packet captures through a running agent's API (`[api] token`).
+    Capture {
+        #[command(subcommand)]
+        command: CaptureCommand,
+        /// The agent's address.
+        #[arg(
+            long,
+            global = true,
+            env = "NETPULSE_URL",
+            default_value = "http://127.0.0.1:9477"
+        )]
+        url: String,
+        /// The API token.
+        #[arg(long, global = true, env = "NETPULSE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaptureCommand {
+    /// Start a capture: an interface (default: any), a BPF filter or a
+    /// service, and limits (default: 10 seconds).
+    Start {
+        #[arg(long, short)]
+        interface: Option<String>,
+        #[arg(long, short, conflicts_with = "service")]
+        filter: Option<String>,
+        #[arg(long, short)]
+        service: Option<String>,
+        #[arg(long)]
+        seconds: Option<f64>,
+        #[arg(long)]
+        packets: Option<u64>,
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Wait for the capture to finish and print its result.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the captures on disk.
+    List {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Download a capture file.
+    Get {
+        id: i64,
+        /// The part, for captures that rotated (default: the first left).
+        #[arg(long)]
+        part: Option<u32>,
+        /// Where to write it; `-` for stdout.
+        #[arg(long, short = 'o', default_value = "-")]
+        out: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -153,6 +207,46 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Analyze(args) => analyze(args),
+        Command::Capture {
+            command,
+            url,
+            token,
+        } => {
+            use netpulse::capture::{Request, cli};
+            let token = token.as_deref();
+            let r = match command {
+                CaptureCommand::Start {
+                    interface,
+                    filter,
+                    service,
+                    seconds,
+                    packets,
+                    bytes,
+                    wait,
+                } => cli::start(
+                    &url,
+                    token,
+                    &Request {
+                        interface,
+                        filter,
+                        service,
+                        seconds,
+                        packets,
+                        bytes,
+                    },
+                    wait,
+                ),
+                CaptureCommand::List { output } => cli::list(&url, matches!(output, Output::Json)),
+                CaptureCommand::Get { id, part, out } => cli::get(&url, token, id, part, &out),
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err((code, msg)) => {
+                    eprintln!("netpulse capture: {msg}");
+                    ExitCode::from(code)
+                }
+            }
+        }
         Command::Run { config, backend } => {
             let rt = match runtime() {
                 Ok(rt) => rt,

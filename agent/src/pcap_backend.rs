@@ -468,13 +468,15 @@ impl Tap {
         let mut tables = self.tables();
         let mut last_stats = Instant::now();
         while !self.stop.load(Relaxed) {
-            let g = self.shared.generation.load(Relaxed);
-            if g != seen {
-                seen = g;
-                tables = self.tables();
-            }
             match cap.next_packet() {
                 Ok(p) => {
+                    // The tables as they are now, not as they were when
+                    // this capture went to sleep.
+                    let g = self.shared.generation.load(Relaxed);
+                    if g != seen {
+                        seen = g;
+                        tables = self.tables();
+                    }
                     let len = u64::from(p.header.len);
                     let parsed = packet::parse(self.link, p.data, &mut flow);
                     match self.hooks {

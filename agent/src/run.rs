@@ -47,6 +47,8 @@ pub struct Agent {
     pub history: crate::history::History,
     /// `[web.basic_auth_users]`; empty: no basic auth.
     pub web_users: Arc<crate::websec::Users>,
+    /// The capture folder's limits (`[capture]`).
+    pub capture: crate::capture::Settings,
 }
 
 /// Checks running at once, at most.
@@ -421,10 +423,15 @@ pub async fn run(
         hooks: cfg.hooks.clone(),
         history: Default::default(),
         web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
+        capture: cfg.raw.capture.settings(),
     }));
+    // Pre-trigger rings for the checks' capture actions.
+    let rings = crate::capture::ring::Rings::default();
+    crate::capture::ring::sync_config(&rings, &cfg, store.clone());
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
+            rings: rings.clone(),
             docker_socket: cfg.raw.docker.socket.clone(),
         }),
     };
@@ -540,6 +547,7 @@ pub async fn run(
                         a.hooks = new.hooks.clone();
                         a.web_users =
                             Arc::new(crate::websec::Users::new(new.basic_auth_users.clone()));
+                        a.capture = new.raw.capture.settings();
                     }
                     if new.tls != cfg.tls {
                         match new.tls.as_ref().map(crate::websec::server_config).transpose() {
@@ -550,6 +558,7 @@ pub async fn run(
                             Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
                         }
                     }
+                    crate::capture::ring::sync_config(&rings, &new, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true
@@ -592,6 +601,7 @@ pub async fn run(
     if let Err(e) = server.await {
         warn!(error = %e, "HTTP server task");
     }
+    rings.stop_all();
     web::lock(&shared).probe.detach_all();
     if let Some(s) = &store {
         s.flush();

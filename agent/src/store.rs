@@ -351,6 +351,21 @@ impl Store {
         self.wrote("queueing a job", r)
     }
 
+    /// Records a job the agent runs itself (a capture a failing check
+    /// started), already running, so no worker claims it.
+    pub fn record_running(&self, kind: &str, arg: &str) -> Option<i64> {
+        let conn = self.conn();
+        let now = now_ms();
+        let r = conn
+            .execute(
+                "INSERT INTO jobs (kind, arg, state, created_ms, started_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
+                params![kind, arg, now],
+            )
+            .map(|_| conn.last_insert_rowid());
+        drop(conn);
+        self.wrote("recording a job", r)
+    }
+
     /// Takes the oldest pending job, marking it running.
     pub fn claim(&self) -> Option<Job> {
         let conn = self.conn();

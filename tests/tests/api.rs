@@ -110,6 +110,7 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
         hooks: Default::default(),
         history: Default::default(),
         web_users: Default::default(),
+        capture: cfg.raw.capture.settings(),
     };
     Some(Fx {
         shared: Arc::new(Mutex::new(agent)),
@@ -360,7 +361,22 @@ fn the_openapi_document_matches_the_routes() {
             let rest = &text[i + 8..];
             let end = rest.find('"').unwrap();
             let route = &rest[..end];
-            let call = &rest[end..rest.find(')').unwrap()];
+            // The rest of the `.route(` call, to its closing parenthesis:
+            // `get(a).post(b)` routes two methods.
+            let mut depth = 1;
+            let close = rest
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .unwrap()
+                .0;
+            let call = &rest[end..close];
             for m in ["get", "post", "put", "delete", "patch"] {
                 if call.contains(&format!("{m}(")) {
                     routed.insert((m.to_uppercase(), route.to_string()));

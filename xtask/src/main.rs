@@ -43,7 +43,7 @@ enum Cmd {
     Test,
     /// Build the .deb (target/debian/netpulse_*.deb).
     Package,
-    /// Run the cargo-fuzz targets (config parser, /proc/net parser).
+    /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -111,7 +111,7 @@ const CARGO_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// The fuzz targets in agent/fuzz; seeds in agent/fuzz/corpus/<target>.
-const FUZZ_TARGETS: &[&str] = &["config", "proc_net"];
+const FUZZ_TARGETS: &[&str] = &["config", "proc_net", "packet"];
 
 /// The directory cargo-deny derives for the default advisory-db URL under
 /// its `db-path` (deny.toml).

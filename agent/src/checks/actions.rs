@@ -2,7 +2,10 @@
 //! (once per run of failures), at most once per `cooldown`:
 //!
 //! - `webhook`: POST a JSON body describing the change to a URL;
-//! - `restart_container`: restart a container through dockerd.
+//! - `restart_container`: restart a container through dockerd;
+//! - `capture`: write the packets of the check's service (or a filter)
+//!   from before the failure (a per-service ring in memory) and for
+//!   `seconds` after it to a capture file (`capture::ring`).
 //!
 //! There is no `exec` action: an agent with these capabilities running
 //! commands from its config would be a root shell by another name.
@@ -17,6 +20,7 @@ use tracing::{info, warn};
 pub enum Do {
     Webhook { url: Uri },
     RestartContainer { container: String },
+    Capture(crate::capture::ring::Spec),
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +37,7 @@ impl Action {
         match self.what {
             Do::Webhook { .. } => "webhook",
             Do::RestartContainer { .. } => "restart_container",
+            Do::Capture(_) => "capture",
         }
     }
 }
@@ -41,6 +46,8 @@ impl Action {
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     pub docker_socket: PathBuf,
+    /// The pre-trigger rings of capture actions.
+    pub rings: crate::capture::ring::Rings,
 }
 
 /// Fires `action` for `check` (in the background), with `event` as the
@@ -55,6 +62,7 @@ pub fn fire(action: &Action, check: &str, event: serde_json::Value, ctx: &Arc<Co
         let r = match &action.what {
             Do::Webhook { url } => post_json(url, &event).await,
             Do::RestartContainer { container } => restart(&ctx.docker_socket, container).await,
+            Do::Capture(spec) => ctx.rings.trigger(spec, &check),
         };
         match r {
             Ok(()) => info!(check = %check, action = kind, "action done"),

@@ -1,0 +1,433 @@
+//! Capture on failure: a bounded pre-trigger ring per service (its last N
+//! packets or seconds, in memory), kept by a capture that runs while some
+//! check's `capture` action may need it. When the check goes down, the
+//! ring is written to a new capture file, and the capture goes on into it
+//! for the action's `seconds`: the file holds the packets from before the
+//! failure as well as after. The file is a capture job like any other
+//! (`GET /api/v1/captures`), recorded as running, so no worker takes it.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Pcapng, Settings, file_name, make_room};
+use crate::{
+    config::{Proto, Service},
+    store::Store,
+};
+
+/// A `capture` action, as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub interface: String,
+    /// None: the check's service's endpoints.
+    pub filter: Option<String>,
+    pub service: Option<String>,
+    /// Captured after the failure.
+    pub seconds: f64,
+    pub ring_packets: usize,
+    pub ring_seconds: f64,
+}
+
+/// Bytes a ring holds at most, whatever its packet count.
+const RING_BYTES: usize = 32 << 20;
+const SNAPLEN: i32 = 65_535;
+
+/// A config service's endpoints as a BPF filter.
+pub fn service_filter(s: &Service) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for e in &s.endpoints {
+        let proto = match e.proto {
+            Proto::Tcp => format!("tcp port {}", e.port),
+            Proto::Udp => format!("udp port {}", e.port),
+            Proto::Icmp => "(icmp or icmp6)".to_string(),
+        };
+        if e.wildcard || e.addrs.is_empty() {
+            parts.push(format!("({proto})"));
+        } else {
+            let hosts: Vec<String> = e.addrs.iter().map(|a| format!("host {a}")).collect();
+            parts.push(format!("({proto} and ({}))", hosts.join(" or ")));
+        }
+    }
+    parts.sort();
+    parts.dedup();
+    parts.join(" or ")
+}
+
+/// What a trigger hands the ring's thread.
+struct Trigger {
+    id: i64,
+    seconds: f64,
+    dir: PathBuf,
+    settings: Settings,
+    store: Arc<Store>,
+    check: String,
+}
+
+struct Ring {
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<Trigger>,
+    thread: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Rings by (interface, filter), with the ring sizes they were made with.
+    rings: BTreeMap<(String, String), (usize, u64, Ring)>,
+    /// Config services' filters, for actions without one.
+    services: BTreeMap<String, String>,
+    dir: Option<PathBuf>,
+    store: Option<Arc<Store>>,
+    settings: Settings,
+}
+
+/// Every ring the config's capture actions need.
+#[derive(Clone, Default)]
+pub struct Rings(Arc<Mutex<Inner>>);
+
+impl std::fmt::Debug for Rings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rings")
+    }
+}
+
+impl Rings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(inner: &Inner, spec: &Spec) -> Option<(String, String)> {
+        let filter = match (&spec.filter, &spec.service) {
+            (Some(f), _) => f.clone(),
+            (None, Some(s)) => inner.services.get(s)?.clone(),
+            (None, None) => return None,
+        };
+        Some((spec.interface.clone(), filter))
+    }
+
+    /// Makes the running rings those `specs` need: new ones start, unused
+    /// ones stop. `services` name the filters of actions without one.
+    pub fn sync(
+        &self,
+        specs: &[Spec],
+        services: &[Service],
+        dir: Option<PathBuf>,
+        store: Option<Arc<Store>>,
+        settings: Settings,
+    ) {
+        let mut inner = self.lock();
+        inner.services = services
+            .iter()
+            .map(|s| (s.name.clone(), service_filter(s)))
+            .filter(|(_, f)| !f.is_empty())
+            .collect();
+        inner.dir = dir;
+        inner.store = store;
+        inner.settings = settings;
+        let mut want: BTreeMap<(String, String), (usize, u64)> = BTreeMap::new();
+        for s in specs {
+            match Self::key(&inner, s) {
+                Some(k) => {
+                    let e = want.entry(k).or_default();
+                    e.0 = e.0.max(s.ring_packets);
+                    e.1 = e.1.max((s.ring_seconds * 1e6) as u64);
+                }
+                None => warn!(
+                    service = s.service.as_deref().unwrap_or(""),
+                    "capture action: the service has no config endpoints to filter by; give the action a filter"
+                ),
+            }
+        }
+        let stale: Vec<(String, String)> = inner
+            .rings
+            .iter()
+            .filter(|(k, (n, age, _))| want.get(*k) != Some(&(*n, *age)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some((_, _, r)) = inner.rings.remove(&k) {
+                r.stop.store(true, Relaxed);
+                let _ = r.thread.join();
+            }
+        }
+        for (k, (n, age)) in want {
+            if inner.rings.contains_key(&k) {
+                continue;
+            }
+            match start(&k.0, &k.1, n, age) {
+                Ok(r) => {
+                    info!(interface = %k.0, filter = %k.1, packets = n, "pre-trigger ring started");
+                    inner.rings.insert(k, (n, age, r));
+                }
+                Err(e) => {
+                    warn!(interface = %k.0, filter = %k.1, error = %e, "cannot start a pre-trigger ring")
+                }
+            }
+        }
+    }
+
+    /// The check failed: its ring goes to a new capture file, and the
+    /// capture goes on for `spec.seconds`.
+    pub fn trigger(&self, spec: &Spec, check: &str) -> Result<(), String> {
+        let inner = self.lock();
+        let key = Self::key(&inner, spec).ok_or("no filter for this capture action")?;
+        let (_, _, ring) = inner
+            .rings
+            .get(&key)
+            .ok_or_else(|| format!("no pre-trigger ring on {} for `{}`", key.0, key.1))?;
+        let store = inner
+            .store
+            .clone()
+            .ok_or("no store, so no capture folder")?;
+        let dir = inner.dir.clone().ok_or("no capture folder")?;
+        let arg = json!({
+            "interface": key.0,
+            "filter": key.1,
+            "seconds": spec.seconds,
+            "packets": null,
+            "bytes": null,
+            "check": check,
+            "trigger": "check failed",
+        });
+        let id = store
+            .record_running("capture", &arg.to_string())
+            .ok_or("the store cannot write")?;
+        ring.tx
+            .send(Trigger {
+                id,
+                seconds: spec.seconds,
+                dir,
+                settings: inner.settings,
+                store,
+                check: check.to_string(),
+            })
+            .map_err(|_| "the ring's capture has stopped".to_string())?;
+        info!(check, capture = id, "capture on failure started");
+        Ok(())
+    }
+
+    pub fn stop_all(&self) {
+        let mut inner = self.lock();
+        for (_, (_, _, r)) in std::mem::take(&mut inner.rings) {
+            r.stop.store(true, Relaxed);
+            let _ = r.thread.join();
+        }
+    }
+}
+
+fn start(interface: &str, filter: &str, packets: usize, age_us: u64) -> Result<Ring, String> {
+    let mut cap = pcap::Capture::from_device(interface)
+        .and_then(|c| {
+            c.immediate_mode(true)
+                .snaplen(SNAPLEN)
+                .buffer_size(8 << 20)
+                .timeout(100)
+                .promisc(false)
+                .open()
+        })
+        .and_then(|c| c.setnonblock())
+        .map_err(|e| format!("opening {interface}: {e}"))?;
+    cap.filter(filter, true)
+        .map_err(|e| format!("filter `{filter}`: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("ring-{interface}"))
+        .spawn(move || run(cap, rx, &s, packets, age_us))
+        .map_err(|e| e.to_string())?;
+    Ok(Ring { stop, tx, thread })
+}
+
+/// A capture file being written after a trigger.
+struct Writing {
+    t: Trigger,
+    file: Pcapng,
+    until: Instant,
+    before: u64,
+    packets: u64,
+    bytes: u64,
+    stopped_by: &'static str,
+}
+
+impl Writing {
+    fn finish(self) {
+        let (ok, result) = match self.file.finish() {
+            Ok(()) => (
+                true,
+                json!({
+                    "packets": self.packets,
+                    "bytes": self.bytes,
+                    "packets_before_trigger": self.before,
+                    "parts": [0],
+                    "stopped_by": self.stopped_by,
+                    "check": self.t.check,
+                }),
+            ),
+            Err(e) => (false, json!({ "error": e.to_string() })),
+        };
+        info!(
+            capture = self.t.id,
+            packets = self.packets,
+            before = self.before,
+            "capture on failure finished"
+        );
+        self.t.store.finish(self.t.id, ok, &result);
+    }
+}
+
+fn run(
+    mut cap: pcap::Capture<pcap::Active>,
+    rx: mpsc::Receiver<Trigger>,
+    stop: &AtomicBool,
+    max_packets: usize,
+    max_age_us: u64,
+) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&cap);
+    let linktype = cap.get_datalink().0 as u16;
+    let mut ring: VecDeque<(u64, u32, Vec<u8>)> = VecDeque::new();
+    let mut ring_bytes = 0usize;
+    let mut writing: Option<Writing> = None;
+    while !stop.load(Relaxed) {
+        if writing.is_none()
+            && let Ok(t) = rx.try_recv()
+        {
+            let path = t.dir.join(file_name(t.id, 0));
+            let created = std::fs::create_dir_all(&t.dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    if make_room(&t.dir, t.settings.max_disk_bytes, super::ROOM, (t.id, 0), 0) {
+                        Ok(())
+                    } else {
+                        Err("the capture folder is at its disk cap".to_string())
+                    }
+                })
+                .and_then(|()| {
+                    Pcapng::create(&path, linktype, SNAPLEN as u32).map_err(|e| e.to_string())
+                });
+            match created {
+                Ok(mut file) => {
+                    // The ring first: the packets from before the failure.
+                    let mut w_err = None;
+                    let (mut packets, mut bytes) = (0u64, 0u64);
+                    for (ts, orig, data) in &ring {
+                        if let Err(e) = file.packet(*ts, data, *orig) {
+                            w_err = Some(e);
+                            break;
+                        }
+                        packets += 1;
+                        bytes += u64::from(*orig);
+                    }
+                    match w_err {
+                        Some(e) => t
+                            .store
+                            .finish(t.id, false, &json!({ "error": e.to_string() })),
+                        None => {
+                            writing = Some(Writing {
+                                until: Instant::now() + Duration::from_secs_f64(t.seconds),
+                                t,
+                                file,
+                                before: packets,
+                                packets,
+                                bytes,
+                                stopped_by: "seconds",
+                            })
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(capture = t.id, error = %e, "capture on failure");
+                    t.store.finish(t.id, false, &json!({ "error": e }));
+                }
+            }
+        }
+        if writing.as_ref().is_some_and(|w| Instant::now() >= w.until)
+            && let Some(w) = writing.take()
+        {
+            w.finish();
+        }
+        let p = match cap.next_packet() {
+            Ok(p) => p,
+            Err(pcap::Error::TimeoutExpired) => {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; the descriptor is the capture's.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "pre-trigger ring stopped");
+                break;
+            }
+        };
+        let ts = p.header.ts.tv_sec as u64 * 1_000_000 + p.header.ts.tv_usec as u64;
+        let orig = p.header.len;
+        if let Some(w) = writing.as_mut() {
+            match w.file.packet(ts, p.data, orig) {
+                Ok(()) => {
+                    w.packets += 1;
+                    w.bytes += u64::from(orig);
+                }
+                Err(e) => {
+                    warn!(capture = w.t.id, error = %e, "writing a capture file");
+                    w.stopped_by = "write error";
+                    w.until = Instant::now();
+                }
+            }
+        }
+        ring_bytes += p.data.len();
+        ring.push_back((ts, orig, p.data.to_vec()));
+        while ring.len() > max_packets
+            || ring_bytes > RING_BYTES
+            || ring.front().is_some_and(|f| f.0 + max_age_us < ts)
+        {
+            match ring.pop_front() {
+                Some(f) => ring_bytes -= f.2.len(),
+                None => break,
+            }
+        }
+    }
+    if let Some(w) = writing.take() {
+        w.finish();
+    }
+}
+
+/// The capture actions of `checks`.
+pub fn specs_of(checks: &[crate::checks::Spec]) -> Vec<Spec> {
+    checks
+        .iter()
+        .flat_map(|c| c.actions.iter())
+        .filter_map(|a| match &a.what {
+            crate::checks::actions::Do::Capture(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Starts or stops rings for the capture actions of `cfg`.
+pub fn sync_config(rings: &Rings, cfg: &crate::config::Loaded, store: Option<Arc<Store>>) {
+    let dir = store
+        .as_ref()
+        .and_then(|s| s.path().parent().map(|p| p.join("captures")));
+    rings.sync(
+        &specs_of(&cfg.checks),
+        &cfg.services,
+        dir,
+        store,
+        cfg.raw.capture.settings(),
+    );
+}
