@@ -224,6 +224,7 @@ fn pcap_and_ebpf_backends_count_the_same_traffic_alike() {
     ));
     ebpf.stop();
     pcap.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -286,4 +287,5 @@ fn auto_falls_back_to_pcap_without_bpf_capabilities_and_says_why() {
         std::thread::sleep(Duration::from_millis(200));
     }
     agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
