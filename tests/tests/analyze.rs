@@ -23,10 +23,25 @@ use netpulse_tests::{
 };
 use serde_json::Value;
 
+fn base() -> PathBuf {
+    std::env::temp_dir().join(format!("netpulse-analyze-{}", std::process::id()))
+}
+
+/// This test's own folder (tests run in parallel, one thread each).
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("netpulse-analyze-{}", std::process::id()));
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    let d = base().join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Removes this test's folder (and the common one once empty).
+fn cleanup() {
+    let _ = std::fs::remove_dir_all(dir());
+    let _ = std::fs::remove_dir(base());
 }
 
 fn write(name: &str, bytes: &[u8]) -> PathBuf {
@@ -380,6 +395,7 @@ fn synthetic_ethernet_vlan_ipv6_and_short_snaplen_match_tshark() {
     ] {
         assert_eq!(r[k], r2[k], "{k}: pcap vs pcapng");
     }
+    cleanup();
 }
 
 #[test]
@@ -416,6 +432,7 @@ fn synthetic_sll_sll2_and_raw_ip_give_the_same_services() {
             expected_packets()
         );
     }
+    cleanup();
 }
 
 #[test]
@@ -461,6 +478,7 @@ fn cut_files_report_what_was_read_and_where_they_stopped() {
     let run = analyze(&f, &[]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert_eq!(n(&run.json["packets"]), last as u64);
+    cleanup();
 }
 
 /// xorshift: random enough bytes, the same on every run.
@@ -525,6 +543,7 @@ fn random_bytes_are_an_error_never_a_panic() {
     let run = analyze(&f, &["--service", "web=tcp/99999"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("web=tcp/99999"), "{}", run.stderr);
+    cleanup();
 }
 
 #[test]
@@ -611,6 +630,7 @@ fn stdin_csv_table_and_config_services() {
     ] {
         assert!(text.contains(s), "{s} missing from:\n{text}");
     }
+    cleanup();
 }
 
 // --- real traffic -----------------------------------------------------------
@@ -853,4 +873,5 @@ fn real_traffic_captured_by_tcpdump_matches_tshark() {
     let b = assert_matches_tshark(&ng, &svc);
     assert_eq!(a["services"], b["services"]);
     assert_eq!(a["conversations"], b["conversations"]);
+    cleanup();
 }

@@ -288,6 +288,7 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
     let out = cli(&pair, port, &["list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("udp dst port {ECHO}")));
     agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -384,6 +385,7 @@ fn the_disk_cap_holds_while_a_capture_rotates() {
     );
     assert_eq!(s, 404, "a file the cap removed is gone from the API too");
     agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A TCP server on `addr:port` that reads what it is sent and answers;
@@ -560,4 +562,5 @@ actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets =
     );
     assert!(counts[1].0 >= 3, "the refusals after it too: {counts:?}");
     agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
