@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufWriter, Read, Write},
+    io::{BufWriter, Write},
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
@@ -462,9 +462,7 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/captures/{id}/file", get(file))
 }
 
-fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({ "error": msg.into() }))).into_response()
-}
+use crate::status::error;
 
 async fn start(State(shared): State<Shared>, headers: HeaderMap, body: String) -> Response {
     if let Some(r) = crate::api::refuse(&shared, &headers) {
@@ -598,7 +596,8 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// One HTTP/1.1 request to the agent (`base` is `http://host:port`).
+/// One request to the agent at `base` (`http://host:port`, or https),
+/// through the agent's HTTP client.
 pub fn http(
     base: &str,
     method: &str,
@@ -606,71 +605,28 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Result<Answer, String> {
-    let host = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{base}`: only http:// URLs are supported"))?
-        .trim_end_matches('/');
-    let mut s =
-        std::net::TcpStream::connect(host).map_err(|e| format!("connecting to {host}: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    if method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("sending to {host}: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("reading from {host}: {e}"))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("malformed HTTP answer")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("malformed HTTP status line")?;
-    let mut body = raw[split + 4..].to_vec();
-    if head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    }) {
-        body = dechunk(&body).ok_or("malformed chunked body")?;
-    }
-    Ok(Answer { status, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&b[..nl])
-                .ok()?
-                .split(';')
-                .next()?
-                .trim(),
-            16,
-        )
-        .ok()?;
-        b = &b[nl + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("`{url}`: {e}"))?;
+    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let headers: Vec<(hyper::header::HeaderName, String)> = token
+        .map(|t| (hyper::header::AUTHORIZATION, format!("Bearer {t}")))
+        .into_iter()
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (status, body) = rt.block_on(crate::client::request(
+        method,
+        &uri,
+        &headers,
+        body.map(|b| ("application/json", bytes::Bytes::from(b.to_string()))),
+        Duration::from_secs(120),
+    ))?;
+    Ok(Answer {
+        status: status.as_u16(),
+        body: body.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -691,15 +647,6 @@ mod tests {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
         assert_eq!(file_name(7, 2), "7-2.pcapng");
-    }
-
-    #[test]
-    fn chunked_bodies() {
-        assert_eq!(
-            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").as_deref(),
-            Some(&b"abcde"[..])
-        );
-        assert_eq!(dechunk(b"zz\r\n"), None);
     }
 
     #[test]
