@@ -1037,6 +1037,84 @@ fn table_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     grid(out, &["PROTOCOL", "PKTS", "BYTES", "SHARE"], &rows)
 }
 
+/// `netpulse analyze`: the arguments and the command.
+pub mod cli {
+    use std::path::PathBuf;
+
+    use super::{AnalyzeError, Format, Input};
+
+    #[derive(clap::Args)]
+    pub struct Args {
+        /// The capture file; `-` reads stdin.
+        file: String,
+        /// Take services from this config file's `[[service]]` tables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A service: NAME=PROTO/PORT (web=tcp/80), NAME=PROTO/ADDR:PORT or
+        /// NAME=icmp. Repeatable.
+        #[arg(long = "service", short = 's', value_name = "NAME=PROTO/PORT")]
+        services: Vec<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Conversations and addresses to list, largest first (0 = all).
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    }
+
+    #[derive(Clone, Copy, clap::ValueEnum)]
+    enum Output {
+        Table,
+        Json,
+        Csv,
+    }
+
+    /// The report on stdout, problems on stderr; the exit code.
+    pub fn run(args: Args) -> u8 {
+        let fail = |e: AnalyzeError| {
+            eprintln!("netpulse analyze: {e}");
+            e.exit_code()
+        };
+        let services = match super::services(args.config.as_deref(), &args.services) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let input = Input::parse(&args.file);
+        let report = match super::analyze(&input, super::table(&services), args.top) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let format = match args.output {
+            Output::Table => Format::Table,
+            Output::Json => Format::Json,
+            Output::Csv => Format::Csv,
+        };
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        if let Err(e) =
+            super::print(&report, format, &mut out).and_then(|()| std::io::Write::flush(&mut out))
+        {
+            // A closed pipe (`| head`) is the reader's choice, not a failure.
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("netpulse analyze: writing the report: {e}");
+                return 1;
+            }
+        }
+        match &report.stopped {
+            Some(s) => {
+                eprintln!(
+                    "netpulse analyze: {}: stopped after packet {}{}: {}",
+                    report.input,
+                    s.after_packets,
+                    s.offset
+                        .map_or(String::new(), |o| format!(" at byte offset {o}")),
+                    s.error
+                );
+                1
+            }
+            None => 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -671,9 +671,104 @@ mod tests {
 /// `netpulse capture start|list|get`: the API from the command line.
 /// Errors carry the exit code: 2 for what the user must fix, 1 otherwise.
 pub mod cli {
+    use clap::Subcommand;
+
     use super::{Request, http};
 
     pub type Result = std::result::Result<(), (u8, String)>;
+
+    #[derive(clap::Args)]
+    pub struct Args {
+        #[command(subcommand)]
+        command: Command,
+        /// The agent's address.
+        #[arg(
+            long,
+            global = true,
+            env = "NETPULSE_URL",
+            default_value = "http://127.0.0.1:9477"
+        )]
+        url: String,
+        /// The API token.
+        #[arg(long, global = true, env = "NETPULSE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Start a capture: an interface (default: any), a BPF filter or a
+        /// service, and limits (default: 10 seconds).
+        Start {
+            #[arg(long, short)]
+            interface: Option<String>,
+            #[arg(long, short, conflicts_with = "service")]
+            filter: Option<String>,
+            #[arg(long, short)]
+            service: Option<String>,
+            #[arg(long)]
+            seconds: Option<f64>,
+            #[arg(long)]
+            packets: Option<u64>,
+            #[arg(long)]
+            bytes: Option<u64>,
+            /// Wait for the capture to finish and print its result.
+            #[arg(long)]
+            wait: bool,
+        },
+        /// List the captures on disk.
+        List {
+            /// Print the API's JSON.
+            #[arg(long)]
+            json: bool,
+        },
+        /// Download a capture file.
+        Get {
+            id: i64,
+            /// The part, for captures that rotated (default: the first left).
+            #[arg(long)]
+            part: Option<u32>,
+            /// Where to write it; `-` for stdout.
+            #[arg(long, short = 'o', default_value = "-")]
+            out: String,
+        },
+    }
+
+    /// Runs a `netpulse capture` command; the exit code.
+    pub fn run(args: Args) -> u8 {
+        let (url, token) = (args.url.as_str(), args.token.as_deref());
+        let r = match args.command {
+            Command::Start {
+                interface,
+                filter,
+                service,
+                seconds,
+                packets,
+                bytes,
+                wait,
+            } => start(
+                url,
+                token,
+                &Request {
+                    interface,
+                    filter,
+                    service,
+                    seconds,
+                    packets,
+                    bytes,
+                },
+                wait,
+            ),
+            Command::List { json } => list(url, json),
+            Command::Get { id, part, out } => get(url, token, id, part, &out),
+        };
+        match r {
+            Ok(()) => 0,
+            Err((code, msg)) => {
+                eprintln!("netpulse capture: {msg}");
+                code
+            }
+        }
+    }
 
     fn api_error(status: u16, body: &[u8]) -> (u8, String) {
         let msg = serde_json::from_slice::<serde_json::Value>(body)

@@ -59,86 +59,9 @@ enum Command {
     /// Read a pcap or pcapng file (`-` for stdin) and report packets and
     /// bytes per service, per conversation, per address and per protocol.
     /// Exits 1 if the file stops early (the report covers what was read).
-    Analyze(AnalyzeArgs),
+    Analyze(netpulse::analyze::cli::Args),
     /// Packet captures through a running agent's API (`[api] token`).
-    Capture {
-        #[command(subcommand)]
-        command: CaptureCommand,
-        /// The agent's address.
-        #[arg(
-            long,
-            global = true,
-            env = "NETPULSE_URL",
-            default_value = "http://127.0.0.1:9477"
-        )]
-        url: String,
-        /// The API token.
-        #[arg(long, global = true, env = "NETPULSE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum CaptureCommand {
-    /// Start a capture: an interface (default: any), a BPF filter or a
-    /// service, and limits (default: 10 seconds).
-    Start {
-        #[arg(long, short)]
-        interface: Option<String>,
-        #[arg(long, short, conflicts_with = "service")]
-        filter: Option<String>,
-        #[arg(long, short)]
-        service: Option<String>,
-        #[arg(long)]
-        seconds: Option<f64>,
-        #[arg(long)]
-        packets: Option<u64>,
-        #[arg(long)]
-        bytes: Option<u64>,
-        /// Wait for the capture to finish and print its result.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// List the captures on disk.
-    List {
-        #[arg(long, short, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-    /// Download a capture file.
-    Get {
-        id: i64,
-        /// The part, for captures that rotated (default: the first left).
-        #[arg(long)]
-        part: Option<u32>,
-        /// Where to write it; `-` for stdout.
-        #[arg(long, short = 'o', default_value = "-")]
-        out: String,
-    },
-}
-
-#[derive(clap::Args)]
-struct AnalyzeArgs {
-    /// The capture file; `-` reads stdin.
-    file: String,
-    /// Take services from this config file's `[[service]]` tables.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// A service: NAME=PROTO/PORT (web=tcp/80), NAME=PROTO/ADDR:PORT or
-    /// NAME=icmp. Repeatable.
-    #[arg(long = "service", short = 's', value_name = "NAME=PROTO/PORT")]
-    services: Vec<String>,
-    #[arg(long, short, value_enum, default_value_t = AnalyzeOutput::Table)]
-    output: AnalyzeOutput,
-    /// Conversations and addresses to list, largest first (0 = all).
-    #[arg(long, default_value_t = 20)]
-    top: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum AnalyzeOutput {
-    Table,
-    Json,
-    Csv,
+    Capture(netpulse::capture::cli::Args),
 }
 
 #[derive(Subcommand)]
@@ -206,47 +129,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Analyze(args) => analyze(args),
-        Command::Capture {
-            command,
-            url,
-            token,
-        } => {
-            use netpulse::capture::{Request, cli};
-            let token = token.as_deref();
-            let r = match command {
-                CaptureCommand::Start {
-                    interface,
-                    filter,
-                    service,
-                    seconds,
-                    packets,
-                    bytes,
-                    wait,
-                } => cli::start(
-                    &url,
-                    token,
-                    &Request {
-                        interface,
-                        filter,
-                        service,
-                        seconds,
-                        packets,
-                        bytes,
-                    },
-                    wait,
-                ),
-                CaptureCommand::List { output } => cli::list(&url, matches!(output, Output::Json)),
-                CaptureCommand::Get { id, part, out } => cli::get(&url, token, id, part, &out),
-            };
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err((code, msg)) => {
-                    eprintln!("netpulse capture: {msg}");
-                    ExitCode::from(code)
-                }
-            }
-        }
+        Command::Analyze(args) => ExitCode::from(netpulse::analyze::cli::run(args)),
+        Command::Capture(args) => ExitCode::from(netpulse::capture::cli::run(args)),
         Command::Run { config, backend } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -378,53 +262,6 @@ fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCod
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         std::thread::sleep(interval);
-    }
-}
-
-/// `netpulse analyze`: the report on stdout; problems on stderr.
-fn analyze(args: AnalyzeArgs) -> ExitCode {
-    use netpulse::analyze::{self, Format, Input};
-    let fail = |e: analyze::AnalyzeError| {
-        eprintln!("netpulse analyze: {e}");
-        ExitCode::from(e.exit_code())
-    };
-    let services = match analyze::services(args.config.as_deref(), &args.services) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let input = Input::parse(&args.file);
-    let report = match analyze::analyze(&input, analyze::table(&services), args.top) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
-    let format = match args.output {
-        AnalyzeOutput::Table => Format::Table,
-        AnalyzeOutput::Json => Format::Json,
-        AnalyzeOutput::Csv => Format::Csv,
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if let Err(e) =
-        analyze::print(&report, format, &mut out).and_then(|()| std::io::Write::flush(&mut out))
-    {
-        // A closed pipe (`| head`) is the reader's choice, not a failure.
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("netpulse analyze: writing the report: {e}");
-            return ExitCode::from(1);
-        }
-    }
-    match &report.stopped {
-        Some(s) => {
-            eprintln!(
-                "netpulse analyze: {}: stopped after packet {}{}: {}",
-                report.input,
-                s.after_packets,
-                s.offset
-                    .map_or(String::new(), |o| format!(" at byte offset {o}")),
-                s.error
-            );
-            ExitCode::from(1)
-        }
-        None => ExitCode::SUCCESS,
     }
 }
 

@@ -276,7 +276,7 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
     let j = wait_job(&pair, port, id2, &["done", "failed"]);
     assert_eq!(j["result"]["packets"], 5, "{j}");
     assert_eq!(j["result"]["stopped_by"], "packets", "{j}");
-    let out = cli(&pair, port, &["list", "--output", "json"]);
+    let out = cli(&pair, port, &["list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<i64> = v["captures"]
         .as_array()
