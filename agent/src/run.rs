@@ -435,11 +435,13 @@ pub async fn run(
             docker_socket: cfg.raw.docker.socket.clone(),
         }),
     };
-    crate::jobs::spawn(shared.clone());
     let mut hint_warned = HashSet::new();
     let mut hinted: Vec<crate::checks::Spec> = Vec::new();
     let (checks, mut checks_stop) = start_checks(&cfg, &hinted, Default::default(), sink.clone());
     web::lock(&shared).checks = checks;
+    // Only now: jobs a previous run left pending name these checks, and a
+    // worker that claimed one before they were loaded would fail it.
+    crate::jobs::spawn(shared.clone());
     if docker_enabled {
         let socket = cfg.raw.docker.socket.clone();
         let (view, changed) = (docker_view.clone(), docker_changed.clone());
