@@ -129,3 +129,28 @@ pub fn v6(last: u8) -> [u8; 16] {
     a[15] = last;
     a
 }
+
+/// The services the classification tests (kernel, parity) run frames
+/// against: address-specific and wildcard, IPv6, UDP, ICMP and a remote
+/// service.
+pub const CLASSIFY_CONFIG: &str = r#"
+[[service]]
+name = "web"
+endpoints = [{ proto = "tcp", port = 80, addr = "10.0.0.1" }]
+[[service]]
+name = "web-any"
+endpoints = [{ proto = "tcp", port = 80 }]
+[[service]]
+name = "web6"
+endpoints = [{ proto = "tcp", port = 443, addr = "fd00::1" }]
+[[service]]
+name = "dns"
+endpoints = [{ proto = "udp", port = 53 }]
+[[service]]
+name = "ping"
+endpoints = [{ proto = "icmp", addr = "10.0.0.1" }, { proto = "icmp", addr = "fd00::1" }]
+[[service]]
+name = "db"
+remote = true
+endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.9" }]
+"#;

@@ -435,16 +435,21 @@ fn synthetic_sll_sll2_and_raw_ip_give_the_same_services() {
     cleanup();
 }
 
+/// The IP packets of `ip_packets`, each in an Ethernet frame.
+fn eth_recs() -> Vec<Rec> {
+    ip_packets()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (et, p))| Rec::new(eth(&[], et, &p), i))
+        .collect()
+}
+
 #[test]
 fn cut_files_report_what_was_read_and_where_they_stopped() {
     if !have_bin() {
         return;
     }
-    let recs: Vec<Rec> = ip_packets()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (et, p))| Rec::new(eth(&[], et, &p), i))
-        .collect();
+    let recs = eth_recs();
     let whole = pcapfile::pcap(pcapfile::LINKTYPE_ETHERNET, &recs);
     let last = recs.len() - 1;
     let at = pcapfile::pcap_offset(&recs, last);
@@ -551,11 +556,7 @@ fn stdin_csv_table_and_config_services() {
     if !have_bin() {
         return;
     }
-    let recs: Vec<Rec> = ip_packets()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (et, p))| Rec::new(eth(&[], et, &p), i))
-        .collect();
+    let recs = eth_recs();
     let bytes = pcapfile::pcapng(pcapfile::LINKTYPE_ETHERNET, &recs);
     let cfg = write(
         "analyze.toml",

@@ -113,6 +113,27 @@ fn job_state(pair: &Pair, port: u16, id: i64) -> serde_json::Value {
     serde_json::from_slice(&b).unwrap()
 }
 
+/// `netpulse capture get ID -o FILE`, which must succeed.
+fn download(pair: &Pair, port: u16, id: i64, file: &Path) {
+    let out = cli(
+        pair,
+        port,
+        &[
+            "--token",
+            TOKEN,
+            "get",
+            &id.to_string(),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn wait_job(pair: &Pair, port: u16, id: i64, state: &[&str]) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -220,23 +241,7 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
 
     // The file, through the CLI, as tshark reads it.
     let file = dir.join("got.pcapng");
-    let out = cli(
-        &pair,
-        port,
-        &[
-            "--token",
-            TOKEN,
-            "get",
-            &id.to_string(),
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    download(&pair, port, id, &file);
     let counts = tshark_io(&file, &[&format!("udp.port=={ECHO}"), "frame"]);
     assert_eq!(counts[0].0, 30, "tshark's count of the echo packets");
     assert_eq!(counts[1].0, 30, "nothing else was captured");
@@ -529,23 +534,7 @@ actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets =
     );
     let id = capture["id"].as_i64().unwrap();
     let file = dir.join("failure.pcapng");
-    let out = cli(
-        &pair,
-        port,
-        &[
-            "--token",
-            TOKEN,
-            "get",
-            &id.to_string(),
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    download(&pair, port, id, &file);
     let b = pair.addr_b.to_string();
     let counts = tshark_io(
         &file,

@@ -23,27 +23,7 @@ use netpulse_tests::{
     is_root, require,
 };
 
-const CONFIG: &str = r#"
-[[service]]
-name = "web"
-endpoints = [{ proto = "tcp", port = 80, addr = "10.0.0.1" }]
-[[service]]
-name = "web-any"
-endpoints = [{ proto = "tcp", port = 80 }]
-[[service]]
-name = "web6"
-endpoints = [{ proto = "tcp", port = 443, addr = "fd00::1" }]
-[[service]]
-name = "dns"
-endpoints = [{ proto = "udp", port = 53 }]
-[[service]]
-name = "ping"
-endpoints = [{ proto = "icmp", addr = "10.0.0.1" }, { proto = "icmp", addr = "fd00::1" }]
-[[service]]
-name = "db"
-remote = true
-endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.9" }]
-"#;
+const CONFIG: &str = frames::CLASSIFY_CONFIG;
 
 const LOCAL: [u8; 4] = [10, 0, 0, 1];
 const OTHER: [u8; 4] = [10, 0, 0, 2];
