@@ -113,6 +113,27 @@ fn job_state(pair: &Pair, port: u16, id: i64) -> serde_json::Value {
     serde_json::from_slice(&b).unwrap()
 }
 
+/// `netpulse capture start` of 4 s of the echo service on the veth; the
+/// capture's id.
+fn start_echo_capture(pair: &Pair, port: u16) -> i64 {
+    let out = cli(
+        pair,
+        port,
+        &[
+            "--token",
+            TOKEN,
+            "start",
+            "--interface",
+            &pair.dev_a,
+            "--service",
+            "echo",
+            "--seconds",
+            "4",
+        ],
+    );
+    queued_id(&out)
+}
+
 /// `netpulse capture get ID -o FILE`, which must succeed.
 fn download(pair: &Pair, port: u16, id: i64, file: &Path) {
     let out = cli(
@@ -215,22 +236,7 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
     assert_eq!(out.status.code(), Some(2));
 
     // The service's traffic, 2 × 15 packets, while the capture runs.
-    let out = cli(
-        &pair,
-        port,
-        &[
-            "--token",
-            TOKEN,
-            "start",
-            "--interface",
-            &pair.dev_a,
-            "--service",
-            "echo",
-            "--seconds",
-            "4",
-        ],
-    );
-    let id = queued_id(&out);
+    let id = start_echo_capture(&pair, port);
     wait_job(&pair, port, id, &["running"]);
     std::thread::sleep(Duration::from_millis(500));
     echoes(&pair, 15, 200);
@@ -325,22 +331,7 @@ fn the_disk_cap_holds_while_a_capture_rotates() {
     };
     let mut ids = Vec::new();
     for round in 0..2 {
-        let out = cli(
-            &pair,
-            port,
-            &[
-                "--token",
-                TOKEN,
-                "start",
-                "--interface",
-                &pair.dev_a,
-                "--service",
-                "echo",
-                "--seconds",
-                "4",
-            ],
-        );
-        let id = queued_id(&out);
+        let id = start_echo_capture(&pair, port);
         ids.push(id);
         wait_job(&pair, port, id, &["running"]);
         std::thread::sleep(Duration::from_millis(300));
