@@ -62,7 +62,9 @@ enum Cmd {
         /// Measurements per cell; the table shows the median.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// `analyze`: only `netpulse analyze` vs tcpdump and tshark.
+        /// Only these parts, comma-separated: probes (BPF_PROG_TEST_RUN),
+        /// http (wrk), probe (blackbox_exporter), overhead (live, on a
+        /// veth pair), analyze (vs tcpdump and tshark; needs no root).
         #[arg(long)]
         only: Option<String>,
     },
