@@ -183,21 +183,37 @@ fn queued_id(out: &std::process::Output) -> i64 {
         .unwrap_or_else(|| panic!("no id in {text}"))
 }
 
-#[test]
-fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
+/// The echo service in namespace `a` of a new pair and an agent watching
+/// it, with `capture` in its `[capture]` table; None without the
+/// prerequisites.
+fn echo_agent(
+    tag: &str,
+    net: u8,
+    dir_name: &str,
+    port: u16,
+    capture: &str,
+) -> Option<(Pair, PathBuf, Agent)> {
     if !live_prerequisites() || !require("tshark (apt-get install tshark)", have("tshark")) {
-        return;
+        return None;
     }
-    let pair = Pair::np6("cap", 12);
-    let dir = std::env::temp_dir().join(format!("netpulse-capture-{}", std::process::id()));
+    let pair = Pair::np6(tag, net);
+    let dir = std::env::temp_dir().join(format!("{dir_name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = 19650;
-    let cfg = config(&dir, port, &pair, "");
+    let cfg = config(&dir, port, &pair, capture);
     echo_server(&pair);
     let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
     agent.wait_for("the agent", |m| {
         m.has("netpulse_service_info", &[("service", "echo")])
     });
+    Some((pair, dir, agent))
+}
+
+#[test]
+fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
+    let port = 19650;
+    let Some((pair, dir, agent)) = echo_agent("cap", 12, "netpulse-capture", port, "") else {
+        return;
+    };
 
     // Starting a capture needs the token; the file endpoint too, and it
     // takes numbers only.
@@ -304,20 +320,17 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
 
 #[test]
 fn the_disk_cap_holds_while_a_capture_rotates() {
-    if !live_prerequisites() || !require("tshark (apt-get install tshark)", have("tshark")) {
-        return;
-    }
-    let pair = Pair::np6("cc", 13);
-    let dir = std::env::temp_dir().join(format!("netpulse-capcap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let port = 19652;
     // 300 kB in all, parts of 100 kB.
-    let cfg = config(&dir, port, &pair, "max_disk_mb = 0.3\nfile_mb = 0.1");
-    echo_server(&pair);
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
-    agent.wait_for("the agent", |m| {
-        m.has("netpulse_service_info", &[("service", "echo")])
-    });
+    let Some((pair, dir, agent)) = echo_agent(
+        "cc",
+        13,
+        "netpulse-capcap",
+        port,
+        "max_disk_mb = 0.3\nfile_mb = 0.1",
+    ) else {
+        return;
+    };
     let captures = dir.join(format!("state-{port}")).join("captures");
     let on_disk = || -> u64 {
         std::fs::read_dir(&captures)

@@ -514,7 +514,9 @@ fn main() -> Result<()> {
                     "xtask: netpulse needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; not root, so it may refuse to start"
                 );
             }
-            eprintln!("xtask: the status page at http://127.0.0.1:9477/, metrics at /metrics (Ctrl-C to stop)");
+            eprintln!(
+                "xtask: the status page at http://127.0.0.1:9477/, metrics at /metrics (Ctrl-C to stop)"
+            );
             run(&mut c)
         }
         Cmd::Test => test(),
