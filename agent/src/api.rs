@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     checks::engine::State as CheckState,
-    store::{Store, now_ms},
+    store::Store,
     web::{Shared, lock},
 };
 
@@ -191,19 +191,12 @@ async fn checks(State(shared): State<Shared>) -> Response {
         (a.checks.view(), a.store.clone())
     };
     let body = tokio::task::spawn_blocking(move || {
-        let now = now_ms();
-        let (day, week) = (now - 86_400_000, now - 7 * 86_400_000);
         view.iter()
             .map(|v| {
                 let last = v.status.last.as_ref();
-                let (up24, up7, recent, incidents) = match &store {
-                    Some(s) => (
-                        s.uptime(&v.spec.name, day),
-                        s.uptime(&v.spec.name, week),
-                        s.recent(&v.spec.name, 20),
-                        s.incidents(&v.spec.name, week),
-                    ),
-                    None => (None, None, Vec::new(), Vec::new()),
+                let (summary, recent) = match &store {
+                    Some(s) => (s.summary(&v.spec.name), s.recent(&v.spec.name, 20)),
+                    None => (Default::default(), Vec::new()),
                 };
                 json!({
                     "name": v.spec.name,
@@ -221,9 +214,9 @@ async fn checks(State(shared): State<Shared>) -> Response {
                         "http_status": l.http_status,
                         "phases": l.phases.iter().map(|(p, d)| (p.to_string(), d.as_secs_f64())).collect::<std::collections::BTreeMap<_, _>>(),
                     })),
-                    "uptime": { "24h": up24, "7d": up7 },
+                    "uptime": { "24h": summary.uptime_24h, "7d": summary.uptime_7d },
                     "recent": recent,
-                    "incidents": incidents,
+                    "incidents": summary.incidents,
                 })
             })
             .collect::<Vec<_>>()

@@ -23,7 +23,7 @@ use crate::{
     checks::engine::State as CheckState,
     history::{self, Totals},
     identity::Slotted,
-    store::{Store, now_ms},
+    store::Store,
     web::{Shared, lock},
 };
 
@@ -140,8 +140,6 @@ fn dir_json(d: &agent_ebpf::DirCounters) -> Value {
 /// the async threads.
 fn service_json(r: &Row, store: Option<&Store>) -> Value {
     use agent_ebpf::{DIR_EGRESS, DIR_INGRESS};
-    let now = now_ms();
-    let (day, week) = (now - 86_400_000, now - 7 * 86_400_000);
     let meta = r.slot.meta.as_ref();
     let source = meta.map_or("restored", |m| m.source.as_str());
     let containers = meta.map_or(&[][..], |m| &m.containers[..]);
@@ -157,8 +155,10 @@ fn service_json(r: &Row, store: Option<&Store>) -> Value {
         .checks
         .iter()
         .map(|c| {
-            let up = store.map(|s| [s.uptime(&c.name, day), s.uptime(&c.name, week)]);
-            let up = up.unwrap_or([None, None]);
+            let up = store.map_or([None, None], |s| {
+                let sum = s.summary(&c.name);
+                [sum.uptime_24h, sum.uptime_7d]
+            });
             for (w, u) in worst.iter_mut().zip(up) {
                 if let Some(u) = u {
                     *w = Some(w.map_or(u, |x: f64| x.min(u)));

@@ -6,9 +6,10 @@
 //! recovers by itself when writes succeed again.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -107,7 +108,22 @@ pub struct Store {
     path: PathBuf,
     /// The last write error logged, so a full disk is logged once.
     failing: Mutex<Option<String>>,
+    /// `summary` per check, computed when asked and kept until the check's
+    /// next result is written (or `SUMMARY_TTL`): the status page, the API
+    /// and every viewer then share one scan of a check's week of results.
+    summaries: Mutex<HashMap<String, (Instant, Summary)>>,
 }
+
+/// A check's uptime over 24 h and 7 d and its incidents of the last 7 d.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub uptime_24h: Option<f64>,
+    pub uptime_7d: Option<f64>,
+    pub incidents: Vec<Incident>,
+}
+
+/// How long a summary stands without new results (its windows slide).
+const SUMMARY_TTL: Duration = Duration::from_secs(60);
 
 /// Results held in memory at most, waiting for a write to succeed.
 const MAX_PENDING: usize = 100_000;
@@ -169,6 +185,7 @@ impl Store {
             pending: Mutex::new(Vec::new()),
             path,
             failing: Mutex::new(None),
+            summaries: Mutex::new(HashMap::new()),
         })
     }
 
@@ -250,6 +267,12 @@ impl Store {
             tx.commit()
         })();
         drop(conn);
+        if r.is_ok() {
+            let mut cache = self.summaries();
+            for (check, _) in &batch {
+                cache.remove(check);
+            }
+        }
         if self.wrote("check results", r).is_none() {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let room = MAX_PENDING.saturating_sub(p.len());
@@ -266,7 +289,33 @@ impl Store {
         let r = self
             .conn()
             .execute("DELETE FROM results WHERE at_ms < ?1", params![cutoff]);
+        self.summaries().clear();
         self.wrote("pruning history", r);
+    }
+
+    fn summaries(&self) -> MutexGuard<'_, HashMap<String, (Instant, Summary)>> {
+        self.summaries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Uptime over 24 h and 7 d and the incidents of 7 d of `check`,
+    /// computed once per new result (see `summaries`).
+    pub fn summary(&self, check: &str) -> Summary {
+        self.flush();
+        if let Some((at, s)) = self.summaries().get(check)
+            && at.elapsed() < SUMMARY_TTL
+        {
+            return s.clone();
+        }
+        let now = now_ms();
+        let (day, week) = (now - 86_400_000, now - 7 * 86_400_000);
+        let s = Summary {
+            uptime_24h: self.uptime(check, day),
+            uptime_7d: self.uptime(check, week),
+            incidents: self.incidents(check, week),
+        };
+        self.summaries()
+            .insert(check.to_string(), (Instant::now(), s.clone()));
+        s
     }
 
     /// Share of successful results of `check` since `since_ms` (None:
@@ -480,6 +529,21 @@ mod tests {
             ]
         );
         assert_eq!(s.recent("web", 2)[0].at_ms, t0 + 5000);
+        // The summary is the same, and a new result is in the next one.
+        let sum = s.summary("web");
+        assert_eq!((sum.uptime_7d, &sum.incidents[..]), (Some(0.5), &inc[..]));
+        s.add_result(
+            "web",
+            &ResultRow {
+                at_ms: t0 + 6000,
+                ok: true,
+                duration_ms: 1.0,
+                error: None,
+            },
+        );
+        let sum = s.summary("web");
+        assert_eq!(sum.uptime_7d, Some(4.0 / 7.0));
+        assert_eq!(sum.incidents[1].end_ms, Some(t0 + 6000));
         s.prune(Duration::from_millis(3000));
         assert!(s.recent("web", 10).len() < 6);
         let _ = std::fs::remove_dir_all(&d);
