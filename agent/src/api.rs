@@ -35,6 +35,17 @@ pub fn routes() -> Router<Shared> {
 
 use crate::status::error;
 
+/// Whether the request carries `Authorization: Bearer <token>`, compared
+/// in constant time.
+pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
 /// None if the request may start work; else the answer that refuses it.
 pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = lock(shared).api_token.clone();
@@ -44,12 +55,7 @@ pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
             "endpoints that start work are off: no api.token (or api.token_file) in the config",
         ));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+    if bearer_matches(headers, &token) {
         return None;
     }
     let mut r = error(

@@ -166,12 +166,7 @@ pub struct DockerState<'a> {
 /// labels. Replicas of one service are listed comma-separated, so the info
 /// metric stays one series per service and joins one-to-one.
 fn info_values(meta: Option<&ServiceMeta>, labels: &[String]) -> Vec<String> {
-    let cs: &[ContainerMeta] = meta.map_or(&[], |m| &m.containers);
-    let join = |f: &dyn Fn(&ContainerMeta) -> &str| {
-        let mut v: Vec<&str> = cs.iter().map(f).filter(|s| !s.is_empty()).collect();
-        v.dedup();
-        v.join(",")
-    };
+    let join = |f: &dyn Fn(&ContainerMeta) -> &str| meta.map_or(String::new(), |m| m.join(f));
     let mut out = vec![
         join(&|c| &c.name),
         join(&|c| &c.image),

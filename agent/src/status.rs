@@ -144,9 +144,7 @@ fn service_json(r: &Row, store: Option<&Store>) -> Value {
     let source = meta.map_or("restored", |m| m.source.as_str());
     let containers = meta.map_or(&[][..], |m| &m.containers[..]);
     let join = |f: &dyn Fn(&crate::identity::ContainerMeta) -> &str| {
-        let mut v: Vec<&str> = containers.iter().map(f).filter(|s| !s.is_empty()).collect();
-        v.dedup();
-        v.join(",")
+        meta.map_or(String::new(), |m| m.join(f))
     };
     let states: Vec<CheckState> = r.checks.iter().map(|c| c.state).collect();
     let retired = r.slot.retired_at.is_some();

@@ -67,11 +67,9 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let bearer_ok = match (given.strip_prefix("Bearer "), &token) {
-        (Some(g), Some(t)) => bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), t.as_bytes())),
-        _ => false,
-    };
-    let ok = bearer_ok
+    let ok = token
+        .as_deref()
+        .is_some_and(|t| crate::api::bearer_matches(req.headers(), t))
         || match crate::websec::basic_credentials(&given) {
             Some((user, password)) => {
                 tokio::task::spawn_blocking(move || users.check(&user, &password))

@@ -89,6 +89,19 @@ pub struct ServiceMeta {
 }
 
 impl ServiceMeta {
+    /// One field of its containers, the distinct values comma-separated
+    /// (replicas of a compose service share one service).
+    pub fn join(&self, field: impl Fn(&ContainerMeta) -> &str) -> String {
+        let mut v: Vec<&str> = self
+            .containers
+            .iter()
+            .map(field)
+            .filter(|s| !s.is_empty())
+            .collect();
+        v.dedup();
+        v.join(",")
+    }
+
     fn new(source: Source, remote: bool) -> Self {
         Self {
             source,
