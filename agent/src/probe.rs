@@ -174,6 +174,48 @@ impl Attachment {
     }
 }
 
+/// Brings a kernel map from `written` (what it holds) to `want`: entries
+/// that left go first (a look-up then misses, which is right for what is
+/// leaving), then new and changed ones. `apply(key, None)` removes,
+/// `apply(key, Some(value))` writes; `written` follows each step, so a
+/// failure part-way leaves it true to the kernel. Returns how many entries
+/// changed.
+fn reconcile<K: Ord + Copy, V: PartialEq + Copy>(
+    written: &mut BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    mut apply: impl FnMut(K, Option<V>) -> Result<()>,
+) -> Result<usize> {
+    let gone: Vec<K> = written
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect();
+    let mut changes = 0;
+    for k in gone {
+        apply(k, None)?;
+        written.remove(&k);
+        changes += 1;
+    }
+    for (k, v) in want {
+        if written.get(k) != Some(v) {
+            apply(*k, Some(*v))?;
+            written.insert(*k, *v);
+            changes += 1;
+        }
+    }
+    Ok(changes)
+}
+
+/// A removal that found nothing to remove is done.
+fn removed(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r,
+    }
+}
+
 /// Writes the groups of `want` that differ from `written`; returns how many.
 fn write_groups<T: aya::Pod + PartialEq>(
     map: &mut Array<MapData, T>,
@@ -735,46 +777,23 @@ impl Kernel {
         // once nothing points at it. `self.written` follows each step, so a
         // failure part-way leaves it true to the kernel and the next refresh
         // finishes the job.
-        let mut changes = 0;
-        let stale: Vec<EndpointKey> = self
-            .written
-            .hash
-            .keys()
-            .filter(|k| !hash.contains_key(k))
-            .copied()
-            .collect();
-        for k in stale {
-            let (res, name) = if k.family == FAMILY_V4 {
-                (self.services4.remove(&k.key4()), maps::SERVICES4)
-            } else {
-                (self.services6.remove(&k.key6()), maps::SERVICES6)
-            };
-            match res {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
-            }
-            self.written.hash.remove(&k);
-            changes += 1;
-        }
-        for (k, slot) in &hash {
-            if self.written.hash.get(k) != Some(slot) {
-                let v = ServiceRef {
-                    slot: *slot,
-                    _pad: 0,
-                };
-                if k.family == FAMILY_V4 {
-                    self.services4
-                        .insert(k.key4(), v, 0)
-                        .map_err(map_err(maps::SERVICES4))?;
-                } else {
-                    self.services6
-                        .insert(k.key6(), v, 0)
-                        .map_err(map_err(maps::SERVICES6))?;
+        let mut changes = reconcile(&mut self.written.hash, &hash, |k, slot| {
+            let v4 = k.family == FAMILY_V4;
+            let name = if v4 { maps::SERVICES4 } else { maps::SERVICES6 };
+            let r = match slot {
+                None if v4 => removed(self.services4.remove(&k.key4())),
+                None => removed(self.services6.remove(&k.key6())),
+                Some(slot) => {
+                    let v = ServiceRef { slot, _pad: 0 };
+                    if v4 {
+                        self.services4.insert(k.key4(), v, 0)
+                    } else {
+                        self.services6.insert(k.key6(), v, 0)
+                    }
                 }
-                self.written.hash.insert(*k, *slot);
-                changes += 1;
-            }
-        }
+            };
+            r.map_err(map_err(name))
+        })?;
         changes += write_groups(
             &mut self.groups4,
             &mut self.written.groups4,
@@ -830,43 +849,21 @@ impl Kernel {
     /// Makes the container address table (`NP_ADDRS4`/`6`) equal to
     /// `want`, touching only what differs; returns how many entries changed.
     pub fn sync_addrs(&mut self, want: &BTreeMap<IpAddr, u32>) -> Result<usize> {
-        let mut changes = 0;
-        let gone: Vec<IpAddr> = self
-            .written
-            .addrs
-            .keys()
-            .filter(|a| !want.contains_key(a))
-            .copied()
-            .collect();
-        for a in gone {
-            let res = match a {
-                IpAddr::V4(v4) => self.addrs4.remove(&addr4(v4)),
-                IpAddr::V6(v6) => self.addrs6.remove(&addr6(v6)),
+        reconcile(&mut self.written.addrs, want, |a, slot| {
+            let r = match (a, slot) {
+                (IpAddr::V4(v4), None) => removed(self.addrs4.remove(&addr4(v4))),
+                (IpAddr::V6(v6), None) => removed(self.addrs6.remove(&addr6(v6))),
+                (IpAddr::V4(v4), Some(slot)) => {
+                    self.addrs4
+                        .insert(addr4(v4), ServiceRef { slot, _pad: 0 }, 0)
+                }
+                (IpAddr::V6(v6), Some(slot)) => {
+                    self.addrs6
+                        .insert(addr6(v6), ServiceRef { slot, _pad: 0 }, 0)
+                }
             };
-            match res {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(addrs_map(&a))(e)),
-            }
-            self.written.addrs.remove(&a);
-            changes += 1;
-        }
-        for (a, slot) in want {
-            if self.written.addrs.get(a) == Some(slot) {
-                continue;
-            }
-            let v = ServiceRef {
-                slot: *slot,
-                _pad: 0,
-            };
-            match a {
-                IpAddr::V4(v4) => self.addrs4.insert(addr4(*v4), v, 0),
-                IpAddr::V6(v6) => self.addrs6.insert(addr6(*v6), v, 0),
-            }
-            .map_err(map_err(addrs_map(a)))?;
-            self.written.addrs.insert(*a, *slot);
-            changes += 1;
-        }
-        Ok(changes)
+            r.map_err(map_err(addrs_map(&a)))
+        })
     }
 
     /// Makes the veth table (`NP_VETHS`) hold `want` (host-side veth
@@ -881,29 +878,11 @@ impl Kernel {
                 slot: *slot,
             });
         }
-        let mut changes = 0;
-        let gone: Vec<u32> = self
-            .written
-            .veths
-            .keys()
-            .filter(|i| !at.contains_key(i))
-            .copied()
-            .collect();
-        for i in gone {
+        reconcile(&mut self.written.veths, &at, |i, v| {
             self.veths
-                .set(i, VethSlot::default(), 0)
-                .map_err(map_err(maps::VETHS))?;
-            self.written.veths.remove(&i);
-            changes += 1;
-        }
-        for (i, v) in at {
-            if self.written.veths.get(&i) != Some(&v) {
-                self.veths.set(i, v, 0).map_err(map_err(maps::VETHS))?;
-                self.written.veths.insert(i, v);
-                changes += 1;
-            }
-        }
-        Ok(changes)
+                .set(i, v.unwrap_or_default(), 0)
+                .map_err(map_err(maps::VETHS))
+        })
     }
 
     // --- counters ------------------------------------------------------
