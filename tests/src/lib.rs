@@ -30,6 +30,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A fresh directory for one test's files, `$TMPDIR/netpulse-<tag>-<pid>`
+/// (emptied if a previous run left it).
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("netpulse-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a scratch directory");
+    d
+}
+
 /// A bpffs directory for one test's pinned maps, removed on drop.
 pub struct PinDir(PathBuf, bool);
 

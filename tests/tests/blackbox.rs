@@ -84,8 +84,7 @@ fn probe_answers_like_blackbox_exporter() {
     {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("netpulse-blackbox-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("blackbox");
     let bb_cfg = dir.join("blackbox.yml");
     std::fs::write(
         &bb_cfg,

@@ -434,8 +434,7 @@ fn a_failing_check_leaves_a_capture_with_packets_from_before_the_failure() {
     }
     use std::sync::{Arc, atomic::AtomicBool};
     let pair = Pair::np6("cf", 14);
-    let dir = std::env::temp_dir().join(format!("netpulse-capfail-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("capfail");
     let (port, web) = (19653, 19660);
     let cfg = dir.join("fail.toml");
     std::fs::write(

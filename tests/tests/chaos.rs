@@ -19,12 +19,6 @@ use netpulse_tests::{
     netns::Pair,
 };
 
-fn workdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("netpulse-chaos-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn config(path: &Path, port: u16, pins: &PinDir, extra: &str) {
     std::fs::write(
         path,
@@ -50,7 +44,7 @@ struct Setup {
 fn setup(tag: &str, net: u8, port: u16) -> Setup {
     let pair = Pair::new(tag, net);
     let pins = PinDir::mounted(tag);
-    let dir = workdir(tag);
+    let dir = netpulse_tests::scratch(&format!("chaos-{tag}"));
     let cfg = dir.join("config.toml");
     config(&cfg, port, &pins, "");
     let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));

@@ -27,9 +27,7 @@ use netpulse_tests::{
 };
 
 fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("netpulse-checks-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    netpulse_tests::scratch(&format!("checks-{tag}"))
 }
 
 /// A port nothing listens on (bound, then released).

@@ -83,8 +83,7 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let dir = std::env::temp_dir().join(format!("netpulse-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("caps");
     let port = 19479;
     let cfg = dir.join("config.toml");
     std::fs::write(

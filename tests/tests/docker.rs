@@ -47,8 +47,7 @@ fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
     }
     test_image();
     let pins = PinDir::new(tag);
-    let dir = std::env::temp_dir().join(format!("netpulse-docker-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch(&format!("docker-{tag}"));
     let cfg = dir.join("config.toml");
     std::fs::write(
         &cfg,

@@ -121,8 +121,7 @@ fn a_million_random_frames_leave_the_service_count_exact_and_memory_flat() {
     }
     let pair = Pair::new("flood", 100);
     let pins = PinDir::mounted("flood");
-    let dir = std::env::temp_dir().join(format!("netpulse-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("flood");
     let (cfg, port) = (dir.join("config.toml"), 19486);
     std::fs::write(
         &cfg,

@@ -20,8 +20,7 @@ use netpulse_tests::{
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn start(pair: &Pair, pins: &PinDir, tag: &str, listen: Option<u16>) -> (Agent, u16) {
-    let dir = std::env::temp_dir().join(format!("netpulse-http-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch(&format!("http-{tag}"));
     let cfg = dir.join("config.toml");
     let listen_line = listen
         .map(|p| format!("listen = \"127.0.0.1:{p}\"\n"))

@@ -46,8 +46,7 @@ fn the_image_runs_with_host_network_and_counts() {
         return;
     }
     let pins = PinDir::mounted("image");
-    let dir = std::env::temp_dir().join(format!("netpulse-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("image");
     let (port, svc_port) = (19481u16, 7400u16);
     let cfg = dir.join("config.toml");
     // Only loopback: the test's traffic stays on this host's lo.

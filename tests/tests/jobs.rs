@@ -22,10 +22,7 @@ use netpulse_tests::{
 };
 
 fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("netpulse-jobs-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    netpulse_tests::scratch(&format!("jobs-{tag}"))
 }
 
 /// An HTTP server: `/ok` 200, `/hang` after 4 s, anything else 404; POSTs

@@ -150,8 +150,7 @@ fn live_traffic_is_counted_exactly_and_survives_a_restart() {
     }
     let pair = Pair::new("live", 91);
     let pins = PinDir::mounted("live");
-    let dir = std::env::temp_dir().join(format!("netpulse-live-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("live");
     let config = dir.join("config.toml");
     std::fs::write(
         &config,

@@ -168,8 +168,7 @@ fn pcap_and_ebpf_backends_count_the_same_traffic_alike() {
     }
     let pair = Pair::np6("pb", 10);
     let pins = PinDir::mounted("np6pb");
-    let dir = std::env::temp_dir().join(format!("netpulse-pcap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("pcap");
     let (p_ebpf, p_pcap) = (19640, 19641);
     // The veth and loopback (where the kernel runs both TC hooks on each
     // packet and libpcap shows it once). Offloads off on lo too: a GSO
@@ -273,8 +272,7 @@ fn auto_falls_back_to_pcap_without_bpf_capabilities_and_says_why() {
         return;
     }
     let pair = Pair::np6("fb", 11);
-    let dir = std::env::temp_dir().join(format!("netpulse-fallback-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("fallback");
     let port = 19642;
     let cfg = config(
         &dir,

@@ -172,8 +172,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     }
     let pair = Pair::new("prom", 94);
     let pins = PinDir::mounted("prom");
-    let dir = std::env::temp_dir().join(format!("netpulse-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("prom");
     let (agent_port, prom_port) = (19480, 19490);
     let cfg = dir.join("netpulse.toml");
     std::fs::write(

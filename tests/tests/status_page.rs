@@ -72,9 +72,7 @@ fn the_status_page_shows_the_apis_numbers_and_turns_a_failing_service_down_live(
     }
     let pair = Pair::new("page", 104);
     let pins = PinDir::mounted("page");
-    let dir = std::env::temp_dir().join(format!("netpulse-page-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("page");
     let cfg = dir.join("config.toml");
     std::fs::write(
         &cfg,

@@ -197,9 +197,7 @@ fn prometheus_scrapes_over_mutual_tls_with_a_password_and_nobody_else_gets_in() 
     }
     let pair = Pair::new("websec", 106);
     let pins = PinDir::mounted("websec");
-    let dir = std::env::temp_dir().join(format!("netpulse-websec-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("websec");
     let pki = Pki::new(&dir);
     let first = pki.leaf("server", "netpulse one");
     pki.leaf("client", "prometheus");
@@ -379,8 +377,7 @@ fn bad_web_settings_are_config_errors_with_a_place() {
     if !have_bin() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("netpulse-websec-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = netpulse_tests::scratch("websec-cfg");
     let cfg = dir.join("bad.toml");
     std::fs::write(
         &cfg,
