@@ -835,23 +835,33 @@ pub mod cli {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             return Ok(());
         }
-        println!(
-            "{:>6}  {:<8}  {:>9}  {:>12}  {:>5}  FILTER",
-            "ID", "STATE", "PACKETS", "BYTES ON DISK", "PARTS"
+        let rows: Vec<Vec<String>> = v["captures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                vec![
+                    c["id"].to_string(),
+                    c["state"].as_str().unwrap_or("-").to_string(),
+                    c["result"]["packets"]
+                        .as_u64()
+                        .map_or("-".into(), |n| n.to_string()),
+                    c["bytes"].to_string(),
+                    c["parts"].as_array().map_or(0, Vec::len).to_string(),
+                    c["plan"]["filter"].as_str().unwrap_or("").to_string(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            crate::cli::table(
+                &["ID", "STATE", "PACKETS", "BYTES ON DISK", "PARTS", "FILTER"],
+                &rows,
+                &[0, 2, 3, 4],
+                Some(1),
+                crate::cli::color(),
+            )
         );
-        for c in v["captures"].as_array().into_iter().flatten() {
-            println!(
-                "{:>6}  {:<8}  {:>9}  {:>12}  {:>5}  {}",
-                c["id"],
-                c["state"].as_str().unwrap_or("-"),
-                c["result"]["packets"]
-                    .as_u64()
-                    .map_or("-".into(), |n| n.to_string()),
-                c["bytes"],
-                c["parts"].as_array().map_or(0, Vec::len),
-                c["plan"]["filter"].as_str().unwrap_or(""),
-            );
-        }
         Ok(())
     }
 

@@ -18,7 +18,7 @@ pub fn color() -> bool {
 /// The ANSI colour of a state word.
 fn state_color(s: &str) -> Option<&'static str> {
     match s {
-        "up" | "ok" => Some("32"),
+        "up" | "ok" | "done" => Some("32"),
         "down" | "failed" => Some("31"),
         "degraded" | "blocked" => Some("33"),
         "unknown" => Some("90"),
