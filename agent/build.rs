@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         if !object.exists() {
             fs::write(&object, b"").context("writing the empty eBPF placeholder")?;
         }
+        announce(&object);
         return Ok(());
     }
     let root_dir = ebpf_dir
@@ -34,5 +35,19 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    announce(&object);
+    Ok(())
+}
+
+/// `netpulse --version` says whether the binary carries its programs (the
+/// tests refuse to test eBPF with one that does not).
+fn announce(object: &std::path::Path) {
+    let size = fs::metadata(object).map_or(0, |m| m.len());
+    let what = if size > 0 {
+        "built in".to_string()
+    } else {
+        "absent (built with AYA_BUILD_SKIP=1)".to_string()
+    };
+    println!("cargo:rustc-env=NETPULSE_EBPF_PROGRAMS={what}");
 }

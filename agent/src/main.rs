@@ -9,6 +9,11 @@ use netpulse::{config, run};
 #[command(
     name = "netpulse",
     version,
+    long_version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\neBPF programs: ",
+        env!("NETPULSE_EBPF_PROGRAMS")
+    ),
     about = "Per-service network counters from eBPF, for Prometheus"
 )]
 struct Cli {

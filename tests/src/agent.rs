@@ -20,11 +20,88 @@ pub fn bin() -> String {
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/netpulse").into())
 }
 
+/// The binary exists (else a skip, a failure under CI) and is not older
+/// than the sources it is built from (else a failure: a stale binary would
+/// be tested in place of the code).
 pub fn have_bin() -> bool {
-    crate::require(
+    let bin = bin();
+    if !crate::require(
         "the netpulse binary (cargo build -p netpulse, or NETPULSE_BIN)",
-        Path::new(&bin()).exists(),
-    )
+        Path::new(&bin).exists(),
+    ) {
+        return false;
+    }
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .expect("the binary's mtime");
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Some((newest, path)) = newest_source(&ws)
+        && newest > built
+    {
+        panic!(
+            "{bin} is older than {}: a stale binary would be tested, not this code; rebuild it (cargo build -p netpulse)",
+            path.display()
+        );
+    }
+    true
+}
+
+/// The newest file the binary is built from: the agent's and the kernel
+/// programs' sources, manifests and build script, and the lock file.
+fn newest_source(ws: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(p: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                walk(&e.path(), best);
+            }
+        } else if let Ok(t) = meta.modified()
+            && best.as_ref().is_none_or(|(b, _)| t > *b)
+        {
+            *best = Some((t, p.to_path_buf()));
+        }
+    }
+    let mut best = None;
+    for p in [
+        "agent/src",
+        "agent/build.rs",
+        "agent/Cargo.toml",
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        walk(&ws.join(p), &mut best);
+    }
+    best
+}
+
+/// The binary carries the kernel programs (`netpulse --version` says so;
+/// an `AYA_BUILD_SKIP=1` build does not). A test of eBPF with a binary
+/// without them fails: under `backend = "auto"` it would quietly count
+/// with libpcap and pass.
+pub fn assert_ebpf_bin() {
+    let out = Command::new(bin())
+        .arg("--version")
+        .output()
+        .expect("netpulse --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("eBPF programs: built in"),
+        "{} lacks its eBPF programs, so it cannot be tested as eBPF (rebuild without AYA_BUILD_SKIP=1); --version says:\n{text}",
+        bin()
+    );
+}
+
+/// What counts packets in an agent a test starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backend {
+    /// `--backend ebpf`: the kernel programs or a failed start, never the
+    /// libpcap fallback.
+    Ebpf,
+    /// Whatever the config's `agent.backend` says (the backend tests).
+    AsConfigured,
 }
 
 pub struct Agent {
@@ -38,29 +115,53 @@ pub struct Agent {
 impl Agent {
     /// `ip netns exec NS [wrapper...] netpulse run --config CONFIG`, its
     /// stderr appended to `log`. `port` is the config's listen port.
+    /// Counts with eBPF (`--backend ebpf`).
     pub fn start(ns: &Netns, wrapper: &[&str], config: &Path, port: u16, log: &Path) -> Agent {
+        Self::start_with(ns, wrapper, config, port, log, Backend::Ebpf)
+    }
+
+    /// As [`Agent::start`], with the backend given.
+    pub fn start_with(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &Path,
+        port: u16,
+        log: &Path,
+        backend: Backend,
+    ) -> Agent {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name])
             .args(wrapper)
             .arg(bin());
-        Self::spawn(cmd, Some(ns.name.clone()), config, port, log)
+        Self::spawn(cmd, Some(ns.name.clone()), config, port, log, backend)
     }
 
-    /// `netpulse run --config CONFIG` in the host's own namespace (for
-    /// what lives there: dockerd's containers and their veths).
+    /// `netpulse run --config CONFIG --backend ebpf` in the host's own
+    /// namespace (for what lives there: dockerd's containers and their
+    /// veths).
     pub fn start_host(config: &Path, port: u16, log: &Path) -> Agent {
-        Self::spawn(Command::new(bin()), None, config, port, log)
+        Self::spawn(Command::new(bin()), None, config, port, log, Backend::Ebpf)
     }
 
-    fn spawn(mut cmd: Command, ns: Option<String>, config: &Path, port: u16, log: &Path) -> Agent {
+    fn spawn(
+        mut cmd: Command,
+        ns: Option<String>,
+        config: &Path,
+        port: u16,
+        log: &Path,
+        backend: Backend,
+    ) -> Agent {
+        cmd.args(["run", "--config"]).arg(config);
+        if backend == Backend::Ebpf {
+            assert_ebpf_bin();
+            cmd.args(["--backend", "ebpf"]);
+        }
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("agent log");
         let child = cmd
-            .args(["run", "--config"])
-            .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out)

@@ -22,11 +22,22 @@ use std::{
 pub const TEST_IMAGE: &str = "netpulse-test-busybox:1";
 const BUSYBOX: &str = "/bin/busybox";
 
+/// The dockerd the helpers here talk to: None for the machine's own
+/// (`DOCKER_HOST` or the default socket), else a test's own
+/// ([`OwnDockerd::select`]).
+static HOST: Mutex<Option<String>> = Mutex::new(None);
+
+/// `docker` with `-H` for the selected daemon.
+fn docker_cmd() -> Command {
+    let mut c = Command::new("docker");
+    if let Some(h) = HOST.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        c.args(["-H", h]);
+    }
+    c
+}
+
 pub fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("spawn docker")
+    docker_cmd().args(args).output().expect("spawn docker")
 }
 
 /// `docker ARGS`, failing the test with its stderr unless it succeeds;
@@ -63,7 +74,11 @@ pub fn test_image() {
     if docker(&["image", "inspect", TEST_IMAGE]).status.success() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("netpulse-busybox-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "netpulse-busybox-{}-{}",
+        std::process::id(),
+        HOST.lock().map_or(0, |h| h.as_ref().map_or(0, String::len))
+    ));
     std::fs::create_dir_all(dir.join("www")).expect("image context");
     std::fs::copy(BUSYBOX, dir.join("busybox")).expect("copy busybox");
     std::fs::write(dir.join("www/index.html"), "netpulse test page\n").expect("page");
@@ -72,7 +87,7 @@ pub fn test_image() {
         "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nENTRYPOINT [\"/bin/busybox\"]\n",
     )
     .expect("Dockerfile");
-    let out = Command::new("docker")
+    let out = docker_cmd()
         .args(["build", "-q", "-t", TEST_IMAGE])
         .arg(&dir)
         .env("DOCKER_BUILDKIT", "0")
@@ -199,85 +214,219 @@ fn proc_tables(text: &str) -> HashMap<(String, String), u64> {
     out
 }
 
-/// The workspace's `target/`, where `cargo xtask` records the dockerd it
-/// started (`dockerd.owned`) and logs it (`dockerd.log`).
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
-}
-
-/// Where dockerd's own containerd records its pid.
-const CONTAINERD_PID: &str = "/var/run/docker/containerd/containerd.pid";
-
-/// The pid of a dockerd the test harness started (`cargo xtask` records
-/// it), if that process still runs: the only dockerd a test may kill.
-pub fn owned_dockerd() -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(target_dir().join("dockerd.owned"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "dockerd").then_some(pid)
-}
-
-/// SIGKILLs the harness's dockerd (`pid`, from [`owned_dockerd`]), waits
-/// for it to go, and returns a closure that starts it again the way
-/// `cargo xtask` does (recording the new pid) and waits until it answers.
-pub fn kill_owned_dockerd(pid: i32) -> impl FnOnce() {
-    // The containerd dockerd runs dies with it (parent-death signal); a new
-    // dockerd that finds it still exiting waits for it in vain.
-    let containerd: Option<i32> = std::fs::read_to_string(CONTAINERD_PID)
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-        .filter(|c| parent_of(*c) == Some(pid));
-    // SAFETY: signalling a process the harness started, by pid.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let gone = |p: i32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| s.contains(") Z "))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !gone(pid) || containerd.is_some_and(|c| !gone(c)) {
+/// The default bridge's gateway address (docker0's IPv4 address). A
+/// freshly started dockerd can answer `network inspect` with an empty
+/// gateway for a moment; an empty address in `-p ADDR:PORT:PORT` would bind
+/// every address, so this waits for a real one (10 s), then fails saying so.
+pub fn bridge_gateway() -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let from_docker = docker_ok(&[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
+        ]);
+        let from_link = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-4", "-o", "addr", "show", "dev", "docker0"])
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default(),
+        )
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+        let found = from_docker
+            .split_whitespace()
+            .chain([from_link.as_str()])
+            .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+            .map(str::to_string);
+        if let Some(a) = found {
+            return a;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "dockerd {pid} (or its containerd) did not go"
+            "the default bridge has no IPv4 gateway (docker network inspect bridge: {from_docker:?}; docker0: {from_link:?})"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    move || {
-        // A killed dockerd leaves its pid file, and a new one refuses to
-        // start beside it.
-        let pidfile = Path::new("/var/run/docker.pid");
-        if std::fs::read_to_string(pidfile).is_ok_and(|p| p.trim() == pid.to_string()) {
-            let _ = std::fs::remove_file(pidfile);
+}
+
+/// A dockerd of the test's own, beside whatever dockerd the machine runs:
+/// its own API socket, data root, exec root (and so its own containerd),
+/// pid file and bridge (`np-dk<net>`, `10.79.<net>.1/24`), no iptables.
+/// So a test can kill a dockerd without touching one it did not start.
+/// Stopped, and everything removed, on drop.
+pub struct OwnDockerd {
+    dir: PathBuf,
+    pub bridge: String,
+    pub socket: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnDockerd {
+    pub fn start(net: u8) -> Self {
+        // Short paths: containerd's sockets live under the exec root and a
+        // unix socket path has 108 bytes.
+        let dir = PathBuf::from(format!("/tmp/np-dk{net}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dockerd directory");
+        let bridge = format!("np-dk{net}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["addr", "add", &format!("10.79.{net}.1/24"), "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().expect("spawn ip");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        // Likewise its containerd's, which a dead but unreaped containerd
-        // (a zombie, where nothing reaps orphans) would keep "running".
-        if containerd.is_some() {
-            let _ = std::fs::remove_file(CONTAINERD_PID);
-        }
+        let mut d = OwnDockerd {
+            socket: dir.join("docker.sock"),
+            dir,
+            bridge,
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    /// `unix://SOCKET`, for `docker -H`.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Points this module's helpers (containers, the test image) at this
+    /// daemon until the guard drops.
+    pub fn select(&self) -> Selected {
+        *HOST.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.host());
+        Selected(())
+    }
+
+    /// Starts dockerd (again) and waits until it answers.
+    pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(target_dir().join("dockerd.log"))
+            .open(self.dir.join("dockerd.log"))
             .expect("dockerd log");
-        // dockerd outlives the test, as the one the harness started does:
-        // never waited for here.
-        #[allow(clippy::zombie_processes)]
         let child = Command::new("dockerd")
+            .arg("--host")
+            .arg(self.host())
+            .arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("--pidfile")
+            .arg(self.dir.join("docker.pid"))
+            .args(["--bridge", &self.bridge])
+            .args(["--iptables=false", "--ip6tables=false", "--ip-masq=false"])
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start dockerd");
-        std::fs::write(target_dir().join("dockerd.owned"), child.id().to_string())
-            .expect("record dockerd");
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !docker(&["info"]).status.success() {
+        loop {
+            let up = Command::new("docker")
+                .args(["-H", &self.host(), "info"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if up {
+                return;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "dockerd did not come back"
+                "the test's dockerd did not answer; its log:\n{}",
+                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// SIGKILL, as a crash: dockerd and the containerd it started (which a
+    /// new dockerd would otherwise wait for in vain). The containers'
+    /// shims live on.
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id() as i32;
+        let containerd: Option<i32> =
+            std::fs::read_to_string(self.dir.join("exec/containerd/containerd.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .filter(|c| parent_of(*c) == Some(pid));
+        // SAFETY: signalling the dockerd this test started, by pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = child.wait();
+        if let Some(c) = containerd {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "containerd {c} did not go"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_file(self.dir.join("docker.pid"));
+        let _ = std::fs::remove_file(self.dir.join("exec/containerd/containerd.pid"));
+    }
+}
+
+impl Drop for OwnDockerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Its containers first, while it answers.
+            let host = self.host();
+            let ids = Command::new("docker")
+                .args(["-H", &host, "ps", "-aq"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in ids.split_whitespace() {
+                let _ = Command::new("docker")
+                    .args(["-H", &host, "rm", "-f", id])
+                    .output();
+            }
+            if let Some(mut child) = self.child.take() {
+                // SAFETY: the dockerd this test started, by pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        // Its overlay mounts go with it; anything left mounted stays (and
+        // only then does the removal fail).
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.join("exec"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// While held, this module's helpers talk to an [`OwnDockerd`].
+pub struct Selected(());
+
+impl Drop for Selected {
+    fn drop(&mut self) {
+        *HOST.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

@@ -21,8 +21,37 @@ pub fn require(what: &str, ok: bool) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("prerequisite missing under CI=true: {what}");
     }
-    eprintln!("SKIPPED: prerequisite missing: {what}");
+    skipped(&format!("prerequisite missing: {what}"));
     false
+}
+
+/// Says that the running test skips, on stderr and, for `cargo xtask
+/// test`'s summary, as a line `<test file>::<test>\t<why>` in the file
+/// `NETPULSE_SKIPS` names (libtest shows a skipped test as passed).
+pub fn skipped(why: &str) {
+    eprintln!("SKIPPED: {why}");
+    let Some(file) = std::env::var_os("NETPULSE_SKIPS") else {
+        return;
+    };
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s.clone(), |(name, _hash)| name.to_string())
+        })
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    let line = format!("{binary}::{test}\t{}\n", why.replace(['\n', '\t'], " "));
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 pub fn is_root() -> bool {

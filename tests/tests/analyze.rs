@@ -844,8 +844,21 @@ fn real_traffic_captured_by_tcpdump_matches_tshark() {
         );
         // Where tcpdump lost nothing, the counts are the traffic sent: a
         // SYN and a FIN each way per connection, every datagram and reply.
+        // A drop would make these exact counts unknowable: under CI that is
+        // a failure with tcpdump's own report, elsewhere a recorded skip of
+        // these four assertions.
         let log = std::fs::read_to_string(f.with_extension("log")).unwrap();
-        if log.contains("\n0 packets dropped by kernel") {
+        if require(
+            &format!(
+                "tcpdump losing no packet on {} (its report: {})",
+                f.display(),
+                log.lines()
+                    .filter(|l| l.contains("dropped"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            log.contains("\n0 packets dropped by kernel"),
+        ) {
             assert_eq!(got["dns"].0, 2 * DATAGRAMS as u64, "{}", f.display());
             assert_eq!(flag("syn"), 2 * CONNS as u64, "{}", f.display());
             assert_eq!(flag("fin"), 2 * CONNS as u64, "{}", f.display());

@@ -12,7 +12,7 @@ use std::{
 
 use netpulse::capture::http;
 use netpulse_tests::{
-    agent::{Agent, bin, live_prerequisites},
+    agent::{Agent, Backend, bin, live_prerequisites},
     netns::{Pair, have, run_in},
     pcapfile::tshark_io,
     require,
@@ -201,7 +201,14 @@ fn echo_agent(
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = config(&dir, port, &pair, capture);
     echo_server(&pair);
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    let mut agent = Agent::start_with(
+        &pair.a,
+        &[],
+        &cfg,
+        port,
+        &dir.join("agent.log"),
+        Backend::AsConfigured,
+    );
     agent.wait_for("the agent", |m| {
         m.has("netpulse_service_info", &[("service", "echo")])
     });
@@ -473,7 +480,14 @@ actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets =
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server = stoppable_server(&pair, web, stop.clone());
-    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    let mut agent = Agent::start_with(
+        &pair.a,
+        &[],
+        &cfg,
+        port,
+        &dir.join("agent.log"),
+        Backend::AsConfigured,
+    );
     agent.wait_for("the check up", |m| {
         m.sum("netpulse_check_up", &[("check", "web-up")]) == 1
     });

@@ -85,12 +85,19 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     assert!(out.status.success());
     let dir = netpulse_tests::scratch("caps");
     let port = 19479;
+    // A Docker socket as dockerd leaves it (root's, mode 0660), of the
+    // test's own, so the "no permission" path is always exercised, whether
+    // or not this machine runs a dockerd.
+    let sock = dir.join("docker.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o660)).unwrap();
     let cfg = dir.join("config.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7200 }}]\n",
-            pins.path().display()
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n\n[docker]\nsocket = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7200 }}]\n",
+            pins.path().display(),
+            sock.display()
         ),
     )
     .unwrap();
@@ -117,25 +124,40 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
         &set,
     ];
     let mut agent = Agent::start(&pair.a, &wrapper, &cfg, port, &dir.join("agent.log"));
-    agent.wait_for("probes on the veth", |m| {
-        m.has(
-            "netpulse_probe_attached",
-            &[("interface", pair.dev_a.as_str())],
-        )
+    // The kernel programs, not the libpcap fallback: the backend says so
+    // and both TC hooks are on the veth.
+    let m = agent.wait_for("TC programs on the veth, both ways", |m| {
+        ["ingress", "egress"].iter().all(|mode| {
+            m.has(
+                "netpulse_probe_attached",
+                &[
+                    ("interface", pair.dev_a.as_str()),
+                    ("hook", "tc"),
+                    ("mode", mode),
+                ],
+            )
+        })
     });
+    assert_eq!(
+        m.sum("netpulse_backend_info", &[("backend", "ebpf")]),
+        1,
+        "log:\n{}",
+        agent.log_text()
+    );
     // Docker's socket is root's and the docker group's: without the group
     // the agent says which socket and why, and counts on.
-    if std::path::Path::new("/var/run/docker.sock").exists() {
-        let m = agent.wait_for("the Docker source reported down", |m| {
-            m.has("netpulse_source_up", &[("source", "docker")])
-        });
-        assert_eq!(m.sum("netpulse_source_up", &[("source", "docker")]), 0);
-        let log = agent.log_text();
-        assert!(
-            log.contains("permission denied on the Docker socket /var/run/docker.sock"),
-            "{log}"
-        );
-    }
+    let m = agent.wait_for("the Docker source reported down", |m| {
+        m.has("netpulse_source_up", &[("source", "docker")])
+    });
+    assert_eq!(m.sum("netpulse_source_up", &[("source", "docker")]), 0);
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!(
+            "permission denied on the Docker socket {}",
+            sock.display()
+        )),
+        "{log}"
+    );
     // It is who we said: uid nobody, exactly the unit's capabilities.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let field = |k: &str| {

@@ -20,8 +20,8 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, have_bin},
     docker::{
-        Container, IpCounters, Outside, SocketProxy, TEST_IMAGE, docker, docker_ok, http_get,
-        kill_owned_dockerd, owned_dockerd, prerequisites, test_image, try_http_get,
+        Container, IpCounters, Outside, OwnDockerd, SocketProxy, TEST_IMAGE, docker, docker_ok,
+        http_get, prerequisites, test_image, try_http_get,
     },
     scrape::Metrics,
 };
@@ -179,13 +179,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
         format!("np-by-compose-{pid}"),
         format!("np-proj-{pid}"),
     );
-    let gateway = docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "-f",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
+    let gateway = netpulse_tests::docker::bridge_gateway();
     let web = Container::httpd(
         &web_name,
         &[
@@ -607,16 +601,17 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
     if !prerequisites() {
         return;
     }
-    // Not a missing prerequisite but a rule: a test kills only a dockerd
-    // the harness started (on a fresh machine `cargo xtask test` does, and
-    // records it). One someone else runs is left alone, even under CI.
-    if owned_dockerd().is_none() {
-        eprintln!(
-            "SKIPPED: dockerd was not started by the test harness (target/dockerd.owned); it is not ours to kill"
-        );
-        return;
-    }
-    let Some(mut fx) = agent("dockerd-kill", 19501, "") else {
+    // A test kills only a dockerd it started: its own, beside the
+    // machine's (own socket, data and exec roots, bridge), so this runs
+    // whether or not the machine already runs one.
+    let mut own = OwnDockerd::start(9);
+    let _selected = own.select();
+    let socket = own.socket.display().to_string();
+    let Some(mut fx) = agent(
+        "dockerd-kill",
+        19501,
+        &format!("[docker]\nsocket = \"{socket}\"\n"),
+    ) else {
         return;
     };
     fx.agent.wait_for("the Docker source", docker_up);
@@ -652,8 +647,7 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
         })
     };
 
-    let dockerd = owned_dockerd().expect("the harness's dockerd");
-    let restart = kill_owned_dockerd(dockerd);
+    own.kill();
     let m = fx
         .agent
         .wait_for("the Docker source down", |m| !docker_up(m));
@@ -664,7 +658,7 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
         });
     assert!(!fx.agent.exited(), "the agent died with dockerd");
 
-    restart();
+    own.restart();
     fx.agent.wait_for("the Docker source back", docker_up);
     // The container is (re)started by the new dockerd: named again, on
     // its (possibly new) veth, and counted.

@@ -13,7 +13,7 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, live_prerequisites},
+    agent::{Agent, Backend, live_prerequisites},
     netns::{Pair, have},
     require,
     scrape::Metrics,
@@ -181,8 +181,22 @@ fn pcap_and_ebpf_backends_count_the_same_traffic_alike() {
     let c_ebpf = config_on(&dir, "ebpf.toml", p_ebpf, "ebpf", pins.path(), &pair, &ifs);
     let c_pcap = config_on(&dir, "pcap.toml", p_pcap, "pcap", pins.path(), &pair, &ifs);
     start_servers(&pair);
-    let mut ebpf = Agent::start(&pair.a, &[], &c_ebpf, p_ebpf, &dir.join("ebpf.log"));
-    let mut pcap = Agent::start(&pair.a, &[], &c_pcap, p_pcap, &dir.join("pcap.log"));
+    let mut ebpf = Agent::start_with(
+        &pair.a,
+        &[],
+        &c_ebpf,
+        p_ebpf,
+        &dir.join("ebpf.log"),
+        Backend::AsConfigured,
+    );
+    let mut pcap = Agent::start_with(
+        &pair.a,
+        &[],
+        &c_pcap,
+        p_pcap,
+        &dir.join("pcap.log"),
+        Backend::AsConfigured,
+    );
     let dev = pair.dev_a.clone();
     let attached = |hook: &'static str| {
         let dev = dev.clone();
@@ -285,7 +299,7 @@ fn auto_falls_back_to_pcap_without_bpf_capabilities_and_says_why() {
     start_servers(&pair);
     // Root without CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN: no eBPF, but
     // packet sockets.
-    let mut agent = Agent::start(
+    let mut agent = Agent::start_with(
         &pair.a,
         &[
             "setpriv",
@@ -298,6 +312,7 @@ fn auto_falls_back_to_pcap_without_bpf_capabilities_and_says_why() {
         &cfg,
         port,
         &dir.join("auto.log"),
+        Backend::AsConfigured,
     );
     let dev = pair.dev_a.clone();
     agent.wait_for("the fallback capturing", move |m| {

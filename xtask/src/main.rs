@@ -287,6 +287,18 @@ fn advisory_db() -> Result<PathBuf> {
     Ok(dst)
 }
 
+/// Downloads every crate the workspace and the fuzz workspace lock, so that
+/// what runs `--offline` afterwards (cargo deny) finds them on a machine
+/// whose cargo registry is empty. The lock files are the contract:
+/// `--locked` fails rather than resolve anew.
+fn fetch() -> Result<()> {
+    run(cargo().args(["fetch", "--locked"]))?;
+    run(cargo()
+        .args(["fetch", "--locked", "--manifest-path"])
+        .arg(root().join("agent/fuzz/Cargo.toml")))?;
+    Ok(())
+}
+
 fn supply_chain() -> Result<()> {
     let db = advisory_db()?;
     run(cargo().args(["deny", "--offline", "check"]))?;
@@ -357,10 +369,6 @@ fn package() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Where `ensure_dockerd` records the pid of a dockerd it started
-/// (tests/src/docker.rs reads it).
-const DOCKERD_OWNED: &str = "target/dockerd.owned";
-
 /// Makes sure a Docker daemon answers; starts Debian's dockerd in the
 /// background if none does (it keeps running after xtask exits).
 fn ensure_dockerd() -> Result<()> {
@@ -376,9 +384,9 @@ fn ensure_dockerd() -> Result<()> {
         .stderr(log)
         .spawn()
         .context("spawning dockerd")?;
-    // The tests restart only a dockerd the harness started: this file says
-    // which one.
-    std::fs::write(root().join(DOCKERD_OWNED), child.id().to_string())?;
+    // It keeps running after xtask exits, for the next run; the test that
+    // kills a dockerd starts one of its own.
+    drop(child);
     for _ in 0..120 {
         if ok(Command::new("docker").arg("info")) {
             return Ok(());
@@ -469,6 +477,7 @@ fn test() -> Result<()> {
             "cargo xtask test loads eBPF programs and creates network namespaces: run it as root"
         );
     }
+    fetch()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     supply_chain()?;
     // A short run keeps the fuzz targets building and the seeds passing;
@@ -488,12 +497,51 @@ fn test() -> Result<()> {
     let deb = package()?;
     let image = image()?;
     let bin = root().join("target/debug/netpulse");
-    run(cargo()
-        .args(["test", "--workspace", "--", "--test-threads=1"])
+    // Each test that skips (a missing prerequisite, outside CI) appends a
+    // line here; the summary below reads it back, since libtest shows a
+    // skipped test as passed.
+    let skips = root().join(SKIPS_FILE);
+    let _ = std::fs::remove_file(&skips);
+    // --no-fail-fast: a failing test file must not hide the ones after it.
+    let tested = run(cargo()
+        .args([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ])
         .env("NETPULSE_BIN", &bin)
         .env("NETPULSE_DEB", &deb)
-        .env("NETPULSE_IMAGE", &image))?;
-    Ok(())
+        .env("NETPULSE_IMAGE", &image)
+        .env("NETPULSE_SKIPS", &skips));
+    summarise_skips(&skips);
+    tested
+}
+
+/// Where the tests record what they skipped (tests/src/lib.rs `require`).
+const SKIPS_FILE: &str = "target/test-skips.txt";
+
+/// Prints how many tests skipped and why, from the file the tests wrote.
+fn summarise_skips(file: &Path) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        eprintln!("xtask: no test skipped");
+        return;
+    }
+    let mut reasons: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for l in &lines {
+        let (test, why) = l.split_once('\t').unwrap_or(("?", l));
+        reasons.entry(why).or_default().push(test);
+    }
+    eprintln!(
+        "xtask: {} test(s) SKIPPED, so not tested here (under CI=true each would fail):",
+        lines.len()
+    );
+    for (why, tests) in reasons {
+        eprintln!("  {why}: {}", tests.join(", "));
+    }
 }
 
 fn main() -> Result<()> {
