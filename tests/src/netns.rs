@@ -259,3 +259,60 @@ pub fn mac_of(ns: &Netns, dev: &str) -> String {
         .expect("link has an address")
         .to_string()
 }
+
+/// A tcpdump in a namespace writing `file` (its stderr beside it, as
+/// `.log`), stopped by pid.
+pub struct Tcpdump(std::process::Child);
+
+impl Tcpdump {
+    pub fn start(ns: &Netns, iface: &str, file: &std::path::Path) -> Tcpdump {
+        let _ = std::fs::remove_file(file);
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "tcpdump",
+                "-i",
+                iface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(file.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        // The file header is written once the capture is live.
+        let t = std::time::Instant::now();
+        while std::fs::metadata(file).map_or(true, |m| m.len() < 24) {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "tcpdump did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Tcpdump(child)
+    }
+
+    pub fn stop(mut self) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // SAFETY: signalling the child we started, by its pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Tcpdump {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

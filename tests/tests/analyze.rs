@@ -10,14 +10,14 @@ use std::{
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use netpulse_tests::{
     agent::{bin, have_bin},
     frames::{self, Ext, eth, ipv4, ipv6, tcp, udp},
     is_root,
-    netns::{Netns, have, mac_of, sh},
+    netns::{Netns, Tcpdump, have, mac_of, sh},
     pcapfile::{self, Rec, tshark_conv, tshark_endpoints},
     require,
 };
@@ -676,62 +676,6 @@ fn pair(tag: &str, net: u8) -> Pair {
     }
     let _ = mac_of(&a, &dev_a);
     Pair { a, b, dev_b }
-}
-
-/// A tcpdump writing `file`, stopped by pid.
-struct Tcpdump(std::process::Child);
-
-impl Tcpdump {
-    fn start(ns: &Netns, iface: &str, file: &Path) -> Tcpdump {
-        let _ = std::fs::remove_file(file);
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "tcpdump",
-                "-i",
-                iface,
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-s",
-                "0",
-                "-w",
-            ])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(file.with_extension("log")).unwrap())
-            .spawn()
-            .unwrap();
-        // The file header is written once the capture is live.
-        let t = Instant::now();
-        while std::fs::metadata(file).map_or(true, |m| m.len() < 24) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "tcpdump did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        Tcpdump(child)
-    }
-
-    fn stop(mut self) {
-        std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: signalling the child we started, by its pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Tcpdump {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 const CONNS: usize = 12;

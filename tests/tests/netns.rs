@@ -12,7 +12,7 @@ use std::{
 use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites},
-    netns::{LinkStats, Pair, have},
+    netns::{LinkStats, Pair, Tcpdump, have},
     require,
     scrape::Metrics,
 };
@@ -437,5 +437,161 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         }
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
         _ => {}
+    }
+}
+
+/// 802.1Q-tagged frames on a TC hook: the receiving kernel moves the outer
+/// tag into the skb's metadata before TC ingress runs, so the program must
+/// add its 4 bytes back to count whole frames as the wire (and tcpdump)
+/// carries them. 30 single-tagged and 10 double-tagged (QinQ) UDP frames
+/// from namespace b, sent raw (AF_PACKET) to the service in a.
+#[test]
+fn vlan_tagged_frames_count_their_whole_length_on_tc() {
+    if !prerequisites() || !require("tcpdump", have("tcpdump")) {
+        return;
+    }
+    use netpulse_tests::frames::{self, eth, ipv4, udp};
+    const PORT: u16 = 7302;
+    let pair = Pair::new("vlan", 96);
+    let pins = PinDir::mounted("vlan");
+    let dir = netpulse_tests::scratch("vlan");
+    let port = 19486;
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\ninterfaces = [\"{}\"]\n\n[[service]]\nname = \"tagged\"\nendpoints = [{{ proto = \"udp\", port = {PORT} }}]\n",
+            pins.path().display(),
+            pair.dev_a
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&pair.a, &[], &config, port, &dir.join("agent.log"));
+    agent.wait_for("TC ingress on the veth", |m| {
+        m.has(
+            "netpulse_probe_attached",
+            &[
+                ("interface", pair.dev_a.as_str()),
+                ("hook", "tc"),
+                ("mode", "ingress"),
+            ],
+        )
+    });
+    let pcap = dir.join("tagged.pcap");
+    let tcpdump = Tcpdump::start(&pair.a, &pair.dev_a, &pcap);
+
+    let dst_mac = netpulse_tests::netns::mac_of(&pair.a, &pair.dev_a);
+    let src_mac = netpulse_tests::netns::mac_of(&pair.b, &pair.dev_b);
+    let (src, dst) = (pair.addr_b.octets(), pair.addr_a.octets());
+    let mut sent_bytes = 0u64;
+    let mut wire: Vec<Vec<u8>> = Vec::new();
+    for i in 0..40u16 {
+        let tags: &[u16] = if i < 30 {
+            &[frames::ETH_8021Q]
+        } else {
+            &[frames::ETH_8021AD, frames::ETH_8021Q]
+        };
+        let mut f = eth(
+            tags,
+            frames::ETH_IPV4,
+            &ipv4(src, dst, 17, 0, 0, &udp(40000 + i, PORT, 10 + i as usize)),
+        );
+        f[..6].copy_from_slice(&parse_mac(&dst_mac));
+        f[6..12].copy_from_slice(&parse_mac(&src_mac));
+        sent_bytes += f.len() as u64;
+        wire.push(f);
+    }
+    let dev_b = pair.dev_b.clone();
+    pair.b.run(move || raw_send(&dev_b, &wire));
+
+    // tcpdump's view: 40 frames, each with its tags, so 4 bytes per tag
+    // over what TC's skb holds.
+    let m = agent.wait_for("40 tagged frames counted", |m| {
+        m.sum(
+            "netpulse_service_packets_total",
+            &[("service", "tagged"), ("direction", "ingress")],
+        ) >= 40
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    tcpdump.stop();
+    let out = std::process::Command::new("tcpdump")
+        .args(["-r", pcap.to_str().unwrap(), "-n", "-e"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lengths: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains(&format!(".{PORT}: UDP")))
+        .filter_map(|l| {
+            l.split("length ")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(lengths.len(), 40, "tcpdump saw:\n{text}");
+    let tcpdump_bytes: u64 = lengths.iter().sum();
+    assert_eq!(
+        tcpdump_bytes, sent_bytes,
+        "tcpdump's bytes against what was sent"
+    );
+    let got = (
+        m.sum(
+            "netpulse_service_packets_total",
+            &[("service", "tagged"), ("direction", "ingress")],
+        ),
+        m.sum(
+            "netpulse_service_bytes_total",
+            &[("service", "tagged"), ("direction", "ingress")],
+        ),
+    );
+    assert_eq!(got, (40, tcpdump_bytes), "log:\n{}", agent.log_text());
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate() {
+        m[i] = u8::from_str_radix(p, 16).unwrap();
+    }
+    m
+}
+
+/// Sends each frame as it is out of `dev` (AF_PACKET, in the calling
+/// thread's namespace).
+fn raw_send(dev: &str, frames: &[Vec<u8>]) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_ll, then the fields sendto needs.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = netpulse::probe::ifindex(dev).expect("interface") as i32;
+    sll.sll_halen = 6;
+    for f in frames {
+        sll.sll_addr[..6].copy_from_slice(&f[..6]);
+        // SAFETY: f and sll outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            f.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

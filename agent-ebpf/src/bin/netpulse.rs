@@ -438,6 +438,9 @@ mod kernel {
         xdp_action::XDP_PASS
     }
 
+    /// Bytes of one 802.1Q/802.1ad tag.
+    const VLAN_TAG_LEN: u64 = 4;
+
     /// The TC path: makes the headers linear, parses, classifies with
     /// `classify` and counts what the wire carries.
     #[inline(always)]
@@ -450,6 +453,16 @@ mod kernel {
         let len = ctx.len() as u64;
         // SAFETY: the context pointer is the program's __sk_buff.
         let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+        // An outer 802.1Q/802.1ad tag the kernel moved into the skb's
+        // metadata (on receive, before TC ingress runs; on transmit, by a
+        // VLAN device over a NIC that inserts tags) is on the wire but not
+        // in the packet: 4 bytes per wire packet.
+        // SAFETY: as above.
+        let tag = if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+            VLAN_TAG_LEN
+        } else {
+            0
+        };
         // Headers are almost always linear; when they are not, make the
         // first bytes linear rather than misread the packet.
         if ctx.data_end() - ctx.data() < TC_PULL as usize
@@ -471,13 +484,13 @@ mod kernel {
                 // A GSO skb is `segs` wire packets, each repeating the
                 // headers: count what the wire carries.
                 let (packets, bytes) = if segs > 1 {
-                    (segs, len + (segs - 1) * flow.hdr_len as u64)
+                    (segs, len + (segs - 1) * flow.hdr_len as u64 + segs * tag)
                 } else {
-                    (1, len)
+                    (1, len + tag)
                 };
                 count(map, slot, dir, packets, bytes, flow.tcp_flags);
             }
-            Err(slot) => count(map, slot, hook_dir, segs.max(1), len, 0),
+            Err(slot) => count(map, slot, hook_dir, segs.max(1), len + segs.max(1) * tag, 0),
         }
     }
 
