@@ -271,3 +271,80 @@ fn sighup_with_a_broken_config_keeps_the_running_one_and_names_the_error() {
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// dockerd absent: the agent retries its socket after 1 s, then 2, 4, 8 s
+/// (doubling to 30 s), and counts on. The socket here is the test's own
+/// listener, which hangs up on each connection: every accept is one retry,
+/// timed where it lands.
+#[test]
+fn without_dockerd_the_docker_source_retries_with_doubling_backoff() {
+    if !live_prerequisites() {
+        return;
+    }
+    let pair = Pair::new("backoff", 67);
+    let pins = PinDir::mounted("backoff");
+    let dir = netpulse_tests::scratch("chaos-backoff");
+    let sock = dir.join("docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let cfg = dir.join("config.toml");
+    let port = 19517;
+    config(
+        &cfg,
+        port,
+        &pins,
+        &format!("\n[docker]\nsocket = \"{}\"\n", sock.display()),
+    );
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    // Sessions, each starting at an accept after a quiet gap (one session
+    // may open more than one connection back to back).
+    let mut starts: Vec<Instant> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    listener.set_nonblocking(true).unwrap();
+    while starts.len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "retries seen at {:?}; log:\n{}",
+            starts.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>(),
+            agent.log_text()
+        );
+        match listener.accept() {
+            Ok((conn, _)) => {
+                drop(conn);
+                let now = Instant::now();
+                if starts
+                    .last()
+                    .is_none_or(|t| now - *t > Duration::from_millis(500))
+                {
+                    starts.push(now);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    let gaps: Vec<f64> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        let want = f64::from(1u32 << i);
+        assert!(
+            (want - 0.05..want + 0.6).contains(gap),
+            "retry {} came {gap:.2} s after the one before, want {want} s (all gaps {gaps:?})",
+            i + 1
+        );
+    }
+    let m = agent.metrics().expect("metrics");
+    assert_eq!(m.sum("netpulse_source_up", &[("source", "docker")]), 0);
+    assert!(!agent.exited());
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("retrying with backoff").count(),
+        1,
+        "one warning per outage:\n{log}"
+    );
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

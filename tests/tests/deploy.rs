@@ -226,6 +226,63 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `Type=notify`: the unit is active once the agent says READY=1, and it
+/// says so only once its probes are attached. systemd is not PID 1 on the
+/// machines this runs on, so the test is the systemd side of sd_notify: a
+/// datagram socket named by NOTIFY_SOCKET, as systemd binds it.
+#[test]
+fn ready_is_notified_once_the_probes_are_attached() {
+    if !live_prerequisites() {
+        return;
+    }
+    let pair = Pair::new("notify", 94);
+    let pins = PinDir::mounted("notify");
+    let dir = netpulse_tests::scratch("notify");
+    let port = 19478;
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\ninterfaces = [\"{}\"]\n[docker]\nenabled = false\n",
+            pins.path().display(),
+            pair.dev_a
+        ),
+    )
+    .unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let env = format!("NOTIFY_SOCKET={}", sock_path.display());
+    let agent = Agent::start(&pair.a, &["env", &env], &cfg, port, &dir.join("agent.log"));
+    let mut buf = [0u8; 256];
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 within 30 s ({e}); log:\n{}", agent.log_text()));
+    assert_eq!(&buf[..n], b"READY=1");
+    // At that moment the probes are on the veth and /metrics answers.
+    let m = agent
+        .metrics()
+        .expect("/metrics answers once READY=1 is sent");
+    for mode in ["ingress", "egress"] {
+        assert!(
+            m.has(
+                "netpulse_probe_attached",
+                &[
+                    ("interface", pair.dev_a.as_str()),
+                    ("hook", "tc"),
+                    ("mode", mode)
+                ],
+            ),
+            "READY=1 before TC {mode} was attached; log:\n{}",
+            agent.log_text()
+        );
+    }
+    assert_eq!(m.sum("netpulse_backend_info", &[("backend", "ebpf")]), 1);
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_daemonset_matches_the_unit_and_the_image() {
     let text = std::fs::read_to_string(concat!(

@@ -42,6 +42,11 @@ impl Drop for Fx {
 /// An agent in the host's namespace (where dockerd's veths are), on
 /// 127.0.0.1:`port`, with `extra` appended to its config.
 fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
+    agent_with(tag, port, "refresh_seconds = 0.25\n", extra)
+}
+
+/// As [`agent`], with `agent_lines` in its `[agent]` table.
+fn agent_with(tag: &str, port: u16, agent_lines: &str, extra: &str) -> Option<Fx> {
     if !prerequisites() || !have_bin() {
         return None;
     }
@@ -52,7 +57,7 @@ fn agent(tag: &str, port: u16, extra: &str) -> Option<Fx> {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nrefresh_seconds = 0.25\nretire_seconds = 3\n{extra}",
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n{agent_lines}retire_seconds = 3\n{extra}",
             pins.path().display()
         ),
     )
@@ -671,4 +676,44 @@ fn dockerd_killed_mid_traffic_and_restarted_the_agent_counts_on_and_names_come_b
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     traffic.join().unwrap();
     drop(c);
+}
+
+/// The README: with the default `refresh_seconds` (1), a container started
+/// or removed shows up, or leaves, within a second of dockerd's event.
+#[test]
+fn at_the_default_refresh_a_container_is_named_within_a_second() {
+    let pid = std::process::id();
+    let Some(mut fx) = agent_with("prompt", 19502, "", "") else {
+        return;
+    };
+    fx.agent.wait_for("the Docker source", docker_up);
+    let (name, svc) = (format!("np-prompt-{pid}"), format!("np-prompt-svc-{pid}"));
+    let mut worst = Duration::ZERO;
+    for round in 0..3 {
+        // `docker run -d` returns once the container started, after the
+        // start event: the clock starts there.
+        let c = Container::httpd(&name, &["--label", &format!("netpulse.service={svc}")]);
+        let t = Instant::now();
+        fx.agent
+            .wait_for("the container named", |m| has_service(m, &svc));
+        let took = t.elapsed();
+        worst = worst.max(took);
+        assert!(
+            took < Duration::from_millis(1000),
+            "round {round}: named {took:?} after docker run returned"
+        );
+        let veth = c.host_veth();
+        drop(c);
+        // Leaving is applied as promptly: its veth's programs go.
+        let t = Instant::now();
+        fx.agent.wait_for("the container's veth gone", |m| {
+            !on_container_veth(m, &veth)
+        });
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "round {round}: the veth left {:?} after docker rm returned",
+            t.elapsed()
+        );
+    }
+    eprintln!("named at most {worst:?} after docker run");
 }
