@@ -28,8 +28,41 @@ impl Drop for Container {
     }
 }
 
+/// The `docker run` lines of the README's "Container image" section, as
+/// written there (continuation lines joined, split into words).
+fn readme_docker_runs() -> Vec<Vec<String>> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("**Container image.**")
+        .nth(1)
+        .expect("the README's Container image section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut runs = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in section.lines() {
+        let t = line.trim();
+        if let Some(c) = cur.as_mut() {
+            c.push(' ');
+            c.push_str(t.trim_end_matches('\\'));
+            if !t.ends_with('\\') {
+                runs.push(cur.take().unwrap());
+            }
+        } else if t.starts_with("docker run ") {
+            if t.ends_with('\\') {
+                cur = Some(t.trim_end_matches('\\').to_string());
+            } else {
+                runs.push(t.to_string());
+            }
+        }
+    }
+    runs.iter()
+        .map(|r| r.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
 #[test]
-fn the_image_runs_with_host_network_and_counts() {
+fn the_readme_docker_run_lines_run_the_image_and_count() {
     let image = std::env::var("NETPULSE_IMAGE")
         .unwrap_or_else(|_| format!("netpulse:{}", env!("CARGO_PKG_VERSION")));
     if !require("root", is_root())
@@ -45,6 +78,38 @@ fn the_image_runs_with_host_network_and_counts() {
     {
         return;
     }
+    let lines = readme_docker_runs();
+    assert_eq!(
+        lines.len(),
+        2,
+        "two docker run lines in the README: {lines:?}"
+    );
+    let mut counted = 0;
+    for (i, words) in lines.iter().enumerate() {
+        assert!(
+            words.iter().any(|w| w == "--cap-drop")
+                && words.last().is_some_and(|w| w.starts_with("netpulse:")),
+            "{words:?}"
+        );
+        match run_and_count(words, &image) {
+            Ok(()) => counted += 1,
+            // Only the first line may be refused, and only by an engine
+            // that does not know the capability, as the README says.
+            Err(e) => assert!(
+                i == 0 && e.contains("unknown capability: \"CAP_BPF\""),
+                "README line {} failed: {e}",
+                i + 1
+            ),
+        }
+    }
+    assert!(counted >= 1, "no README line ran");
+}
+
+/// Runs one README line as written, with what a test must change: the
+/// container's name, a bpffs of the test's own for /sys/fs/bpf, a config
+/// mounted at /etc/netpulse/config.toml (lo only, `backend = "ebpf"`), and
+/// the image under test. Err: docker refused to run it (its stderr).
+fn run_and_count(words: &[String], image: &str) -> Result<(), String> {
     let pins = PinDir::mounted("image");
     let dir = netpulse_tests::scratch("image");
     let (port, svc_port) = (19481u16, 7400u16);
@@ -53,41 +118,41 @@ fn the_image_runs_with_host_network_and_counts() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = {svc_port}, addr = \"127.0.0.1\" }}]\n"
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\ninterfaces = [\"lo\"]\nbackend = \"ebpf\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = {svc_port}, addr = \"127.0.0.1\" }}]\n"
         ),
     )
     .unwrap();
     let name = format!("netpulse-test-{}", std::process::id());
     let _ = docker(&["rm", "-f", &name]);
-    // Docker 20.10 (Debian 12) predates CAP_BPF and CAP_PERFMON; there
-    // CAP_SYS_ADMIN stands in for both. Newer engines take --cap-add BPF
-    // --cap-add PERFMON instead.
-    let out = docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--network",
-        "host",
-        "--cap-drop",
-        "ALL",
-        "--cap-add",
-        "SYS_ADMIN",
-        "--cap-add",
-        "NET_ADMIN",
-        "--cap-add",
-        "NET_RAW",
-        "-v",
-        &format!("{}:/sys/fs/bpf", pins.path().display()),
-        "-v",
-        &format!("{}:/etc/netpulse/config.toml:ro", cfg.display()),
-        &image,
+    let mut args: Vec<String> = Vec::new();
+    let mut w = words[2..words.len() - 1].iter();
+    assert_eq!(&words[..2], ["docker", "run"]);
+    while let Some(a) = w.next() {
+        match a.as_str() {
+            "--name" => {
+                w.next();
+                args.extend(["--name".into(), name.clone()]);
+            }
+            "-v" => {
+                let v = w.next().expect("-v value");
+                let v = v.replace("/sys/fs/bpf:", &format!("{}:", pins.path().display()));
+                args.extend(["-v".into(), v]);
+            }
+            _ => args.push(a.clone()),
+        }
+    }
+    args.extend([
+        "-v".into(),
+        format!("{}:/etc/netpulse/config.toml:ro", cfg.display()),
+        image.to_string(),
     ]);
-    assert!(
-        out.status.success(),
-        "docker run: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut all = vec!["run"];
+    all.extend(args.iter().map(String::as_str));
+    let out = docker(&all);
+    if !out.status.success() {
+        let _ = docker(&["rm", "-f", &name]);
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let _container = Container(name.clone());
     let logs = || String::from_utf8_lossy(&docker(&["logs", &name]).stderr).into_owned();
 
@@ -102,6 +167,7 @@ fn the_image_runs_with_host_network_and_counts() {
             "netpulse_probe_attached",
             &[("interface", "lo"), ("hook", "tc")],
         ) && m.has("netpulse_service_info", &[("service", "echo")])
+            && m.sum("netpulse_backend_info", &[("backend", "ebpf")]) == 1
     }) {
         assert!(
             Instant::now() < deadline,
@@ -161,4 +227,5 @@ fn the_image_runs_with_host_network_and_counts() {
             .to_string();
     assert_eq!(code, "0", "logs:\n{}", logs());
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -346,6 +346,7 @@ fn a_full_disk_under_the_store_is_logged_once_and_recovered_from() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let full_ms = netpulse::store::now_ms();
     // Still serving and checking, and said once.
     std::thread::sleep(Duration::from_secs(2));
     let m = agent.metrics().expect("metrics while the disk is full");
@@ -354,6 +355,7 @@ fn a_full_disk_under_the_store_is_logged_once_and_recovered_from() {
     assert_eq!(said, 1, "{}", agent.log_text());
     // Space again: writes resume.
     std::fs::remove_file(&filler).unwrap();
+    let free_ms = netpulse::store::now_ms();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent.log_text().contains("store writes work again") {
         assert!(
@@ -363,7 +365,30 @@ fn a_full_disk_under_the_store_is_logged_once_and_recovered_from() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::thread::sleep(Duration::from_secs(1));
+    let runs = agent
+        .metrics()
+        .expect("metrics")
+        .sum("netpulse_check_runs_total", &[("check", "flaky")]);
     agent.stop();
+    // Read back from the store itself: the results of the runs while the
+    // disk was full were kept and written once there was space, and the
+    // ones after it were written too: every run counted has its row.
+    let store = netpulse::store::Store::open(&state).expect("open the store");
+    let rows = store.recent("flaky", 100_000);
+    let during = rows
+        .iter()
+        .filter(|r| (full_ms..free_ms).contains(&r.at_ms))
+        .count();
+    let after = rows.iter().filter(|r| r.at_ms > free_ms).count();
+    assert!(during > 5, "{during} results kept from the full-disk time");
+    assert!(after > 0, "no result written after space returned");
+    assert!(
+        rows.len() as u64 >= runs,
+        "{} rows in the store for {runs} runs",
+        rows.len()
+    );
+    drop(store);
     drop(_mount);
     let _ = std::fs::remove_dir_all(&d);
 }
