@@ -670,10 +670,14 @@ mod tests {
 
 /// `netpulse capture start|list|get`: the API from the command line.
 /// Errors carry the exit code: 2 for what the user must fix, 1 otherwise.
+// Everything printed goes through `crate::cli::out`: `print!` panics when
+// the reader has gone (`netpulse capture list | head`).
+#[deny(clippy::print_stdout)]
 pub mod cli {
     use clap::Subcommand;
 
-    use super::{Request, http};
+    use super::{Request, file_name, http};
+    use crate::cli::{Output, Printed};
 
     pub type Result = std::result::Result<(), (u8, String)>;
 
@@ -717,19 +721,27 @@ pub mod cli {
         },
         /// List the captures on disk.
         List {
-            /// Print the API's JSON.
-            #[arg(long)]
+            /// A table, or the API's JSON document.
+            #[arg(long, short, value_enum, default_value_t = Output::Table)]
+            output: Output,
+            /// The old spelling of `--output json`.
+            #[arg(long, hide = true, conflicts_with = "output")]
             json: bool,
         },
-        /// Download a capture file.
+        /// Download a capture file (to stdout unless --file or -O).
         Get {
             id: i64,
             /// The part, for captures that rotated (default: the first left).
             #[arg(long)]
             part: Option<u32>,
             /// Where to write it; `-` for stdout.
-            #[arg(long, short = 'o', default_value = "-")]
-            out: String,
+            #[arg(long, short, value_name = "FILE", conflicts_with = "remote_name")]
+            file: Option<String>,
+            /// Write it to the file the agent names it,
+            /// `netpulse-ID-PART.pcapng`, in the current directory (as
+            /// curl -O does).
+            #[arg(short = 'O', long)]
+            remote_name: bool,
         },
     }
 
@@ -758,8 +770,19 @@ pub mod cli {
                 },
                 wait,
             ),
-            Command::List { json } => list(url, json),
-            Command::Get { id, part, out } => get(url, token, id, part, &out),
+            Command::List { output, json } => list(url, if json { Output::Json } else { output }),
+            Command::Get {
+                id,
+                part,
+                file,
+                remote_name,
+            } => {
+                if remote_name {
+                    get_named(url, token, id, part)
+                } else {
+                    get(url, token, id, part, file.as_deref().unwrap_or("-"))
+                }
+            }
         };
         match r {
             Ok(()) => 0,
@@ -793,10 +816,9 @@ pub mod cli {
             .as_i64()
             .ok_or((1, "no job id in the answer".to_string()))?;
         if !wait {
-            println!(
-                "capture {id} queued: netpulse capture get {id} -o capture.pcapng once it is done"
-            );
-            return Ok(());
+            return print(format!(
+                "capture {id} queued: netpulse capture get {id} -O once it is done\n"
+            ));
         }
         loop {
             std::thread::sleep(std::time::Duration::from_millis(250));
@@ -810,11 +832,10 @@ pub mod cli {
             match j["state"].as_str() {
                 Some("done") => {
                     let r = &j["result"];
-                    println!(
-                        "capture {id}: {} packets, {} bytes, stopped by {}, parts {}",
+                    return print(format!(
+                        "capture {id}: {} packets, {} bytes, stopped by {}, parts {}\n",
                         r["packets"], r["bytes"], r["stopped_by"], r["parts"]
-                    );
-                    return Ok(());
+                    ));
                 }
                 Some("failed") => {
                     return Err((1, format!("capture {id} failed: {}", j["result"]["error"])));
@@ -824,16 +845,29 @@ pub mod cli {
         }
     }
 
-    pub fn list(url: &str, json: bool) -> Result {
+    /// Writes to stdout; a closed pipe (`| head`) is not a failure.
+    fn print(bytes: impl AsRef<[u8]>) -> Result {
+        crate::cli::out(bytes)
+            .map(|_: Printed| ())
+            .map_err(|e| (1, format!("writing to stdout: {e}")))
+    }
+
+    /// `GET /api/v1/captures`, parsed.
+    fn captures(url: &str) -> std::result::Result<serde_json::Value, (u8, String)> {
         let a = http(url, "GET", "/api/v1/captures", None, None).map_err(|e| (1, e))?;
         if a.status != 200 {
             return Err(api_error(a.status, &a.body));
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            return Ok(());
+        serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))
+    }
+
+    pub fn list(url: &str, output: Output) -> Result {
+        let v = captures(url)?;
+        if output == Output::Json {
+            return print(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            ));
         }
         let rows: Vec<Vec<String>> = v["captures"]
             .as_array()
@@ -852,17 +886,13 @@ pub mod cli {
                 ]
             })
             .collect();
-        print!(
-            "{}",
-            crate::cli::table(
-                &["ID", "STATE", "PACKETS", "BYTES ON DISK", "PARTS", "FILTER"],
-                &rows,
-                &[0, 2, 3, 4],
-                Some(1),
-                crate::cli::color(),
-            )
-        );
-        Ok(())
+        print(crate::cli::table(
+            &["ID", "STATE", "PACKETS", "BYTES ON DISK", "PARTS", "FILTER"],
+            &rows,
+            &[0, 2, 3, 4],
+            Some(1),
+            crate::cli::color(),
+        ))
     }
 
     /// Downloads a capture file to `out` (`-`: stdout).
@@ -876,14 +906,30 @@ pub mod cli {
             return Err(api_error(a.status, &a.body));
         }
         if out == "-" {
-            use std::io::Write;
-            std::io::stdout()
-                .write_all(&a.body)
-                .map_err(|e| (1, e.to_string()))
+            print(&a.body)
         } else {
             std::fs::write(out, &a.body).map_err(|e| (1, format!("writing {out}: {e}")))?;
             eprintln!("{out}: {} bytes", a.body.len());
             Ok(())
         }
+    }
+
+    /// `get -O`: to `netpulse-ID-PART.pcapng`, the name the agent gives the
+    /// file (Content-Disposition). Without `part`, the first part left,
+    /// looked up first so that the name and the bytes agree.
+    pub fn get_named(url: &str, token: Option<&str>, id: i64, part: Option<u32>) -> Result {
+        let part = match part {
+            Some(p) => p,
+            None => captures(url)?["captures"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["id"].as_i64() == Some(id))
+                .and_then(|c| c["parts"][0]["part"].as_u64())
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or((2, format!("no capture {id}")))?,
+        };
+        let name = format!("netpulse-{}", file_name(id, part));
+        get(url, token, id, Some(part), &name)
     }
 }

@@ -1,7 +1,10 @@
 //! What the one-shot commands print: aligned tables, coloured by state on
 //! a terminal, and `netpulse status`, which reads a running agent's API.
 
-use std::{io::IsTerminal, time::Duration};
+use std::{
+    io::{ErrorKind, IsTerminal, Write},
+    time::Duration,
+};
 
 use hyper::{Method, Uri};
 use serde_json::Value;
@@ -9,10 +12,69 @@ use serde_json::Value;
 /// The agent's address when neither `--url` nor `NETPULSE_URL` says.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:9477";
 
-/// Whether stdout gets colour: a terminal, and no NO_COLOR
-/// (https://no-color.org).
+/// `--output`/`-o` of the commands that print a report (`status`,
+/// `check run`, `capture list`; `analyze` adds `csv`): one spelling
+/// everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// Whether NO_COLOR (https://no-color.org) asks for no colour: set to
+/// anything but the empty string.
+fn no_color(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty())
+}
+
+/// Whether stdout gets colour: a terminal, and no NO_COLOR.
 pub fn color() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    std::io::stdout().is_terminal() && !no_color(std::env::var_os("NO_COLOR").as_deref())
+}
+
+/// Whether the logs (on stderr) get colour: a terminal, and no NO_COLOR.
+/// journald, log files and pipes get plain text.
+pub fn log_color() -> bool {
+    std::io::stderr().is_terminal() && !no_color(std::env::var_os("NO_COLOR").as_deref())
+}
+
+/// What became of a write to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Printed {
+    Written,
+    /// The reader has gone (`netpulse status | head`): stop writing and
+    /// end quietly, exit code unchanged, as coreutils and ripgrep do.
+    Closed,
+}
+
+/// Writes `bytes` to stdout and flushes: the one way the commands print
+/// (`print!` panics on a closed pipe). A closed pipe is
+/// [`Printed::Closed`], not an error.
+pub fn out(bytes: impl AsRef<[u8]>) -> std::io::Result<Printed> {
+    let mut stdout = std::io::stdout().lock();
+    closed_is_fine(
+        stdout
+            .write_all(bytes.as_ref())
+            .and_then(|()| stdout.flush()),
+    )
+}
+
+/// `Ok` for a write that went through or hit a closed pipe (EPIPE).
+pub fn closed_is_fine(r: std::io::Result<()>) -> std::io::Result<Printed> {
+    match r {
+        Ok(()) => Ok(Printed::Written),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(Printed::Closed),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`out`] for the commands of `main`: a failed write is said on stderr
+/// and becomes exit code 1.
+pub fn print(bytes: impl AsRef<[u8]>) -> Result<Printed, u8> {
+    out(bytes).map_err(|e| {
+        eprintln!("netpulse: writing to stdout: {e}");
+        1
+    })
 }
 
 /// The ANSI colour of a state word.
@@ -230,6 +292,24 @@ mod tests {
         let coloured = table(&["NAME", "STATE", "RATE"], &rows, &[2], Some(1), true);
         assert!(coloured.contains("\x1b[31mdown\x1b[0m"));
         assert!(coloured.contains("\x1b[32mup\x1b[0m"));
+    }
+
+    #[test]
+    fn no_color_is_any_non_empty_value() {
+        use std::ffi::OsStr;
+        assert!(!no_color(None));
+        assert!(!no_color(Some(OsStr::new(""))));
+        assert!(no_color(Some(OsStr::new("1"))));
+        assert!(no_color(Some(OsStr::new("0"))));
+    }
+
+    #[test]
+    fn a_closed_pipe_is_not_an_error() {
+        let epipe = || Err(std::io::Error::from(ErrorKind::BrokenPipe));
+        assert_eq!(closed_is_fine(epipe()).ok(), Some(Printed::Closed));
+        assert_eq!(closed_is_fine(Ok(())).ok(), Some(Printed::Written));
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(closed_is_fine(Err(full)).is_err());
     }
 
     #[test]

@@ -1,9 +1,15 @@
 //! The `netpulse` command line: `run` (the agent), `check run` and `config check`.
+// Everything printed goes through `netpulse::cli::print`: `print!` panics
+// when the reader has gone (`netpulse status | head`).
+#![deny(clippy::print_stdout)]
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use netpulse::{config, run};
+use netpulse::{
+    cli::{Output, Printed},
+    config, run,
+};
 
 #[derive(Parser)]
 #[command(
@@ -85,12 +91,6 @@ enum CheckCommand {
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file; prints every problem as file:line:col and exits 2.
@@ -130,8 +130,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
-        // Colour for a terminal only: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Colour for a terminal only, and not with NO_COLOR: journald and
+        // log files get plain text.
+        .with_ansi(netpulse::cli::log_color())
         .init();
     match cli.command {
         Command::Analyze(args) => ExitCode::from(netpulse::analyze::cli::run(args)),
@@ -166,18 +167,19 @@ fn main() -> ExitCode {
         } => status(&url, watch, Duration::from_secs(interval), output),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "netpulse", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            // Into memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "netpulse", &mut script);
+            printed(netpulse::cli::print(script))
         }
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("netpulse: writing the man page: {e}");
-                    ExitCode::from(1)
-                }
+            let mut page = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut page) {
+                eprintln!("netpulse: writing the man page: {e}");
+                return ExitCode::from(1);
             }
+            printed(netpulse::cli::print(page))
         }
         Command::Config {
             command: ConfigCommand::HashPassword,
@@ -193,10 +195,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             match netpulse::websec::hash(password) {
-                Ok(h) => {
-                    println!("{h}");
-                    ExitCode::SUCCESS
-                }
+                Ok(h) => printed(netpulse::cli::print(format!("{h}\n"))),
                 Err(e) => {
                     eprintln!("netpulse: {e}");
                     ExitCode::from(1)
@@ -210,14 +209,13 @@ fn main() -> ExitCode {
             match config::load(path.as_deref()) {
                 Ok(l) => {
                     let n: usize = l.services.iter().map(|s| s.endpoints.len()).sum();
-                    println!(
-                        "{}: ok ({} services, {} endpoints)",
+                    printed(netpulse::cli::print(format!(
+                        "{}: ok ({} services, {} endpoints)\n",
                         path.as_deref()
                             .map_or("<embedded default>".into(), |p| p.display().to_string()),
                         l.services.len(),
                         n
-                    );
-                    ExitCode::SUCCESS
+                    )))
                 }
                 Err(e) => {
                     eprintln!("{e}");
@@ -225,6 +223,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The exit code of a command whose last step is printing: 0 once
+/// printed (or the reader has gone), else 1.
+fn printed(r: Result<Printed, u8>) -> ExitCode {
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => ExitCode::from(code),
     }
 }
 
@@ -253,19 +260,25 @@ fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCod
             (Err(e), _) => format!("netpulse: {e}\n"),
         };
         if !watch {
-            print!("{text}");
-            return ExitCode::SUCCESS;
+            return printed(cli::print(text));
         }
-        if matches!(output, Output::Table) && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let wrote = if matches!(output, Output::Table)
+            && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        {
             // Home and clear, then the new table: redrawn in place.
-            print!(
+            cli::print(format!(
                 "\x1b[H\x1b[2J{text}\nevery {}s · Ctrl-C to quit\n",
                 interval.as_secs()
-            );
+            ))
         } else {
-            print!("{text}");
+            cli::print(text)
+        };
+        match wrote {
+            Ok(Printed::Written) => {}
+            // `netpulse status --watch | head`: the reader is done.
+            Ok(Printed::Closed) => return ExitCode::SUCCESS,
+            Err(code) => return ExitCode::from(code),
         }
-        let _ = std::io::Write::flush(&mut std::io::stdout());
         std::thread::sleep(interval);
     }
 }
@@ -349,7 +362,7 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
         engine.view()
     });
     let ok = view.iter().all(|v| v.state == State::Up);
-    match output {
+    let text = match output {
         Output::Json => {
             let rows: Vec<serde_json::Value> = view
                 .iter()
@@ -375,10 +388,10 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
                     })
                 })
                 .collect();
-            println!(
-                "{}",
+            format!(
+                "{}\n",
                 serde_json::to_string_pretty(&rows).unwrap_or_default()
-            );
+            )
         }
         Output::Table => {
             let rows: Vec<Vec<String>> = view
@@ -400,17 +413,18 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
                     ]
                 })
                 .collect();
-            print!(
-                "{}",
-                netpulse::cli::table(
-                    &["CHECK", "KIND", "STATE", "TIME", "DETAIL"],
-                    &rows,
-                    &[3],
-                    Some(2),
-                    netpulse::cli::color(),
-                )
-            );
+            netpulse::cli::table(
+                &["CHECK", "KIND", "STATE", "TIME", "DETAIL"],
+                &rows,
+                &[3],
+                Some(2),
+                netpulse::cli::color(),
+            )
         }
+    };
+    // A closed pipe (`| head`) cuts the report short, not the verdict.
+    if let Err(code) = netpulse::cli::print(text) {
+        return ExitCode::from(code);
     }
     if ok {
         ExitCode::SUCCESS

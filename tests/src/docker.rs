@@ -411,12 +411,14 @@ impl Drop for OwnDockerd {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
-        // Its overlay mounts go with it; anything left mounted stays (and
-        // only then does the removal fail).
-        let _ = Command::new("umount")
-            .args(["-R", "-l"])
-            .arg(self.dir.join("exec"))
-            .output();
+        // dockerd bind-mounts its data root onto itself (and its exec
+        // root's netns files); lazily, as anything left may still be busy.
+        for sub in ["exec", "data"] {
+            let _ = Command::new("umount")
+                .args(["-R", "-l"])
+                .arg(self.dir.join(sub))
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -134,7 +134,7 @@ fn start_echo_capture(pair: &Pair, port: u16) -> i64 {
     queued_id(&out)
 }
 
-/// `netpulse capture get ID -o FILE`, which must succeed.
+/// `netpulse capture get ID --file FILE`, which must succeed.
 fn download(pair: &Pair, port: u16, id: i64, file: &Path) {
     let out = cli(
         pair,
@@ -144,7 +144,7 @@ fn download(pair: &Pair, port: u16, id: i64, file: &Path) {
             TOKEN,
             "get",
             &id.to_string(),
-            "-o",
+            "--file",
             file.to_str().unwrap(),
         ],
     );
@@ -310,7 +310,7 @@ fn a_capture_job_writes_a_file_tshark_reads_with_the_packets_sent() {
     let j = wait_job(&pair, port, id2, &["done", "failed"]);
     assert_eq!(j["result"]["packets"], 5, "{j}");
     assert_eq!(j["result"]["stopped_by"], "packets", "{j}");
-    let out = cli(&pair, port, &["list", "--json"]);
+    let out = cli(&pair, port, &["list", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<i64> = v["captures"]
         .as_array()

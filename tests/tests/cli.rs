@@ -453,3 +453,352 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
     assert!(man.contains(".TH netpulse"), "{man}");
     assert!(man.contains("status"));
 }
+
+/// Capture 7 of [`fake_agent`]: with a newline, so that a line-buffered
+/// stdout writes it (and meets a closed pipe) before the exit.
+const FAKE_CAPTURE: &[u8] = b"pcapng\nbytes";
+
+/// A stand-in for a running agent's API on loopback, enough for the
+/// commands that read one: `/api/v1/services` (one service),
+/// `/api/v1/captures` (capture 7, part 2) and capture 7's file. The URL.
+fn fake_agent() -> String {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&req).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/api/v1/services" => (
+                        "200 OK",
+                        br#"{"host":"fake","services":[{"name":"web","state":"up","source":"config"}]}"#.to_vec(),
+                    ),
+                    "/api/v1/captures" => (
+                        "200 OK",
+                        br#"{"captures":[{"id":7,"state":"done","bytes":12,"plan":{"filter":"tcp port 80"},"result":{"packets":3},"parts":[{"part":2,"bytes":12}]}]}"#.to_vec(),
+                    ),
+                    "/api/v1/captures/7/file" | "/api/v1/captures/7/file?part=2" => {
+                        ("200 OK", FAKE_CAPTURE.to_vec())
+                    }
+                    _ => ("404 Not Found", br#"{"error":"no such thing"}"#.to_vec()),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(&body);
+            });
+        }
+    });
+    url
+}
+
+/// Runs `netpulse` with `args` and stdout a pipe whose reader has already
+/// gone (what `| head` leaves once it has its lines), so the first write
+/// fails with EPIPE whatever the size of the output. Killed past 20 s (a
+/// `--watch` that does not notice would loop forever).
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NETPULSE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("netpulse {args:?} still running 20 s after its stdout closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_every_command_quietly() {
+    if !have_bin() {
+        return;
+    }
+    let url = fake_agent();
+    let ok_cfg = tmp("pipe-ok.toml", "");
+    let checks = tmp(
+        "pipe-checks.toml",
+        &format!(
+            "[[check]]\nname = \"up\"\nkind = \"tcp\"\ntarget = \"{}\"\n\
+             [[check]]\nname = \"refused\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\n",
+            url.trim_start_matches("http://")
+        ),
+    );
+    let cfg = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    // (arguments, exit code): a closed pipe changes no verdict.
+    let cases: Vec<(Vec<String>, i32)> = vec![
+        (vec!["completions".into(), "bash".into()], 0),
+        (vec!["man".into()], 0),
+        (
+            vec!["config".into(), "check".into(), "-c".into(), cfg(&ok_cfg)],
+            0,
+        ),
+        (
+            vec![
+                "check".into(),
+                "run".into(),
+                "up".into(),
+                "-c".into(),
+                cfg(&checks),
+            ],
+            0,
+        ),
+        (
+            vec![
+                "check".into(),
+                "run".into(),
+                "--all".into(),
+                "-c".into(),
+                cfg(&checks),
+            ],
+            1,
+        ),
+        (
+            vec![
+                "check".into(),
+                "run".into(),
+                "--all".into(),
+                "-o".into(),
+                "json".into(),
+                "-c".into(),
+                cfg(&checks),
+            ],
+            1,
+        ),
+        (vec!["status".into(), "--url".into(), url.clone()], 0),
+        (
+            vec![
+                "status".into(),
+                "-o".into(),
+                "json".into(),
+                "--url".into(),
+                url.clone(),
+            ],
+            0,
+        ),
+        (
+            vec![
+                "status".into(),
+                "--watch".into(),
+                "--url".into(),
+                url.clone(),
+            ],
+            0,
+        ),
+        (
+            vec!["capture".into(), "list".into(), "--url".into(), url.clone()],
+            0,
+        ),
+        (
+            vec![
+                "capture".into(),
+                "list".into(),
+                "-o".into(),
+                "json".into(),
+                "--url".into(),
+                url.clone(),
+            ],
+            0,
+        ),
+        (
+            vec![
+                "capture".into(),
+                "get".into(),
+                "7".into(),
+                "--url".into(),
+                url.clone(),
+            ],
+            0,
+        ),
+        (vec!["status".into(), "--help".into()], 0),
+    ];
+    // Every case, then one verdict: what a revert breaks, all of it.
+    let mut wrong = Vec::new();
+    for (args, code) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = with_closed_stdout(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() != Some(code) || !err.is_empty() {
+            wrong.push(format!(
+                "netpulse {args:?}: {} (want exit {code}), stderr {:?}",
+                out.status,
+                err.lines().take(3).collect::<Vec<_>>()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// A pseudo-terminal: (the side the test reads, the side the child gets
+/// as its stderr), both close-on-exec in this process.
+fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors, which are ours from here on.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: fresh descriptors, owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// `netpulse check run --all` of one check to a refused port, its stderr a
+/// terminal and the log at warn, so that the log says "check down"; with
+/// `no_color` as NO_COLOR. What the terminal got.
+fn check_log_on_a_terminal(no_color: Option<&str>) -> String {
+    use std::io::Read;
+    let cfg = tmp(
+        "no-color.toml",
+        "[[check]]\nname = \"refused\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\n",
+    );
+    let (mut term, stderr) = pty();
+    let mut child = {
+        let mut c = Command::new(bin());
+        c.args(["check", "run", "--all", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        match no_color {
+            Some(v) => c.env("NO_COLOR", v),
+            None => c.env_remove("NO_COLOR"),
+        };
+        c.spawn().unwrap()
+        // The Command, and with it this process's copy of the terminal's
+        // child side, goes here: the read below ends when the child's does.
+    };
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once no process holds the child side any more.
+        while let Ok(n @ 1..) = term.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    reader.join().unwrap()
+}
+
+#[test]
+fn no_color_means_no_colour_in_the_logs_either() {
+    if !have_bin() {
+        return;
+    }
+    // On a terminal the log is coloured (else this test would prove
+    // nothing), and NO_COLOR set to anything but "" turns that off.
+    let coloured = check_log_on_a_terminal(None);
+    assert!(
+        coloured.contains("check down") && coloured.contains("\x1b["),
+        "{coloured:?}"
+    );
+    let empty = check_log_on_a_terminal(Some(""));
+    assert!(empty.contains("\x1b["), "NO_COLOR=\"\" is unset: {empty:?}");
+    for v in ["1", "0", "yes"] {
+        let plain = check_log_on_a_terminal(Some(v));
+        assert!(plain.contains("check down"), "{plain:?}");
+        assert!(!plain.contains("\x1b["), "NO_COLOR={v}: {plain:?}");
+    }
+}
+
+#[test]
+fn output_is_the_format_and_file_the_file_in_every_command() {
+    if !have_bin() {
+        return;
+    }
+    let help = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list = help(&["capture", "list"]);
+    assert!(list.contains("-o, --output <OUTPUT>"), "{list}");
+    assert!(!list.contains("--json"), "--json is a hidden alias: {list}");
+    let get = help(&["capture", "get"]);
+    assert!(get.contains("-f, --file <FILE>"), "{get}");
+    assert!(get.contains("-O, --remote-name"), "{get}");
+    assert!(!get.contains("-o,"), "-o is the format, not a file: {get}");
+    for args in [&["status"][..], &["check", "run"], &["analyze"]] {
+        assert!(help(args).contains("-o, --output <OUTPUT>"), "{args:?}");
+    }
+
+    // Against a stand-in agent: --output json, -o json and the old --json
+    // print the same document; get --file and -O write the file.
+    let url = fake_agent();
+    let run = |args: &[&str], dir: &std::path::Path| {
+        let out = Command::new(bin())
+            .args(["capture", "--url", &url])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let dir = std::env::temp_dir().join(format!("netpulse-cli-{}-get", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = run(&["list", "--output", "json"], &dir);
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["captures"][0]["id"], 7, "{v}");
+    assert_eq!(run(&["list", "-o", "json"], &dir), json);
+    assert_eq!(run(&["list", "--json"], &dir), json);
+    let table = String::from_utf8(run(&["list"], &dir)).unwrap();
+    assert!(table.starts_with("ID"), "{table}");
+    assert_eq!(run(&["get", "7"], &dir), FAKE_CAPTURE);
+    run(&["get", "7", "--file", "a.pcapng"], &dir);
+    assert_eq!(std::fs::read(dir.join("a.pcapng")).unwrap(), FAKE_CAPTURE);
+    run(&["get", "7", "-O"], &dir);
+    assert_eq!(
+        std::fs::read(dir.join("netpulse-7-2.pcapng")).unwrap(),
+        FAKE_CAPTURE
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
