@@ -272,3 +272,68 @@ pub fn live_prerequisites() -> bool {
         && crate::require("ethtool", crate::netns::have("ethtool"))
         && have_bin()
 }
+
+/// An agent counting with eBPF in namespace a of a new veth pair, on its
+/// own bpffs, with a scratch directory: `[agent]` listens on `port`,
+/// watches only the pair's veth, keeps its state in the scratch directory,
+/// and Docker is off; `extra` is appended to the config (services, checks,
+/// tables). The directory is removed on drop.
+pub struct Live {
+    pub agent: Agent,
+    pub dir: PathBuf,
+    pub pair: crate::netns::Pair,
+    _pins: crate::PinDir,
+}
+
+impl Live {
+    pub fn start(tag: &str, net: u8, port: u16, extra: &str) -> Live {
+        Self::start_with(crate::netns::Pair::new(tag, net), tag, port, &[], extra)
+    }
+
+    /// As [`Live::start`], on a pair made beforehand (servers already in
+    /// it), `wrapper` before the binary (`env X=Y`, `setpriv …`).
+    pub fn start_with(
+        pair: crate::netns::Pair,
+        tag: &str,
+        port: u16,
+        wrapper: &[&str],
+        extra: &str,
+    ) -> Live {
+        let pins = crate::PinDir::mounted(tag);
+        let dir = crate::scratch(tag);
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"{}\"]\n\n[docker]\nenabled = false\n\n{extra}",
+                pins.path().display(),
+                dir.join("state").display(),
+                pair.dev_a
+            ),
+        )
+        .expect("write the config");
+        let agent = Agent::start(&pair.a, wrapper, &cfg, port, &dir.join("agent.log"));
+        Live {
+            agent,
+            dir,
+            pair,
+            _pins: pins,
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Both TC programs (ingress and egress) are on `dev`.
+pub fn tc_both_ways(m: &Metrics, dev: &str) -> bool {
+    ["ingress", "egress"].iter().all(|mode| {
+        m.has(
+            "netpulse_probe_attached",
+            &[("interface", dev), ("hook", "tc"), ("mode", mode)],
+        )
+    })
+}

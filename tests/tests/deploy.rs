@@ -6,7 +6,7 @@ use std::{net::UdpSocket, process::Command, time::Duration};
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, live_prerequisites},
+    agent::{Agent, Live, live_prerequisites, tc_both_ways},
     netns::{Pair, have},
     require,
 };
@@ -127,16 +127,7 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     // The kernel programs, not the libpcap fallback: the backend says so
     // and both TC hooks are on the veth.
     let m = agent.wait_for("TC programs on the veth, both ways", |m| {
-        ["ingress", "egress"].iter().all(|mode| {
-            m.has(
-                "netpulse_probe_attached",
-                &[
-                    ("interface", pair.dev_a.as_str()),
-                    ("hook", "tc"),
-                    ("mode", mode),
-                ],
-            )
-        })
+        tc_both_ways(m, &pair.dev_a)
     });
     assert_eq!(
         m.sum("netpulse_backend_info", &[("backend", "ebpf")]),
@@ -235,26 +226,15 @@ fn ready_is_notified_once_the_probes_are_attached() {
     if !live_prerequisites() {
         return;
     }
-    let pair = Pair::new("notify", 94);
-    let pins = PinDir::mounted("notify");
-    let dir = netpulse_tests::scratch("notify");
-    let port = 19478;
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\ninterfaces = [\"{}\"]\n[docker]\nenabled = false\n",
-            pins.path().display(),
-            pair.dev_a
-        ),
-    )
-    .unwrap();
-    let sock_path = dir.join("notify.sock");
+    // The socket first: the agent sends READY=1 to it once.
+    let sock_dir = netpulse_tests::scratch("notify-sock");
+    let sock_path = sock_dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let env = format!("NOTIFY_SOCKET={}", sock_path.display());
-    let agent = Agent::start(&pair.a, &["env", &env], &cfg, port, &dir.join("agent.log"));
+    let live = Live::start_with(Pair::new("notify", 94), "notify", 19478, &["env", &env], "");
+    let (agent, pair) = (&live.agent, &live.pair);
     let mut buf = [0u8; 256];
     let n = sock
         .recv(&mut buf)
@@ -264,23 +244,14 @@ fn ready_is_notified_once_the_probes_are_attached() {
     let m = agent
         .metrics()
         .expect("/metrics answers once READY=1 is sent");
-    for mode in ["ingress", "egress"] {
-        assert!(
-            m.has(
-                "netpulse_probe_attached",
-                &[
-                    ("interface", pair.dev_a.as_str()),
-                    ("hook", "tc"),
-                    ("mode", mode)
-                ],
-            ),
-            "READY=1 before TC {mode} was attached; log:\n{}",
-            agent.log_text()
-        );
-    }
+    assert!(
+        tc_both_ways(&m, &pair.dev_a),
+        "READY=1 before TC was attached both ways; log:\n{}",
+        agent.log_text()
+    );
     assert_eq!(m.sum("netpulse_backend_info", &[("backend", "ebpf")]), 1);
-    agent.stop();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(live);
+    let _ = std::fs::remove_dir_all(&sock_dir);
 }
 
 #[test]

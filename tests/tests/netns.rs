@@ -11,7 +11,7 @@ use std::{
 
 use netpulse_tests::{
     PinDir,
-    agent::{Agent, live_prerequisites},
+    agent::{Agent, Live, live_prerequisites, tc_both_ways},
     netns::{LinkStats, Pair, Tcpdump, have},
     require,
     scrape::Metrics,
@@ -452,31 +452,16 @@ fn vlan_tagged_frames_count_their_whole_length_on_tc() {
     }
     use netpulse_tests::frames::{self, eth, ipv4, udp};
     const PORT: u16 = 7302;
-    let pair = Pair::new("vlan", 96);
-    let pins = PinDir::mounted("vlan");
-    let dir = netpulse_tests::scratch("vlan");
-    let port = 19486;
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\ninterfaces = [\"{}\"]\n\n[[service]]\nname = \"tagged\"\nendpoints = [{{ proto = \"udp\", port = {PORT} }}]\n",
-            pins.path().display(),
-            pair.dev_a
+    let mut live = Live::start(
+        "vlan",
+        96,
+        19486,
+        &format!(
+            "[[service]]\nname = \"tagged\"\nendpoints = [{{ proto = \"udp\", port = {PORT} }}]\n"
         ),
-    )
-    .unwrap();
-    let mut agent = Agent::start(&pair.a, &[], &config, port, &dir.join("agent.log"));
-    agent.wait_for("TC ingress on the veth", |m| {
-        m.has(
-            "netpulse_probe_attached",
-            &[
-                ("interface", pair.dev_a.as_str()),
-                ("hook", "tc"),
-                ("mode", "ingress"),
-            ],
-        )
-    });
+    );
+    let (agent, pair, dir) = (&mut live.agent, &live.pair, live.dir.clone());
+    agent.wait_for("TC ingress on the veth", |m| tc_both_ways(m, &pair.dev_a));
     let pcap = dir.join("tagged.pcap");
     let tcpdump = Tcpdump::start(&pair.a, &pair.dev_a, &pcap);
 
@@ -548,8 +533,6 @@ fn vlan_tagged_frames_count_their_whole_length_on_tc() {
         ),
     );
     assert_eq!(got, (40, tcpdump_bytes), "log:\n{}", agent.log_text());
-    agent.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {

@@ -8,7 +8,6 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, TcpListener},
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
@@ -17,8 +16,7 @@ use std::{
 };
 
 use netpulse_tests::{
-    PinDir,
-    agent::{Agent, live_prerequisites},
+    agent::{Live, live_prerequisites},
     netns::Pair,
     scrape::Metrics,
 };
@@ -104,44 +102,6 @@ fn serve(pair: &Pair, port: u16) -> Arc<Server> {
     server
 }
 
-struct Fx {
-    _pair: Pair,
-    _pins: PinDir,
-    dir: PathBuf,
-    agent: Agent,
-}
-
-impl Drop for Fx {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// An agent in namespace a of a new pair with `checks` (TOML `[[check]]`
-/// tables) in its config.
-fn agent(pair: Pair, tag: &str, port: u16, checks: &str) -> Fx {
-    let pins = PinDir::mounted(tag);
-    let dir = netpulse_tests::scratch(&format!("schedule-{tag}"));
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"{}\"]\n\n[docker]\nenabled = false\n\n{checks}",
-            pins.path().display(),
-            dir.join("state").display(),
-            pair.dev_a
-        ),
-    )
-    .unwrap();
-    let agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
-    Fx {
-        _pair: pair,
-        _pins: pins,
-        dir,
-        agent,
-    }
-}
-
 fn check(name: &str, target: &str, extra: &str) -> String {
     format!("[[check]]\nname = \"{name}\"\nkind = \"http\"\ntarget = \"{target}\"\n{extra}\n")
 }
@@ -174,10 +134,11 @@ fn retries_back_off_doubling_inside_one_run() {
     let pair = Pair::new("sched-retry", 71);
     let web = 7601;
     let server = serve(&pair, web);
-    let mut fx = agent(
+    let mut fx = Live::start_with(
         pair,
         "sched-retry",
         19521,
+        &[],
         &check(
             "retrying",
             &format!("http://127.0.0.1:{web}/fail"),
@@ -210,10 +171,11 @@ fn thresholds_above_one_hold_the_state_until_reached() {
     let pair = Pair::new("sched-thr", 72);
     let web = 7602;
     let server = serve(&pair, web);
-    let mut fx = agent(
+    let mut fx = Live::start_with(
         pair,
         "sched-thr",
         19522,
+        &[],
         &check(
             "flappy",
             &format!("http://127.0.0.1:{web}/flaky"),
@@ -223,7 +185,7 @@ fn thresholds_above_one_hold_the_state_until_reached() {
     // Each scrape is one snapshot of the engine: its state must follow the
     // runs it counts. Record the pairs seen while starting, failing, then
     // recovering.
-    let watch = |fx: &mut Fx, result: &str, base: u64, until: u64| -> Vec<(u64, &'static str)> {
+    let watch = |fx: &mut Live, result: &str, base: u64, until: u64| -> Vec<(u64, &'static str)> {
         let mut pairs = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -300,7 +262,7 @@ fn jitter_is_a_stable_offset_of_the_first_run() {
     for round in 0..2 {
         let pair = Pair::new("sched-jit", 73);
         let server = serve(&pair, web);
-        let mut fx = agent(pair, "sched-jit", 19523, &checks);
+        let mut fx = Live::start_with(pair, "sched-jit", 19523, &[], &checks);
         let started = Instant::now();
         fx.agent.wait_for("both checks run", |m| {
             names.iter().all(|n| runs(m, n, "success") >= 1)
@@ -342,7 +304,7 @@ fn at_most_32_checks_run_at_once() {
             )
         })
         .collect();
-    let mut fx = agent(pair, "sched-32", 19524, &checks);
+    let mut fx = Live::start_with(pair, "sched-32", 19524, &[], &checks);
     fx.agent.wait_for("all 40 checks ran once", |m| {
         (0..40).all(|i| runs(m, &format!("slow-{i}"), "success") >= 1)
     });
@@ -370,10 +332,11 @@ fn a_missed_tick_is_skipped_never_queued() {
     let web = 7605;
     let server = serve(&pair, web);
     server.flaky.store(503, Ordering::SeqCst);
-    let mut fx = agent(
+    let mut fx = Live::start_with(
         pair,
         "sched-skip",
         19525,
+        &[],
         &check(
             "behind",
             &format!("http://127.0.0.1:{web}/flaky"),
