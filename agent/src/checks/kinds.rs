@@ -38,6 +38,67 @@ pub struct Outcome {
     pub http_status: Option<u16>,
     /// The earliest notAfter of the peer's certificate chain (HTTPS).
     pub cert_expiry: Option<SystemTime>,
+    /// What else the run saw, for blackbox_exporter's metrics on /probe.
+    pub seen: Seen,
+}
+
+/// What a run saw besides its verdict: what blackbox_exporter reports
+/// (`checks::blackbox`). Kept on failure as far as the run got.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Seen {
+    /// The address probed (of the first request, for HTTP): the one
+    /// connected to, else the first the name resolved to; None if the
+    /// name did not resolve.
+    pub ip: Option<IpAddr>,
+    /// The first name resolution.
+    pub resolve: Duration,
+    /// HTTP: the final response, if one came.
+    pub http: Option<HttpSeen>,
+    /// HTTP: redirects followed.
+    pub redirects: u32,
+    /// Failed on what the answer holds: HTTP body_contains / body_regex,
+    /// TCP expect (blackbox_exporter's probe_failed_due_to_regex).
+    pub failed_on_content: bool,
+    /// HTTP: the TLS session of the final response, if it came over TLS.
+    pub tls: Option<TlsSeen>,
+    /// ICMP: making the socket and the packet, and the round trip (zero
+    /// without a reply).
+    pub icmp_setup: Duration,
+    pub icmp_rtt: Duration,
+    /// ICMP: the reply's TTL (IPv4) or hop limit (IPv6).
+    pub hop_limit: Option<u8>,
+}
+
+/// The final HTTP response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpSeen {
+    /// 1.0, 1.1, 2.0.
+    pub version: f64,
+    /// As announced: Content-Length, -1 when the body runs to the end or
+    /// is chunked, 0 when there can be none (1xx, 204, 304).
+    pub content_length: i64,
+    /// Body bytes read.
+    pub body_length: u64,
+    /// Last-Modified, in Unix seconds, when it parses as an HTTP date.
+    pub last_modified: Option<i64>,
+}
+
+/// A TLS session, as blackbox_exporter describes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsSeen {
+    /// "TLS 1.2", "TLS 1.3".
+    pub version: &'static str,
+    /// Unix seconds: the earliest notAfter of the certificates the server
+    /// sent, and of the verified chain (those, from the leaf up, and the
+    /// trust anchor they chain to).
+    pub earliest_expiry: i64,
+    pub chain_expiry: i64,
+    /// The leaf: SHA-256 of its DER (hex), subject and issuer as Go
+    /// prints an X.509 name (RFC 2253 order), its DNS names joined by ",".
+    pub fingerprint_sha256: String,
+    pub subject: String,
+    pub issuer: String,
+    pub dns_names: String,
 }
 
 impl Outcome {
@@ -54,23 +115,27 @@ impl Outcome {
 /// Runs `spec` once, within its timeout.
 pub async fn run(spec: &Spec) -> Outcome {
     let started = Instant::now();
+    let mut seen = Seen::default();
     let fut = async {
         match &spec.kind {
-            Kind::Http(h) => http(h, started).await,
-            Kind::Tcp(t) => tcp(t, started).await,
+            Kind::Http(h) => http(h, started, &mut seen).await,
+            Kind::Tcp(t) => tcp(t, started, &mut seen).await,
             Kind::Dns(d) => dns(d, started).await,
             // Its own deadline inside the run's, so a silent host is
             // reported as such rather than as a timeout.
-            Kind::Icmp { host } => icmp(host, spec.timeout.mul_f64(0.9), started).await,
+            Kind::Icmp { host } => icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await,
         }
     };
-    match tokio::time::timeout(spec.timeout, fut).await {
+    let mut out = match tokio::time::timeout(spec.timeout, fut).await {
         Ok(o) => o,
         Err(_) => Outcome::fail(
             format!("timed out after {:.1} s", spec.timeout.as_secs_f64()),
             started,
         ),
-    }
+    };
+    // As far as it got, a timed-out run included.
+    out.seen = seen;
+    out
 }
 
 /// Resolves `host:port`: an address literal as is, a name through the
@@ -90,12 +155,13 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
-/// Connects to the first address that answers.
-async fn connect(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+/// Connects to the first address that answers; the stream and that
+/// address.
+async fn connect(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), String> {
     let mut last = String::from("no address");
     for a in addrs {
         match TcpStream::connect(a).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok((s, *a)),
             Err(e) => last = format!("connecting to {a}: {e}"),
         }
     }
@@ -116,6 +182,7 @@ fn system_roots() -> Arc<rustls::RootCertStore> {
             let mut store = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             for cert in found.certs {
+                note_anchor(&cert);
                 let _ = store.add(cert);
             }
             Arc::new(store)
@@ -142,6 +209,7 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
             let mut n = 0;
             for cert in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                note_anchor(&cert);
                 store
                     .add(cert)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -172,16 +240,257 @@ fn not_after(der: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?))
 }
 
+/// The trust anchors' notAfter (Unix seconds) by subject (DER): a trust
+/// store keeps no dates, and the verified chain's expiry
+/// (probe_ssl_last_chain_expiry_timestamp_seconds) includes its root's.
+/// The latest per subject, as blackbox_exporter takes the latest of the
+/// chains it verified.
+fn anchors() -> &'static std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>> {
+    static ANCHORS: OnceLock<std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>> =
+        OnceLock::new();
+    ANCHORS.get_or_init(Default::default)
+}
+
+fn note_anchor(der: &[u8]) {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return;
+    };
+    let t = cert.validity().not_after.timestamp();
+    let mut map = anchors().lock().unwrap_or_else(|e| e.into_inner());
+    let e = map.entry(cert.subject().as_raw().to_vec()).or_insert(t);
+    *e = (*e).max(t);
+}
+
+/// blackbox_exporter's view of a verified session: version, expiries,
+/// the leaf's fingerprint, names and DNS names.
+fn tls_seen(conn: &rustls::ClientConnection) -> Option<TlsSeen> {
+    use x509_parser::prelude::*;
+    let version = match conn.protocol_version()? {
+        rustls::ProtocolVersion::TLSv1_0 => "TLS 1.0",
+        rustls::ProtocolVersion::TLSv1_1 => "TLS 1.1",
+        rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2",
+        rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3",
+        _ => "unknown",
+    };
+    let ders = conn.peer_certificates()?;
+    let certs: Vec<X509Certificate<'_>> = ders
+        .iter()
+        .filter_map(|d| parse_x509_certificate(d).ok().map(|(_, c)| c))
+        .collect();
+    let leaf = certs.first()?;
+    let expiry = |c: &X509Certificate<'_>| c.validity().not_after.timestamp();
+    let earliest_expiry = certs.iter().map(expiry).min()?;
+    // The chain from the leaf up, through what the server sent, to a
+    // self-signed certificate or the trust anchor that issued the last.
+    let mut chain = vec![leaf];
+    loop {
+        let last = chain[chain.len() - 1];
+        if last.issuer().as_raw() == last.subject().as_raw() || chain.len() > certs.len() {
+            break;
+        }
+        match certs
+            .iter()
+            .find(|c| c.subject().as_raw() == last.issuer().as_raw() && !chain.contains(c))
+        {
+            Some(next) => chain.push(next),
+            None => break,
+        }
+    }
+    let top = chain[chain.len() - 1];
+    let anchor = (top.issuer().as_raw() != top.subject().as_raw())
+        .then(|| {
+            anchors()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(top.issuer().as_raw())
+                .copied()
+        })
+        .flatten();
+    let chain_expiry = chain.iter().map(|c| expiry(c)).chain(anchor).min()?;
+    let dns_names = leaf
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(*d),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &ders[0]);
+    Some(TlsSeen {
+        version,
+        earliest_expiry,
+        chain_expiry,
+        fingerprint_sha256: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+        subject: go_name(leaf.subject()),
+        issuer: go_name(leaf.issuer()),
+        dns_names,
+    })
+}
+
+/// An X.509 name as Go's `pkix.Name.String()` prints it (what
+/// blackbox_exporter puts in probe_ssl_last_chain_info): the attributes it
+/// knows in its own order, most specific first (SERIALNUMBER, CN, OU, O,
+/// POSTALCODE, STREET, L, ST, C; several values of one type joined by
+/// `+`), then any others as `OID=#` and the hex DER of the value as Go
+/// would encode it; `,` between, RFC 4514 escapes.
+fn go_name(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use x509_parser::asn1_rs::Tag;
+    // Go's string types: all as text, T.61 as Latin-1, BMP as UTF-16.
+    let text = |a: &x509_parser::x509::AttributeTypeAndValue<'_>| -> Option<String> {
+        let v = a.attr_value();
+        match v.tag() {
+            Tag::NumericString | Tag::PrintableString | Tag::Utf8String | Tag::Ia5String => {
+                std::str::from_utf8(v.data).ok().map(String::from)
+            }
+            Tag::T61String => Some(v.data.iter().map(|b| char::from(*b)).collect()),
+            Tag::BmpString => {
+                let units: Vec<u16> = v
+                    .data
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
+                String::from_utf16(&units).ok()
+            }
+            _ => None,
+        }
+    };
+    let escape = |v: &str| -> String {
+        let n = v.chars().count();
+        let mut out = String::with_capacity(v.len());
+        for (i, c) in v.chars().enumerate() {
+            let esc = match c {
+                ',' | '+' | '"' | '\\' | '<' | '>' | ';' => true,
+                ' ' => i == 0 || i + 1 == n,
+                '#' => i == 0,
+                _ => false,
+            };
+            if esc {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
+    // (last arc under 2.5.4, Go's name), in Go's order.
+    const KNOWN: [(u64, &str); 9] = [
+        (6, "C"),
+        (8, "ST"),
+        (7, "L"),
+        (9, "STREET"),
+        (17, "POSTALCODE"),
+        (10, "O"),
+        (11, "OU"),
+        (3, "CN"),
+        (5, "SERIALNUMBER"),
+    ];
+    let arc = |a: &x509_parser::x509::AttributeTypeAndValue<'_>| -> Option<u64> {
+        let arcs: Vec<u64> = a.attr_type().iter()?.collect();
+        match arcs.as_slice() {
+            [2, 5, 4, x] => Some(*x),
+            _ => None,
+        }
+    };
+    let attrs: Vec<_> = name.iter().flat_map(|rdn| rdn.iter()).collect();
+    // Others first, each its own RDN, then the known ones; printed last
+    // RDN first.
+    let mut rdns: Vec<String> = attrs
+        .iter()
+        .filter(|a| !arc(a).is_some_and(|x| KNOWN.iter().any(|(k, _)| *k == x)))
+        .map(|a| {
+            let oid = a.attr_type().to_id_string();
+            match text(a) {
+                Some(t) => format!("{oid}=#{}", go_der_string(&t)),
+                None => format!("{oid}=#{}", hex(&der_of(a.attr_value()))),
+            }
+        })
+        .collect();
+    for (k, label) in KNOWN {
+        let mut values: Vec<String> = attrs
+            .iter()
+            .filter(|a| arc(a) == Some(k))
+            .filter_map(|a| text(a))
+            .collect();
+        // Go keeps one CN and one serial number: the last.
+        if matches!(k, 3 | 5) && values.len() > 1 {
+            values = values.split_off(values.len() - 1);
+        }
+        if values.is_empty() {
+            continue;
+        }
+        rdns.push(
+            values
+                .iter()
+                .map(|v| format!("{label}={}", escape(v)))
+                .collect::<Vec<_>>()
+                .join("+"),
+        );
+    }
+    rdns.reverse();
+    rdns.join(",")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A DER length.
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        // Fits one byte: shown by the branch.
+        return vec![u8::try_from(n).unwrap_or(0)];
+    }
+    let bytes: Vec<u8> = n
+        .to_be_bytes()
+        .into_iter()
+        .skip_while(|b| *b == 0)
+        .collect();
+    let mut out = vec![0x80 | u8::try_from(bytes.len()).unwrap_or(0)];
+    out.extend(bytes);
+    out
+}
+
+/// A string as Go's `asn1.Marshal` encodes it: PrintableString when its
+/// characters allow, else UTF8String; as hex.
+fn go_der_string(s: &str) -> String {
+    let printable = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&b));
+    let mut der = vec![if printable { 0x13 } else { 0x0c }];
+    der.extend(der_len(s.len()));
+    der.extend_from_slice(s.as_bytes());
+    hex(&der)
+}
+
+/// The DER of a value that is not a string (tag, length, content).
+fn der_of(v: &x509_parser::asn1_rs::Any<'_>) -> Vec<u8> {
+    let tag = u8::try_from(v.tag().0).unwrap_or(0x1f);
+    let class = u8::try_from(v.class() as u32).unwrap_or(0);
+    let constructed = u8::from(v.header.is_constructed());
+    let mut der = vec![(class << 6) | (constructed << 5) | (tag & 0x1f)];
+    der.extend(der_len(v.data.len()));
+    der.extend_from_slice(v.data);
+    der
+}
+
 // --- HTTP --------------------------------------------------------------
 
-/// TLS over `tcp` to `host`; the stream and the earliest expiry of the
+/// TLS over `tcp` to `host`; the stream, the earliest expiry of the
 /// chain the server sent (as blackbox_exporter's
-/// probe_ssl_earliest_cert_expiry).
+/// probe_ssl_earliest_cert_expiry) and the session as blackbox_exporter
+/// describes it.
 pub(crate) async fn tls_wrap(
     host: &str,
     tcp: TcpStream,
     config: Arc<rustls::ClientConfig>,
-) -> Result<(Box<dyn Io>, Option<SystemTime>), String> {
+) -> Result<(Box<dyn Io>, Option<SystemTime>, Option<TlsSeen>), String> {
     let name = rustls_pki_types::ServerName::try_from(
         host.trim_start_matches('[')
             .trim_end_matches(']')
@@ -197,7 +506,8 @@ pub(crate) async fn tls_wrap(
         .1
         .peer_certificates()
         .and_then(|chain| chain.iter().filter_map(|c| not_after(c)).min());
-    Ok((Box::new(tls), expiry))
+    let seen = tls_seen(tls.get_ref().1);
+    Ok((Box::new(tls), expiry, seen))
 }
 
 /// An HTTP/1 client connection over `stream`, its driver spawned (abort
@@ -228,23 +538,26 @@ where
 pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-async fn http(spec: &HttpSpec, started: Instant) -> Outcome {
+async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen) -> Outcome {
     let mut uri = spec.url.clone();
     let mut out = Outcome::default();
     let mut redirects = 0;
     loop {
-        match http_once(spec, &uri, &mut out).await {
+        match http_once(spec, &uri, &mut out, seen, redirects == 0).await {
             Err(e) => return Outcome::fail(e, started),
             Ok((status, location, body)) => {
                 let is_redirect = matches!(status, 301 | 302 | 303 | 307 | 308);
                 if is_redirect && let Some(loc) = location {
                     if redirects >= spec.max_redirects {
+                        // blackbox_exporter counts the one refused.
+                        seen.redirects = redirects + 1;
                         return Outcome::fail(
                             format!("more than {} redirects", spec.max_redirects),
                             started,
                         );
                     }
                     redirects += 1;
+                    seen.redirects = redirects;
                     uri = match join(&uri, &loc) {
                         Some(u) => u,
                         None => {
@@ -259,11 +572,32 @@ async fn http(spec: &HttpSpec, started: Instant) -> Outcome {
                 out.http_status = Some(status);
                 out.duration = started.elapsed();
                 out.error = judge_http(spec, status, &body, out.duration, out.cert_expiry);
+                seen.failed_on_content =
+                    status_ok(spec, status) && body_fails(spec, &body).is_some();
                 out.ok = out.error.is_none();
                 return out;
             }
         }
     }
+}
+
+fn status_ok(spec: &HttpSpec, status: u16) -> bool {
+    spec.expect_status.iter().any(|r| r.contains(&status))
+}
+
+/// Why the body fails body_contains / body_regex, if it does.
+fn body_fails(spec: &HttpSpec, body: &[u8]) -> Option<String> {
+    if let Some(want) = &spec.body_contains
+        && !String::from_utf8_lossy(body).contains(want.as_str())
+    {
+        return Some(format!("body does not contain `{want}`"));
+    }
+    if let Some(re) = &spec.body_regex
+        && !re.is_match(&String::from_utf8_lossy(body))
+    {
+        return Some(format!("body does not match /{}/", re.as_str()));
+    }
+    None
 }
 
 /// Why an HTTP answer fails the check, if it does.
@@ -274,21 +608,14 @@ fn judge_http(
     took: Duration,
     expiry: Option<SystemTime>,
 ) -> Option<String> {
-    if !spec.expect_status.iter().any(|r| r.contains(&status)) {
+    if !status_ok(spec, status) {
         return Some(format!(
             "status {status}, expected {}",
             spec.expect_status_text()
         ));
     }
-    if let Some(want) = &spec.body_contains
-        && !String::from_utf8_lossy(body).contains(want.as_str())
-    {
-        return Some(format!("body does not contain `{want}`"));
-    }
-    if let Some(re) = &spec.body_regex
-        && !re.is_match(&String::from_utf8_lossy(body))
-    {
-        return Some(format!("body does not match /{}/", re.as_str()));
+    if let Some(why) = body_fails(spec, body) {
+        return Some(why);
     }
     if let Some(max) = spec.max_latency
         && took > max
@@ -329,12 +656,18 @@ fn join(base: &Uri, loc: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// One request: (status, Location, body). Fills the phases of `out`.
+/// One request: (status, Location, body). Fills the phases of `out`, and
+/// `seen` (the address on the `first` request).
 async fn http_once(
     spec: &HttpSpec,
     uri: &Uri,
     out: &mut Outcome,
+    seen: &mut Seen,
+    first: bool,
 ) -> Result<(u16, Option<String>, Bytes), String> {
+    // Of the final response only.
+    seen.http = None;
+    seen.tls = None;
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
@@ -346,13 +679,22 @@ async fn http_once(
     let t = Instant::now();
     let addrs = resolve(&host, port).await?;
     out.phases.push(("dns", t.elapsed()));
+    if first {
+        seen.resolve = t.elapsed();
+        seen.ip = addrs.first().map(SocketAddr::ip);
+    }
     let t = Instant::now();
-    let tcp = connect(&addrs).await?;
+    let (tcp, peer) = connect(&addrs).await?;
+    if first {
+        seen.ip = Some(peer.ip());
+    }
     out.phases.push(("connect", t.elapsed()));
     let t = Instant::now();
+    let mut session = None;
     let stream: Box<dyn Io> = if https {
-        let (tls, expiry) = tls_wrap(&host, tcp, spec.tls.clone()).await?;
+        let (tls, expiry, s) = tls_wrap(&host, tcp, spec.tls.clone()).await?;
         out.cert_expiry = expiry;
+        session = s;
         out.phases.push(("tls", t.elapsed()));
         tls
     } else {
@@ -387,26 +729,127 @@ async fn http_once(
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
+    seen.tls = session;
+    seen.http = Some(HttpSeen {
+        version: match resp.version() {
+            hyper::Version::HTTP_09 => 0.9,
+            hyper::Version::HTTP_10 => 1.0,
+            hyper::Version::HTTP_11 => 1.1,
+            hyper::Version::HTTP_2 => 2.0,
+            hyper::Version::HTTP_3 => 3.0,
+            _ => 0.0,
+        },
+        content_length: content_length(&spec.method, status, resp.headers()),
+        body_length: 0,
+        last_modified: resp
+            .headers()
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(http_date),
+    });
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| format!("reading the body: {e}"))?
         .to_bytes();
+    if let Some(h) = &mut seen.http {
+        h.body_length = body.len() as u64;
+    }
     out.phases.push(("transfer", t.elapsed()));
     driver.abort();
     Ok((status, location, body))
 }
 
+/// The body length a response announces, as Go's net/http reads it: none
+/// can follow 1xx, 204 and 304 (0); a HEAD answer's is its header's;
+/// chunked or without Content-Length it is unknown (-1).
+fn content_length(method: &hyper::Method, status: u16, headers: &hyper::HeaderMap) -> i64 {
+    let declared = || {
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    if *method == hyper::Method::HEAD {
+        return declared().unwrap_or(-1);
+    }
+    if status / 100 == 1 || status == 204 || status == 304 {
+        return 0;
+    }
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return -1;
+    }
+    declared().unwrap_or(-1)
+}
+
+/// An HTTP date (RFC 9110: IMF-fixdate, RFC 850, asctime) in Unix
+/// seconds, as Go's `http.ParseTime` reads it.
+fn http_date(s: &str) -> Option<i64> {
+    let month = |m: &str| {
+        [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ]
+        .iter()
+        .position(|x| *x == m)
+        .and_then(|i| u32::try_from(i + 1).ok())
+    };
+    let num = |v: &str| v.parse::<u32>().ok();
+    let hms = |v: &str| -> Option<(u32, u32, u32)> {
+        let mut p = v.split(':');
+        let r = (num(p.next()?)?, num(p.next()?)?, num(p.next()?)?);
+        p.next().is_none().then_some(r)
+    };
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let (y, mo, d, (h, mi, se)) = match f.as_slice() {
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        [wd, d, m, y, t, "GMT"] if wd.ends_with(',') && d.len() == 2 && y.len() == 4 => {
+            (num(y)?, month(m)?, num(d)?, hms(t)?)
+        }
+        // Sunday, 06-Nov-94 08:49:37 GMT
+        [wd, dmy, t, zone] if wd.ends_with(',') && zone.chars().all(|c| c.is_ascii_uppercase()) => {
+            let mut p = dmy.split('-');
+            let (d, m, y) = (p.next()?, p.next()?, p.next()?);
+            let y = num(y)?;
+            let y = if y >= 69 { 1900 + y } else { 2000 + y };
+            (y, month(m)?, num(d)?, hms(t)?)
+        }
+        // Sun Nov  6 08:49:37 1994
+        [_, m, d, t, y] => (num(y)?, month(m)?, num(d)?, hms(t)?),
+        _ => return None,
+    };
+    if !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian).
+    let (y, mo, d) = (i64::from(y), i64::from(mo), i64::from(d));
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(se))
+}
+
 // --- TCP ---------------------------------------------------------------
 
-async fn tcp(spec: &TcpSpec, started: Instant) -> Outcome {
+async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen) -> Outcome {
     let mut out = Outcome::default();
     let r = async {
         let t = Instant::now();
         let addrs = resolve(&spec.host, spec.port).await?;
         out.phases.push(("dns", t.elapsed()));
+        seen.resolve = t.elapsed();
+        seen.ip = addrs.first().map(SocketAddr::ip);
         let t = Instant::now();
-        let mut s = connect(&addrs).await?;
+        let (mut s, peer) = connect(&addrs).await?;
+        seen.ip = Some(peer.ip());
         out.phases.push(("connect", t.elapsed()));
         if let Some(send) = &spec.send {
             s.write_all(send.as_bytes())
@@ -425,6 +868,7 @@ async fn tcp(spec: &TcpSpec, started: Instant) -> Outcome {
                     .await
                     .map_err(|e| format!("reading: {e}"))?;
                 if n == 0 || got.len() > MAX_TCP_READ {
+                    seen.failed_on_content = true;
                     return Err(format!(
                         "answer does not contain `{want}` (got {:?})",
                         String::from_utf8_lossy(&got[..got.len().min(80)])
@@ -538,12 +982,20 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
 
 // --- ICMP --------------------------------------------------------------
 
-async fn icmp(host: &str, timeout: Duration, started: Instant) -> Outcome {
+async fn icmp(host: &str, timeout: Duration, started: Instant, seen: &mut Seen) -> Outcome {
     let r = async {
+        let t = Instant::now();
         let addr = resolve(host, 0).await?[0].ip();
-        tokio::task::spawn_blocking(move || echo(addr, timeout))
+        seen.resolve = t.elapsed();
+        seen.ip = Some(addr);
+        let (setup, r) = tokio::task::spawn_blocking(move || echo(addr, timeout))
             .await
-            .map_err(|e| format!("ICMP task: {e}"))?
+            .map_err(|e| format!("ICMP task: {e}"))?;
+        seen.icmp_setup = setup;
+        let (rtt, hop_limit) = r?;
+        seen.icmp_rtt = rtt;
+        seen.hop_limit = hop_limit;
+        Ok::<(), String>(())
     }
     .await;
     Outcome {
@@ -555,8 +1007,24 @@ async fn icmp(host: &str, timeout: Duration, started: Instant) -> Outcome {
 }
 
 /// One echo request to `addr`, and its reply within `timeout`, over a raw
-/// socket (blocking: run it off the async threads).
-fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
+/// socket (blocking: run it off the async threads). How long making the
+/// socket and the packet took, and the round trip with the reply's TTL or
+/// hop limit.
+#[allow(clippy::type_complexity)]
+fn echo(addr: IpAddr, timeout: Duration) -> (Duration, Result<(Duration, Option<u8>), String>) {
+    let setup = Instant::now();
+    match echo_socket(addr) {
+        Err(e) => (setup.elapsed(), Err(e)),
+        Ok((sock, packet, id, seq)) => {
+            let setup = setup.elapsed();
+            (setup, echo_exchange(&sock, addr, &packet, id, seq, timeout))
+        }
+    }
+}
+
+/// The raw socket (asking for hop limits on IPv6) and the echo request:
+/// (socket, packet, id, seq).
+fn echo_socket(addr: IpAddr) -> Result<(socket2::Socket, Vec<u8>, u16, u16), String> {
     use socket2::{Domain, Protocol, Socket, Type};
     let (domain, proto) = match addr {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
@@ -569,7 +1037,26 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
             format!("raw ICMP socket: {e}")
         }
     })?;
-    let deadline = Instant::now() + timeout;
+    if addr.is_ipv6() {
+        // The reply's hop limit, in a control message.
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, option and int-sized value.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVHOPLIMIT,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "raw ICMPv6 socket: IPV6_RECVHOPLIMIT: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     let id: u16 = fastrand::u16(..);
     let seq: u16 = 1;
     let payload = *b"netpulse-echo-01";
@@ -592,7 +1079,22 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
             v
         }
     };
-    sock.send_to(&packet, &socket2::SockAddr::from(SocketAddr::new(addr, 0)))
+    Ok((sock, packet, id, seq))
+}
+
+/// Sends the request and waits for its reply: (round trip, TTL / hop
+/// limit).
+fn echo_exchange(
+    sock: &socket2::Socket,
+    addr: IpAddr,
+    packet: &[u8],
+    id: u16,
+    seq: u16,
+    timeout: Duration,
+) -> Result<(Duration, Option<u8>), String> {
+    let deadline = Instant::now() + timeout;
+    let sent = Instant::now();
+    sock.send_to(packet, &socket2::SockAddr::from(SocketAddr::new(addr, 0)))
         .map_err(|e| format!("sending an echo request to {addr}: {e}"))?;
     let silent = || {
         format!(
@@ -600,7 +1102,7 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
             timeout.as_secs_f64()
         )
     };
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    let mut buf = [0u8; 1500];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -608,7 +1110,7 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
         }
         sock.set_read_timeout(Some(left))
             .map_err(|e| format!("raw ICMP socket: {e}"))?;
-        let (n, from) = match sock.recv_from(&mut buf) {
+        let (n, from, hop_limit) = match recv_with_hop_limit(sock, &mut buf) {
             Ok(r) => r,
             Err(e)
                 if matches!(
@@ -620,39 +1122,153 @@ fn echo(addr: IpAddr, timeout: Duration) -> Result<(), String> {
             }
             Err(e) => return Err(format!("receiving from {addr}: {e}")),
         };
-        if from.as_socket().map(|s| s.ip()) != Some(addr) {
+        if from != Some(addr) {
             continue;
         }
-        // SAFETY: recv_from initialised the first n bytes.
-        let bytes: Vec<u8> = buf[..n]
-            .iter()
-            .map(|b| unsafe { b.assume_init() })
-            .collect();
+        let bytes = &buf[..n];
         let reply = match addr {
-            // A raw IPv4 socket hands over the IP header too.
-            IpAddr::V4(_) => etherparse::Ipv4Slice::from_slice(&bytes)
+            // A raw IPv4 socket hands over the IP header too: the TTL.
+            IpAddr::V4(_) => etherparse::Ipv4Slice::from_slice(bytes)
                 .ok()
-                .and_then(|ip| etherparse::Icmpv4Slice::from_slice(ip.payload().payload).ok())
-                .and_then(|icmp| match icmp.icmp_type() {
-                    etherparse::Icmpv4Type::EchoReply(h) => Some(h),
-                    _ => None,
+                .and_then(|ip| {
+                    let ttl = ip.header().ttl();
+                    etherparse::Icmpv4Slice::from_slice(ip.payload().payload)
+                        .ok()
+                        .and_then(|icmp| match icmp.icmp_type() {
+                            etherparse::Icmpv4Type::EchoReply(h) => Some((h, Some(ttl))),
+                            _ => None,
+                        })
                 }),
-            IpAddr::V6(_) => {
-                (bytes.len() >= 8 && bytes[0] == 129).then(|| etherparse::IcmpEchoHeader {
-                    id: u16::from_be_bytes([bytes[4], bytes[5]]),
-                    seq: u16::from_be_bytes([bytes[6], bytes[7]]),
-                })
-            }
+            IpAddr::V6(_) => (bytes.len() >= 8 && bytes[0] == 129).then(|| {
+                (
+                    etherparse::IcmpEchoHeader {
+                        id: u16::from_be_bytes([bytes[4], bytes[5]]),
+                        seq: u16::from_be_bytes([bytes[6], bytes[7]]),
+                    },
+                    hop_limit,
+                )
+            }),
         };
-        if reply.is_some_and(|h| h.id == id && h.seq == seq) {
-            return Ok(());
+        if let Some((h, hops)) = reply
+            && h.id == id
+            && h.seq == seq
+        {
+            return Ok((sent.elapsed(), hops));
         }
+    }
+}
+
+/// recvmsg(2) on a raw socket: (bytes, sender, the IPV6_HOPLIMIT control
+/// message if one came).
+fn recv_with_hop_limit(
+    sock: &socket2::Socket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Option<IpAddr>, Option<u8>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr; the
+    // pointers set below outlive the call; the control messages are read
+    // with the CMSG_* macros within msg_controllen.
+    unsafe {
+        let mut from: libc::sockaddr_storage = std::mem::zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 16];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&raw mut from).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &raw mut msg, 0);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut hop_limit = None;
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IPV6 && (*c).cmsg_type == libc::IPV6_HOPLIMIT {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                hop_limit = u8::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+        let addr = match i32::from(from.ss_family) {
+            libc::AF_INET => {
+                let a = std::ptr::read_unaligned((&raw const from).cast::<libc::sockaddr_in>());
+                Some(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()))
+            }
+            libc::AF_INET6 => {
+                let a = std::ptr::read_unaligned((&raw const from).cast::<libc::sockaddr_in6>());
+                Some(IpAddr::from(a.sin6_addr.s6_addr))
+            }
+            _ => None,
+        };
+        Ok((n as usize, addr, hop_limit))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_dates_parse_as_go_reads_them() {
+        // RFC 9110's three forms of one instant.
+        for s in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(http_date(s), Some(784_111_777), "{s}");
+        }
+        assert_eq!(
+            http_date("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(1_445_412_480)
+        );
+        assert_eq!(
+            http_date("Thu, 29 Feb 2024 23:59:59 GMT"),
+            Some(1_709_251_199)
+        );
+        assert_eq!(http_date("yesterday"), None);
+        assert_eq!(http_date("Sun, 06 Nov 1994 25:49:37 GMT"), None);
+    }
+
+    #[test]
+    fn content_length_is_read_as_go_reads_it() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        let get = hyper::Method::GET;
+        assert_eq!(content_length(&get, 200, &h(&[("content-length", "8")])), 8);
+        assert_eq!(content_length(&get, 200, &h(&[])), -1);
+        assert_eq!(
+            content_length(&get, 200, &h(&[("transfer-encoding", "chunked")])),
+            -1
+        );
+        assert_eq!(content_length(&get, 204, &h(&[("content-length", "8")])), 0);
+        assert_eq!(
+            content_length(&hyper::Method::HEAD, 200, &h(&[("content-length", "8")])),
+            8
+        );
+    }
+
+    #[test]
+    fn strings_encode_as_go_marshals_them() {
+        assert_eq!(go_der_string("DE"), "13024445");
+        assert_eq!(go_der_string("a@b"), "0c03614062");
+        assert_eq!(der_len(0x7f), vec![0x7f]);
+        assert_eq!(der_len(0x80), vec![0x81, 0x80]);
+        assert_eq!(der_len(0x1234), vec![0x82, 0x12, 0x34]);
+    }
 
     #[test]
     fn redirect_locations_resolve_against_the_request() {
