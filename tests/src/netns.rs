@@ -276,6 +276,10 @@ impl Tcpdump {
                 "-i",
                 iface,
                 "--immediate-mode",
+                // 64 MiB of ring: a test's bursts must not overrun it
+                // (the tests that compare exact counts fail on a drop).
+                "-B",
+                "65536",
                 "-U",
                 "-n",
                 "-s",

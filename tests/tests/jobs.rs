@@ -16,7 +16,7 @@ use std::{
 use netpulse_tests::{
     PinDir,
     agent::{Agent, have_bin},
-    docker::{Container, docker_ok, prerequisites, test_image},
+    docker::{Container, docker, docker_ok, prerequisites, test_image},
     is_root, require,
     scrape::request,
 };
@@ -440,7 +440,14 @@ actions = [{{ kind = "restart_container", container = "{name}", after = 2, coold
     while started(&name) == first {
         assert!(
             Instant::now() < deadline,
-            "not restarted:\n{}",
+            "not restarted (started at {first}; now {}; logs: {}):\n{}",
+            docker_ok(&[
+                "inspect",
+                "-f",
+                "{{.State.Status}} exit {{.State.ExitCode}} error {{.State.Error}} started {{.State.StartedAt}} finished {{.State.FinishedAt}}",
+                &name
+            ]),
+            String::from_utf8_lossy(&docker(&["logs", &name]).stderr),
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));

@@ -88,7 +88,10 @@ fn the_deb_installs_works_and_purges_cleanly() {
         let version = ok("/usr/bin/netpulse", &["--version"]);
         assert_eq!(
             version.trim(),
-            format!("netpulse {}", env!("CARGO_PKG_VERSION"))
+            format!(
+                "netpulse {}\neBPF programs: built in",
+                env!("CARGO_PKG_VERSION")
+            )
         );
         let check = ok(
             "/usr/bin/netpulse",
