@@ -1,11 +1,20 @@
-//! `cargo xtask bench`: per-packet cost of the XDP and TC programs, measured
-//! by the kernel (BPF_PROG_TEST_RUN, mean over `--repeat` runs, median over
-//! `--rounds`), next to empty XDP_PASS / TC_ACT_UNSPEC programs measured in the
-//! same run, at 1, 1,000 and 50,000 endpoints in the service table.
-//! Target (issue 2): at most 15 ns per packet above the empty program.
-//! Then /metrics under wrk load while traffic flows (issue 8): p99, errors.
-//! Then `netpulse analyze` vs tcpdump and tshark on a 1M-packet file
-//! (issue 6; `--only analyze` for just that).
+//! `cargo xtask bench`, part by part (`--only` picks some):
+//!
+//! - `probes`: per-packet cost of the XDP and TC programs, measured by the
+//!   kernel (BPF_PROG_TEST_RUN, mean over `--repeat` runs of one frame,
+//!   median over `--rounds`), next to empty XDP_PASS / TC_ACT_UNSPEC
+//!   programs measured in the same run, at 1, 1,000 and 50,000 endpoints;
+//!   then varied frames, one test run each (`varied`). Target (issue 2): at
+//!   most 15 ns per packet above the empty program.
+//! - `kstats`: the kernel's own run_time_ns / run_cnt of netpulse's TC
+//!   programs on live traffic beside an empty TC program (`kstats`).
+//! - `http`: /metrics under wrk load while traffic flows (issue 8).
+//! - `probe`: probes per CPU-second against blackbox_exporter, through
+//!   `/probe` and as deployed (`probe`).
+//! - `overhead`: throughput lost on a veth under each watcher (`overhead`).
+//! - `analyze`: `netpulse analyze` against a bare libpcap read loop, `cat`,
+//!   capinfos and tshark, on a synthetic file and on real traffic captured
+//!   here (`analyze`, `traffic`).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -34,27 +43,62 @@ struct Args {
     /// Sequential /probe requests per tool and module.
     #[arg(long, default_value_t = 2000)]
     probes: u32,
+    /// Seconds each tool probes as deployed (20 targets at 20 Hz).
+    #[arg(long, default_value_t = 10)]
+    deployed_seconds: u64,
+    /// Frames per batch of the varied-frames table (one test run each).
+    #[arg(long, default_value_t = 20_000)]
+    batch: usize,
+    /// Seconds per round and kind of traffic of the live bpf_stats table.
+    #[arg(long, default_value_t = 5)]
+    kstats_seconds: u64,
     /// Seconds per round of the live-overhead blast.
     #[arg(long, default_value_t = 4)]
     overhead_seconds: u64,
     /// Packets in the file `netpulse analyze` reads against tcpdump and tshark.
     #[arg(long, default_value_t = 1_000_000)]
     analyze_packets: u64,
-    /// Run only these parts (comma-separated: probes, http, probe,
-    /// overhead, analyze); `analyze` alone needs no root.
+    /// MB of the bulk TCP transfer in the analyze benchmark's real
+    /// traffic (besides 5,000 pings, 20,000 DNS queries, 3,000 HTTP GETs).
+    #[arg(long, default_value_t = 200)]
+    real_bulk_mb: u64,
+    /// Run only these parts (comma-separated: probes, kstats, http, probe,
+    /// overhead, analyze); `analyze` alone runs without root, on the
+    /// synthetic file only.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the analyze benchmark's capture file here and stop (to
     /// profile or compare by hand).
     #[arg(long)]
     write_pcap: Option<std::path::PathBuf>,
+    /// Internal: the bare libpcap read loop the analyze benchmark times
+    /// (`pcap_next_ex` over FILE, nothing else).
+    #[arg(long, hide = true)]
+    pcap_loop: Option<std::path::PathBuf>,
+    /// Internal: the loop's stdio buffer in bytes (0: libpcap's own open).
+    #[arg(long, hide = true, default_value_t = 1 << 20)]
+    pcap_loop_buffer: usize,
 }
+
+const PARTS: [&str; 6] = ["probes", "kstats", "http", "probe", "overhead", "analyze"];
 
 #[path = "bench/overhead.rs"]
 mod overhead;
 
 #[path = "bench/analyze.rs"]
 mod analyze;
+
+#[path = "bench/traffic.rs"]
+mod traffic;
+
+#[path = "bench/varied.rs"]
+mod varied;
+
+#[path = "bench/kstats.rs"]
+mod kstats;
+
+#[path = "bench/probe.rs"]
+mod probe;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -161,17 +205,47 @@ fn ns(d: Duration) -> f64 {
     d.as_nanos() as f64
 }
 
+/// One BPF_PROG_TEST_RUN of the empty program `name` of `base` on
+/// `frame`, `repeat` times: the kernel's mean ns per run.
+fn run_base(base: &mut aya::Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<f64> {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = repeat;
+    let r = match base.program_mut(name).context("program")? {
+        aya::programs::Program::Xdp(p) => p.test_run(opts)?,
+        aya::programs::Program::SchedClassifier(p) => p.test_run(opts)?,
+        _ => bail!("unexpected program type for {name}"),
+    };
+    Ok(ns(r.duration))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(file) = &args.pcap_loop {
+        let n = analyze::pcap_loop(file, args.pcap_loop_buffer)?;
+        println!("{n}");
+        return Ok(());
+    }
     if let Some(path) = &args.write_pcap {
         analyze::generate(path, args.analyze_packets)?;
         return Ok(());
     }
+    if let Some(p) = args.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
+        bail!("--only {p}: no such part (parts: {})", PARTS.join(", "));
+    }
+    let real = traffic::Mix {
+        pings: 5_000,
+        dns_queries: 20_000,
+        http_gets: 3_000,
+        bulk_mb: args.real_bulk_mb,
+    };
+    let real = netpulse_tests::is_root().then_some(&real);
     if args.only == ["analyze"] {
         return analyze::run(
             &netpulse_tests::agent::bin(),
             args.analyze_packets,
             args.rounds,
+            real,
         );
     }
     let object = netpulse::probe::object();
@@ -189,8 +263,11 @@ fn main() -> Result<()> {
     if part("http") {
         http_load(args.http_seconds)?;
     }
+    if part("kstats") {
+        kstats::live_cost(args.kstats_seconds, args.rounds)?;
+    }
     if part("probe") {
-        probe_bench(args.probes)?;
+        probe::probe_bench(args.probes, args.deployed_seconds)?;
     }
     if part("overhead") {
         overhead::overhead(args.overhead_seconds, args.rounds.min(5), true)?;
@@ -200,6 +277,7 @@ fn main() -> Result<()> {
             &netpulse_tests::agent::bin(),
             args.analyze_packets,
             args.rounds,
+            real,
         )?;
     }
     Ok(())
@@ -224,17 +302,9 @@ fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
         .context("baseline tc")?
         .try_into()?;
     p.load()?;
-    let mut baseline = |name: &str, frame: &[u8]| -> Result<f64> {
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.repeat = args.repeat;
-        let r = match base.program_mut(name).context("program")? {
-            aya::programs::Program::Xdp(p) => p.test_run(opts)?,
-            aya::programs::Program::SchedClassifier(p) => p.test_run(opts)?,
-            _ => bail!("unexpected program type for {name}"),
-        };
-        Ok(ns(r.duration))
-    };
+    let repeat = args.repeat;
+    let mut baseline =
+        |name: &str, frame: &[u8]| -> Result<f64> { run_base(&mut base, name, frame, repeat) };
 
     println!(
         "netpulse per-packet cost, BPF_PROG_TEST_RUN, {} repeats, median of {} rounds (ns/packet)\n",
@@ -362,6 +432,7 @@ fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
     }
     probe.sync_addrs(&BTreeMap::new())?;
     probe.sync_veths(&BTreeMap::new())?;
+    worst = worst.max(varied::run(&mut probe, &mut base, args.rounds, args.batch)?);
     println!(
         "\nworst Δ: {worst:.1} ns/packet (target ≤ {TARGET_NS} ns; 10 GbE line rate leaves 67.2 ns per packet)"
     );
@@ -467,188 +538,5 @@ fn http_load(seconds: u32) -> Result<()> {
             }
         );
     }
-    Ok(())
-}
-
-/// Probes per CPU-second: netpulse's `/probe` against Debian's
-/// prometheus-blackbox-exporter's, the same stock modules on the same
-/// loopback targets, in one run. CPU is each process's user + system time
-/// (/proc/<pid>/stat) over the probes.
-fn probe_bench(probes: u32) -> Result<()> {
-    use netpulse_tests::{
-        PinDir,
-        agent::Agent,
-        scrape::{get, urlencode},
-    };
-    use std::{
-        io::{BufRead, BufReader, Write},
-        net::{Ipv4Addr, SocketAddr, TcpListener},
-        process::{Command, Stdio},
-    };
-    if Command::new("prometheus-blackbox-exporter")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        bail!("prometheus-blackbox-exporter is not installed (cargo xtask setup)");
-    }
-    // Targets: a minimal HTTP server and a TCP listener, in this process.
-    let http = TcpListener::bind("127.0.0.1:0")?;
-    let http_addr = http.local_addr()?;
-    std::thread::spawn(move || {
-        for s in http.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(match s.try_clone() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                });
-                loop {
-                    let mut l = String::new();
-                    if r.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
-                        break;
-                    }
-                }
-                let _ = (&s).write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
-                );
-            });
-        }
-    });
-    let tcp = TcpListener::bind("127.0.0.1:0")?;
-    let tcp_addr = tcp.local_addr()?;
-    std::thread::spawn(move || for _ in tcp.incoming() {});
-
-    let dir = std::env::temp_dir().join(format!("netpulse-probe-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let bb_cfg = dir.join("blackbox.yml");
-    std::fs::write(
-        &bb_cfg,
-        "modules:\n  http_2xx:\n    prober: http\n  tcp_connect:\n    prober: tcp\n",
-    )?;
-    let (bb_port, np_port) = (19508u16, 19509u16);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let bb = Kill(
-        Command::new("prometheus-blackbox-exporter")
-            .arg(format!("--config.file={}", bb_cfg.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{bb_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let pins = PinDir::new("probe-bench");
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[agent]\nlisten = \"127.0.0.1:{np_port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"lo\"]\ndiscover_sockets = false\n[docker]\nenabled = false\n",
-            pins.path().display(),
-            dir.join("state").display()
-        ),
-    )?;
-    let mut agent = Agent::start_host(&cfg, np_port, &dir.join("agent.log"));
-    agent.wait_for("the agent", |m| m.has("netpulse_build_info", &[]));
-    let started = std::time::Instant::now();
-    while get(SocketAddr::from((Ipv4Addr::LOCALHOST, bb_port)), "/").is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("blackbox_exporter did not start");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let tck = {
-        // SAFETY: sysconf has no preconditions.
-        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        if t > 0 { t as f64 } else { 100.0 }
-    };
-    let cpu = |pid: u32| -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 (utime, stime), counted from 1 before the ')'.
-        let (u, s): (f64, f64) = (f[11].parse()?, f[12].parse()?);
-        Ok((u + s) / tck)
-    };
-    // netpulse as deployed: the same probes as scheduled checks (20 at
-    // 20 Hz each), no HTTP request per probe; CPU over 5 s, its history
-    // writes and refreshes included.
-    let scheduled = |module: &str, target: &str| -> Result<f64> {
-        let kind = if module == "http_2xx" { "http" } else { "tcp" };
-        let port = 19511u16;
-        let pins = PinDir::new("probe-bench-sched");
-        let mut text = format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\ninterfaces = [\"lo\"]\ndiscover_sockets = false\n[docker]\nenabled = false\n",
-            pins.path().display(),
-            dir.join("state-sched").display()
-        );
-        for i in 0..20 {
-            text.push_str(&format!(
-                "[[check]]\nname = \"c{i}\"\nkind = \"{kind}\"\ntarget = \"{target}\"\ninterval_seconds = 0.05\n"
-            ));
-        }
-        let cfg = dir.join("sched.toml");
-        std::fs::write(&cfg, text)?;
-        let mut a = Agent::start_host(&cfg, port, &dir.join("sched.log"));
-        let runs = |m: &netpulse_tests::scrape::Metrics| m.sum("netpulse_check_runs_total", &[]);
-        a.wait_for("checks running", |m| runs(m) > 100);
-        let m0 = a.metrics().context("metrics")?;
-        let c0 = cpu(a.pid())?;
-        std::thread::sleep(Duration::from_secs(5));
-        let c = cpu(a.pid())? - c0;
-        let m1 = a.metrics().context("metrics")?;
-        let failed = m1.sum("netpulse_check_runs_total", &[("result", "failure")]);
-        if failed > 0 {
-            bail!("{failed} scheduled {module} checks failed");
-        }
-        let n = runs(&m1) - runs(&m0);
-        a.stop();
-        Ok(n as f64 / c.max(1.0 / tck))
-    };
-    println!(
-        "\nProbe cost: {probes} sequential `/probe` requests per tool and module, and netpulse's own schedule; CPU of the prober process (user + system)\n"
-    );
-    println!(
-        "| module | target | blackbox_exporter `/probe` probes/CPU-s | netpulse `/probe` | netpulse scheduled checks | `/probe` ratio | scheduled ratio | ≥ 5× |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|:-:|");
-    let mut worst = f64::INFINITY;
-    for (module, target) in [
-        ("http_2xx", format!("http://{http_addr}/")),
-        ("tcp_connect", tcp_addr.to_string()),
-    ] {
-        let rate = |port: u16, pid: u32| -> Result<f64> {
-            let path = format!("/probe?module={module}&target={}", urlencode(&target));
-            // Warm up, and check the probe succeeds.
-            let (s, body) = get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &path)?;
-            if s != 200 || !body.contains("probe_success 1") {
-                bail!("{module} {target} on :{port} did not succeed: {body}");
-            }
-            let c0 = cpu(pid)?;
-            for _ in 0..probes {
-                get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &path)?;
-            }
-            let used = cpu(pid)? - c0;
-            Ok(f64::from(probes) / used.max(1.0 / tck))
-        };
-        let theirs = rate(bb_port, bb.0.id())?;
-        let ours = rate(np_port, agent.pid())?;
-        let sched = scheduled(module, &target)?;
-        let (ratio, sratio) = (ours / theirs, sched / theirs);
-        worst = worst.min(sratio);
-        println!(
-            "| {module} | {target} | {theirs:.0} | {ours:.0} | {sched:.0} | {ratio:.1}× | {sratio:.1}× | {} |",
-            if sratio >= 5.0 { "yes" } else { "no" }
-        );
-    }
-    println!(
-        "\nworst scheduled ratio: {worst:.1}× (target ≥ 5×; `/probe` pays an HTTP request per probe, as blackbox_exporter does)"
-    );
-    agent.stop();
-    drop(bb);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

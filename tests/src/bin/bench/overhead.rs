@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use netpulse_tests::{
     PinDir,
-    agent::Agent,
+    agent::{Agent, Backend},
     netns::{LinkStats, Pair},
     scrape::{Metrics, get},
 };
@@ -193,11 +193,26 @@ fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result
                     dir.join("state").display()
                 ),
             )?;
-            let mut agent = Agent::start(&pair.a, &[], &cfg, AGENT_PORT, &dir.join("agent.log"));
+            // eBPF: Agent::start, which passes `--backend ebpf` (the
+            // kernel programs or a failed start, never libpcap); pcap: the
+            // config's `backend = "pcap"`, which that flag would override.
+            let log = dir.join("agent.log");
+            let mut agent = if backend == "pcap" {
+                Agent::start_with(&pair.a, &[], &cfg, AGENT_PORT, &log, Backend::AsConfigured)
+            } else {
+                Agent::start(&pair.a, &[], &cfg, AGENT_PORT, &log)
+            };
             let dev = pair.dev_a.clone();
-            agent.wait_for("netpulse watching the veth", |m| {
+            let m = agent.wait_for("netpulse watching the veth", |m| {
                 m.has("netpulse_probe_attached", &[("interface", &dev)])
             });
+            // The row measures the backend its name says.
+            if m.sum("netpulse_backend_info", &[("backend", backend)]) != 1 {
+                bail!(
+                    "{}: the agent does not report netpulse_backend_info{{backend=\"{backend}\"}} 1",
+                    w.name()
+                );
+            }
             let ns = pair.a.name.clone();
             let r = measure(pair, seconds, &|| service_packets(&ns));
             agent.stop();
