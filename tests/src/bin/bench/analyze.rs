@@ -4,7 +4,7 @@
 //! The floor: `cat F > /dev/null` (the bytes alone) and a bare libpcap
 //! read loop (`pcap_next_ex` and nothing else, in this binary: `bench
 //! --pcap-loop F`) with three stdio buffers: libpcap's own open (4 KiB),
-//! 64 KiB, and 1 MiB as netpulse reads; the fastest is the reference.
+//! 64 KiB as netpulse reads, and 1 MiB; the fastest is the reference.
 //! The same answer: `tshark -q -z conv,tcp -z conv,udp
 //! -z endpoints,ip -r F` (conversations and endpoints) and `capinfos F`
 //! (the file's counts, sizes and times). Two files: a synthetic one of a
@@ -318,12 +318,12 @@ fn tools(
         ),
         (
             "bare libpcap loop, 64 KiB stdio buffer".into(),
-            "`pcap_fopen_offline` on a stream with a 64 KiB buffer, then `pcap_next_ex`",
+            "`pcap_fopen_offline` on a stream with a 64 KiB buffer (as netpulse reads), then `pcap_next_ex`",
             s(&[bench, "--pcap-loop", f, "--pcap-loop-buffer", "65536"]),
         ),
         (
             "bare libpcap loop, 1 MiB stdio buffer".into(),
-            "the same with a 1 MiB buffer, as netpulse reads",
+            "the same with a 1 MiB buffer (as netpulse read before)",
             s(&[bench, "--pcap-loop", f, "--pcap-loop-buffer", "1048576"]),
         ),
         (
