@@ -52,9 +52,11 @@ enum Cmd {
     /// Build the OCI image `netpulse:<version>` FROM scratch (starts dockerd
     /// if it is not running).
     Image,
-    /// Per-packet cost of both programs vs an empty program, /metrics
-    /// under wrk load, then `netpulse analyze` vs tcpdump and tshark
-    /// (markdown tables).
+    /// Per-packet cost of the programs vs an empty program (crafted frames
+    /// and the kernel's own stats on live traffic), /metrics under wrk
+    /// load, /probe and scheduled checks vs blackbox_exporter, live
+    /// overhead, `netpulse analyze` vs bare libpcap reads, capinfos and
+    /// tshark (markdown tables).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -62,9 +64,12 @@ enum Cmd {
         /// Measurements per cell; the table shows the median.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Only these parts, comma-separated: probes (BPF_PROG_TEST_RUN),
-        /// http (wrk), probe (blackbox_exporter), overhead (live, on a
-        /// veth pair), analyze (vs tcpdump and tshark; needs no root).
+        /// Only these parts, comma-separated: probes (BPF_PROG_TEST_RUN,
+        /// one frame and varied frames), kstats (the kernel's own run time
+        /// of the TC programs on live traffic), http (wrk), probe
+        /// (blackbox_exporter), overhead (live, on a veth pair), analyze (vs
+        /// bare libpcap loops, capinfos and tshark; without root, only the
+        /// synthetic file).
         #[arg(long)]
         only: Option<String>,
     },
