@@ -154,3 +154,124 @@ name = "db"
 remote = true
 endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.9" }]
 "#;
+
+/// The classification corpus: frames both ways of every kind the kernel
+/// tests cover, against [`CLASSIFY_CONFIG`]. The parity test runs it
+/// through the kernel and userspace classifiers; the benchmark times it.
+pub mod corpus {
+    use agent_ebpf::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+    use super::{
+        Ext, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, eth, icmp_echo, ipv4, ipv6, tcp, udp, v6,
+    };
+
+    pub const LOCAL: [u8; 4] = [10, 0, 0, 1];
+    pub const OTHER: [u8; 4] = [10, 0, 0, 2];
+    pub const CLIENT: [u8; 4] = [192, 0, 2, 7];
+    pub const DB: [u8; 4] = [10, 0, 0, 9];
+
+    pub fn local6() -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[15] = 1;
+        a
+    }
+
+    /// Frames both ways of every kind the kernel tests cover: services by
+    /// address, by wildcard, remote, ICMP, VLAN and QinQ, IPv6 extension
+    /// headers, fragments, and the unclassifiable.
+    pub fn frames() -> Vec<Vec<u8>> {
+        let v4 = |vl: &[u16], s, d, proto, payload: &[u8]| {
+            eth(vl, super::ETH_IPV4, &ipv4(s, d, proto, 0, 0, payload))
+        };
+        let mut out = Vec::new();
+        for (a, b) in [
+            (CLIENT, LOCAL),
+            (LOCAL, CLIENT),
+            (CLIENT, OTHER),
+            (OTHER, CLIENT),
+        ] {
+            for vl in [
+                &[][..],
+                &[super::ETH_8021Q],
+                &[super::ETH_8021AD, super::ETH_8021Q],
+            ] {
+                for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
+                    out.push(v4(vl, a, b, PROTO_TCP, &tcp(40000, 80, flags, 5, 10)));
+                    out.push(v4(vl, b, a, PROTO_TCP, &tcp(80, 40000, flags, 8, 100)));
+                }
+                out.push(v4(vl, a, b, PROTO_UDP, &udp(5353, 53, 30)));
+                out.push(v4(vl, b, a, PROTO_UDP, &udp(53, 5353, 300)));
+                out.push(v4(vl, a, b, PROTO_ICMP, &icmp_echo(false, 56)));
+            }
+            // The remote database, from either end.
+            out.push(v4(&[], a, DB, PROTO_TCP, &tcp(41000, 5432, TCP_SYN, 5, 0)));
+            out.push(v4(&[], DB, a, PROTO_TCP, &tcp(5432, 41000, TCP_ACK, 5, 40)));
+            // IPv4 options, a later fragment, a first fragment.
+            out.push(eth(
+                &[],
+                super::ETH_IPV4,
+                &ipv4(a, b, PROTO_TCP, 3, 0, &tcp(40000, 80, TCP_SYN, 5, 0)),
+            ));
+            out.push(eth(
+                &[],
+                super::ETH_IPV4,
+                &ipv4(a, b, PROTO_UDP, 0, 185, &udp(53, 53, 8)),
+            ));
+            out.push(eth(
+                &[],
+                super::ETH_IPV4,
+                &ipv4(a, b, PROTO_UDP, 0, 0x2000, &udp(5353, 53, 8)),
+            ));
+        }
+        let (l6, c6) = (local6(), v6(7));
+        for (a, b) in [(c6, l6), (l6, c6)] {
+            for exts in [
+                &[][..],
+                &[Ext::HopByHop(0)],
+                &[Ext::HopByHop(1), Ext::DestOpts(0), Ext::Routing(2)],
+                &[Ext::HopByHop(0), Ext::Fragment(0), Ext::DestOpts(3)],
+                &[Ext::Fragment(90)],
+            ] {
+                out.push(eth(
+                    &[],
+                    super::ETH_IPV6,
+                    &ipv6(a, b, exts, PROTO_TCP, &tcp(40000, 443, TCP_SYN, 5, 20)),
+                ));
+                out.push(eth(
+                    &[],
+                    super::ETH_IPV6,
+                    &ipv6(b, a, exts, PROTO_TCP, &tcp(443, 40000, TCP_ACK, 5, 20)),
+                ));
+                out.push(eth(
+                    &[],
+                    super::ETH_IPV6,
+                    &ipv6(a, b, exts, PROTO_UDP, &udp(5353, 53, 40)),
+                ));
+                out.push(eth(
+                    &[],
+                    super::ETH_IPV6,
+                    &ipv6(a, b, exts, PROTO_ICMPV6, &icmp_echo(true, 8)),
+                ));
+            }
+        }
+        // Unclassifiable: ARP, a cut TCP header, a TCP data offset below 5,
+        // an IPv4 header length below 5, a cut IPv6 header.
+        out.push(eth(&[], super::ETH_ARP, &[0; 28]));
+        out.push(eth(
+            &[],
+            super::ETH_IPV4,
+            &ipv4(CLIENT, LOCAL, PROTO_TCP, 0, 0, &tcp(1, 80, 0, 5, 0)[..12]),
+        ));
+        out.push(eth(
+            &[],
+            super::ETH_IPV4,
+            &ipv4(CLIENT, LOCAL, PROTO_TCP, 0, 0, &tcp(1, 80, 0, 4, 0)),
+        ));
+        let mut bad_ihl = ipv4(CLIENT, LOCAL, PROTO_UDP, 0, 0, &udp(1, 53, 8));
+        bad_ihl[0] = 0x44;
+        out.push(eth(&[], super::ETH_IPV4, &bad_ihl));
+        out.push(eth(&[], super::ETH_IPV6, &[0x60; 20]));
+        out
+    }
+}

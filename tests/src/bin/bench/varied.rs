@@ -10,14 +10,14 @@
 use std::{collections::BTreeMap, path::Path};
 
 use agent_ebpf::{
-    EndpointKey, FAMILY_V4, FAMILY_V6, FIRST_SERVICE_SLOT, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, ROLE_LOCAL, SLOT_NO_MATCH, programs,
+    EndpointKey, FAMILY_V4, FAMILY_V6, FIRST_SERVICE_SLOT, PROTO_TCP, PROTO_UDP, ROLE_LOCAL,
+    SLOT_NO_MATCH, programs,
 };
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use netpulse::probe::{Hook, Probe};
 use netpulse_tests::frames::{
-    self, Ext, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, eth, icmp_echo, ipv4, ipv6, tcp, udp, v6,
+    self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, corpus::LOCAL, eth, ipv4, ipv6, tcp, udp,
 };
 
 use crate::{TARGET_NS, median, run_base};
@@ -35,106 +35,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-const LOCAL: [u8; 4] = [10, 0, 0, 1];
-const OTHER: [u8; 4] = [10, 0, 0, 2];
-const CLIENT: [u8; 4] = [192, 0, 2, 7];
-const DB: [u8; 4] = [10, 0, 0, 9];
-
-/// The parity test's frames (tests/tests/parity.rs, which a test file
-/// cannot share): both ways, services by address, by wildcard, remote,
-/// ICMP, VLAN and QinQ, IPv4 options and fragments, IPv6 extension headers
-/// and fragments, and the unclassifiable.
-fn corpus() -> Vec<Vec<u8>> {
-    let v4 = |vl: &[u16], s, d, proto, payload: &[u8]| {
-        eth(vl, frames::ETH_IPV4, &ipv4(s, d, proto, 0, 0, payload))
-    };
-    let mut out = Vec::new();
-    for (a, b) in [
-        (CLIENT, LOCAL),
-        (LOCAL, CLIENT),
-        (CLIENT, OTHER),
-        (OTHER, CLIENT),
-    ] {
-        for vl in [
-            &[][..],
-            &[frames::ETH_8021Q],
-            &[frames::ETH_8021AD, frames::ETH_8021Q],
-        ] {
-            for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
-                out.push(v4(vl, a, b, PROTO_TCP, &tcp(40000, 80, flags, 5, 10)));
-                out.push(v4(vl, b, a, PROTO_TCP, &tcp(80, 40000, flags, 8, 100)));
-            }
-            out.push(v4(vl, a, b, PROTO_UDP, &udp(5353, 53, 30)));
-            out.push(v4(vl, b, a, PROTO_UDP, &udp(53, 5353, 300)));
-            out.push(v4(vl, a, b, PROTO_ICMP, &icmp_echo(false, 56)));
-        }
-        out.push(v4(&[], a, DB, PROTO_TCP, &tcp(41000, 5432, TCP_SYN, 5, 0)));
-        out.push(v4(&[], DB, a, PROTO_TCP, &tcp(5432, 41000, TCP_ACK, 5, 40)));
-        out.push(eth(
-            &[],
-            frames::ETH_IPV4,
-            &ipv4(a, b, PROTO_TCP, 3, 0, &tcp(40000, 80, TCP_SYN, 5, 0)),
-        ));
-        out.push(eth(
-            &[],
-            frames::ETH_IPV4,
-            &ipv4(a, b, PROTO_UDP, 0, 185, &udp(53, 53, 8)),
-        ));
-        out.push(eth(
-            &[],
-            frames::ETH_IPV4,
-            &ipv4(a, b, PROTO_UDP, 0, 0x2000, &udp(5353, 53, 8)),
-        ));
-    }
-    let (l6, c6) = (v6(1), v6(7));
-    for (a, b) in [(c6, l6), (l6, c6)] {
-        for exts in [
-            &[][..],
-            &[Ext::HopByHop(0)],
-            &[Ext::HopByHop(1), Ext::DestOpts(0), Ext::Routing(2)],
-            &[Ext::HopByHop(0), Ext::Fragment(0), Ext::DestOpts(3)],
-            &[Ext::Fragment(90)],
-        ] {
-            out.push(eth(
-                &[],
-                frames::ETH_IPV6,
-                &ipv6(a, b, exts, PROTO_TCP, &tcp(40000, 443, TCP_SYN, 5, 20)),
-            ));
-            out.push(eth(
-                &[],
-                frames::ETH_IPV6,
-                &ipv6(b, a, exts, PROTO_TCP, &tcp(443, 40000, TCP_ACK, 5, 20)),
-            ));
-            out.push(eth(
-                &[],
-                frames::ETH_IPV6,
-                &ipv6(a, b, exts, PROTO_UDP, &udp(5353, 53, 40)),
-            ));
-            out.push(eth(
-                &[],
-                frames::ETH_IPV6,
-                &ipv6(a, b, exts, PROTO_ICMPV6, &icmp_echo(true, 8)),
-            ));
-        }
-    }
-    out.push(eth(&[], frames::ETH_ARP, &[0; 28]));
-    out.push(eth(
-        &[],
-        frames::ETH_IPV4,
-        &ipv4(CLIENT, LOCAL, PROTO_TCP, 0, 0, &tcp(1, 80, 0, 5, 0)[..12]),
-    ));
-    out.push(eth(
-        &[],
-        frames::ETH_IPV4,
-        &ipv4(CLIENT, LOCAL, PROTO_TCP, 0, 0, &tcp(1, 80, 0, 4, 0)),
-    ));
-    let mut bad_ihl = ipv4(CLIENT, LOCAL, PROTO_UDP, 0, 0, &udp(1, 53, 8));
-    bad_ihl[0] = 0x44;
-    out.push(eth(&[], frames::ETH_IPV4, &bad_ihl));
-    out.push(eth(&[], frames::ETH_IPV6, &[0x60; 20]));
-    out
 }
 
 /// The classification tests' services (frames::CLASSIFY_CONFIG) as the
@@ -379,7 +279,7 @@ pub fn run(probe: &mut Probe, base: &mut Ebpf, rounds: usize, batch: usize) -> R
         frames::ETH_IPV4,
         &ipv4(LOCAL, LOCAL, PROTO_TCP, 0, 0, &tcp(80, 80, TCP_ACK, 5, 64)),
     );
-    let mut c = corpus();
+    let mut c = netpulse_tests::frames::corpus::frames();
     let corpus_len = c.len();
     // The corpus repeated to the batch's length, shuffled (Fisher-Yates).
     let mut corpus_batch: Vec<Vec<u8>> = (0..batch).map(|i| c[i % corpus_len].clone()).collect();
