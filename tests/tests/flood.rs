@@ -56,14 +56,11 @@ fn flood(dev: &str, dst_mac: [u8; 6], src_mac: [u8; 6], to: [u8; 4]) -> u64 {
     sll.sll_halen = 6;
     sll.sll_addr[..6].copy_from_slice(&dst_mac);
 
-    let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rng = netpulse_tests::Rng(0x2545_f491_4f6c_dd1d);
     let mut to_service = 0;
     let mut frame = Vec::with_capacity(128);
     for i in 0..FLOOD {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let r = rng.to_be_bytes();
+        let r = rng.u64().to_be_bytes();
         let src = [10, 200, r[0], r[1]];
         let sport = u16::from_be_bytes([r[2], r[3]]) | 1024;
         let dport = if i % EVERY == 0 {

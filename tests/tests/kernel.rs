@@ -871,21 +871,6 @@ fn a_vanished_service_keeps_its_counts_for_the_grace_period_then_frees_its_slot(
     );
 }
 
-/// Deterministic xorshift, so a failing case can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
     let Some(mut fx) = fixture("property") else {
@@ -924,7 +909,7 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
             &ipv4(CLIENT, LOCAL, PROTO_ICMP, 2, 0, &icmp_echo(false, 56)),
         ),
     ];
-    let mut rng = Rng(0x005e_ed0f_0e7a_u64);
+    let mut rng = netpulse_tests::Rng(0x005e_ed0f_0e7a_u64);
     let before = total(&fx);
     let mut runs = 0u64;
     for i in 0..4000 {
@@ -932,7 +917,7 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
             // Random bytes, but with an IP ethertype half the time so the
             // parser goes deep.
             let len = 14 + rng.below(300);
-            let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut f: Vec<u8> = (0..len).map(|_| rng.u64() as u8).collect();
             if rng.below(2) == 0 {
                 let t = [frames::ETH_IPV4, frames::ETH_IPV6, frames::ETH_8021Q][rng.below(3)];
                 f[12..14].copy_from_slice(&t.to_be_bytes());
@@ -943,11 +928,11 @@ fn random_and_mutated_frames_always_pass_and_every_one_is_counted_once() {
             let mut f = valid[rng.below(valid.len())].clone();
             for _ in 0..1 + rng.below(4) {
                 let at = rng.below(f.len());
-                f[at] = rng.next() as u8;
+                f[at] = rng.u64() as u8;
             }
             match rng.below(3) {
                 0 => f.truncate(14.max(rng.below(f.len() + 1))),
-                1 => f.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+                1 => f.extend((0..rng.below(64)).map(|_| rng.u64() as u8)),
                 _ => {}
             }
             f

@@ -26,18 +26,6 @@ use crate::traffic;
 /// netpulse's time over the bare libpcap loop's, at most.
 const TARGET_VS_LOOP: f64 = 1.5;
 
-/// xorshift64: the same file on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 const TCP4_FLOWS: u64 = 4000;
 const UDP4_FLOWS: u64 = 1000;
 const TCP6_FLOWS: u64 = 500;
@@ -53,11 +41,11 @@ pub fn generate(path: &Path, packets: u64) -> Result<u64> {
     w.write_all(&[0; 8])?;
     w.write_all(&262_144u32.to_le_bytes())?;
     w.write_all(&1u32.to_le_bytes())?;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = netpulse_tests::Rng(0x9e37_79b9_7f4a_7c15);
     let mut frame = vec![0u8; 1600];
     let mut bytes = 0u64;
     for i in 0..packets {
-        let r = rng.next();
+        let r = rng.u64();
         let flow = (r >> 8) % (TCP4_FLOWS + UDP4_FLOWS + TCP6_FLOWS);
         let reply = r & 1 == 1;
         let vlan = (r >> 1).is_multiple_of(20);

@@ -197,47 +197,12 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
             bail!("the agent does not count with eBPF");
         }
 
-        // The empty program, on both hooks of the same veth (an object
-        // loaded per hook, so each has its own counts), held by a thread
-        // in the namespace until told to let go.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let empty_pins = PinDir::new("kst-empty");
-        let pin = empty_pins.path().to_path_buf();
-        let dev = pair.dev_a.clone();
-        let holder = pair.a.spawn(move || {
-            let attached = (|| -> Result<Vec<aya::Ebpf>> {
-                std::fs::create_dir_all(&pin)?;
-                let mut held = Vec::new();
-                for at in [TcAttachType::Ingress, TcAttachType::Egress] {
-                    let mut e = aya::EbpfLoader::new()
-                        .default_map_pin_directory(&pin)
-                        .load(netpulse::probe::object())?;
-                    let p: &mut SchedClassifier = e
-                        .program_mut(agent_ebpf::programs::BASELINE_TC)
-                        .context("baseline tc")?
-                        .try_into()?;
-                    p.load()?;
-                    p.attach(&dev, at)?;
-                    held.push(e);
-                }
-                Ok(held)
-            })();
-            match attached {
-                Ok(e) => {
-                    let _ = ready_tx.send(Ok(()));
-                    let _ = done_rx.recv();
-                    drop(e);
-                }
-                Err(err) => {
-                    let _ = ready_tx.send(Err(format!("{err:#}")));
-                }
-            }
-        });
-        ready_rx
-            .recv()
-            .context("the empty program's thread")?
-            .map_err(anyhow::Error::msg)?;
+        // The empty program, on both hooks of the same veth.
+        let empty = crate::overhead::EmptyTc::attach(
+            &pair,
+            &[TcAttachType::Ingress, TcAttachType::Egress],
+            "kst-empty",
+        )?;
 
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .context("BPF_ENABLE_STATS (run-time statistics)")?;
@@ -291,9 +256,7 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
             }
         }
         drop(stats);
-        let _ = done_tx.send(());
-        let _ = holder.join();
-        drop(empty_pins);
+        drop(empty);
         agent.stop();
         drop(pins);
         drop(sink);

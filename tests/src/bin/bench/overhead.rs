@@ -219,46 +219,10 @@ fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result
             Ok(r)
         }
         Watcher::EmptyTc => {
-            // Loaded and attached by a thread in the receiver's namespace,
-            // which holds the link until told to let go.
-            let (dev, pins) = (pair.dev_a.clone(), PinDir::new("ovh-empty"));
-            let pin = pins.path().to_path_buf();
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-            let holder = pair.a.spawn(move || {
-                use aya::programs::{SchedClassifier, TcAttachType};
-                let attached = (|| -> Result<aya::Ebpf> {
-                    std::fs::create_dir_all(&pin)?;
-                    let mut e = aya::EbpfLoader::new()
-                        .default_map_pin_directory(&pin)
-                        .load(netpulse::probe::object())?;
-                    let p: &mut SchedClassifier = e
-                        .program_mut(agent_ebpf::programs::BASELINE_TC)
-                        .context("baseline tc")?
-                        .try_into()?;
-                    p.load()?;
-                    p.attach(&dev, TcAttachType::Ingress)?;
-                    Ok(e)
-                })();
-                match attached {
-                    Ok(e) => {
-                        let _ = ready_tx.send(Ok(()));
-                        let _ = done_rx.recv();
-                        drop(e);
-                    }
-                    Err(err) => {
-                        let _ = ready_tx.send(Err(format!("{err:#}")));
-                    }
-                }
-            });
-            ready_rx
-                .recv()
-                .context("the empty program's thread")?
-                .map_err(anyhow::Error::msg)?;
+            let empty =
+                EmptyTc::attach(pair, &[aya::programs::TcAttachType::Ingress], "ovh-empty")?;
             let r = measure(pair, seconds, &|| None);
-            let _ = done_tx.send(());
-            let _ = holder.join();
-            drop(pins);
+            drop(empty);
             Ok(r)
         }
         Watcher::Tcpdump => {
@@ -369,4 +333,76 @@ pub fn overhead(seconds: u64, n: usize, pcap: bool) -> Result<()> {
         bail!("netpulse eBPF counted less than every packet: {counted:?}");
     }
     Ok(())
+}
+
+/// The empty TC program (`BASELINE_TC`) on the pair's veth in namespace a,
+/// one object per hook given (so each has its own run counts), loaded and
+/// attached by a thread in that namespace which holds the links until this
+/// drops: the hook's own cost, beside which netpulse's is measured.
+pub struct EmptyTc {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+    _pins: PinDir,
+}
+
+impl EmptyTc {
+    pub fn attach(
+        pair: &Pair,
+        hooks: &[aya::programs::TcAttachType],
+        tag: &str,
+    ) -> Result<EmptyTc> {
+        use aya::programs::SchedClassifier;
+        let (dev, pins, hooks) = (pair.dev_a.clone(), PinDir::new(tag), hooks.to_vec());
+        let pin = pins.path().to_path_buf();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = pair.a.spawn(move || {
+            let attached = (|| -> Result<Vec<aya::Ebpf>> {
+                std::fs::create_dir_all(&pin)?;
+                let mut held = Vec::new();
+                for at in hooks {
+                    let mut e = aya::EbpfLoader::new()
+                        .default_map_pin_directory(&pin)
+                        .load(netpulse::probe::object())?;
+                    let p: &mut SchedClassifier = e
+                        .program_mut(agent_ebpf::programs::BASELINE_TC)
+                        .context("baseline tc")?
+                        .try_into()?;
+                    p.load()?;
+                    p.attach(&dev, at)?;
+                    held.push(e);
+                }
+                Ok(held)
+            })();
+            match attached {
+                Ok(held) => {
+                    let _ = ready_tx.send(Ok(()));
+                    let _ = done_rx.recv();
+                    drop(held);
+                }
+                Err(err) => {
+                    let _ = ready_tx.send(Err(format!("{err:#}")));
+                }
+            }
+        });
+        let empty = EmptyTc {
+            done: Some(done_tx),
+            holder: Some(holder),
+            _pins: pins,
+        };
+        ready_rx
+            .recv()
+            .context("the empty program's thread")?
+            .map_err(anyhow::Error::msg)?;
+        Ok(empty)
+    }
+}
+
+impl Drop for EmptyTc {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
+    }
 }

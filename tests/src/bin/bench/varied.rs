@@ -22,21 +22,6 @@ use netpulse_tests::frames::{
 
 use crate::{TARGET_NS, median, run_base};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The classification tests' services (frames::CLASSIFY_CONFIG) as the
 /// agent turns them into endpoints, a slot per service.
 fn classify_endpoints() -> Result<BTreeMap<EndpointKey, u32>> {
@@ -64,17 +49,17 @@ const TAKEN: [u16; 4] = [80, 443, 53, 5432];
 
 /// `n` random local endpoints, one in ten a wildcard (any address), on
 /// 1,000 slots after the classify services'.
-fn random_endpoints(n: usize, rng: &mut Rng) -> BTreeMap<EndpointKey, u32> {
+fn random_endpoints(n: usize, rng: &mut netpulse_tests::Rng) -> BTreeMap<EndpointKey, u32> {
     let mut out = BTreeMap::new();
     while out.len() < n {
-        let r = rng.next();
+        let r = rng.u64();
         let v6 = r & 1 == 1;
         let proto = if r & 2 == 0 { PROTO_TCP } else { PROTO_UDP };
         let port = (r >> 8) as u16 | 1;
         if TAKEN.contains(&port) {
             continue;
         }
-        let a = rng.next().to_be_bytes();
+        let a = rng.u64().to_be_bytes();
         let wildcard = (r >> 32).is_multiple_of(10);
         let mut k = EndpointKey {
             family: if v6 { FAMILY_V6 } else { FAMILY_V4 },
@@ -88,7 +73,7 @@ fn random_endpoints(n: usize, rng: &mut Rng) -> BTreeMap<EndpointKey, u32> {
             addr[..8].copy_from_slice(&a);
             if v6 {
                 addr[0] = 0xfd;
-                addr[8..].copy_from_slice(&rng.next().to_be_bytes());
+                addr[8..].copy_from_slice(&rng.u64().to_be_bytes());
                 k.set_addr(&addr);
             } else {
                 addr[0] = 10;
@@ -104,8 +89,14 @@ fn random_endpoints(n: usize, rng: &mut Rng) -> BTreeMap<EndpointKey, u32> {
 /// A frame from `src` to `dst` of the key's family and protocol, with a
 /// size and flags as a busy server sees them (70% bare ACKs), one in
 /// twenty VLAN-tagged.
-fn frame(rng: &mut Rng, family: u8, proto: u8, src: (&[u8], u16), dst: (&[u8], u16)) -> Vec<u8> {
-    let r = rng.next();
+fn frame(
+    rng: &mut netpulse_tests::Rng,
+    family: u8,
+    proto: u8,
+    src: (&[u8], u16),
+    dst: (&[u8], u16),
+) -> Vec<u8> {
+    let r = rng.u64();
     let payload = match r % 10 {
         0..=6 => 0,
         7 | 8 => 1400,
@@ -141,13 +132,13 @@ fn frame(rng: &mut Rng, family: u8, proto: u8, src: (&[u8], u16), dst: (&[u8], u
 }
 
 /// A random client address of `family` (outside every endpoint's range).
-fn client(rng: &mut Rng, family: u8) -> [u8; 16] {
+fn client(rng: &mut netpulse_tests::Rng, family: u8) -> [u8; 16] {
     let mut a = [0u8; 16];
-    a[..8].copy_from_slice(&rng.next().to_be_bytes());
+    a[..8].copy_from_slice(&rng.u64().to_be_bytes());
     if family == FAMILY_V6 {
         a[0] = 0x20;
         a[1] = 0x01;
-        a[8..].copy_from_slice(&rng.next().to_be_bytes());
+        a[8..].copy_from_slice(&rng.u64().to_be_bytes());
     } else {
         a[0] = 198;
     }
@@ -162,7 +153,7 @@ fn random_frames(
     n: usize,
     miss: bool,
     tc: bool,
-    rng: &mut Rng,
+    rng: &mut netpulse_tests::Rng,
 ) -> Vec<Vec<u8>> {
     let keys: Vec<&EndpointKey> = table
         .keys()
@@ -171,7 +162,7 @@ fn random_frames(
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let (family, proto, port, local) = if miss {
-            let r = rng.next();
+            let r = rng.u64();
             let family = if r & 1 == 1 { FAMILY_V6 } else { FAMILY_V4 };
             let proto = if r & 2 == 0 { PROTO_TCP } else { PROTO_UDP };
             let port = (r >> 8) as u16;
@@ -197,7 +188,7 @@ fn random_frames(
             }
             (family, proto, port, addr)
         } else {
-            let k = keys[rng.below(keys.len() as u64) as usize];
+            let k = keys[rng.below(keys.len())];
             let mut addr = k.addr_bytes();
             if addr == [0; 16] {
                 // A wildcard: any local address.
@@ -264,7 +255,7 @@ type Row = (
 
 /// Prints the varied-frames table; returns the worst Δ.
 pub fn run(probe: &mut Probe, base: &mut Ebpf, rounds: usize, batch: usize) -> Result<f64> {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = netpulse_tests::Rng(0x2545_f491_4f6c_dd1d);
     let classify = classify_endpoints()?;
     let mut table = random_endpoints(50_000, &mut rng);
     table.extend(classify.iter().map(|(k, s)| (*k, *s)));
@@ -284,7 +275,7 @@ pub fn run(probe: &mut Probe, base: &mut Ebpf, rounds: usize, batch: usize) -> R
     // The corpus repeated to the batch's length, shuffled (Fisher-Yates).
     let mut corpus_batch: Vec<Vec<u8>> = (0..batch).map(|i| c[i % corpus_len].clone()).collect();
     for i in (1..corpus_batch.len()).rev() {
-        corpus_batch.swap(i, rng.below(i as u64 + 1) as usize);
+        corpus_batch.swap(i, rng.below(i + 1));
     }
     c.clear();
     // BPF_PROG_TEST_RUN builds no skb from a frame shorter than its IP
