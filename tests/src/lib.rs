@@ -10,6 +10,7 @@ pub mod netns;
 pub mod pcapfile;
 pub mod prom;
 pub mod scrape;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

@@ -21,7 +21,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -155,46 +154,11 @@ fn https_server(dir: &Path) -> (SocketAddr, PathBuf) {
     leaf.not_after = rcgen::date_time_ymd(2031, 1, 1);
     let key = KeyPair::generate().unwrap();
     let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap(),
+    let addr = netpulse_tests::tls::serve(
+        cert.der().clone(),
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        |head, out| serve(head, out),
     );
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let config = config.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let Ok(conn) = rustls::ServerConnection::new(config) else {
-                    return;
-                };
-                let mut tls = rustls::StreamOwned::new(conn, s);
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                    match tls.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let mut out = Vec::new();
-                serve(&head[..], &mut out);
-                let _ = tls.write_all(&out);
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-            });
-        }
-    });
     (addr, ca_file)
 }
 

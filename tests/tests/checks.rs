@@ -6,7 +6,7 @@
 //! schedule turning a dependent check `blocked` while its parent is down.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -96,48 +96,18 @@ fn https_server(d: &Path) -> (SocketAddr, PathBuf) {
     let cert = params.self_signed(&key).unwrap();
     let ca = d.join("ca.pem");
     std::fs::write(&ca, cert.pem()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap(),
+    let addr = netpulse_tests::tls::serve(
+        cert.der().clone(),
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        |head, out| {
+            let path = String::from_utf8_lossy(head)
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .to_string();
+            respond(out, &path);
+        },
     );
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let config = config.clone();
-            std::thread::spawn(move || {
-                let Ok(conn) = rustls::ServerConnection::new(config) else {
-                    return;
-                };
-                let mut tls = rustls::StreamOwned::new(conn, s);
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                    match tls.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let path = String::from_utf8_lossy(&head)
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("/")
-                    .to_string();
-                respond(&mut tls, &path);
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-            });
-        }
-    });
     (addr, ca)
 }
 
