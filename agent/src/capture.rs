@@ -11,25 +11,14 @@ use std::{
     collections::BTreeMap,
     io::{BufWriter, Write},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use axum::{
-    Json, Router,
-    body::Body,
-    extract::{Path as UrlPath, Query, State},
-    http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::get,
-};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{
-    store::Job,
-    web::{Shared, lock},
-};
+use crate::store::{Job, Store};
 
 pub mod ring;
 
@@ -123,7 +112,14 @@ fn service_filter(keys: &[agent_ebpf::EndpointKey]) -> String {
 
 /// Checks a request against what the agent knows: the interface exists,
 /// the filter compiles, the service has endpoints; limits in range.
-pub fn plan(shared: &Shared, req: &Request) -> Result<Plan, String> {
+///
+/// `services` and `table` are the datapath's: which slot a service has and
+/// which endpoints count for each slot.
+pub fn plan(
+    services: &BTreeMap<String, crate::identity::Slotted>,
+    table: &BTreeMap<agent_ebpf::EndpointKey, u32>,
+    req: &Request,
+) -> Result<Plan, String> {
     let interface = req.interface.clone().unwrap_or_else(|| "any".into());
     if interface != "any" && crate::probe::ifindex(&interface).is_none() {
         return Err(format!("no interface named `{interface}`"));
@@ -132,16 +128,11 @@ pub fn plan(shared: &Shared, req: &Request) -> Result<Plan, String> {
         (Some(_), Some(_)) => return Err("give a filter or a service, not both".into()),
         (Some(f), None) => f.clone(),
         (None, Some(s)) => {
-            let a = lock(shared);
-            let slot = a
-                .identity
-                .services()
+            let slot = services
                 .get(s)
                 .map(|x| x.slot)
                 .ok_or_else(|| format!("no service named `{s}`"))?;
-            let keys: Vec<agent_ebpf::EndpointKey> = a
-                .probe
-                .table()
+            let keys: Vec<agent_ebpf::EndpointKey> = table
                 .iter()
                 .filter(|(_, v)| **v == slot)
                 .map(|(k, _)| *k)
@@ -255,8 +246,7 @@ impl Pcapng {
 // --- the capture folder ---------------------------------------------------
 
 /// `<state_dir>/captures`, next to the store.
-pub fn dir(shared: &Shared) -> Option<PathBuf> {
-    let store = lock(shared).store.clone()?;
+pub fn dir(store: &Store) -> Option<PathBuf> {
     Some(store.path().parent()?.join("captures"))
 }
 
@@ -267,12 +257,12 @@ fn parse_name(name: &str) -> Option<(i64, u32)> {
     Some((id.parse().ok()?, part.parse().ok()?))
 }
 
-fn file_name(id: i64, part: u32) -> String {
+pub fn file_name(id: i64, part: u32) -> String {
     format!("{id}-{part}.pcapng")
 }
 
 /// Capture files in `dir`: (id, part) → size.
-fn files(dir: &Path) -> BTreeMap<(i64, u32), u64> {
+pub fn files(dir: &Path) -> BTreeMap<(i64, u32), u64> {
     let mut out = BTreeMap::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -429,15 +419,18 @@ pub fn run(id: i64, plan: &Plan, dir: &Path, settings: Settings) -> Result<Outco
 }
 
 /// The `capture` job: the plan is the job's argument.
-pub async fn job(shared: &Shared, job: &Job) -> (bool, serde_json::Value) {
+pub async fn job(
+    store: Option<&Store>,
+    settings: Settings,
+    job: &Job,
+) -> (bool, serde_json::Value) {
     let plan: Plan = match serde_json::from_str(&job.arg) {
         Ok(p) => p,
         Err(e) => return (false, json!({ "error": format!("bad capture job: {e}") })),
     };
-    let Some(dir) = dir(shared) else {
+    let Some(dir) = store.and_then(dir) else {
         return (false, json!({ "error": "no store, so no capture folder" }));
     };
-    let settings = lock(shared).capture;
     let id = job.id;
     info!(job = id, interface = %plan.interface, filter = %plan.filter, "capture started");
     let r = tokio::task::spawn_blocking(move || run(id, &plan, &dir, settings)).await;
@@ -452,181 +445,6 @@ pub async fn job(shared: &Shared, job: &Job) -> (bool, serde_json::Value) {
         }
         Err(e) => (false, json!({ "error": e.to_string() })),
     }
-}
-
-// --- HTTP ----------------------------------------------------------------
-
-pub fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/captures", get(list).post(start))
-        .route("/api/v1/captures/{id}/file", get(file))
-}
-
-use crate::status::error;
-
-async fn start(State(shared): State<Shared>, headers: HeaderMap, body: String) -> Response {
-    if let Some(r) = crate::api::refuse(&shared, &headers) {
-        return r;
-    }
-    let req: Request = match serde_json::from_str(if body.trim().is_empty() { "{}" } else { &body })
-    {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("capture request: {e}")),
-    };
-    let s = shared.clone();
-    let planned = tokio::task::spawn_blocking(move || plan(&s, &req)).await;
-    let plan = match planned {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let arg = serde_json::to_string(&plan).unwrap_or_default();
-    crate::api::queue(&shared, "capture", &arg)
-}
-
-/// Every capture file, by capture, with the job's state where known.
-async fn list(State(shared): State<Shared>) -> Response {
-    let Some(d) = dir(&shared) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no store, so no capture folder",
-        );
-    };
-    let store = lock(&shared).store.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        let mut by_id: BTreeMap<i64, Vec<(u32, u64, Option<SystemTime>)>> = BTreeMap::new();
-        for ((id, part), size) in files(&d) {
-            let mtime = std::fs::metadata(d.join(file_name(id, part)))
-                .and_then(|m| m.modified())
-                .ok();
-            by_id.entry(id).or_default().push((part, size, mtime));
-        }
-        by_id
-            .into_iter()
-            .map(|(id, parts)| {
-                let job = store.as_ref().and_then(|s| s.job(id));
-                json!({
-                    "id": id,
-                    "state": job.as_ref().map(|j| j.state),
-                    "plan": job.as_ref().and_then(|j| serde_json::from_str::<serde_json::Value>(&j.arg).ok()),
-                    "result": job.as_ref().and_then(|j| j.result.clone()),
-                    "bytes": parts.iter().map(|p| p.1).sum::<u64>(),
-                    "parts": parts.iter().map(|(part, size, mtime)| json!({
-                        "part": part,
-                        "bytes": size,
-                        "modified": mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-                        "url": format!("/api/v1/captures/{id}/file?part={part}"),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    match rows {
-        Ok(r) => Json(json!({ "captures": r })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct PartQuery {
-    part: Option<u32>,
-}
-
-/// One capture file. Only numbers reach the file name.
-async fn file(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<PartQuery>,
-) -> Response {
-    if let Some(r) = crate::api::refuse(&shared, &headers) {
-        return r;
-    }
-    let Ok(id) = id.parse::<i64>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a capture id"),
-        );
-    };
-    let Some(d) = dir(&shared) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no store, so no capture folder",
-        );
-    };
-    let found = files(&d);
-    let part = match q.part {
-        Some(p) => p,
-        None => match found.keys().find(|(i, _)| *i == id) {
-            Some((_, p)) => *p,
-            None => return error(StatusCode::NOT_FOUND, format!("no capture {id}")),
-        },
-    };
-    if !found.contains_key(&(id, part)) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no capture {id} part {part}"),
-        );
-    }
-    let path = d.join(file_name(id, part));
-    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
-        Ok(Ok(bytes)) => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "application/x-pcapng".to_string()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"netpulse-{}\"", file_name(id, part)),
-                ),
-            ],
-            Body::from(bytes),
-        )
-            .into_response(),
-        Ok(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-// --- the CLI's HTTP client -------------------------------------------------
-
-/// A response: status and body.
-pub struct Answer {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
-
-/// One request to the agent at `base` (`http://host:port`, or https),
-/// through the agent's HTTP client.
-pub fn http(
-    base: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Result<Answer, String> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("`{url}`: {e}"))?;
-    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-    let headers: Vec<(hyper::header::HeaderName, String)> = token
-        .map(|t| (hyper::header::AUTHORIZATION, format!("Bearer {t}")))
-        .into_iter()
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (status, body) = rt.block_on(crate::client::request(
-        method,
-        &uri,
-        &headers,
-        body.map(|b| ("application/json", bytes::Bytes::from(b.to_string()))),
-        Duration::from_secs(120),
-    ))?;
-    Ok(Answer {
-        status: status.as_u16(),
-        body: body.to_vec(),
-    })
 }
 
 #[cfg(test)]
@@ -665,271 +483,5 @@ mod tests {
             service_filter(&[wild, k]),
             "(tcp port 80) or (udp port 53 and host 10.0.0.1)"
         );
-    }
-}
-
-/// `netpulse capture start|list|get`: the API from the command line.
-/// Errors carry the exit code: 2 for what the user must fix, 1 otherwise.
-// Everything printed goes through `crate::cli::out`: `print!` panics when
-// the reader has gone (`netpulse capture list | head`).
-#[deny(clippy::print_stdout)]
-pub mod cli {
-    use clap::Subcommand;
-
-    use super::{Request, file_name, http};
-    use crate::cli::{Output, Printed};
-
-    pub type Result = std::result::Result<(), (u8, String)>;
-
-    #[derive(clap::Args)]
-    pub struct Args {
-        #[command(subcommand)]
-        command: Command,
-        /// The agent's address.
-        #[arg(
-            long,
-            global = true,
-            env = "NETPULSE_URL",
-            default_value = "http://127.0.0.1:9477"
-        )]
-        url: String,
-        /// The API token.
-        #[arg(long, global = true, env = "NETPULSE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-    }
-
-    #[derive(Subcommand)]
-    enum Command {
-        /// Start a capture: an interface (default: any), a BPF filter or a
-        /// service, and limits (default: 10 seconds).
-        Start {
-            #[arg(long, short)]
-            interface: Option<String>,
-            #[arg(long, short, conflicts_with = "service")]
-            filter: Option<String>,
-            #[arg(long, short)]
-            service: Option<String>,
-            #[arg(long)]
-            seconds: Option<f64>,
-            #[arg(long)]
-            packets: Option<u64>,
-            #[arg(long)]
-            bytes: Option<u64>,
-            /// Wait for the capture to finish and print its result.
-            #[arg(long)]
-            wait: bool,
-        },
-        /// List the captures on disk.
-        List {
-            /// A table, or the API's JSON document.
-            #[arg(long, short, value_enum, default_value_t = Output::Table)]
-            output: Output,
-            /// The old spelling of `--output json`.
-            #[arg(long, hide = true, conflicts_with = "output")]
-            json: bool,
-        },
-        /// Download a capture file (to stdout unless --file or -O).
-        Get {
-            id: i64,
-            /// The part, for captures that rotated (default: the first left).
-            #[arg(long)]
-            part: Option<u32>,
-            /// Where to write it; `-` for stdout.
-            #[arg(long, short, value_name = "FILE", conflicts_with = "remote_name")]
-            file: Option<String>,
-            /// Write it to the file the agent names it,
-            /// `netpulse-ID-PART.pcapng`, in the current directory (as
-            /// curl -O does).
-            #[arg(short = 'O', long)]
-            remote_name: bool,
-        },
-    }
-
-    /// Runs a `netpulse capture` command; the exit code.
-    pub fn run(args: Args) -> u8 {
-        let (url, token) = (args.url.as_str(), args.token.as_deref());
-        let r = match args.command {
-            Command::Start {
-                interface,
-                filter,
-                service,
-                seconds,
-                packets,
-                bytes,
-                wait,
-            } => start(
-                url,
-                token,
-                &Request {
-                    interface,
-                    filter,
-                    service,
-                    seconds,
-                    packets,
-                    bytes,
-                },
-                wait,
-            ),
-            Command::List { output, json } => list(url, if json { Output::Json } else { output }),
-            Command::Get {
-                id,
-                part,
-                file,
-                remote_name,
-            } => {
-                if remote_name {
-                    get_named(url, token, id, part)
-                } else {
-                    get(url, token, id, part, file.as_deref().unwrap_or("-"))
-                }
-            }
-        };
-        match r {
-            Ok(()) => 0,
-            Err((code, msg)) => {
-                eprintln!("netpulse capture: {msg}");
-                code
-            }
-        }
-    }
-
-    fn api_error(status: u16, body: &[u8]) -> (u8, String) {
-        let msg = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-        // A request the agent refused as wrong is the user's to fix.
-        let code = if (400..500).contains(&status) { 2 } else { 1 };
-        (code, format!("HTTP {status}: {msg}"))
-    }
-
-    /// Queues a capture; with `wait`, polls its job and prints the result.
-    pub fn start(url: &str, token: Option<&str>, req: &Request, wait: bool) -> Result {
-        let body = serde_json::to_string(req).map_err(|e| (1, e.to_string()))?;
-        let a = http(url, "POST", "/api/v1/captures", token, Some(&body)).map_err(|e| (1, e))?;
-        if a.status != 202 {
-            return Err(api_error(a.status, &a.body));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))?;
-        let id = v["job"]
-            .as_i64()
-            .ok_or((1, "no job id in the answer".to_string()))?;
-        if !wait {
-            return print(format!(
-                "capture {id} queued: netpulse capture get {id} -O once it is done\n"
-            ));
-        }
-        loop {
-            std::thread::sleep(std::time::Duration::from_millis(250));
-            let a =
-                http(url, "GET", &format!("/api/v1/jobs/{id}"), token, None).map_err(|e| (1, e))?;
-            if a.status != 200 {
-                return Err(api_error(a.status, &a.body));
-            }
-            let j: serde_json::Value =
-                serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))?;
-            match j["state"].as_str() {
-                Some("done") => {
-                    let r = &j["result"];
-                    return print(format!(
-                        "capture {id}: {} packets, {} bytes, stopped by {}, parts {}\n",
-                        r["packets"], r["bytes"], r["stopped_by"], r["parts"]
-                    ));
-                }
-                Some("failed") => {
-                    return Err((1, format!("capture {id} failed: {}", j["result"]["error"])));
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Writes to stdout; a closed pipe (`| head`) is not a failure.
-    fn print(bytes: impl AsRef<[u8]>) -> Result {
-        crate::cli::out(bytes)
-            .map(|_: Printed| ())
-            .map_err(|e| (1, format!("writing to stdout: {e}")))
-    }
-
-    /// `GET /api/v1/captures`, parsed.
-    fn captures(url: &str) -> std::result::Result<serde_json::Value, (u8, String)> {
-        let a = http(url, "GET", "/api/v1/captures", None, None).map_err(|e| (1, e))?;
-        if a.status != 200 {
-            return Err(api_error(a.status, &a.body));
-        }
-        serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))
-    }
-
-    pub fn list(url: &str, output: Output) -> Result {
-        let v = captures(url)?;
-        if output == Output::Json {
-            return print(format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).unwrap_or_default()
-            ));
-        }
-        let rows: Vec<Vec<String>> = v["captures"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| {
-                vec![
-                    c["id"].to_string(),
-                    c["state"].as_str().unwrap_or("-").to_string(),
-                    c["result"]["packets"]
-                        .as_u64()
-                        .map_or("-".into(), |n| n.to_string()),
-                    c["bytes"].to_string(),
-                    c["parts"].as_array().map_or(0, Vec::len).to_string(),
-                    c["plan"]["filter"].as_str().unwrap_or("").to_string(),
-                ]
-            })
-            .collect();
-        print(crate::cli::table(
-            &["ID", "STATE", "PACKETS", "BYTES ON DISK", "PARTS", "FILTER"],
-            &rows,
-            &[0, 2, 3, 4],
-            Some(1),
-            crate::cli::color(),
-        ))
-    }
-
-    /// Downloads a capture file to `out` (`-`: stdout).
-    pub fn get(url: &str, token: Option<&str>, id: i64, part: Option<u32>, out: &str) -> Result {
-        let path = match part {
-            Some(p) => format!("/api/v1/captures/{id}/file?part={p}"),
-            None => format!("/api/v1/captures/{id}/file"),
-        };
-        let a = http(url, "GET", &path, token, None).map_err(|e| (1, e))?;
-        if a.status != 200 {
-            return Err(api_error(a.status, &a.body));
-        }
-        if out == "-" {
-            print(&a.body)
-        } else {
-            std::fs::write(out, &a.body).map_err(|e| (1, format!("writing {out}: {e}")))?;
-            eprintln!("{out}: {} bytes", a.body.len());
-            Ok(())
-        }
-    }
-
-    /// `get -O`: to `netpulse-ID-PART.pcapng`, the name the agent gives the
-    /// file (Content-Disposition). Without `part`, the first part left,
-    /// looked up first so that the name and the bytes agree.
-    pub fn get_named(url: &str, token: Option<&str>, id: i64, part: Option<u32>) -> Result {
-        let part = match part {
-            Some(p) => p,
-            None => captures(url)?["captures"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["id"].as_i64() == Some(id))
-                .and_then(|c| c["parts"][0]["part"].as_u64())
-                .and_then(|p| u32::try_from(p).ok())
-                .ok_or((2, format!("no capture {id}")))?,
-        };
-        let name = format!("netpulse-{}", file_name(id, part));
-        get(url, token, id, Some(part), &name)
     }
 }

@@ -47,6 +47,25 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// Request timeout of the Engine API client, in seconds.
 const API_TIMEOUT_SECS: u64 = 10;
 
+/// Turns a process name into a valid service name.
+pub fn name_from_process(comm: &str) -> String {
+    let mut s: String = comm
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.truncate(agent_ebpf::NAME_LEN - 1);
+    if s.is_empty() || s.starts_with('~') {
+        s = format!("proc_{s}");
+    }
+    s
+}
+
 /// A running container, as far as naming its traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
@@ -75,7 +94,7 @@ impl Container {
             .filter_map(|l| self.labels.get(*l))
             .find(|v| crate::config::bad_name(v).is_none())
             .cloned()
-            .unwrap_or_else(|| crate::identity::name_from_process(&self.name))
+            .unwrap_or_else(|| name_from_process(&self.name))
     }
 
     pub fn label(&self, name: &str) -> &str {

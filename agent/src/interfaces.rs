@@ -4,7 +4,27 @@
 
 use std::{fs, path::Path};
 
-use crate::probe::Zone;
+/// Which programs an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    /// The host's own interfaces: XDP in, TC out, services matched by the
+    /// packet's local end (and remote services by the other end).
+    Host,
+    /// A container's host-side veth: TC both ways, counting only for the
+    /// container behind it (by its address), so each packet is counted once
+    /// per host. XDP stays off veths: it would switch the container's
+    /// datapath to NAPI mode.
+    Container,
+}
+
+impl Zone {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Zone::Host => "host",
+            Zone::Container => "container",
+        }
+    }
+}
 
 const IFF_UP: u32 = 0x1;
 const ARPHRD_ETHER: u32 = 1;

@@ -8,25 +8,25 @@ use std::{collections::BTreeMap, time::Duration};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{
-    store::Job,
-    web::{Shared, lock},
-};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{state::AppState, store::Job};
 
 /// Jobs running at once.
 pub const WORKERS: usize = 4;
 
-/// Starts the workers; they run until the runtime stops.
-pub fn spawn(shared: Shared) {
+/// Starts the workers on `tasks`; each stops taking jobs once `stop` is
+/// cancelled (a job already running finishes first).
+pub fn spawn(state: AppState, tasks: &TaskTracker, stop: CancellationToken) {
     for _ in 0..WORKERS {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let (store, wake) = {
-                    let a = lock(&shared);
-                    (a.store.clone(), a.jobs_wake.clone())
-                };
-                let Some(store) = store else { return };
+        let state = state.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let Some(store) = state.store.clone() else {
+                return;
+            };
+            let wake = state.jobs_wake.clone();
+            while !stop.is_cancelled() {
                 let next = {
                     let s = store.clone();
                     tokio::task::spawn_blocking(move || s.claim())
@@ -36,15 +36,18 @@ pub fn spawn(shared: Shared) {
                 };
                 match next {
                     Some(job) => {
-                        let (ok, result) = run(&shared, &job).await;
-                        let _ =
-                            tokio::task::spawn_blocking(move || store.finish(job.id, ok, &result))
-                                .await;
+                        let (ok, result) = run(&state, &job).await;
+                        let s = store.clone();
+                        let _ = tokio::task::spawn_blocking(move || s.finish(job.id, ok, &result))
+                            .await;
                     }
                     None => {
                         // Woken by a new job; the timeout also picks up
                         // jobs queued before a restart.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+                        tokio::select! {
+                            _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()) => {}
+                            _ = stop.cancelled() => {}
+                        }
                     }
                 }
             }
@@ -53,9 +56,9 @@ pub fn spawn(shared: Shared) {
 }
 
 /// The checks a job runs.
-fn targets(shared: &Shared, job: &Job) -> Result<Vec<String>, String> {
-    let a = lock(shared);
-    let specs = a.checks.specs();
+fn targets(state: &AppState, job: &Job) -> Result<Vec<String>, String> {
+    let settings = state.settings();
+    let specs = state.checks().specs();
     let names: Vec<String> = match job.kind.as_str() {
         "check" => vec![job.arg.clone()],
         "tag" => specs
@@ -64,7 +67,7 @@ fn targets(shared: &Shared, job: &Job) -> Result<Vec<String>, String> {
             .map(|s| s.name.clone())
             .collect(),
         "hook" => {
-            let hook = a
+            let hook = settings
                 .hooks
                 .get(&job.arg)
                 .ok_or_else(|| format!("no hook named `{}`", job.arg))?;
@@ -84,19 +87,20 @@ fn targets(shared: &Shared, job: &Job) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-async fn run(shared: &Shared, job: &Job) -> (bool, serde_json::Value) {
+async fn run(state: &AppState, job: &Job) -> (bool, serde_json::Value) {
     info!(job = job.id, kind = %job.kind, arg = %job.arg, "job started");
     if job.kind == "capture" {
-        return crate::capture::job(shared, job).await;
+        let settings = state.settings().capture;
+        return crate::capture::job(state.store.as_deref(), settings, job).await;
     }
-    let names = match targets(shared, job) {
+    let names = match targets(state, job) {
         Ok(n) => n,
         Err(e) => {
             warn!(job = job.id, error = %e, "job failed");
             return (false, json!({ "error": e }));
         }
     };
-    let engine = lock(shared).checks.clone();
+    let engine = state.checks();
     let mut tasks = Vec::new();
     for n in names {
         let e = engine.clone();

@@ -4,7 +4,6 @@
 //! endpoint is which service) → metrics/web (what is served), driven by run.
 
 pub mod analyze;
-pub mod api;
 pub mod caps;
 pub mod capture;
 pub mod checks;
@@ -21,7 +20,7 @@ pub mod packet;
 pub mod pcap_backend;
 pub mod probe;
 pub mod run;
-pub mod status;
+pub mod state;
 pub mod store;
 pub mod web;
 pub mod websec;

@@ -72,7 +72,7 @@ enum Command {
     /// Exits 1 if the file stops early (the report covers what was read).
     Analyze(netpulse::analyze::cli::Args),
     /// Packet captures through a running agent's API (`[api] token`).
-    Capture(netpulse::capture::cli::Args),
+    Capture(netpulse::cli::capture::Args),
 }
 
 #[derive(Subcommand)]
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Analyze(args) => ExitCode::from(netpulse::analyze::cli::run(args)),
-        Command::Capture(args) => ExitCode::from(netpulse::capture::cli::run(args)),
+        Command::Capture(args) => ExitCode::from(netpulse::cli::capture::run(args)),
         Command::Run { config, backend } => {
             let rt = match runtime() {
                 Ok(rt) => rt,

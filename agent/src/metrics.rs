@@ -9,8 +9,9 @@ use prometheus::{
 };
 
 use crate::{
-    identity::{ContainerMeta, Identity, ServiceMeta},
-    probe::Probe,
+    identity::{ContainerMeta, ServiceMeta},
+    probe::Counters,
+    state::View,
 };
 
 const DIRECTIONS: [(usize, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
@@ -322,8 +323,8 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
 /// Renders the exposition text for the agent's current state. `docker` is
 /// None when the Docker source is off.
 pub fn render(
-    probe: &Probe,
-    identity: &Identity,
+    counters: &Counters,
+    view: &View,
     max_series: usize,
     docker: Option<DockerState>,
     checks: &crate::checks::engine::Engine,
@@ -404,13 +405,13 @@ pub fn render(
         }
     };
     let allow = docker.as_ref().map_or(&[][..], |d| d.labels);
-    let mut rows = Vec::with_capacity(identity.services().len());
-    for (name, s) in identity.services() {
+    let mut rows = Vec::with_capacity(view.services.len());
+    for (name, s) in &view.services {
         rows.push(Row {
             name: name.clone(),
             source: s.meta.as_ref().map_or("restored", |m| m.source.as_str()),
             slot: s.slot,
-            counts: probe.counts(s.slot)?,
+            counts: counters.counts(s.slot)?,
         });
     }
     let (rows, folded) = fold(rows, max_series);
@@ -418,10 +419,7 @@ pub fn render(
         for (i, dir) in DIRECTIONS {
             add_dir(&r.name, dir, &r.counts.dir[i]);
         }
-        let meta = identity
-            .services()
-            .get(&r.name)
-            .and_then(|s| s.meta.as_ref());
+        let meta = view.services.get(&r.name).and_then(|s| s.meta.as_ref());
         let extra = info_values(meta, allow);
         let values: Vec<&str> = [r.name.as_str(), r.source]
             .into_iter()
@@ -442,7 +440,7 @@ pub fn render(
     );
     dropped.add(&[], folded as u64);
     let reasons = agent_ebpf::RESERVED_SLOTS;
-    for (slot, xdp, tc) in probe.reserved_counts()? {
+    for (slot, xdp, tc) in counters.reserved_counts()? {
         let reason = reasons
             .iter()
             .find(|(s, _)| *s == slot)
@@ -454,16 +452,16 @@ pub fn render(
             unc_bytes.add(&[dir, reason], hook.dir[i].bytes);
         }
     }
-    for (ifname, a) in probe.attachments() {
-        for (hook, mode) in a.hooks() {
-            attached.add(&[ifname.as_str(), hook, mode, a.zone.as_str()], 1);
+    for a in &view.attachments {
+        for (hook, mode) in a.hooks {
+            attached.add(&[a.name.as_str(), hook, mode, a.zone.as_str()], 1);
         }
     }
-    for (map, used, max) in probe.table_sizes() {
+    for (map, used, max) in view.table_sizes {
         entries.add(&[map], used as u64);
         capacity.add(&[map], u64::from(max));
     }
-    entries.add(&["slots"], identity.services().len() as u64);
+    entries.add(&["slots"], view.services.len() as u64);
     capacity.add(
         &["slots"],
         u64::from(MAX_SLOTS - agent_ebpf::FIRST_SERVICE_SLOT),
@@ -489,13 +487,13 @@ pub fn render(
         "What counts packets: ebpf (kernel programs) or pcap (libpcap captures).",
         &["backend"],
     );
-    backend.add(&[probe.backend()], 1);
+    backend.add(&[view.backend], 1);
     let mut capture_dropped = counter(
         "netpulse_capture_dropped_packets_total",
         "Packets the pcap backend's captures lost because their buffer was full (libpcap's statistics).",
         &["interface"],
     );
-    for (ifname, n) in probe.capture_drops() {
+    for (ifname, n) in counters.capture_drops() {
         capture_dropped.add(&[ifname.as_str()], n);
     }
 

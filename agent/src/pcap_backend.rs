@@ -26,8 +26,8 @@ use rustc_hash::FxHashMap;
 use tracing::{info, warn};
 
 use crate::{
+    interfaces::Zone,
     packet::{self, Flow, Link, TCP_FIN, TCP_RST, TCP_SYN, Table},
-    probe::Zone,
 };
 
 /// Bytes of each packet copied to us: headers only (the kernel programs
@@ -96,6 +96,54 @@ struct Shared {
     tables: RwLock<Arc<Tables>>,
     /// Bumped on every table change; captures re-read `tables` when it moves.
     generation: AtomicU64,
+    /// Packets libpcap dropped, by interface: what stopped captures dropped
+    /// and the live captures' own counters. Its own small lock, taken when a
+    /// capture starts or stops and when /metrics reads it.
+    drops: std::sync::Mutex<BTreeMap<String, IfDrops>>,
+}
+
+#[derive(Default)]
+struct IfDrops {
+    retired: u64,
+    live: Vec<Arc<AtomicU64>>,
+}
+
+impl Shared {
+    fn dropped(&self) -> BTreeMap<String, u64> {
+        let drops = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+        drops
+            .iter()
+            .map(|(name, d)| {
+                (
+                    name.clone(),
+                    d.retired + d.live.iter().map(|x| x.load(Relaxed)).sum::<u64>(),
+                )
+            })
+            .collect()
+    }
+
+    fn counts(&self, slot: u32) -> (SlotCounters, SlotCounters) {
+        (Pcap::read(&self.rx, slot), Pcap::read(&self.tx, slot))
+    }
+}
+
+/// A read-only handle on the backend's counters and drops: what /metrics
+/// and the API read while the agent changes tables and captures.
+#[derive(Clone)]
+pub struct Reader {
+    shared: Arc<Shared>,
+}
+
+impl Reader {
+    /// (receive path, transmit path) counters of a slot.
+    pub fn counts(&self, slot: u32) -> (SlotCounters, SlotCounters) {
+        self.shared.counts(slot)
+    }
+
+    /// Packets libpcap dropped, by interface, since this agent started.
+    pub fn dropped(&self) -> BTreeMap<String, u64> {
+        self.shared.dropped()
+    }
 }
 
 /// Which way a capture sees packets, in kernel-hook terms.
@@ -127,9 +175,6 @@ impl Running {
 pub struct Pcap {
     shared: Arc<Shared>,
     captures: BTreeMap<String, Running>,
-    /// Drops of captures since stopped, by interface, so the exported
-    /// counter never goes back.
-    retired_drops: BTreeMap<String, u64>,
     table: BTreeMap<EndpointKey, u32>,
     addrs: BTreeMap<IpAddr, u32>,
     veths: BTreeMap<u32, u32>,
@@ -163,9 +208,9 @@ impl Pcap {
                     veths: FxHashMap::default(),
                 })),
                 generation: AtomicU64::new(0),
+                drops: Default::default(),
             }),
             captures: BTreeMap::new(),
-            retired_drops: BTreeMap::new(),
             table: BTreeMap::new(),
             addrs: BTreeMap::new(),
             veths: BTreeMap::new(),
@@ -237,34 +282,50 @@ impl Pcap {
             zone = zone.as_str(),
             "capturing with libpcap"
         );
+        self.shared
+            .drops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ifname.to_string())
+            .or_default()
+            .live = running.drops.clone();
         self.captures.insert(ifname.to_string(), running);
         Ok(())
     }
 
     /// Stops the captures on `ifname`, if any.
     pub fn stop(&mut self, ifname: &str) {
-        let Some(r) = self.captures.remove(ifname) else {
+        let Some(mut r) = self.captures.remove(ifname) else {
             return;
         };
         r.stop.store(true, Relaxed);
         for w in &r.wake {
             w.breakloop();
         }
-        let dropped = r.dropped();
-        for t in r.threads {
+        let threads = std::mem::take(&mut r.threads);
+        for t in threads {
             let _ = t.join();
         }
-        *self.retired_drops.entry(ifname.to_string()).or_default() += dropped;
+        // The counter never goes back: what the stopped capture dropped
+        // stays in the interface's total.
+        let dropped = r.dropped();
+        let mut drops = self.shared.drops.lock().unwrap_or_else(|p| p.into_inner());
+        let d = drops.entry(ifname.to_string()).or_default();
+        d.retired += dropped;
+        d.live.clear();
+    }
+
+    /// The read-only handle on the counters (see [`Reader`]).
+    pub fn reader(&self) -> Reader {
+        Reader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Packets libpcap dropped (its buffer was full), by interface, since
     /// this agent started.
     pub fn dropped(&self) -> BTreeMap<String, u64> {
-        let mut out = self.retired_drops.clone();
-        for (name, r) in &self.captures {
-            *out.entry(name.clone()).or_default() += r.dropped();
-        }
-        out
+        self.shared.dropped()
     }
 
     fn publish(&self) {
@@ -354,10 +415,7 @@ impl Pcap {
 
     /// (receive path, transmit path) counters of a slot.
     pub fn counts(&self, slot: u32) -> (SlotCounters, SlotCounters) {
-        (
-            Self::read(&self.shared.rx, slot),
-            Self::read(&self.shared.tx, slot),
-        )
+        self.shared.counts(slot)
     }
 
     pub fn zero(&mut self, slot: u32) {

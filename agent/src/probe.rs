@@ -107,27 +107,7 @@ impl Hook {
     }
 }
 
-/// Which programs an interface gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Zone {
-    /// The host's own interfaces: XDP in, TC out, services matched by the
-    /// packet's local end (and remote services by the other end).
-    Host,
-    /// A container's host-side veth: TC both ways, counting only for the
-    /// container behind it (by its address), so each packet is counted once
-    /// per host. XDP stays off veths: it would switch the container's
-    /// datapath to NAPI mode.
-    Container,
-}
-
-impl Zone {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Zone::Host => "host",
-            Zone::Container => "container",
-        }
-    }
-}
+pub use crate::interfaces::Zone;
 
 /// Size of the kernel's `struct __sk_buff` and where `gso_segs` sits in it
 /// (include/uapi/linux/bpf.h); BPF_PROG_TEST_RUN takes it as the context.
@@ -348,6 +328,74 @@ pub struct Kernel {
 
 /// Counters of one slot, summed over CPUs and over both hooks.
 pub type Counts = SlotCounters;
+
+/// One slot of a per-CPU counter array, summed over CPUs.
+fn sum_cpus(
+    map: &PerCpuArray<MapData, SlotCounters>,
+    name: &'static str,
+    slot: u32,
+) -> Result<SlotCounters> {
+    let mut sum = SlotCounters::default();
+    for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {
+        sum.add(v);
+    }
+    Ok(sum)
+}
+
+/// A read-only handle on the counters, whichever backend counts: what
+/// /metrics, the API and the history sampler read. It is separate from the
+/// [`Probe`] (the writer), so reading never waits for a table update or an
+/// interface attach.
+pub enum Counters {
+    /// The pinned per-CPU arrays: receive path (XDP, TC ingress) and
+    /// transmit path (TC egress).
+    Kernel(Box<KernelCounters>),
+    Pcap(crate::pcap_backend::Reader),
+}
+
+pub struct KernelCounters {
+    xdp: PerCpuArray<MapData, SlotCounters>,
+    tc: PerCpuArray<MapData, SlotCounters>,
+}
+
+impl Counters {
+    /// One slot, both paths summed.
+    pub fn counts(&self, slot: u32) -> Result<Counts> {
+        let (mut rx, tx) = self.paths(slot)?;
+        rx.add(&tx);
+        Ok(rx)
+    }
+
+    /// (receive path, transmit path) of one slot.
+    fn paths(&self, slot: u32) -> Result<(SlotCounters, SlotCounters)> {
+        match self {
+            Counters::Kernel(k) => Ok((
+                sum_cpus(&k.xdp, maps::COUNTERS_XDP, slot)?,
+                sum_cpus(&k.tc, maps::COUNTERS_TC, slot)?,
+            )),
+            Counters::Pcap(r) => Ok(r.counts(slot)),
+        }
+    }
+
+    /// The reserved slots: (slot, receive path, transmit path).
+    pub fn reserved_counts(&self) -> Result<Vec<(u32, SlotCounters, SlotCounters)>> {
+        agent_ebpf::RESERVED_SLOTS
+            .iter()
+            .map(|(slot, _)| {
+                let (rx, tx) = self.paths(*slot)?;
+                Ok((*slot, rx, tx))
+            })
+            .collect()
+    }
+
+    /// Packets libpcap dropped, by interface (the pcap backend only).
+    pub fn capture_drops(&self) -> BTreeMap<String, u64> {
+        match self {
+            Counters::Kernel(_) => BTreeMap::new(),
+            Counters::Pcap(r) => r.dropped(),
+        }
+    }
+}
 
 impl Kernel {
     /// Loads both programs with their maps pinned under
@@ -898,15 +946,25 @@ impl Kernel {
     fn hook_counts(&self, hook: Hook, slot: u32) -> Result<SlotCounters> {
         // The receive path (XDP, TC ingress on container veths) and the
         // transmit path each have their array.
-        let (name, map) = match hook {
-            Hook::Xdp | Hook::TcIn | Hook::CtFrom => (maps::COUNTERS_XDP, &self.counters_xdp),
-            Hook::Tc | Hook::CtTo => (maps::COUNTERS_TC, &self.counters_tc),
-        };
-        let mut sum = SlotCounters::default();
-        for v in map.get(&slot, 0).map_err(map_err(name))?.iter() {
-            sum.add(v);
+        match hook {
+            Hook::Xdp | Hook::TcIn | Hook::CtFrom => {
+                sum_cpus(&self.counters_xdp, maps::COUNTERS_XDP, slot)
+            }
+            Hook::Tc | Hook::CtTo => sum_cpus(&self.counters_tc, maps::COUNTERS_TC, slot),
         }
-        Ok(sum)
+    }
+
+    /// A second, read-only handle on the two counter arrays, opened from
+    /// their pins: readers never wait for the writer (see [`Counters`]).
+    fn counters(&self) -> Result<Counters> {
+        let open = |name: &'static str| -> Result<PerCpuArray<MapData, SlotCounters>> {
+            let data = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))
+        };
+        Ok(Counters::Kernel(Box::new(KernelCounters {
+            xdp: open(maps::COUNTERS_XDP)?,
+            tc: open(maps::COUNTERS_TC)?,
+        })))
     }
 
     /// The reserved (unclassified) slots, per hook: (slot, XDP, TC).
@@ -1202,6 +1260,14 @@ impl Probe {
                 p.pcap.set_slot_name(slot, name);
                 Ok(())
             }
+        }
+    }
+
+    /// The read-only handle on the counters (see [`Counters`]).
+    pub fn counters(&self) -> Result<Counters> {
+        match self {
+            Probe::Kernel(k) => k.counters(),
+            Probe::Pcap(p) => Ok(Counters::Pcap(p.pcap.reader())),
         }
     }
 

@@ -3,13 +3,14 @@
 //! SIGHUP reloads the config; a broken one is logged and the old one kept.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Instant,
 };
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -17,52 +18,41 @@ use crate::{
     checks::engine::Engine,
     config::{self, ConfigError, Loaded},
     docker::{self, Container},
+    history::{self, Totals},
     identity::{self, Identity, sockets},
     interfaces,
     probe::{Probe, ProbeError, Zone},
+    state::{AppState, Datapath, Settings},
     web,
 };
 
-/// What the HTTP handlers and the refresh loop share.
-pub struct Agent {
-    pub probe: Probe,
-    pub identity: Identity,
-    /// The series budget of /metrics (agent.max_series).
-    pub max_series: usize,
-    /// What the Docker source last saw (empty, down, when it is off).
-    pub docker: docker::Shared,
-    /// Whether the Docker source runs (`docker.enabled`).
-    pub docker_enabled: bool,
-    /// Container labels exported on the info metric (`docker.labels`).
-    pub docker_labels: Vec<String>,
-    /// The health checks and their states.
-    pub checks: Arc<Engine>,
-    /// Check history and the job queue; None if it could not be opened.
-    pub store: Option<Arc<crate::store::Store>>,
-    /// Wakes the job workers when a job is queued.
-    pub jobs_wake: Arc<tokio::sync::Notify>,
-    pub api_token: Option<String>,
-    pub hooks: std::collections::BTreeMap<String, config::Hook>,
-    /// The last 15 minutes of every service's counters (rates, sparklines).
-    pub history: crate::history::History,
-    /// `[web.basic_auth_users]`; empty: no basic auth.
-    pub web_users: Arc<crate::websec::Users>,
-    /// The capture folder's limits (`[capture]`).
-    pub capture: crate::capture::Settings,
+/// The settings a SIGHUP replaces, from a loaded config.
+fn settings(cfg: &Loaded) -> Settings {
+    Settings {
+        max_series: cfg.agent().max_series(),
+        docker_enabled: cfg.raw.docker.enabled,
+        docker_labels: docker_labels(cfg),
+        api_token: cfg.api_token.clone(),
+        hooks: cfg.hooks.clone(),
+        web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
+        capture: cfg.raw.capture.settings(),
+    }
 }
 
 /// Checks running at once, at most.
 const CHECK_CONCURRENCY: usize = 32;
 
 /// Starts the config's checks and those container labels ask for (the
-/// config wins a name both use); dropping (or sending on) the returned
-/// sender stops them.
+/// config wins a name both use) on `tasks`; cancelling the returned token
+/// (a child of `stop`) stops them.
 fn start_checks(
     cfg: &Loaded,
     hinted: &[crate::checks::Spec],
-    keep: std::collections::BTreeMap<String, crate::checks::engine::Status>,
+    keep: BTreeMap<String, crate::checks::engine::Status>,
     sink: crate::checks::engine::Sink,
-) -> (Arc<Engine>, tokio::sync::watch::Sender<bool>) {
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> (Arc<Engine>, CancellationToken) {
     let mut specs = cfg.checks.clone();
     for h in hinted {
         if !specs.iter().any(|s| s.name == h.name) {
@@ -71,8 +61,8 @@ fn start_checks(
     }
     let n = specs.len();
     let engine = Engine::new(specs, CHECK_CONCURRENCY, keep, sink);
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    engine.spawn(rx);
+    let token = stop.child_token();
+    engine.spawn(tasks, &token);
     if n > 0 {
         info!(
             checks = n,
@@ -80,16 +70,16 @@ fn start_checks(
             "health checks scheduled"
         );
     }
-    (engine, tx)
+    (engine, token)
 }
 
 /// The checks container labels ask for now; each label that does not
 /// parse is logged once.
-fn hinted_checks(shared: &web::Shared, warned: &mut HashSet<String>) -> Vec<crate::checks::Spec> {
-    let containers = {
-        let a = web::lock(shared);
-        docker::lock(&a.docker).containers.clone()
-    };
+fn hinted_checks(
+    docker: &docker::Shared,
+    warned: &mut HashSet<String>,
+) -> Vec<crate::checks::Spec> {
+    let containers = docker::lock(docker).containers.clone();
     crate::checks::hints::specs(&containers, &mut |c, label, why| {
         if warned.insert(format!("{c} {label}")) {
             warn!(container = c, label, "ignoring a check label: {why}");
@@ -171,10 +161,9 @@ fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
 }
 
 /// Attaches to interfaces that appeared, detaches from those that went.
-fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>) {
+fn sync_interfaces(probe: &mut Probe, cfg: &Loaded, warned: &mut HashSet<String>) {
     let want = want_interfaces(cfg);
-    let stale: Vec<String> = agent
-        .probe
+    let stale: Vec<String> = probe
         .attachments()
         .iter()
         .filter(|(name, a)| {
@@ -184,13 +173,13 @@ fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>
         .map(|(n, _)| n.clone())
         .collect();
     for name in stale {
-        agent.probe.detach(&name);
+        probe.detach(&name);
     }
     for (name, zone) in want {
-        if agent.probe.attachments().contains_key(&name) {
+        if probe.attachments().contains_key(&name) {
             continue;
         }
-        match agent.probe.attach(&name, zone) {
+        match probe.attach(&name, zone) {
             Ok(_) => {
                 warned.remove(&name);
             }
@@ -222,8 +211,8 @@ struct Refresher {
 const OWNER_RETRY: u64 = 30;
 
 impl Refresher {
-    /// The endpoint table the sources describe now. Runs without the agent
-    /// lock: scanning /proc can take a while on a busy host.
+    /// The endpoint table the sources describe now. Runs before taking the
+    /// datapath's writer: scanning /proc can take a while on a busy host.
     fn desired(&mut self, cfg: &Loaded, containers: &[Container]) -> identity::Desired {
         let labels = docker_labels(cfg);
         if !cfg.agent().discover_sockets {
@@ -270,19 +259,19 @@ impl Refresher {
         })
     }
 
-    fn refresh(&mut self, shared: &web::Shared, cfg: &Loaded) {
-        let containers = {
-            let a = web::lock(shared);
-            docker::lock(&a.docker).containers.clone()
-        };
+    /// Brings the datapath in line with the sources. Readers (/metrics,
+    /// the API) go on reading the published view and the counters while
+    /// this holds the writer.
+    fn refresh(&mut self, datapath: &Datapath, docker: &docker::Shared, cfg: &Loaded) {
+        let containers = docker::lock(docker).containers.clone();
         let want = self.desired(cfg, &containers);
-        let mut agent = web::lock(shared);
+        datapath.write(|w| self.apply(w, &want, cfg));
+    }
+
+    fn apply(&mut self, w: &mut crate::state::Writer, want: &identity::Desired, cfg: &Loaded) {
         // The table first: a newly attached interface then counts correctly
         // from its first packet.
-        let Agent {
-            probe, identity, ..
-        } = &mut *agent;
-        match identity.apply(probe, &want, Instant::now()) {
+        match w.identity.apply(&mut w.probe, want, Instant::now()) {
             Ok(()) => self.table_error = None,
             Err(e) => {
                 // Once per distinct error, not once a second.
@@ -293,7 +282,37 @@ impl Refresher {
                 }
             }
         }
-        sync_interfaces(&mut agent, cfg, &mut self.warned);
+        sync_interfaces(&mut w.probe, cfg, &mut self.warned);
+    }
+}
+
+/// Samples every service's counters into the history ring, every
+/// [`history::INTERVAL`], until `stop`.
+async fn sample_history(state: AppState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(history::INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let view = s.datapath.view();
+            let counters = s.datapath.counters();
+            let now: BTreeMap<String, Totals> = view
+                .services
+                .iter()
+                .filter_map(|(n, sl)| {
+                    Some((n.clone(), Totals::from(&counters.counts(sl.slot).ok()?)))
+                })
+                .collect();
+            s.history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now(), &now);
+        })
+        .await;
     }
 }
 
@@ -409,22 +428,17 @@ pub async fn run(
     let docker_view = docker::Shared::default();
     let docker_changed = Arc::new(tokio::sync::Notify::new());
     let docker_enabled = cfg.raw.docker.enabled;
-    let shared: web::Shared = Arc::new(Mutex::new(Agent {
-        probe,
-        identity,
-        max_series: cfg.agent().max_series(),
-        docker: docker_view.clone(),
-        docker_enabled,
-        docker_labels: docker_labels(&cfg),
-        checks: Engine::new(Vec::new(), 1, Default::default(), Default::default()),
-        store: store.clone(),
-        jobs_wake: Arc::new(tokio::sync::Notify::new()),
-        api_token: cfg.api_token.clone(),
-        hooks: cfg.hooks.clone(),
-        history: Default::default(),
-        web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
-        capture: cfg.raw.capture.settings(),
-    }));
+    let mut state = AppState::new(
+        Datapath::new(probe, identity)?,
+        settings(&cfg),
+        Engine::new(Vec::new(), 1, Default::default(), Default::default()),
+        store.clone(),
+    );
+    state.docker = docker_view.clone();
+    // Every task the agent starts runs on `tasks` and stops when `stop` is
+    // cancelled (at SIGINT/SIGTERM); shutdown waits for them.
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
     // Pre-trigger rings for the checks' capture actions.
     let rings = crate::capture::ring::Rings::default();
     crate::capture::ring::sync_config(&rings, &cfg, store.clone());
@@ -437,15 +451,30 @@ pub async fn run(
     };
     let mut hint_warned = HashSet::new();
     let mut hinted: Vec<crate::checks::Spec> = Vec::new();
-    let (checks, mut checks_stop) = start_checks(&cfg, &hinted, Default::default(), sink.clone());
-    web::lock(&shared).checks = checks;
+    let (checks, mut checks_stop) = start_checks(
+        &cfg,
+        &hinted,
+        Default::default(),
+        sink.clone(),
+        &tasks,
+        &stop,
+    );
+    state.checks.store(checks);
     // Only now: jobs a previous run left pending name these checks, and a
-    // worker that claimed one before they were loaded would fail it.
-    crate::jobs::spawn(shared.clone());
+    // worker that claimed one before they were loaded would fail it. Jobs
+    // (a capture can run for hours) are not waited for at shutdown.
+    let jobs = TaskTracker::new();
+    crate::jobs::spawn(state.clone(), &jobs, stop.clone());
     if docker_enabled {
         let socket = cfg.raw.docker.socket.clone();
         let (view, changed) = (docker_view.clone(), docker_changed.clone());
-        tokio::spawn(docker::watch(socket, view, changed));
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = docker::watch(socket, view, changed) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
         // The first listing names containers from the first refresh, when
         // dockerd answers quickly.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), docker_changed.notified())
@@ -453,7 +482,7 @@ pub async fn run(
     }
 
     let mut refresher = Refresher::default();
-    refresher.refresh(&shared, &cfg);
+    refresher.refresh(&state.datapath, &state.docker, &cfg);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -472,12 +501,11 @@ pub async fn run(
         "serving HTTP: the status page, /metrics, /api/v1"
     );
     let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(crate::status::sample(shared.clone(), stop_rx.clone()));
-    let server = tokio::spawn(web::serve(
+    tasks.spawn(sample_history(state.clone(), stop.clone()));
+    tasks.spawn(web::serve(
         listener,
-        web::router(shared.clone()),
-        stop_rx,
+        web::router(state.clone()),
+        stop.clone(),
         tls_rx,
     ));
     notify_ready();
@@ -486,12 +514,16 @@ pub async fn run(
     // goes hourly.
     if let Some(store) = store.clone() {
         let keep = cfg.agent().history();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        tasks.spawn(async move {
             let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
             second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut last_prune: Option<std::time::Instant> = None;
             loop {
-                second.tick().await;
+                tokio::select! {
+                    _ = second.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
                 let prune =
                     last_prune.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(3600));
                 if prune {
@@ -527,29 +559,24 @@ pub async fn run(
                         tick = tokio::time::interval(new.agent().refresh());
                         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    {
-                        let mut a = web::lock(&shared);
-                        a.identity.set_retire_after(new.agent().retire());
-                        a.max_series = new.agent().max_series();
-                        a.docker_labels = docker_labels(&new);
-                    }
+                    let retire = new.agent().retire();
+                    state.datapath.write(|w| w.identity.set_retire_after(retire));
                     if new.raw.docker.enabled != cfg.raw.docker.enabled
                         || new.raw.docker.socket != cfg.raw.docker.socket
                     {
                         warn!("docker.enabled and docker.socket take effect at the next restart");
                     }
                     {
-                        let keep = web::lock(&shared).checks.statuses();
-                        let _ = checks_stop.send(true);
-                        let (engine, stop) = start_checks(&new, &hinted, keep, sink.clone());
-                        checks_stop = stop;
-                        let mut a = web::lock(&shared);
-                        a.checks = engine;
-                        a.api_token = new.api_token.clone();
-                        a.hooks = new.hooks.clone();
-                        a.web_users =
-                            Arc::new(crate::websec::Users::new(new.basic_auth_users.clone()));
-                        a.capture = new.raw.capture.settings();
+                        let keep = state.checks().statuses();
+                        checks_stop.cancel();
+                        let (engine, token) =
+                            start_checks(&new, &hinted, keep, sink.clone(), &tasks, &stop);
+                        checks_stop = token;
+                        state.checks.store(engine);
+                        // docker.enabled keeps its value until a restart.
+                        let mut s = settings(&new);
+                        s.docker_enabled = docker_enabled;
+                        state.settings.store(s);
                     }
                     if new.tls != cfg.tls {
                         match new.tls.as_ref().map(crate::websec::server_config).transpose() {
@@ -574,10 +601,10 @@ pub async fn run(
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
         };
         if refresh {
-            let (s, c) = (shared.clone(), cfg.clone());
+            let (dp, dk, c) = (state.datapath.clone(), state.docker.clone(), cfg.clone());
             let mut r = std::mem::take(&mut refresher);
             match tokio::task::spawn_blocking(move || {
-                r.refresh(&s, &c);
+                r.refresh(&dp, &dk, &c);
                 r
             })
             .await
@@ -586,25 +613,25 @@ pub async fn run(
                 Err(e) => error!(error = %e, "refresh task failed"),
             }
             // Containers came or went: the checks their labels ask for too.
-            let now = hinted_checks(&shared, &mut hint_warned);
+            let now = hinted_checks(&state.docker, &mut hint_warned);
             if crate::checks::hints::fingerprint(&now) != crate::checks::hints::fingerprint(&hinted)
             {
                 hinted = now;
-                let keep = web::lock(&shared).checks.statuses();
-                let _ = checks_stop.send(true);
-                let (engine, stop) = start_checks(&cfg, &hinted, keep, sink.clone());
-                checks_stop = stop;
-                web::lock(&shared).checks = engine;
+                let keep = state.checks().statuses();
+                checks_stop.cancel();
+                let (engine, token) =
+                    start_checks(&cfg, &hinted, keep, sink.clone(), &tasks, &stop);
+                checks_stop = token;
+                state.checks.store(engine);
             }
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = checks_stop.send(true);
-    if let Err(e) = server.await {
-        warn!(error = %e, "HTTP server task");
-    }
+    stop.cancel();
+    tasks.close();
+    jobs.close();
+    tasks.wait().await;
     rings.stop_all();
-    web::lock(&shared).probe.detach_all();
+    state.datapath.write(|w| w.probe.detach_all());
     if let Some(s) = &store {
         s.flush();
     }

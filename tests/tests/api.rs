@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Instant,
 };
 
@@ -20,7 +20,7 @@ use netpulse::{
     config, identity,
     identity::Identity,
     probe::{Hook, Probe},
-    run::Agent,
+    state::{AppState, Datapath, Settings},
     store::Store,
     web,
 };
@@ -59,7 +59,7 @@ service = "web"
 const PROTO_TCP: u8 = 6;
 
 struct Fx {
-    shared: web::Shared,
+    state: AppState,
     _pins: PinDir,
     dir: std::path::PathBuf,
 }
@@ -91,29 +91,23 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
     let mut id = Identity::restore(&probe, std::time::Duration::from_secs(60)).unwrap();
     id.apply(&mut probe, &want, Instant::now()).unwrap();
     let store = with_store.then(|| Arc::new(Store::open(&dir).expect("store")));
-    let agent = Agent {
-        probe,
-        identity: id,
-        max_series: 10_000,
-        docker: Default::default(),
-        docker_enabled: false,
-        docker_labels: Vec::new(),
-        checks: Engine::new(
+    let state = AppState::new(
+        Datapath::new(probe, id).unwrap(),
+        Settings {
+            max_series: 10_000,
+            capture: cfg.raw.capture.settings(),
+            ..Default::default()
+        },
+        Engine::new(
             cfg.checks.clone(),
             4,
             Default::default(),
             Default::default(),
         ),
         store,
-        jobs_wake: Default::default(),
-        api_token: None,
-        hooks: Default::default(),
-        history: Default::default(),
-        web_users: Default::default(),
-        capture: cfg.raw.capture.settings(),
-    };
+    );
     Some(Fx {
-        shared: Arc::new(Mutex::new(agent)),
+        state,
         _pins: pins,
         dir,
     })
@@ -128,7 +122,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// One request through the router: (status, content type, body).
 fn call(fx: &Fx, method: Method, uri: &str) -> (StatusCode, String, Vec<u8>) {
-    let app = web::router(fx.shared.clone());
+    let app = web::router(fx.state.clone());
     rt().block_on(async {
         let resp = app
             .oneshot(
@@ -167,14 +161,13 @@ fn json(fx: &Fx, uri: &str) -> (StatusCode, Value) {
 }
 
 fn record(fx: &Fx, check: &str, ok: bool) {
-    let a = web::lock(&fx.shared);
-    let spec = a
-        .checks
+    let checks = fx.state.checks();
+    let spec = checks
         .specs()
         .into_iter()
         .find(|s| s.name == check)
         .unwrap();
-    a.checks.record(
+    checks.record(
         &spec,
         &Outcome {
             ok,
@@ -203,10 +196,11 @@ fn services_report_exact_counters_checks_and_state() {
         ),
     );
     {
-        let mut a = web::lock(&fx.shared);
-        for _ in 0..3 {
-            a.probe.test_run(Hook::Xdp, &frame, 0, 1).unwrap();
-        }
+        fx.state.datapath.write(|w| {
+            for _ in 0..3 {
+                w.probe.test_run(Hook::Xdp, &frame, 0, 1).unwrap();
+            }
+        });
     }
     let (status, doc) = json(&fx, "/api/v1/services");
     assert_eq!(status, StatusCode::OK);
@@ -388,7 +382,7 @@ fn the_openapi_document_matches_the_routes() {
     let undocumented: Vec<_> = routed.difference(&documented).collect();
     assert!(
         undocumented.is_empty(),
-        "routes missing from agent/src/status/openapi.json: {undocumented:?}"
+        "routes missing from agent/src/web/status/openapi.json: {undocumented:?}"
     );
     let unrouted: Vec<_> = documented.difference(&routed).collect();
     assert!(

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netpulse::capture::http;
+use netpulse::cli::capture::http;
 use netpulse_tests::{
     agent::{Agent, Backend, bin, live_prerequisites},
     netns::{Pair, have, run_in},

@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{Outcome, Spec, actions, kinds};
@@ -331,11 +332,12 @@ impl Engine {
             .any(|d| matches!(states.get(d), Some(State::Down | State::Blocked)))
     }
 
-    /// One task per check until `stop` turns true.
-    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+    /// One task per check on `tasks`, until `stop` is cancelled (an
+    /// attempt in flight is abandoned).
+    pub fn spawn(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
         for spec in self.specs.values() {
-            let (engine, spec, mut stop) = (self.clone(), spec.clone(), stop.clone());
-            tokio::spawn(async move {
+            let (engine, spec, stop) = (self.clone(), spec.clone(), stop.clone());
+            tasks.spawn(async move {
                 // A stable offset within the jitter, so checks of one
                 // interval do not all fire together, restart after restart.
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -344,14 +346,14 @@ impl Engine {
                 let first = Duration::from_millis(if span == 0 { 0 } else { h.finish() % span });
                 tokio::select! {
                     _ = tokio::time::sleep(first) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.cancelled() => return,
                 }
                 let mut tick = tokio::time::interval(spec.interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
-                        _ = stop.changed() => return,
+                        _ = stop.cancelled() => return,
                     }
                     if !spec.run_when_blocked && engine.blocked(&spec) {
                         continue;
@@ -361,7 +363,7 @@ impl Engine {
                     };
                     let out = tokio::select! {
                         o = Engine::attempt(&spec) => o,
-                        _ = stop.changed() => return,
+                        _ = stop.cancelled() => return,
                     };
                     engine.record(&spec, &out);
                 }

@@ -173,24 +173,9 @@ fn keys_for(addr: Option<IpAddr>, proto: Proto, port: u16, role: u8) -> Vec<Endp
     }
 }
 
-/// Turns a process name into a valid service name.
-pub fn name_from_process(comm: &str) -> String {
-    let mut s: String = comm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    s.truncate(agent_ebpf::NAME_LEN - 1);
-    if s.is_empty() || s.starts_with('~') {
-        s = format!("proc_{s}");
-    }
-    s
-}
+/// Turns a process name into a valid service name (shared with the Docker
+/// source, which names containers the same way).
+pub use crate::docker::name_from_process;
 
 /// Merges the sources. Config services keep their endpoints. A container
 /// (not on the host network) claims its addresses. A listening socket adds

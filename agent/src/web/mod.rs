@@ -1,43 +1,42 @@
-//! The HTTP side: `/metrics`, `/healthz` and blackbox_exporter's `/probe`
-//! (axum). Handlers are thin: they
-//! lock the agent state, read, and let go. `serve` is the connection loop,
+//! The HTTP side (axum): `/metrics`, `/healthz` and blackbox_exporter's
+//! `/probe` here; the API in [`api`], [`captures`] and [`status`] (which
+//! also serves the page and the badges). Handlers take the handles they
+//! need from [`AppState`]; none waits for the datapath's writer. `serve`
+//! is the connection loop,
 //! with the limits a privileged agent on a production host needs: a bounded
 //! number of connections, a deadline for request headers (slow clients
 //! cannot hold connections open) and a cap on header size.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
-    Router,
+    Json, Router,
     extract::State,
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use serde_json::json;
 
-use crate::run::Agent;
+use crate::state::{AppState, Datapath};
 
-pub type Shared = Arc<Mutex<Agent>>;
+pub mod api;
+pub mod captures;
+pub mod status;
 
-/// Locks the agent state. A panic while it was held (a bug) must not turn
-/// the agent into one that serves errors forever: the state is plain data,
-/// so carry on with it.
-pub fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Agent> {
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Every error answer of the API: `{"error": "..."}` with its status.
+pub fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-pub fn router(state: Shared) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/probe", get(probe))
-        .merge(crate::api::routes())
-        .merge(crate::status::routes())
+        .merge(api::routes())
+        .merge(captures::routes())
+        .merge(status::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -50,14 +49,12 @@ pub fn router(state: Shared) -> Router {
 /// (`Authorization: Basic`) or the API token (`Authorization: Bearer`, the
 /// stronger credential: a pipeline that may start work may also read).
 async fn authenticate(
-    State(state): State<Shared>,
+    State(state): State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let (users, token) = {
-        let a = lock(&state);
-        (a.web_users.clone(), a.api_token.clone())
-    };
+    let settings = state.settings();
+    let (users, token) = (settings.web_users.clone(), settings.api_token.clone());
     if users.is_empty() {
         return next.run(req).await;
     }
@@ -69,7 +66,7 @@ async fn authenticate(
         .to_string();
     let ok = token
         .as_deref()
-        .is_some_and(|t| crate::api::bearer_matches(req.headers(), t))
+        .is_some_and(|t| api::bearer_matches(req.headers(), t))
         || match crate::websec::basic_credentials(&given) {
             Some((user, password)) => {
                 tokio::task::spawn_blocking(move || users.check(&user, &password))
@@ -81,7 +78,7 @@ async fn authenticate(
     if ok {
         return next.run(req).await;
     }
-    let mut r = crate::status::error(StatusCode::UNAUTHORIZED, "authentication required");
+    let mut r = error(StatusCode::UNAUTHORIZED, "authentication required");
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Basic realm=\"netpulse\", charset=\"UTF-8\""),
@@ -91,7 +88,7 @@ async fn authenticate(
 
 /// Anything else: a JSON 404 that names what was asked for.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    crate::status::error(
+    error(
         StatusCode::NOT_FOUND,
         format!("no such endpoint: {method} {}", uri.path()),
     )
@@ -101,7 +98,7 @@ async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response
 /// As with blackbox_exporter, whoever reaches this endpoint can make the
 /// agent connect to any target: keep it on loopback or behind a proxy.
 async fn probe(
-    State(state): State<Shared>,
+    State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
@@ -120,7 +117,7 @@ async fn probe(
         );
     };
     let module = q.get("module").map_or("http_2xx", String::as_str);
-    let specs = lock(&state).checks.specs();
+    let specs = state.checks().specs();
     let mut spec = match crate::checks::blackbox::module(module, target, &specs) {
         Ok(s) => s,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -142,20 +139,22 @@ async fn probe(
     resp
 }
 
-async fn metrics(State(state): State<Shared>) -> Response {
+async fn metrics(State(state): State<AppState>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
-        let agent = lock(&state);
-        let up = crate::docker::lock(&agent.docker).up;
-        let docker = agent.docker_enabled.then_some(crate::metrics::DockerState {
-            up,
-            labels: &agent.docker_labels,
-        });
+        let settings = state.settings();
+        let docker = settings
+            .docker_enabled
+            .then(|| crate::metrics::DockerState {
+                up: crate::docker::lock(&state.docker).up,
+                labels: &settings.docker_labels,
+            });
+        let view = state.datapath.view();
         crate::metrics::render(
-            &agent.probe,
-            &agent.identity,
-            agent.max_series,
+            state.datapath.counters(),
+            &view,
+            settings.max_series,
             docker,
-            &agent.checks,
+            &state.checks(),
         )
         .map_err(|e| e.to_string())
     })
@@ -178,11 +177,8 @@ async fn metrics(State(state): State<Shared>) -> Response {
     }
 }
 
-async fn healthz(State(state): State<Shared>) -> Response {
-    // Off the async workers: the lock may be held by a refresh.
-    let attached = tokio::task::spawn_blocking(move || lock(&state).probe.attachments().len())
-        .await
-        .unwrap_or(0);
+async fn healthz(State(datapath): State<Arc<Datapath>>) -> Response {
+    let attached = datapath.view().attachments.len();
     if attached > 0 {
         (
             StatusCode::OK,
@@ -208,12 +204,12 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// A TLS client has this long to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `app` on `listener` until `shutdown` turns true; over TLS while
-/// `tls` holds a server config (it can change on a reload).
+/// Serves `app` on `listener` until `shutdown` is cancelled; over TLS
+/// while `tls` holds a server config (it can change on a reload).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
     tls: tokio::sync::watch::Receiver<Option<Arc<rustls::ServerConfig>>>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -223,7 +219,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         let (stream, _peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -235,7 +231,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         let app = app.clone();
         let tls = tls.borrow().clone();
@@ -275,9 +271,4 @@ where
     {
         tracing::debug!(error = %e, "connection closed");
     }
-}
-
-async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    // The guard wait_for returns is not Send; drop it here.
-    let _ = rx.wait_for(|v| *v).await;
 }

@@ -16,13 +16,14 @@ use axum::{
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::error;
 use crate::{
     checks::engine::State as CheckState,
+    state::{AppState, Settings},
     store::Store,
-    web::{Shared, lock},
 };
 
-pub fn routes() -> Router<Shared> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/checks", get(checks))
         .route("/api/v1/checks/{name}/run", post(run_check))
@@ -30,10 +31,7 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/hooks/{name}", post(hook))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
-        .merge(crate::capture::routes())
 }
-
-use crate::status::error;
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared
 /// in constant time.
@@ -47,15 +45,14 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// None if the request may start work; else the answer that refuses it.
-pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
-    let token = lock(shared).api_token.clone();
-    let Some(token) = token else {
+pub(crate) fn refuse(settings: &Settings, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &settings.api_token else {
         return Some(error(
             StatusCode::FORBIDDEN,
             "endpoints that start work are off: no api.token (or api.token_file) in the config",
         ));
     };
-    if bearer_matches(headers, &token) {
+    if bearer_matches(headers, token) {
         return None;
     }
     let mut r = error(
@@ -69,11 +66,6 @@ pub(crate) fn refuse(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     Some(r)
 }
 
-/// The store, if it could be opened.
-fn store(shared: &Shared) -> Option<Arc<Store>> {
-    lock(shared).store.clone()
-}
-
 fn no_store() -> Response {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -82,13 +74,13 @@ fn no_store() -> Response {
 }
 
 /// Queues a job and wakes the workers: 202 with its id.
-pub(crate) fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
-    let Some(store) = store(shared) else {
+pub(crate) fn queue(state: &AppState, kind: &str, arg: &str) -> Response {
+    let Some(store) = &state.store else {
         return no_store();
     };
     match store.enqueue(kind, arg) {
         Some(id) => {
-            lock(shared).jobs_wake.notify_one();
+            state.jobs_wake.notify_one();
             (
                 StatusCode::ACCEPTED,
                 [(header::LOCATION, format!("/api/v1/jobs/{id}"))],
@@ -105,55 +97,55 @@ pub(crate) fn queue(shared: &Shared, kind: &str, arg: &str) -> Response {
 
 /// The POSTs that start work: the token first, then whether `kind`
 /// `arg` names anything, then the job.
-fn start(shared: &Shared, headers: &HeaderMap, kind: &str, arg: &str) -> Response {
-    if let Some(r) = refuse(shared, headers) {
+fn start(state: &AppState, headers: &HeaderMap, kind: &str, arg: &str) -> Response {
+    let settings = state.settings();
+    if let Some(r) = refuse(&settings, headers) {
         return r;
     }
     let missing = {
-        let a = lock(shared);
-        let specs = a.checks.specs();
+        let specs = state.checks().specs();
         match kind {
             "check" => {
                 (!specs.iter().any(|s| s.name == arg)).then(|| format!("no check named `{arg}`"))
             }
             "tag" => (!specs.iter().any(|s| s.tags.iter().any(|t| t == arg)))
                 .then(|| format!("no check has tag `{arg}`")),
-            _ => (!a.hooks.contains_key(arg)).then(|| format!("no hook named `{arg}`")),
+            _ => (!settings.hooks.contains_key(arg)).then(|| format!("no hook named `{arg}`")),
         }
     };
     match missing {
         Some(why) => error(StatusCode::NOT_FOUND, why),
-        None => queue(shared, kind, arg),
+        None => queue(state, kind, arg),
     }
 }
 
 async fn run_check(
-    State(shared): State<Shared>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    start(&shared, &headers, "check", &name)
+    start(&state, &headers, "check", &name)
 }
 
 async fn run_tag(
-    State(shared): State<Shared>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(tag): Path<String>,
 ) -> Response {
-    start(&shared, &headers, "tag", &tag)
+    start(&state, &headers, "tag", &tag)
 }
 
 async fn hook(
-    State(shared): State<Shared>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    start(&shared, &headers, "hook", &name)
+    start(&state, &headers, "hook", &name)
 }
 
 /// The newest jobs (`?limit=`, 100 by default, 1000 at most).
 async fn jobs(
-    State(shared): State<Shared>,
+    State(store): State<Option<Arc<Store>>>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
@@ -166,7 +158,7 @@ async fn jobs(
             );
         }
     };
-    let Some(store) = store(&shared) else {
+    let Some(store) = store else {
         return no_store();
     };
     match tokio::task::spawn_blocking(move || store.jobs(limit)).await {
@@ -175,11 +167,11 @@ async fn jobs(
     }
 }
 
-async fn job(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
+async fn job(State(store): State<Option<Arc<Store>>>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<i64>() else {
         return error(StatusCode::BAD_REQUEST, format!("`{id}` is not a job id"));
     };
-    let Some(store) = store(&shared) else {
+    let Some(store) = store else {
         return no_store();
     };
     match tokio::task::spawn_blocking(move || store.job(id)).await {
@@ -191,11 +183,8 @@ async fn job(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
 
 /// Every check: state, the last result, uptime over 24 h and 7 d, recent
 /// results and incidents.
-async fn checks(State(shared): State<Shared>) -> Response {
-    let (view, store) = {
-        let a = lock(&shared);
-        (a.checks.view(), a.store.clone())
-    };
+async fn checks(State(state): State<AppState>) -> Response {
+    let (view, store) = (state.checks().view(), state.store.clone());
     let body = tokio::task::spawn_blocking(move || {
         view.iter()
             .map(|v| {

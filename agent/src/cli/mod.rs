@@ -1,6 +1,8 @@
 //! What the one-shot commands print: aligned tables, coloured by state on
 //! a terminal, and `netpulse status`, which reads a running agent's API.
 
+pub mod capture;
+
 use std::{
     io::{ErrorKind, IsTerminal, Write},
     time::Duration,

@@ -5,7 +5,6 @@
 //! binary; nothing is fetched from elsewhere.
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,18 +18,19 @@ use axum::{
 };
 use serde_json::{Value, json};
 
+use super::error;
 use crate::{
     checks::engine::State as CheckState,
     history::{self, Totals},
     identity::Slotted,
+    state::{AppState, Datapath},
     store::Store,
-    web::{Shared, lock},
 };
 
 const PAGE: &str = include_str!("status/index.html");
 const OPENAPI: &str = include_str!("status/openapi.json");
 
-pub fn routes() -> Router<Shared> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(page))
         .route("/api/v1/services", get(services))
@@ -38,10 +38,6 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/interfaces", get(interfaces))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/badge/{file}", get(badge))
-}
-
-pub fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({ "error": msg.into() }))).into_response()
 }
 
 /// A service's state on the page, from its checks (those that have not run
@@ -95,27 +91,26 @@ struct Row {
     checks: Vec<CheckRow>,
 }
 
-/// Reads every service (or the one named) under the lock: counters live
-/// from the maps, rates against the history ring, checks from the engine.
-fn read(shared: &Shared, only: Option<&str>) -> (Vec<Row>, Option<Arc<Store>>) {
-    let a = lock(shared);
+/// Reads every service (or the one named): counters live from the maps,
+/// rates against the history ring, checks from the engine.
+fn read(state: &AppState, only: Option<&str>) -> Vec<Row> {
     let now = Instant::now();
-    let views = a.checks.view();
-    let rows = a
-        .identity
-        .services()
+    let views = state.checks().view();
+    let dp = state.datapath.view();
+    let history = state.history.lock().unwrap_or_else(|p| p.into_inner());
+    dp.services
         .iter()
         .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
         .map(|(name, s)| {
-            let counts = a.probe.counts(s.slot).unwrap_or_default();
+            let counts = state.datapath.counters().counts(s.slot).unwrap_or_default();
             let totals = Totals::from(&counts);
-            let rate = |w| a.history.rate(name, &totals, now, Duration::from_secs(w));
+            let rate = |w| history.rate(name, &totals, now, Duration::from_secs(w));
             Row {
                 name: name.clone(),
                 slot: s.clone(),
                 counts,
                 rates: [rate(60), rate(300)],
-                sparkline: a.history.sparkline(name),
+                sparkline: history.sparkline(name),
                 checks: views
                     .iter()
                     .filter(|v| v.spec.service.as_deref() == Some(name.as_str()))
@@ -128,8 +123,7 @@ fn read(shared: &Shared, only: Option<&str>) -> (Vec<Row>, Option<Arc<Store>>) {
                     .collect(),
             }
         })
-        .collect();
-    (rows, a.store.clone())
+        .collect()
 }
 
 fn dir_json(d: &agent_ebpf::DirCounters) -> Value {
@@ -206,11 +200,11 @@ fn service_json(r: &Row, store: Option<&Store>) -> Value {
 }
 
 /// Every service, or the one named (None if there is no such service).
-async fn services_json(shared: Shared, only: Option<String>) -> Result<Vec<Value>, Response> {
+async fn services_json(state: AppState, only: Option<String>) -> Result<Vec<Value>, Response> {
     tokio::task::spawn_blocking(move || {
-        let (rows, store) = read(&shared, only.as_deref());
+        let rows = read(&state, only.as_deref());
         rows.iter()
-            .map(|r| service_json(r, store.as_deref()))
+            .map(|r| service_json(r, state.store.as_deref()))
             .collect()
     })
     .await
@@ -227,8 +221,8 @@ fn generated_at() -> f64 {
     crate::metrics::epoch(std::time::SystemTime::now())
 }
 
-async fn services(State(shared): State<Shared>) -> Response {
-    match services_json(shared, None).await {
+async fn services(State(state): State<AppState>) -> Response {
+    match services_json(state, None).await {
         Ok(v) => Json(json!({
             "generated_at": generated_at(),
             "host": hostname(),
@@ -239,8 +233,8 @@ async fn services(State(shared): State<Shared>) -> Response {
     }
 }
 
-async fn service(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
-    match services_json(shared, Some(name.clone())).await {
+async fn service(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match services_json(state, Some(name.clone())).await {
         Ok(mut v) if !v.is_empty() => Json(v.swap_remove(0)).into_response(),
         Ok(_) => error(StatusCode::NOT_FOUND, format!("no service named `{name}`")),
         Err(r) => r,
@@ -272,23 +266,23 @@ fn if_stats(name: &str) -> Value {
     )
 }
 
-async fn interfaces(State(shared): State<Shared>) -> Response {
+async fn interfaces(State(datapath): State<Arc<Datapath>>) -> Response {
     let list: Vec<Value> = {
-        let a = lock(&shared);
-        a.probe
-            .attachments()
+        datapath
+            .view()
+            .attachments
             .iter()
-            .map(|(name, at)| {
+            .map(|at| {
                 json!({
-                    "name": name,
+                    "name": at.name,
                     "ifindex": at.ifindex,
                     "zone": at.zone.as_str(),
-                    "hooks": at.hooks().iter().map(|(h, m)| json!({ "hook": h, "mode": m })).collect::<Vec<_>>(),
+                    "hooks": at.hooks.iter().map(|(h, m)| json!({ "hook": h, "mode": m })).collect::<Vec<_>>(),
                 })
             })
             .collect()
     };
-    // The kernel's counters are read without the lock.
+    // The kernel's interface counters, off the async workers.
     let rows = tokio::task::spawn_blocking(move || {
         list.into_iter()
             .map(|mut i| {
@@ -351,7 +345,7 @@ pub fn badge_svg(label: &str, value: &str) -> String {
     )
 }
 
-async fn badge(State(shared): State<Shared>, Path(file): Path<String>) -> Response {
+async fn badge(State(state): State<AppState>, Path(file): Path<String>) -> Response {
     let svg = |code: StatusCode, body: String| {
         (
             code,
@@ -369,7 +363,7 @@ async fn badge(State(shared): State<Shared>, Path(file): Path<String>) -> Respon
             format!("badges are at /badge/<service>.svg, not /badge/{file}"),
         );
     };
-    match services_json(shared, Some(name.to_string())).await {
+    match services_json(state, Some(name.to_string())).await {
         Ok(v) => match v.first() {
             Some(s) => svg(
                 StatusCode::OK,
@@ -378,33 +372,6 @@ async fn badge(State(shared): State<Shared>, Path(file): Path<String>) -> Respon
             None => svg(StatusCode::NOT_FOUND, badge_svg(name, "not found")),
         },
         Err(r) => r,
-    }
-}
-
-/// Samples every service's counters into the history ring, every
-/// [`history::INTERVAL`], until the agent stops.
-pub async fn sample(shared: Shared, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(history::INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut a = lock(&s);
-            let now: BTreeMap<String, Totals> = a
-                .identity
-                .services()
-                .iter()
-                .filter_map(|(n, sl)| {
-                    Some((n.clone(), Totals::from(&a.probe.counts(sl.slot).ok()?)))
-                })
-                .collect();
-            a.history.push(Instant::now(), &now);
-        })
-        .await;
     }
 }
 
