@@ -316,6 +316,32 @@ async fn sample_history(state: AppState, stop: CancellationToken) {
     }
 }
 
+/// Starts or stops the pre-trigger rings for the capture actions of the
+/// config's checks.
+fn sync_rings(
+    rings: &crate::capture::ring::Rings,
+    cfg: &Loaded,
+    store: Option<Arc<crate::store::Store>>,
+) {
+    let specs: Vec<crate::capture::ring::Spec> = cfg
+        .checks
+        .iter()
+        .flat_map(|c| c.actions.iter())
+        .filter_map(|a| match &a.what {
+            crate::checks::actions::Do::Capture(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    let dir = store.as_deref().and_then(crate::capture::dir);
+    rings.sync(
+        &specs,
+        &cfg.services,
+        dir,
+        store,
+        cfg.raw.capture.settings(),
+    );
+}
+
 fn notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
@@ -441,7 +467,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     // Pre-trigger rings for the checks' capture actions.
     let rings = crate::capture::ring::Rings::default();
-    crate::capture::ring::sync_config(&rings, &cfg, store.clone());
+    sync_rings(&rings, &cfg, store.clone());
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
@@ -587,7 +613,7 @@ pub async fn run(
                             Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
                         }
                     }
-                    crate::capture::ring::sync_config(&rings, &new, store.clone());
+                    sync_rings(&rings, &new, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true

@@ -345,11 +345,19 @@ fn the_openapi_document_matches_the_routes() {
     // The routes as the source declares them: `.route("<path>", get(..))`.
     let src_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
     let mut routed = BTreeSet::new();
-    for entry in std::fs::read_dir(&src_dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
+    let mut files = Vec::new();
+    let mut dirs = vec![src_dir];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
         }
+    }
+    for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
         for (i, _) in text.match_indices(".route(\"") {
             let rest = &text[i + 8..];

@@ -13,6 +13,8 @@ use std::{
     process::Command,
 };
 
+mod layers;
+
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,9 @@ enum Cmd {
     Test,
     /// Build the .deb (target/debian/netpulse_*.deb).
     Package,
+    /// The agent's modules by layer and who imports whom (markdown); fails
+    /// on an upward import or a circle.
+    Layers,
     /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames).
     Fuzz {
         /// Seconds per target.
@@ -475,6 +480,16 @@ fn image() -> Result<String> {
     Ok(tag)
 }
 
+/// Prints the layer picture; an error if an import goes up or circles.
+fn layers() -> Result<()> {
+    let r = layers::check(&root().join("agent/src"));
+    print!("{}", layers::render(&r));
+    if !r.ok() {
+        bail!("the agent's modules break their layers (see above and ARCHITECTURE.md)");
+    }
+    Ok(())
+}
+
 fn test() -> Result<()> {
     setup()?;
     if !is_root() {
@@ -484,6 +499,7 @@ fn test() -> Result<()> {
     }
     fetch()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    layers()?;
     supply_chain()?;
     // A short run keeps the fuzz targets building and the seeds passing;
     // `cargo xtask fuzz` is the long one.
@@ -573,6 +589,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Test => test(),
+        Cmd::Layers => layers(),
         Cmd::Image => {
             setup()?;
             image().map(|t| println!("{t}"))

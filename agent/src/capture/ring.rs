@@ -405,29 +405,3 @@ fn run(
         w.finish();
     }
 }
-
-/// The capture actions of `checks`.
-pub fn specs_of(checks: &[crate::checks::Spec]) -> Vec<Spec> {
-    checks
-        .iter()
-        .flat_map(|c| c.actions.iter())
-        .filter_map(|a| match &a.what {
-            crate::checks::actions::Do::Capture(s) => Some(s.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Starts or stops rings for the capture actions of `cfg`.
-pub fn sync_config(rings: &Rings, cfg: &crate::config::Loaded, store: Option<Arc<Store>>) {
-    let dir = store
-        .as_ref()
-        .and_then(|s| s.path().parent().map(|p| p.join("captures")));
-    rings.sync(
-        &specs_of(&cfg.checks),
-        &cfg.services,
-        dir,
-        store,
-        cfg.raw.capture.settings(),
-    );
-}

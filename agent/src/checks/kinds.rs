@@ -5,18 +5,20 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{Request, Uri, header};
-use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+pub use crate::client::tls_config;
+use crate::client::{Io, anchors, http1};
 
 use super::{DnsSpec, HttpSpec, Kind, Spec, TcpSpec};
 
@@ -170,95 +172,11 @@ async fn connect(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), String
 
 // --- TLS ---------------------------------------------------------------
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The system's trust anchors (/etc/ssl/certs), read once.
-fn system_roots() -> Arc<rustls::RootCertStore> {
-    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let mut store = rustls::RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                note_anchor(&cert);
-                let _ = store.add(cert);
-            }
-            Arc::new(store)
-        })
-        .clone()
-}
-
-/// The client config for a check: the system roots, or the check's own
-/// CA file.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    // The common case, built once: every check and /probe without a CA
-    // file of its own shares it.
-    static SYSTEM: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    if ca_file.is_none()
-        && let Some(c) = SYSTEM.get()
-    {
-        return Ok(c.clone());
-    }
-    let roots = match ca_file {
-        None => system_roots(),
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let mut store = rustls::RootCertStore::empty();
-            let mut n = 0;
-            for cert in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                note_anchor(&cert);
-                store
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(format!("{}: no PEM certificate", path.display()));
-            }
-            Arc::new(store)
-        }
-    };
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let cfg = Arc::new(cfg);
-    if ca_file.is_none() {
-        return Ok(SYSTEM.get_or_init(|| cfg).clone());
-    }
-    Ok(cfg)
-}
-
 /// notAfter of a DER certificate.
 fn not_after(der: &[u8]) -> Option<SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let t = cert.validity().not_after.timestamp();
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?))
-}
-
-/// The trust anchors' notAfter (Unix seconds) by subject (DER): a trust
-/// store keeps no dates, and the verified chain's expiry
-/// (probe_ssl_last_chain_expiry_timestamp_seconds) includes its root's.
-/// The latest per subject, as blackbox_exporter takes the latest of the
-/// chains it verified.
-fn anchors() -> &'static std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>> {
-    static ANCHORS: OnceLock<std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>> =
-        OnceLock::new();
-    ANCHORS.get_or_init(Default::default)
-}
-
-fn note_anchor(der: &[u8]) {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return;
-    };
-    let t = cert.validity().not_after.timestamp();
-    let mut map = anchors().lock().unwrap_or_else(|e| e.into_inner());
-    let e = map.entry(cert.subject().as_raw().to_vec()).or_insert(t);
-    *e = (*e).max(t);
 }
 
 /// blackbox_exporter's view of a verified session: version, expiries,
@@ -491,16 +409,7 @@ pub(crate) async fn tls_wrap(
     tcp: TcpStream,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<(Box<dyn Io>, Option<SystemTime>, Option<TlsSeen>), String> {
-    let name = rustls_pki_types::ServerName::try_from(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    )
-    .map_err(|e| format!("TLS server name `{host}`: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+    let tls = crate::client::tls_connect(host, tcp, config).await?;
     let expiry = tls
         .get_ref()
         .1
@@ -509,34 +418,6 @@ pub(crate) async fn tls_wrap(
     let seen = tls_seen(tls.get_ref().1);
     Ok((Box::new(tls), expiry, seen))
 }
-
-/// An HTTP/1 client connection over `stream`, its driver spawned (abort
-/// it when done).
-pub(crate) async fn http1<B>(
-    stream: Box<dyn Io>,
-) -> Result<
-    (
-        hyper::client::conn::http1::SendRequest<B>,
-        tokio::task::JoinHandle<()>,
-    ),
-    String,
->
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok((sender, driver))
-}
-
-pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen) -> Outcome {
     let mut uri = spec.url.clone();

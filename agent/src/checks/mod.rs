@@ -7,7 +7,6 @@
 //! blocked: the root cause is down, its dependents are not "down" too.
 
 pub mod actions;
-pub mod blackbox;
 pub mod engine;
 pub mod hints;
 pub mod kinds;

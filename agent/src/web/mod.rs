@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::state::{AppState, Datapath};
 
 pub mod api;
+pub mod blackbox;
 pub mod captures;
 pub mod status;
 
@@ -94,7 +95,7 @@ async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response
     )
 }
 
-/// blackbox_exporter's `/probe?target=…&module=…` (see checks::blackbox).
+/// blackbox_exporter's `/probe?target=…&module=…` (see [`blackbox`]).
 /// As with blackbox_exporter, whoever reaches this endpoint can make the
 /// agent connect to any target: keep it on loopback or behind a proxy.
 async fn probe(
@@ -118,7 +119,7 @@ async fn probe(
     };
     let module = q.get("module").map_or("http_2xx", String::as_str);
     let specs = state.checks().specs();
-    let mut spec = match crate::checks::blackbox::module(module, target, &specs) {
+    let mut spec = match blackbox::module(module, target, &specs) {
         Ok(s) => s,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
@@ -132,7 +133,7 @@ async fn probe(
         spec.timeout = spec.timeout.min(Duration::from_secs_f64(t - 0.5));
     }
     let out = crate::checks::kinds::run(&spec).await;
-    let mut resp = text(StatusCode::OK, crate::checks::blackbox::render(&spec, &out));
+    let mut resp = text(StatusCode::OK, blackbox::render(&spec, &out));
     if let Ok(v) = header::HeaderValue::from_str("text/plain; version=0.0.4; charset=utf-8") {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }

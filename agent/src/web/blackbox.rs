@@ -13,8 +13,10 @@ use std::{net::IpAddr, time::Duration};
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use super::{Kind, Outcome, Spec};
-use crate::metrics;
+use crate::{
+    checks::{self, Kind, Outcome, Spec},
+    metrics,
+};
 
 /// The module `name` applied to `target`, or why not.
 pub fn module(name: &str, target: &str, checks: &[Spec]) -> Result<Spec, String> {
@@ -67,7 +69,7 @@ pub fn module(name: &str, target: &str, checks: &[Spec]) -> Result<Spec, String>
 /// blackbox_exporter's stock modules (Debian's /etc/prometheus/blackbox.yml).
 fn stock(name: &str) -> Result<Spec, String> {
     let http = |method: hyper::Method| -> Result<Kind, String> {
-        Ok(Kind::Http(super::HttpSpec {
+        Ok(Kind::Http(checks::HttpSpec {
             url: hyper::Uri::from_static("http://localhost/"),
             method,
             headers: Default::default(),
@@ -77,14 +79,14 @@ fn stock(name: &str) -> Result<Spec, String> {
             max_latency: None,
             max_redirects: 10,
             cert_min_valid: None,
-            tls: super::kinds::tls_config(None)?,
+            tls: checks::kinds::tls_config(None)?,
             ca_file: None,
         }))
     };
     let kind = match name {
         "http_2xx" => http(hyper::Method::GET)?,
         "http_post_2xx" => http(hyper::Method::POST)?,
-        "tcp_connect" => Kind::Tcp(super::TcpSpec {
+        "tcp_connect" => Kind::Tcp(checks::TcpSpec {
             host: String::new(),
             port: 0,
             send: None,
