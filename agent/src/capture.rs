@@ -50,26 +50,9 @@ const SNAPLEN: i32 = 65_535;
 /// worth, so the cap holds between two checks.
 const ROOM: u64 = 2 * (SNAPLEN as u64 + 32);
 
-/// `POST /api/v1/captures`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    /// Default: `any` (every interface, Linux cooked headers).
-    #[serde(default)]
-    pub interface: Option<String>,
-    /// A BPF filter (tcpdump syntax).
-    #[serde(default)]
-    pub filter: Option<String>,
-    /// A service: its endpoints become the filter.
-    #[serde(default)]
-    pub service: Option<String>,
-    #[serde(default)]
-    pub seconds: Option<f64>,
-    #[serde(default)]
-    pub packets: Option<u64>,
-    #[serde(default)]
-    pub bytes: Option<u64>,
-}
+/// `POST /api/v1/captures` (an API type: the CLI sends it, the agent
+/// reads it).
+pub use crate::api_types::CaptureRequest as Request;
 
 /// A checked request: what the job runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 //! endpoint is which service) → metrics/web (what is served), driven by run.
 
 pub mod analyze;
+pub mod api_types;
 pub mod caps;
 pub mod capture;
 pub mod checks;

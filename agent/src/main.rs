@@ -245,19 +245,13 @@ fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCod
     };
     let color = cli::color();
     loop {
-        let got = rt.block_on(cli::get_json(url, "/api/v1/services"));
-        let text = match (&got, output) {
-            (Ok(doc), Output::Json) if watch => format!("{doc}\n"),
-            (Ok(doc), Output::Json) => format!(
-                "{}\n",
-                serde_json::to_string_pretty(doc).unwrap_or_default()
-            ),
-            (Ok(doc), Output::Table) => cli::status_text(doc, color),
-            (Err(e), _) if !watch => {
+        let text = match rt.block_on(cli::status_report(url, output, watch, color)) {
+            Ok(text) => text,
+            Err(e) if !watch => {
                 eprintln!("netpulse: {e}");
                 return ExitCode::from(1);
             }
-            (Err(e), _) => format!("netpulse: {e}\n"),
+            Err(e) => format!("netpulse: {e}\n"),
         };
         if !watch {
             return printed(cli::print(text));

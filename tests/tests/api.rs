@@ -390,7 +390,7 @@ fn the_openapi_document_matches_the_routes() {
     let undocumented: Vec<_> = routed.difference(&documented).collect();
     assert!(
         undocumented.is_empty(),
-        "routes missing from agent/src/web/status/openapi.json: {undocumented:?}"
+        "routes missing from the OpenAPI document (#[utoipa::path] on the handler, listed in agent/src/web/openapi.rs): {undocumented:?}"
     );
     let unrouted: Vec<_> = documented.difference(&routed).collect();
     assert!(

@@ -19,7 +19,15 @@ use std::{
 pub const ORDER: &[(&str, &[&str])] = &[
     (
         "base: bytes, processes, files, HTTP",
-        &["packet", "caps", "history", "store", "websec", "client"],
+        &[
+            "api_types",
+            "packet",
+            "caps",
+            "history",
+            "store",
+            "websec",
+            "client",
+        ],
     ),
     (
         "datapath: counting packets",

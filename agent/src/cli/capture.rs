@@ -11,7 +11,10 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::{Output, Printed};
-use crate::capture::{Request, file_name};
+use crate::{
+    api_types::{self as t, ErrorBody},
+    capture::{Request, file_name},
+};
 
 pub type Result = std::result::Result<(), (u8, String)>;
 
@@ -128,13 +131,18 @@ pub fn run(args: Args) -> u8 {
 }
 
 fn api_error(status: u16, body: &[u8]) -> (u8, String) {
-    let msg = serde_json::from_slice::<serde_json::Value>(body)
+    let msg = serde_json::from_slice::<ErrorBody>(body)
         .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        .filter(|e| !e.error.is_empty())
+        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), |e| e.error);
     // A request the agent refused as wrong is the user's to fix.
     let code = if (400..500).contains(&status) { 2 } else { 1 };
     (code, format!("HTTP {status}: {msg}"))
+}
+
+/// An answer's body as the API's type `T`.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> std::result::Result<T, (u8, String)> {
+    serde_json::from_slice(body).map_err(|e| (1, format!("the agent's answer: {e}")))
 }
 
 /// Queues a capture; with `wait`, polls its job and prints the result.
@@ -144,10 +152,11 @@ pub fn start(url: &str, token: Option<&str>, req: &Request, wait: bool) -> Resul
     if a.status != 202 {
         return Err(api_error(a.status, &a.body));
     }
-    let v: serde_json::Value = serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))?;
-    let id = v["job"]
-        .as_i64()
-        .ok_or((1, "no job id in the answer".to_string()))?;
+    let queued: t::Queued = parse(&a.body)?;
+    let id = queued.job;
+    if id <= 0 {
+        return Err((1, "no job id in the answer".to_string()));
+    }
     if !wait {
         return print(format!(
             "capture {id} queued: netpulse capture get {id} -O once it is done\n"
@@ -159,18 +168,26 @@ pub fn start(url: &str, token: Option<&str>, req: &Request, wait: bool) -> Resul
         if a.status != 200 {
             return Err(api_error(a.status, &a.body));
         }
-        let j: serde_json::Value =
-            serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))?;
-        match j["state"].as_str() {
-            Some("done") => {
-                let r = &j["result"];
+        let j: t::Job = parse(&a.body)?;
+        match j.state {
+            t::JobState::Done => {
+                let r: t::CaptureOutcome = j
+                    .result
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(|e| (1, format!("capture {id}'s result: {e}")))?
+                    .unwrap_or_default();
                 return print(format!(
-                    "capture {id}: {} packets, {} bytes, stopped by {}, parts {}\n",
-                    r["packets"], r["bytes"], r["stopped_by"], r["parts"]
+                    "capture {id}: {} packets, {} bytes, stopped by {}, parts {:?}\n",
+                    r.packets, r.bytes, r.stopped_by, r.parts
                 ));
             }
-            Some("failed") => {
-                return Err((1, format!("capture {id} failed: {}", j["result"]["error"])));
+            t::JobState::Failed => {
+                let why = j
+                    .result
+                    .and_then(|r| serde_json::from_value::<ErrorBody>(r).ok())
+                    .map_or_else(|| "no reason given".to_string(), |e| e.error);
+                return Err((1, format!("capture {id} failed: {why}")));
             }
             _ => {}
         }
@@ -184,37 +201,48 @@ fn print(bytes: impl AsRef<[u8]>) -> Result {
         .map_err(|e| (1, format!("writing to stdout: {e}")))
 }
 
-/// `GET /api/v1/captures`, parsed.
-fn captures(url: &str) -> std::result::Result<serde_json::Value, (u8, String)> {
+/// `GET /api/v1/captures`: the body as sent, and as its type.
+fn captures(url: &str) -> std::result::Result<(Vec<u8>, t::Captures), (u8, String)> {
     let a = http(url, "GET", "/api/v1/captures", None, None).map_err(|e| (1, e))?;
     if a.status != 200 {
         return Err(api_error(a.status, &a.body));
     }
-    serde_json::from_slice(&a.body).map_err(|e| (1, e.to_string()))
+    let doc = parse(&a.body)?;
+    Ok((a.body, doc))
 }
 
 pub fn list(url: &str, output: Output) -> Result {
-    let v = captures(url)?;
+    let (body, doc) = captures(url)?;
     if output == Output::Json {
+        // The API's document as sent, pretty.
+        let v: serde_json::Value = parse(&body)?;
         return print(format!(
             "{}\n",
             serde_json::to_string_pretty(&v).unwrap_or_default()
         ));
     }
-    let rows: Vec<Vec<String>> = v["captures"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = doc
+        .captures
+        .iter()
         .map(|c| {
+            // A finished capture's result is its outcome (a failed one's
+            // is an error).
+            let packets = c
+                .result
+                .clone()
+                .filter(|_| c.state == Some(t::JobState::Done))
+                .and_then(|r| serde_json::from_value::<t::CaptureOutcome>(r).ok())
+                .map(|o| o.packets);
             vec![
-                c["id"].to_string(),
-                c["state"].as_str().unwrap_or("-").to_string(),
-                c["result"]["packets"]
-                    .as_u64()
-                    .map_or("-".into(), |n| n.to_string()),
-                c["bytes"].to_string(),
-                c["parts"].as_array().map_or(0, Vec::len).to_string(),
-                c["plan"]["filter"].as_str().unwrap_or("").to_string(),
+                c.id.to_string(),
+                c.state.map_or("-", t::JobState::as_str).to_string(),
+                packets.map_or("-".into(), |n| n.to_string()),
+                c.bytes.to_string(),
+                c.parts.len().to_string(),
+                c.plan
+                    .as_ref()
+                    .map_or("", |p| p.filter.as_str())
+                    .to_string(),
             ]
         })
         .collect();
@@ -252,13 +280,13 @@ pub fn get(url: &str, token: Option<&str>, id: i64, part: Option<u32>, out: &str
 pub fn get_named(url: &str, token: Option<&str>, id: i64, part: Option<u32>) -> Result {
     let part = match part {
         Some(p) => p,
-        None => captures(url)?["captures"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["id"].as_i64() == Some(id))
-            .and_then(|c| c["parts"][0]["part"].as_u64())
-            .and_then(|p| u32::try_from(p).ok())
+        None => captures(url)?
+            .1
+            .captures
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.parts.first())
+            .map(|p| p.part)
             .ok_or((2, format!("no capture {id}")))?,
     };
     let name = format!("netpulse-{}", file_name(id, part));

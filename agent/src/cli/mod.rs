@@ -9,7 +9,9 @@ use std::{
 };
 
 use hyper::{Method, Uri};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+
+use crate::api_types::{self as t, CheckState, Services};
 
 /// The agent's address when neither `--url` nor `NETPULSE_URL` says.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:9477";
@@ -168,37 +170,33 @@ fn pct(u: Option<f64>) -> String {
 }
 
 /// The rows of `netpulse status` from `/api/v1/services`.
-pub fn status_rows(services: &[Value]) -> Vec<Vec<String>> {
+pub fn status_rows(services: &[t::Service]) -> Vec<Vec<String>> {
     services
         .iter()
         .map(|s| {
-            let r = &s["rates"]["1m"];
-            let checks = s["checks"].as_array().map_or(&[][..], Vec::as_slice);
-            let up = checks.iter().filter(|c| c["state"] == "up").count();
+            let r = s.rates.m1;
+            let up = s
+                .checks
+                .iter()
+                .filter(|c| c.state == CheckState::Up)
+                .count();
             vec![
-                s["name"].as_str().unwrap_or("").to_string(),
-                s["state"].as_str().unwrap_or("unknown").to_string(),
-                s["source"].as_str().unwrap_or("").to_string(),
-                rate(r["rx_bytes_per_second"].as_f64()),
-                rate(r["tx_bytes_per_second"].as_f64()),
-                s["counters"]["ingress"]["packets"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    .to_string(),
-                s["counters"]["egress"]["packets"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    .to_string(),
-                if checks.is_empty() {
+                s.name.clone(),
+                s.state.as_str().to_string(),
+                s.source.clone(),
+                rate(r.map(|r| r.rx_bytes_per_second)),
+                rate(r.map(|r| r.tx_bytes_per_second)),
+                s.counters.ingress.packets.to_string(),
+                s.counters.egress.packets.to_string(),
+                if s.checks.is_empty() {
                     "-".into()
                 } else {
-                    format!("{up}/{}", checks.len())
+                    format!("{up}/{}", s.checks.len())
                 },
-                s["latency_seconds"]
-                    .as_f64()
+                s.latency_seconds
                     .map_or("-".into(), |l| format!("{:.1} ms", l * 1000.0)),
-                pct(s["uptime"]["24h"].as_f64()),
-                pct(s["uptime"]["7d"].as_f64()),
+                pct(s.uptime.h24),
+                pct(s.uptime.d7),
             ]
         })
         .collect()
@@ -227,8 +225,8 @@ pub enum StatusError {
     Url(String, String),
 }
 
-/// GETs `path` from the agent at `base` and parses the JSON.
-pub async fn get_json(base: &str, path: &str) -> Result<Value, StatusError> {
+/// GETs `path` from the agent at `base`: the body of a 2xx answer.
+pub async fn get(base: &str, path: &str) -> Result<bytes::Bytes, StatusError> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let uri: Uri = url
         .parse()
@@ -247,21 +245,58 @@ pub async fn get_json(base: &str, path: &str) -> Result<Value, StatusError> {
             body: String::from_utf8_lossy(&body).trim().to_string(),
         });
     }
-    serde_json::from_slice(&body).map_err(|e| StatusError::Json {
-        url,
+    Ok(body)
+}
+
+/// An answer of the API, as its type ([`crate::api_types`]).
+pub fn parse<T: DeserializeOwned>(base: &str, path: &str, body: &[u8]) -> Result<T, StatusError> {
+    serde_json::from_slice(body).map_err(|e| StatusError::Json {
+        url: format!("{}{path}", base.trim_end_matches('/')),
         why: e.to_string(),
     })
 }
 
+/// GETs `path` from the agent at `base`, as the API's type `T`.
+pub async fn get_json<T: DeserializeOwned>(base: &str, path: &str) -> Result<T, StatusError> {
+    parse(base, path, &get(base, path).await?)
+}
+
+/// What `netpulse status` prints of one reading of `/api/v1/services`:
+/// the table, or, for `--output json`, the document as the agent sent it
+/// (pretty, or one line a reading with `--watch`). Either way the answer
+/// must read as [`Services`].
+pub async fn status_report(
+    base: &str,
+    output: Output,
+    watch: bool,
+    color: bool,
+) -> Result<String, StatusError> {
+    const PATH: &str = "/api/v1/services";
+    let body = get(base, PATH).await?;
+    let doc: Services = parse(base, PATH, &body)?;
+    Ok(match output {
+        Output::Table => status_text(&doc, color),
+        Output::Json => {
+            // Printed as sent: fields this CLI does not know included.
+            let v: serde_json::Value = parse(base, PATH, &body)?;
+            let text = if watch {
+                serde_json::to_string(&v)
+            } else {
+                serde_json::to_string_pretty(&v)
+            };
+            text.unwrap_or_default() + "\n"
+        }
+    })
+}
+
 /// The table `netpulse status` prints, with a summary line.
-pub fn status_text(doc: &Value, color: bool) -> String {
-    let services = doc["services"].as_array().map_or(&[][..], Vec::as_slice);
-    let rows = status_rows(services);
+pub fn status_text(doc: &Services, color: bool) -> String {
+    let rows = status_rows(&doc.services);
     let count = |s: &str| rows.iter().filter(|r| r[1] == s).count();
+    let host = if doc.host.is_empty() { "?" } else { &doc.host };
     let mut out = format!(
-        "{} services on {}: {} up, {} down, {} degraded or blocked\n\n",
+        "{} services on {host}: {} up, {} down, {} degraded or blocked\n\n",
         rows.len(),
-        doc["host"].as_str().unwrap_or("?"),
         count("up"),
         count("down"),
         count("degraded") + count("blocked"),

@@ -2,25 +2,26 @@
 //! work (run a check, run the checks of a tag, a webhook for deploy
 //! pipelines). Starting work needs `Authorization: Bearer <api.token>`,
 //! compared in constant time; with no token configured those endpoints
-//! are off and say so. Errors are JSON: `{"error": "..."}`.
+//! are off and say so. Errors are JSON: `{"error": "..."}`
+//! ([`ApiError`]); answers are the types of [`crate::api_types`].
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde_json::json;
+use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::error;
+use super::ApiError;
 use crate::{
+    api_types::{self as t, ErrorBody},
     checks::engine::State as CheckState,
     state::{AppState, Settings},
-    store::Store,
+    store::{self, Store},
 };
 
 pub fn routes() -> Router<AppState> {
@@ -44,64 +45,59 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     bool::from(given.as_bytes().ct_eq(token.as_bytes()))
 }
 
-/// None if the request may start work; else the answer that refuses it.
-pub(crate) fn refuse(settings: &Settings, headers: &HeaderMap) -> Option<Response> {
+/// Ok if the request may start work; else the answer that refuses it.
+pub(crate) fn allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &settings.api_token else {
-        return Some(error(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "endpoints that start work are off: no api.token (or api.token_file) in the config",
         ));
     };
     if bearer_matches(headers, token) {
-        return None;
+        return Ok(());
     }
-    let mut r = error(
-        StatusCode::UNAUTHORIZED,
+    Err(ApiError::unauthorized(
         "a valid `Authorization: Bearer <token>` header is required",
-    );
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    Some(r)
+        "Bearer",
+    ))
 }
 
-fn no_store() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the job store is not available (see the agent's log)",
-    )
+fn no_store() -> ApiError {
+    ApiError::unavailable("the job store is not available (see the agent's log)")
 }
+
+/// A queued job: 202, `Location` its URL, and its id.
+pub(crate) type QueuedAnswer = (
+    StatusCode,
+    [(header::HeaderName, String); 1],
+    Json<t::Queued>,
+);
 
 /// Queues a job and wakes the workers: 202 with its id.
-pub(crate) fn queue(state: &AppState, kind: &str, arg: &str) -> Response {
-    let Some(store) = &state.store else {
-        return no_store();
-    };
-    match store.enqueue(kind, arg) {
-        Some(id) => {
-            state.jobs_wake.notify_one();
-            (
-                StatusCode::ACCEPTED,
-                [(header::LOCATION, format!("/api/v1/jobs/{id}"))],
-                Json(json!({ "job": id, "url": format!("/api/v1/jobs/{id}") })),
-            )
-                .into_response()
-        }
-        None => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the job store cannot write (see the agent's log)",
-        ),
-    }
+pub(crate) fn queue(state: &AppState, kind: &str, arg: &str) -> Result<QueuedAnswer, ApiError> {
+    let store = state.store.as_ref().ok_or_else(no_store)?;
+    let id = store
+        .enqueue(kind, arg)
+        .ok_or_else(|| ApiError::unavailable("the job store cannot write (see the agent's log)"))?;
+    state.jobs_wake.notify_one();
+    let url = format!("/api/v1/jobs/{id}");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, url.clone())],
+        Json(t::Queued { job: id, url }),
+    ))
 }
 
 /// The POSTs that start work: the token first, then whether `kind`
 /// `arg` names anything, then the job.
-fn start(state: &AppState, headers: &HeaderMap, kind: &str, arg: &str) -> Response {
+fn start(
+    state: &AppState,
+    headers: &HeaderMap,
+    kind: &str,
+    arg: &str,
+) -> Result<QueuedAnswer, ApiError> {
     let settings = state.settings();
-    if let Some(r) = refuse(&settings, headers) {
-        return r;
-    }
+    allowed(&settings, headers)?;
     let missing = {
         let specs = state.checks().specs();
         match kind {
@@ -114,111 +110,240 @@ fn start(state: &AppState, headers: &HeaderMap, kind: &str, arg: &str) -> Respon
         }
     };
     match missing {
-        Some(why) => error(StatusCode::NOT_FOUND, why),
+        Some(why) => Err(ApiError::not_found(why)),
         None => queue(state, kind, arg),
     }
 }
 
-async fn run_check(
+/// Run one check now (a job).
+#[utoipa::path(
+    post,
+    path = "/api/v1/checks/{name}/run",
+    tag = "checks",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The check's name.")),
+    responses(
+        (status = 202, description = "Queued; `Location` is the job's URL.", body = t::Queued),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 403, description = "No api.token configured.", body = ErrorBody),
+        (status = 404, description = "No such check.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn run_check(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Response {
+) -> Result<QueuedAnswer, ApiError> {
     start(&state, &headers, "check", &name)
 }
 
-async fn run_tag(
+/// Run every check with a tag now (one job).
+#[utoipa::path(
+    post,
+    path = "/api/v1/tags/{tag}/run",
+    tag = "checks",
+    security(("bearer" = [])),
+    params(("tag" = String, Path, description = "A tag of one or more checks.")),
+    responses(
+        (status = 202, description = "Queued; `Location` is the job's URL.", body = t::Queued),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 403, description = "No api.token configured.", body = ErrorBody),
+        (status = 404, description = "No check has that tag.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn run_tag(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(tag): Path<String>,
-) -> Response {
+) -> Result<QueuedAnswer, ApiError> {
     start(&state, &headers, "tag", &tag)
 }
 
-async fn hook(
+/// A deploy webhook (`[hooks.<name>]`): runs its checks (a job).
+#[utoipa::path(
+    post,
+    path = "/api/v1/hooks/{name}",
+    tag = "checks",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The hook's name.")),
+    responses(
+        (status = 202, description = "Queued; `Location` is the job's URL.", body = t::Queued),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 403, description = "No api.token configured.", body = ErrorBody),
+        (status = 404, description = "No such hook.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn hook(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Response {
+) -> Result<QueuedAnswer, ApiError> {
     start(&state, &headers, "hook", &name)
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct JobsQuery {
+    limit: Option<String>,
+}
+
 /// The newest jobs (`?limit=`, 100 by default, 1000 at most).
-async fn jobs(
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs",
+    tag = "jobs",
+    params(("limit" = Option<u32>, Query, description = "How many, newest first (1 to 1000, default 100).", minimum = 1, maximum = 1000)),
+    responses(
+        (status = 200, description = "The newest jobs.", body = t::Jobs),
+        (status = 400, description = "A bad `limit`.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn jobs(
     State(store): State<Option<Arc<Store>>>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> Response {
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+    Query(q): Query<JobsQuery>,
+) -> Result<Json<t::Jobs>, ApiError> {
+    let limit = match q.limit.map(|l| l.parse::<usize>()) {
         None => 100,
         Some(Ok(n)) if (1..=1000).contains(&n) => n,
         Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
+            return Err(ApiError::bad_request(
                 "`limit` must be a number from 1 to 1000",
-            );
+            ));
         }
     };
-    let Some(store) = store else {
-        return no_store();
+    let store = store.ok_or_else(no_store)?;
+    let jobs = tokio::task::spawn_blocking(move || store.jobs(limit)).await?;
+    Ok(Json(t::Jobs {
+        jobs: jobs.into_iter().map(job_type).collect(),
+    }))
+}
+
+/// One job: its state and, once finished, its result.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id, a number.")),
+    responses(
+        (status = 200, description = "The job.", body = t::Job),
+        (status = 400, description = "Not a job id.", body = ErrorBody),
+        (status = 404, description = "No such job.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn job(
+    State(store): State<Option<Arc<Store>>>,
+    Path(id): Path<String>,
+) -> Result<Json<t::Job>, ApiError> {
+    let Ok(id) = id.parse::<i64>() else {
+        return Err(ApiError::bad_request(format!("`{id}` is not a job id")));
     };
-    match tokio::task::spawn_blocking(move || store.jobs(limit)).await {
-        Ok(j) => Json(json!({ "jobs": j })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let store = store.ok_or_else(no_store)?;
+    match tokio::task::spawn_blocking(move || store.job(id)).await? {
+        Some(j) => Ok(Json(job_type(j))),
+        None => Err(ApiError::not_found(format!("no job {id}"))),
     }
 }
 
-async fn job(State(store): State<Option<Arc<Store>>>, Path(id): Path<String>) -> Response {
-    let Ok(id) = id.parse::<i64>() else {
-        return error(StatusCode::BAD_REQUEST, format!("`{id}` is not a job id"));
-    };
-    let Some(store) = store else {
-        return no_store();
-    };
-    match tokio::task::spawn_blocking(move || store.job(id)).await {
-        Ok(Some(j)) => Json(j).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+pub(crate) fn job_state(s: store::JobState) -> t::JobState {
+    match s {
+        store::JobState::Pending => t::JobState::Pending,
+        store::JobState::Running => t::JobState::Running,
+        store::JobState::Done => t::JobState::Done,
+        store::JobState::Failed => t::JobState::Failed,
+        store::JobState::Interrupted => t::JobState::Interrupted,
+    }
+}
+
+pub(crate) fn job_type(j: store::Job) -> t::Job {
+    t::Job {
+        id: j.id,
+        kind: j.kind,
+        arg: j.arg,
+        state: job_state(j.state),
+        created_ms: j.created_ms,
+        started_ms: j.started_ms,
+        finished_ms: j.finished_ms,
+        result: j.result,
+    }
+}
+
+pub(crate) fn check_state(s: CheckState) -> t::CheckState {
+    match s {
+        CheckState::Up => t::CheckState::Up,
+        CheckState::Down => t::CheckState::Down,
+        CheckState::Blocked => t::CheckState::Blocked,
+        CheckState::Unknown => t::CheckState::Unknown,
     }
 }
 
 /// Every check: state, the last result, uptime over 24 h and 7 d, recent
 /// results and incidents.
-async fn checks(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/api/v1/checks",
+    tag = "checks",
+    responses((status = 200, description = "Every check.", body = t::Checks))
+)]
+pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Checks>, ApiError> {
     let (view, store) = (state.checks().view(), state.store.clone());
-    let body = tokio::task::spawn_blocking(move || {
+    let checks = tokio::task::spawn_blocking(move || {
         view.iter()
             .map(|v| {
-                let last = v.status.last.as_ref();
                 let (summary, recent) = match &store {
                     Some(s) => (s.summary(&v.spec.name), s.recent(&v.spec.name, 20)),
                     None => (Default::default(), Vec::new()),
                 };
-                json!({
-                    "name": v.spec.name,
-                    "kind": v.spec.kind.as_str(),
-                    "target": v.spec.target(),
-                    "service": v.spec.service,
-                    "tags": v.spec.tags,
-                    "depends_on": v.spec.depends_on,
-                    "state": v.state.as_str(),
-                    "blocked": v.state == CheckState::Blocked,
-                    "last": last.map(|l| json!({
-                        "ok": l.ok,
-                        "error": l.error,
-                        "duration_seconds": l.duration.as_secs_f64(),
-                        "http_status": l.http_status,
-                        "phases": l.phases.iter().map(|(p, d)| (p.to_string(), d.as_secs_f64())).collect::<std::collections::BTreeMap<_, _>>(),
-                    })),
-                    "uptime": { "24h": summary.uptime_24h, "7d": summary.uptime_7d },
-                    "recent": recent,
-                    "incidents": summary.incidents,
-                })
+                t::Check {
+                    name: v.spec.name.clone(),
+                    kind: v.spec.kind.as_str().to_string(),
+                    target: v.spec.target(),
+                    service: v.spec.service.clone(),
+                    tags: v.spec.tags.clone(),
+                    depends_on: v.spec.depends_on.clone(),
+                    state: check_state(v.state),
+                    blocked: v.state == CheckState::Blocked,
+                    last: v.status.last.as_ref().map(|l| t::LastRun {
+                        ok: l.ok,
+                        error: l.error.clone(),
+                        duration_seconds: l.duration.as_secs_f64(),
+                        http_status: l.http_status,
+                        phases: l
+                            .phases
+                            .iter()
+                            .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
+                            .collect(),
+                    }),
+                    uptime: t::Uptime {
+                        h24: summary.uptime_24h,
+                        d7: summary.uptime_7d,
+                    },
+                    recent: recent
+                        .into_iter()
+                        .map(|r| t::RecentResult {
+                            at_ms: r.at_ms,
+                            ok: r.ok,
+                            duration_ms: r.duration_ms,
+                            error: r.error,
+                        })
+                        .collect(),
+                    incidents: summary
+                        .incidents
+                        .into_iter()
+                        .map(|i| t::Incident {
+                            check: i.check,
+                            start_ms: i.start_ms,
+                            end_ms: i.end_ms,
+                            error: i.error,
+                        })
+                        .collect(),
+                }
             })
-            .collect::<Vec<_>>()
+            .collect()
     })
-    .await;
-    match body {
-        Ok(rows) => Json(json!({ "checks": rows })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    .await?;
+    Ok(Json(t::Checks { checks }))
 }

@@ -13,10 +13,13 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use serde_json::json;
 
-use super::error;
+use super::{
+    ApiError,
+    api::{QueuedAnswer, allowed, job_state, queue},
+};
 use crate::{
+    api_types::{self as t, ErrorBody},
     capture::{self, Request},
     state::AppState,
     store::Store,
@@ -28,129 +31,161 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/captures/{id}/file", get(file))
 }
 
-async fn start(State(state): State<AppState>, headers: HeaderMap, body: String) -> Response {
-    if let Some(r) = super::api::refuse(&state.settings(), &headers) {
-        return r;
-    }
-    let req: Request = match serde_json::from_str(if body.trim().is_empty() { "{}" } else { &body })
-    {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("capture request: {e}")),
-    };
+fn no_folder() -> ApiError {
+    ApiError::unavailable("no store, so no capture folder")
+}
+
+/// Start a packet capture (a job): an interface, a BPF filter or a
+/// service, and limits.
+#[utoipa::path(
+    post,
+    path = "/api/v1/captures",
+    tag = "captures",
+    security(("bearer" = [])),
+    request_body(content = t::CaptureRequest, description = "What to capture (an empty body: 10 seconds of every interface)."),
+    responses(
+        (status = 202, description = "Queued; `Location` is the job's URL.", body = t::Queued),
+        (status = 400, description = "A bad request: unknown field, bad filter, unknown service or interface.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 403, description = "No api.token configured.", body = ErrorBody),
+        (status = 503, description = "No job store.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<QueuedAnswer, ApiError> {
+    allowed(&state.settings(), &headers)?;
+    let req: Request = serde_json::from_str(if body.trim().is_empty() { "{}" } else { &body })
+        .map_err(|e| ApiError::bad_request(format!("capture request: {e}")))?;
     let view = state.datapath.view();
-    let planned =
-        tokio::task::spawn_blocking(move || capture::plan(&view.services, &view.table, &req)).await;
-    let plan = match planned {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let arg = serde_json::to_string(&plan).unwrap_or_default();
-    super::api::queue(&state, "capture", &arg)
+    let plan =
+        tokio::task::spawn_blocking(move || capture::plan(&view.services, &view.table, &req))
+            .await?
+            .map_err(ApiError::bad_request)?;
+    let arg = serde_json::to_string(&plan).map_err(|e| ApiError::internal(e.to_string()))?;
+    queue(&state, "capture", &arg)
 }
 
 /// Every capture file, by capture, with the job's state where known.
-async fn list(State(store): State<Option<Arc<Store>>>) -> Response {
-    let Some(d) = store.as_deref().and_then(capture::dir) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no store, so no capture folder",
-        );
-    };
-    let rows = tokio::task::spawn_blocking(move || {
-        let mut by_id: BTreeMap<i64, Vec<(u32, u64, Option<SystemTime>)>> = BTreeMap::new();
+#[utoipa::path(
+    get,
+    path = "/api/v1/captures",
+    tag = "captures",
+    responses(
+        (status = 200, description = "The captures on disk.", body = t::Captures),
+        (status = 503, description = "No store, so no capture folder.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
+    State(store): State<Option<Arc<Store>>>,
+) -> Result<Json<t::Captures>, ApiError> {
+    let d = store
+        .as_deref()
+        .and_then(capture::dir)
+        .ok_or_else(no_folder)?;
+    let captures = tokio::task::spawn_blocking(move || {
+        let mut by_id: BTreeMap<i64, Vec<t::CapturePart>> = BTreeMap::new();
         for ((id, part), size) in capture::files(&d) {
-            let mtime = std::fs::metadata(d.join(capture::file_name(id, part)))
+            let modified = std::fs::metadata(d.join(capture::file_name(id, part)))
                 .and_then(|m| m.modified())
-                .ok();
-            by_id.entry(id).or_default().push((part, size, mtime));
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            by_id.entry(id).or_default().push(t::CapturePart {
+                part,
+                bytes: size,
+                modified,
+                url: format!("/api/v1/captures/{id}/file?part={part}"),
+            });
         }
         by_id
             .into_iter()
             .map(|(id, parts)| {
                 let job = store.as_ref().and_then(|s| s.job(id));
-                json!({
-                    "id": id,
-                    "state": job.as_ref().map(|j| j.state),
-                    "plan": job.as_ref().and_then(|j| serde_json::from_str::<serde_json::Value>(&j.arg).ok()),
-                    "result": job.as_ref().and_then(|j| j.result.clone()),
-                    "bytes": parts.iter().map(|p| p.1).sum::<u64>(),
-                    "parts": parts.iter().map(|(part, size, mtime)| json!({
-                        "part": part,
-                        "bytes": size,
-                        "modified": mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-                        "url": format!("/api/v1/captures/{id}/file?part={part}"),
-                    })).collect::<Vec<_>>(),
-                })
+                t::Capture {
+                    id,
+                    state: job.as_ref().map(|j| job_state(j.state)),
+                    plan: job.as_ref().and_then(|j| serde_json::from_str(&j.arg).ok()),
+                    result: job.and_then(|j| j.result),
+                    bytes: parts.iter().map(|p| p.bytes).sum(),
+                    parts,
+                }
             })
-            .collect::<Vec<_>>()
+            .collect()
     })
-    .await;
-    match rows {
-        Ok(r) => Json(json!({ "captures": r })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    .await?;
+    Ok(Json(t::Captures { captures }))
 }
 
 #[derive(Debug, Deserialize)]
-struct PartQuery {
+pub(crate) struct PartQuery {
     part: Option<u32>,
 }
 
 /// One capture file. Only numbers reach the file name.
-async fn file(
+#[utoipa::path(
+    get,
+    path = "/api/v1/captures/{id}/file",
+    tag = "captures",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The capture's (job's) id, a number."),
+        ("part" = Option<u32>, Query, description = "The part (default: the first on disk)."),
+    ),
+    responses(
+        (status = 200, description = "The pcapng file.", content_type = "application/x-pcapng", body = super::openapi::Pcapng),
+        (status = 400, description = "Not a capture id.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 403, description = "No api.token configured.", body = ErrorBody),
+        (status = 404, description = "No such capture or part.", body = ErrorBody),
+        (status = 503, description = "No store, so no capture folder.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn file(
     State(state): State<AppState>,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<PartQuery>,
-) -> Response {
-    if let Some(r) = super::api::refuse(&state.settings(), &headers) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    allowed(&state.settings(), &headers)?;
     let Ok(id) = id.parse::<i64>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a capture id"),
-        );
+        return Err(ApiError::bad_request(format!("`{id}` is not a capture id")));
     };
-    let Some(d) = state.store.as_deref().and_then(capture::dir) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no store, so no capture folder",
-        );
-    };
+    let d = state
+        .store
+        .as_deref()
+        .and_then(capture::dir)
+        .ok_or_else(no_folder)?;
     let found = capture::files(&d);
     let part = match q.part {
         Some(p) => p,
         None => match found.keys().find(|(i, _)| *i == id) {
             Some((_, p)) => *p,
-            None => return error(StatusCode::NOT_FOUND, format!("no capture {id}")),
+            None => return Err(ApiError::not_found(format!("no capture {id}"))),
         },
     };
     if !found.contains_key(&(id, part)) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no capture {id} part {part}"),
-        );
+        return Err(ApiError::not_found(format!("no capture {id} part {part}")));
     }
     let path = d.join(capture::file_name(id, part));
-    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
-        Ok(Ok(bytes)) => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "application/x-pcapng".to_string()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!(
-                        "attachment; filename=\"netpulse-{}\"",
-                        capture::file_name(id, part)
-                    ),
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await?
+        .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/x-pcapng".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"netpulse-{}\"",
+                    capture::file_name(id, part)
                 ),
-            ],
-            Body::from(bytes),
-        )
-            .into_response(),
-        Ok(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+            ),
+        ],
+        Body::from(bytes),
+    )
+        .into_response())
 }

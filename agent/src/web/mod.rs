@@ -16,18 +16,90 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde_json::json;
 
 use crate::state::{AppState, Datapath};
 
 pub mod api;
 pub mod blackbox;
 pub mod captures;
+pub mod openapi;
 pub mod status;
 
-/// Every error answer of the API: `{"error": "..."}` with its status.
-pub fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({ "error": msg.into() }))).into_response()
+/// Every error answer of the API: `{"error": "..."}` with its status
+/// (and, for a missing credential, the `WWW-Authenticate` challenge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    challenge: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            challenge: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// 401 with `WWW-Authenticate: <challenge>`.
+    pub fn unauthorized(message: impl Into<String>, challenge: &'static str) -> Self {
+        Self {
+            challenge: Some(challenge),
+            ..Self::new(StatusCode::UNAUTHORIZED, message)
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A blocking task that panicked or was cancelled.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(crate::api_types::ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(c) = self.challenge {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(c),
+            );
+        }
+        r
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -79,20 +151,16 @@ async fn authenticate(
     if ok {
         return next.run(req).await;
     }
-    let mut r = error(StatusCode::UNAUTHORIZED, "authentication required");
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Basic realm=\"netpulse\", charset=\"UTF-8\""),
-    );
-    r
+    ApiError::unauthorized(
+        "authentication required",
+        "Basic realm=\"netpulse\", charset=\"UTF-8\"",
+    )
+    .into_response()
 }
 
 /// Anything else: a JSON 404 that names what was asked for.
-async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("no such endpoint: {method} {}", uri.path()),
-    )
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
 }
 
 /// blackbox_exporter's `/probe?target=…&module=…` (see [`blackbox`]).

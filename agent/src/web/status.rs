@@ -16,10 +16,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde_json::{Value, json};
 
-use super::error;
+use super::{ApiError, api::check_state};
 use crate::{
+    api_types::{self as t, ErrorBody},
     checks::engine::State as CheckState,
     history::{self, Totals},
     identity::Slotted,
@@ -28,7 +28,6 @@ use crate::{
 };
 
 const PAGE: &str = include_str!("status/index.html");
-const OPENAPI: &str = include_str!("status/openapi.json");
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -43,7 +42,8 @@ pub fn routes() -> Router<AppState> {
 /// A service's state on the page, from its checks (those that have not run
 /// yet do not count); without checks, from whether its source still sees
 /// it.
-pub fn service_state(checks: &[CheckState], retired: bool, source: &str) -> &'static str {
+pub fn service_state(checks: &[CheckState], retired: bool, source: &str) -> t::ServiceState {
+    use t::ServiceState as S;
     let count = |s: CheckState| checks.iter().filter(|c| **c == s).count();
     let (up, down, blocked) = (
         count(CheckState::Up),
@@ -52,28 +52,28 @@ pub fn service_state(checks: &[CheckState], retired: bool, source: &str) -> &'st
     );
     if checks.is_empty() {
         return match (retired, source) {
-            (true, _) => "down",
-            (false, "socket" | "container") => "up",
-            _ => "unknown",
+            (true, _) => S::Down,
+            (false, "socket" | "container") => S::Up,
+            _ => S::Unknown,
         };
     }
     let known = checks.len() - count(CheckState::Unknown);
     if down > 0 {
         if down + blocked == known {
-            "down"
+            S::Down
         } else {
-            "degraded"
+            S::Degraded
         }
     } else if blocked > 0 {
-        "blocked"
+        S::Blocked
     } else if up > 0 {
-        "up"
+        S::Up
     } else {
-        "unknown"
+        S::Unknown
     }
 }
 
-/// One check of a service, as read under the agent lock.
+/// One check of a service, as read from the engine.
 struct CheckRow {
     name: String,
     kind: &'static str,
@@ -81,7 +81,7 @@ struct CheckRow {
     latency: Option<f64>,
 }
 
-/// One service, as read under the agent lock.
+/// One service, as read from the datapath's view.
 struct Row {
     name: String,
     slot: Slotted,
@@ -96,6 +96,18 @@ struct Row {
 fn read(state: &AppState, only: Option<&str>) -> Vec<Row> {
     let now = Instant::now();
     let views = state.checks().view();
+    // The checks by service, once: not a scan of every check per service.
+    let mut by_service: std::collections::HashMap<&str, Vec<CheckRow>> = Default::default();
+    for v in views.iter() {
+        if let Some(s) = v.spec.service.as_deref() {
+            by_service.entry(s).or_default().push(CheckRow {
+                name: v.spec.name.clone(),
+                kind: v.spec.kind.as_str(),
+                state: v.state,
+                latency: v.status.last.as_ref().map(|l| l.duration.as_secs_f64()),
+            });
+        }
+    }
     let dp = state.datapath.view();
     let history = state.history.lock().unwrap_or_else(|p| p.into_inner());
     dp.services
@@ -111,41 +123,51 @@ fn read(state: &AppState, only: Option<&str>) -> Vec<Row> {
                 counts,
                 rates: [rate(60), rate(300)],
                 sparkline: history.sparkline(name),
-                checks: views
-                    .iter()
-                    .filter(|v| v.spec.service.as_deref() == Some(name.as_str()))
-                    .map(|v| CheckRow {
-                        name: v.spec.name.clone(),
-                        kind: v.spec.kind.as_str(),
-                        state: v.state,
-                        latency: v.status.last.as_ref().map(|l| l.duration.as_secs_f64()),
-                    })
-                    .collect(),
+                checks: by_service.remove(name.as_str()).unwrap_or_default(),
             }
         })
         .collect()
 }
 
-fn dir_json(d: &agent_ebpf::DirCounters) -> Value {
-    json!({ "packets": d.packets, "bytes": d.bytes, "syn": d.syn, "fin": d.fin, "rst": d.rst })
+fn direction(d: &agent_ebpf::DirCounters) -> t::Direction {
+    t::Direction {
+        packets: d.packets,
+        bytes: d.bytes,
+        syn: d.syn,
+        fin: d.fin,
+        rst: d.rst,
+    }
 }
 
-/// The JSON of one service. Runs the store's uptime queries: call it off
-/// the async threads.
-fn service_json(r: &Row, store: Option<&Store>) -> Value {
+fn rates(r: history::Rates) -> t::Rates {
+    t::Rates {
+        rx_packets_per_second: r.rx_packets_per_second,
+        rx_bytes_per_second: r.rx_bytes_per_second,
+        tx_packets_per_second: r.tx_packets_per_second,
+        tx_bytes_per_second: r.tx_bytes_per_second,
+    }
+}
+
+/// One service as the API answers it. Runs the store's uptime queries:
+/// call it off the async threads.
+fn service_type(r: Row, store: Option<&Store>) -> t::Service {
     use agent_ebpf::{DIR_EGRESS, DIR_INGRESS};
     let meta = r.slot.meta.as_ref();
     let source = meta.map_or("restored", |m| m.source.as_str());
-    let containers = meta.map_or(&[][..], |m| &m.containers[..]);
     let join = |f: &dyn Fn(&crate::identity::ContainerMeta) -> &str| {
         meta.map_or(String::new(), |m| m.join(f))
     };
     let states: Vec<CheckState> = r.checks.iter().map(|c| c.state).collect();
     let retired = r.slot.retired_at.is_some();
     let mut worst: [Option<f64>; 2] = [None, None];
-    let checks: Vec<Value> = r
+    let latency = r
         .checks
         .iter()
+        .filter_map(|c| c.latency)
+        .fold(None, |m: Option<f64>, l| Some(m.map_or(l, |m| m.max(l))));
+    let checks = r
+        .checks
+        .into_iter()
         .map(|c| {
             let up = store.map_or([None, None], |s| {
                 let sum = s.summary(&c.name);
@@ -156,59 +178,69 @@ fn service_json(r: &Row, store: Option<&Store>) -> Value {
                     *w = Some(w.map_or(u, |x: f64| x.min(u)));
                 }
             }
-            json!({
-                "name": c.name,
-                "kind": c.kind,
-                "state": c.state.as_str(),
-                "latency_seconds": c.latency,
-                "uptime": { "24h": up[0], "7d": up[1] },
-            })
+            t::ServiceCheck {
+                name: c.name,
+                kind: c.kind.to_string(),
+                state: check_state(c.state),
+                latency_seconds: c.latency,
+                uptime: t::Uptime {
+                    h24: up[0],
+                    d7: up[1],
+                },
+            }
         })
         .collect();
-    let latency = r
-        .checks
-        .iter()
-        .filter_map(|c| c.latency)
-        .fold(None, |m: Option<f64>, l| Some(m.map_or(l, |m| m.max(l))));
-    json!({
-        "name": r.name,
-        "source": source,
-        "state": service_state(&states, retired, source),
-        "retired": retired,
-        "remote": meta.is_some_and(|m| m.remote),
-        "compose_project": join(&|c| &c.compose_project),
-        "compose_service": join(&|c| &c.compose_service),
-        "containers": containers.iter().map(|c| json!({
-            "id": c.id.get(..12).unwrap_or(&c.id),
-            "name": c.name,
-            "image": c.image,
-        })).collect::<Vec<_>>(),
-        "counters": {
-            "ingress": dir_json(&r.counts.dir[DIR_INGRESS]),
-            "egress": dir_json(&r.counts.dir[DIR_EGRESS]),
+    t::Service {
+        state: service_state(&states, retired, source),
+        source: source.to_string(),
+        name: r.name,
+        retired,
+        remote: meta.is_some_and(|m| m.remote),
+        compose_project: join(&|c| &c.compose_project),
+        compose_service: join(&|c| &c.compose_service),
+        containers: meta
+            .map(|m| {
+                m.containers
+                    .iter()
+                    .map(|c| t::Container {
+                        id: c.id.get(..12).unwrap_or(&c.id).to_string(),
+                        name: c.name.clone(),
+                        image: c.image.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        counters: t::Counters {
+            ingress: direction(&r.counts.dir[DIR_INGRESS]),
+            egress: direction(&r.counts.dir[DIR_EGRESS]),
         },
-        "rates": { "1m": r.rates[0], "5m": r.rates[1] },
-        "sparkline": {
-            "interval_seconds": history::INTERVAL.as_secs(),
-            "rx_bytes_per_second": r.sparkline.iter().map(|x| x.rx_bytes_per_second).collect::<Vec<_>>(),
-            "tx_bytes_per_second": r.sparkline.iter().map(|x| x.tx_bytes_per_second).collect::<Vec<_>>(),
+        rates: t::RateWindows {
+            m1: r.rates[0].map(rates),
+            m5: r.rates[1].map(rates),
         },
-        "checks": checks,
-        "latency_seconds": latency,
-        "uptime": { "24h": worst[0], "7d": worst[1] },
-    })
+        sparkline: t::Sparkline {
+            interval_seconds: history::INTERVAL.as_secs(),
+            rx_bytes_per_second: r.sparkline.iter().map(|x| x.rx_bytes_per_second).collect(),
+            tx_bytes_per_second: r.sparkline.iter().map(|x| x.tx_bytes_per_second).collect(),
+        },
+        checks,
+        latency_seconds: latency,
+        uptime: t::Uptime {
+            h24: worst[0],
+            d7: worst[1],
+        },
+    }
 }
 
-/// Every service, or the one named (None if there is no such service).
-async fn services_json(state: AppState, only: Option<String>) -> Result<Vec<Value>, Response> {
-    tokio::task::spawn_blocking(move || {
-        let rows = read(&state, only.as_deref());
-        rows.iter()
-            .map(|r| service_json(r, state.store.as_deref()))
+/// Every service, or the one named (empty if there is no such service).
+async fn read_services(state: AppState, only: Option<String>) -> Result<Vec<t::Service>, ApiError> {
+    Ok(tokio::task::spawn_blocking(move || {
+        read(&state, only.as_deref())
+            .into_iter()
+            .map(|r| service_type(r, state.store.as_deref()))
             .collect()
     })
-    .await
-    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    .await?)
 }
 
 fn hostname() -> String {
@@ -221,28 +253,47 @@ fn generated_at() -> f64 {
     crate::metrics::epoch(std::time::SystemTime::now())
 }
 
-async fn services(State(state): State<AppState>) -> Response {
-    match services_json(state, None).await {
-        Ok(v) => Json(json!({
-            "generated_at": generated_at(),
-            "host": hostname(),
-            "services": v,
-        }))
-        .into_response(),
-        Err(r) => r,
-    }
+/// Every service: counters, 1m/5m rates, the 15-minute sparkline, source,
+/// containers and checks.
+#[utoipa::path(
+    get,
+    path = "/api/v1/services",
+    tag = "services",
+    responses((status = 200, description = "The services.", body = t::Services))
+)]
+pub(crate) async fn services(State(state): State<AppState>) -> Result<Json<t::Services>, ApiError> {
+    let services = read_services(state, None).await?;
+    Ok(Json(t::Services {
+        generated_at: generated_at(),
+        host: hostname(),
+        services,
+    }))
 }
 
-async fn service(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    match services_json(state, Some(name.clone())).await {
-        Ok(mut v) if !v.is_empty() => Json(v.swap_remove(0)).into_response(),
-        Ok(_) => error(StatusCode::NOT_FOUND, format!("no service named `{name}`")),
-        Err(r) => r,
-    }
+/// One service, as in the list.
+#[utoipa::path(
+    get,
+    path = "/api/v1/services/{name}",
+    tag = "services",
+    params(("name" = String, Path, description = "The service's name.")),
+    responses(
+        (status = 200, description = "The service.", body = t::Service),
+        (status = 404, description = "No such service.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<t::Service>, ApiError> {
+    read_services(state, Some(name.clone()))
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no service named `{name}`")))
 }
 
 /// The kernel's counters of an interface (/sys/class/net/<if>/statistics).
-fn if_stats(name: &str) -> Value {
+fn if_stats(name: &str) -> t::InterfaceCounters {
     let dir = std::path::Path::new("/sys/class/net")
         .join(name)
         .join("statistics");
@@ -251,59 +302,74 @@ fn if_stats(name: &str) -> Value {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
     };
-    let keys = [
-        "rx_packets",
-        "rx_bytes",
-        "rx_dropped",
-        "tx_packets",
-        "tx_bytes",
-        "tx_dropped",
-    ];
-    Value::Object(
-        keys.iter()
-            .map(|k| (k.to_string(), json!(read(k))))
-            .collect(),
-    )
-}
-
-async fn interfaces(State(datapath): State<Arc<Datapath>>) -> Response {
-    let list: Vec<Value> = {
-        datapath
-            .view()
-            .attachments
-            .iter()
-            .map(|at| {
-                json!({
-                    "name": at.name,
-                    "ifindex": at.ifindex,
-                    "zone": at.zone.as_str(),
-                    "hooks": at.hooks.iter().map(|(h, m)| json!({ "hook": h, "mode": m })).collect::<Vec<_>>(),
-                })
-            })
-            .collect()
-    };
-    // The kernel's interface counters, off the async workers.
-    let rows = tokio::task::spawn_blocking(move || {
-        list.into_iter()
-            .map(|mut i| {
-                let stats = if_stats(i["name"].as_str().unwrap_or_default());
-                i["counters"] = stats;
-                i
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    match rows {
-        Ok(rows) => Json(json!({ "interfaces": rows })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    t::InterfaceCounters {
+        rx_bytes: read("rx_bytes"),
+        rx_dropped: read("rx_dropped"),
+        rx_packets: read("rx_packets"),
+        tx_bytes: read("tx_bytes"),
+        tx_dropped: read("tx_dropped"),
+        tx_packets: read("tx_packets"),
     }
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// The interfaces with probes: hooks, modes and the kernel's counters.
+#[utoipa::path(
+    get,
+    path = "/api/v1/interfaces",
+    tag = "services",
+    responses((status = 200, description = "The interfaces with probes.", body = t::Interfaces))
+)]
+pub(crate) async fn interfaces(
+    State(datapath): State<Arc<Datapath>>,
+) -> Result<Json<t::Interfaces>, ApiError> {
+    let view = datapath.view();
+    // The kernel's interface counters, off the async workers.
+    let interfaces = tokio::task::spawn_blocking(move || {
+        view.attachments
+            .iter()
+            .map(|at| t::Interface {
+                name: at.name.clone(),
+                ifindex: at.ifindex,
+                zone: at.zone.as_str().to_string(),
+                hooks: at
+                    .hooks
+                    .iter()
+                    .map(|(h, m)| t::Hook {
+                        hook: h.to_string(),
+                        mode: m.to_string(),
+                    })
+                    .collect(),
+                counters: if_stats(&at.name),
+            })
+            .collect()
+    })
+    .await?;
+    Ok(Json(t::Interfaces { interfaces }))
 }
 
-async fn page() -> Response {
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI document of this API.", content_type = "application/json", body = Object))
+)]
+pub(crate) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::json(),
+    )
+        .into_response()
+}
+
+/// The status page (HTML; everything it needs is inline).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "page",
+    responses((status = 200, description = "The status page.", content_type = "text/html", body = String))
+)]
+pub(crate) async fn page() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -345,7 +411,21 @@ pub fn badge_svg(label: &str, value: &str) -> String {
     )
 }
 
-async fn badge(State(state): State<AppState>, Path(file): Path<String>) -> Response {
+/// A README badge: the service's state as a flat SVG.
+#[utoipa::path(
+    get,
+    path = "/badge/{file}",
+    tag = "page",
+    params(("file" = String, Path, description = "`<service>.svg`.")),
+    responses(
+        (status = 200, description = "The badge.", content_type = "image/svg+xml", body = String),
+        (status = 404, description = "No such service (an SVG that says so), or not a `.svg` name (JSON).", content((String = "image/svg+xml"), (ErrorBody = "application/json"))),
+    )
+)]
+pub(crate) async fn badge(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
     let svg = |code: StatusCode, body: String| {
         (
             code,
@@ -358,21 +438,16 @@ async fn badge(State(state): State<AppState>, Path(file): Path<String>) -> Respo
             .into_response()
     };
     let Some(name) = file.strip_suffix(".svg") else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("badges are at /badge/<service>.svg, not /badge/{file}"),
-        );
+        return Err(ApiError::not_found(format!(
+            "badges are at /badge/<service>.svg, not /badge/{file}"
+        )));
     };
-    match services_json(state, Some(name.to_string())).await {
-        Ok(v) => match v.first() {
-            Some(s) => svg(
-                StatusCode::OK,
-                badge_svg(name, s["state"].as_str().unwrap_or("unknown")),
-            ),
+    Ok(
+        match read_services(state, Some(name.to_string())).await?.first() {
+            Some(s) => svg(StatusCode::OK, badge_svg(name, s.state.as_str())),
             None => svg(StatusCode::NOT_FOUND, badge_svg(name, "not found")),
         },
-        Err(r) => r,
-    }
+    )
 }
 
 #[cfg(test)]
@@ -382,6 +457,7 @@ mod tests {
 
     #[test]
     fn service_state_from_checks_and_source() {
+        let service_state = |c: &[CheckState], r, s| super::service_state(c, r, s).as_str();
         assert_eq!(service_state(&[Up, Up], false, "config"), "up");
         assert_eq!(service_state(&[Up, Down], false, "config"), "degraded");
         assert_eq!(service_state(&[Down, Blocked], false, "config"), "down");

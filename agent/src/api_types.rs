@@ -1,0 +1,492 @@
+//! The requests and answers of `/api/v1`, as types: the agent serializes
+//! them (`crate::web`), the CLI reads them back (`crate::cli`), and the
+//! OpenAPI document is derived from them (`utoipa`). They import nothing
+//! from the crate, so both layers may use them.
+//!
+//! The JSON is the API's contract: field names, nesting, numbers and
+//! nulls stay as they are (`None` is `null`, never a missing field). Each
+//! answer reads with `#[serde(default)]`, so the CLI takes an older or a
+//! partial answer (a field it lacks reads as empty) and a state word it
+//! does not know reads as `unknown`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every error answer: `{"error": "..."}`, with the HTTP status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A job was queued (202, with `Location` the job's URL).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Queued {
+    /// The job's id.
+    pub job: i64,
+    /// `/api/v1/jobs/{id}`.
+    pub url: String,
+}
+
+// --- /api/v1/services ----------------------------------------------------
+
+/// A service's state: from its checks, or, without checks, from whether
+/// its source still sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    Up,
+    Down,
+    Degraded,
+    Blocked,
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Up => "up",
+            ServiceState::Down => "down",
+            ServiceState::Degraded => "degraded",
+            ServiceState::Blocked => "blocked",
+            ServiceState::Unknown => "unknown",
+        }
+    }
+}
+
+/// A check's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckState {
+    Up,
+    Down,
+    Blocked,
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Up => "up",
+            CheckState::Down => "down",
+            CheckState::Blocked => "blocked",
+            CheckState::Unknown => "unknown",
+        }
+    }
+}
+
+/// Where a service's name comes from. (`Service.source` is a string in
+/// Rust, so that a reader takes a source it does not know yet.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Config,
+    Socket,
+    Container,
+    /// Restored from the probes' pinned maps; not seen since the start.
+    Restored,
+}
+
+/// `GET /api/v1/services`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Services {
+    /// Seconds since the epoch.
+    pub generated_at: f64,
+    /// The agent's host name.
+    pub host: String,
+    pub services: Vec<Service>,
+}
+
+/// One service: counters, 1m/5m rates, the 15-minute sparkline, source,
+/// containers and checks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Service {
+    pub name: String,
+    #[schema(value_type = Source)]
+    pub source: String,
+    pub state: ServiceState,
+    /// Its source no longer sees it; its counters stay for a while.
+    pub retired: bool,
+    pub remote: bool,
+    /// The containers' compose projects, comma-separated.
+    pub compose_project: String,
+    /// The containers' compose services, comma-separated.
+    pub compose_service: String,
+    pub containers: Vec<Container>,
+    pub counters: Counters,
+    pub rates: RateWindows,
+    pub sparkline: Sparkline,
+    pub checks: Vec<ServiceCheck>,
+    /// The slowest of its checks' last runs.
+    pub latency_seconds: Option<f64>,
+    /// The lowest of its checks' uptimes.
+    pub uptime: Uptime,
+}
+
+/// A container behind a service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Container {
+    /// The short (12-character) id.
+    pub id: String,
+    pub name: String,
+    pub image: String,
+}
+
+/// A service's counters since its slot was assigned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Counters {
+    pub ingress: Direction,
+    pub egress: Direction,
+}
+
+/// The counters of one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Direction {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syn: u64,
+    pub fin: u64,
+    pub rst: u64,
+}
+
+/// Rates over the last minute and the last 5 minutes; null until the
+/// history covers the window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct RateWindows {
+    #[serde(rename = "1m")]
+    pub m1: Option<Rates>,
+    #[serde(rename = "5m")]
+    pub m5: Option<Rates>,
+}
+
+/// Per-second rates over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Rates {
+    pub rx_packets_per_second: f64,
+    pub rx_bytes_per_second: f64,
+    pub tx_packets_per_second: f64,
+    pub tx_bytes_per_second: f64,
+}
+
+/// Bytes per second over the last 15 minutes, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Sparkline {
+    pub interval_seconds: u64,
+    pub rx_bytes_per_second: Vec<f64>,
+    pub tx_bytes_per_second: Vec<f64>,
+}
+
+/// One check of a service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct ServiceCheck {
+    pub name: String,
+    pub kind: String,
+    pub state: CheckState,
+    /// Its last run's duration.
+    pub latency_seconds: Option<f64>,
+    pub uptime: Uptime,
+}
+
+/// The share of successful runs (0 to 1) over 24 hours and 7 days; null
+/// without a store or without runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Uptime {
+    #[serde(rename = "24h")]
+    pub h24: Option<f64>,
+    #[serde(rename = "7d")]
+    pub d7: Option<f64>,
+}
+
+// --- /api/v1/interfaces --------------------------------------------------
+
+/// `GET /api/v1/interfaces`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Interfaces {
+    pub interfaces: Vec<Interface>,
+}
+
+/// Where an interface sits: the host's own, or a container's veth.
+/// (`Interface.zone` is a string in Rust, as `Service.source`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Zone {
+    Host,
+    Container,
+}
+
+/// An interface with probes attached.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    #[schema(value_type = Zone)]
+    pub zone: String,
+    pub hooks: Vec<Hook>,
+    pub counters: InterfaceCounters,
+}
+
+/// One attached program: `xdp`/`tc_ingress`/`tc_egress` and its mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Hook {
+    pub hook: String,
+    pub mode: String,
+}
+
+/// The kernel's counters of the interface (`/sys/class/net/<if>/statistics`);
+/// null where unreadable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct InterfaceCounters {
+    pub rx_bytes: Option<u64>,
+    pub rx_dropped: Option<u64>,
+    pub rx_packets: Option<u64>,
+    pub tx_bytes: Option<u64>,
+    pub tx_dropped: Option<u64>,
+    pub tx_packets: Option<u64>,
+}
+
+// --- /api/v1/checks --------------------------------------------------------
+
+/// `GET /api/v1/checks`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Checks {
+    pub checks: Vec<Check>,
+}
+
+/// A check: its state, last result, uptime, recent results and incidents.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Check {
+    pub name: String,
+    pub kind: String,
+    pub target: String,
+    pub service: Option<String>,
+    pub tags: Vec<String>,
+    pub depends_on: Vec<String>,
+    pub state: CheckState,
+    /// A dependency is down.
+    pub blocked: bool,
+    pub last: Option<LastRun>,
+    pub uptime: Uptime,
+    /// The last 20 stored results, newest first.
+    pub recent: Vec<RecentResult>,
+    /// Down → up intervals of the last 7 days.
+    pub incidents: Vec<Incident>,
+}
+
+/// A check's last run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct LastRun {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub duration_seconds: f64,
+    pub http_status: Option<u16>,
+    /// Seconds per phase (`dns`, `connect`, `tls`, `first_byte`,
+    /// `transfer`).
+    pub phases: BTreeMap<String, f64>,
+}
+
+/// One stored result of a check.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct RecentResult {
+    /// Milliseconds since the epoch.
+    pub at_ms: i64,
+    pub ok: bool,
+    pub duration_ms: f64,
+    pub error: Option<String>,
+}
+
+/// A down → up interval of a check (`end_ms` null: still down).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Incident {
+    pub check: String,
+    pub start_ms: i64,
+    pub end_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+// --- /api/v1/jobs ----------------------------------------------------------
+
+/// `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Jobs {
+    pub jobs: Vec<Job>,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    #[default]
+    Pending,
+    Running,
+    Done,
+    Failed,
+    /// The agent stopped while it ran (or a state this CLI does not know).
+    #[serde(other)]
+    Interrupted,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A queued piece of work: `check` (`arg` the check's name), `tag`,
+/// `hook` or `capture` (`arg` the capture's plan, JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Job {
+    pub id: i64,
+    pub kind: String,
+    pub arg: String,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    /// What the job reports once finished; its shape depends on the kind
+    /// (a capture: [`CaptureOutcome`]; a failure: `{"error": "..."}`).
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+}
+
+// --- /api/v1/captures ------------------------------------------------------
+
+/// `POST /api/v1/captures`: what to capture and when to stop. With no
+/// limit the capture stops after 10 seconds.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    /// Default: `any` (every interface, Linux cooked headers).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// A BPF filter (tcpdump syntax).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// A service: its endpoints become the filter.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    #[serde(default)]
+    pub packets: Option<u64>,
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
+/// `GET /api/v1/captures`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Captures {
+    pub captures: Vec<Capture>,
+}
+
+/// A capture on disk, with its job where the store still has it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Capture {
+    /// The capture's (and its job's) id.
+    pub id: i64,
+    pub state: Option<JobState>,
+    pub plan: Option<CapturePlan>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// Bytes of all its parts.
+    pub bytes: u64,
+    pub parts: Vec<CapturePart>,
+}
+
+/// A checked capture request: what the job runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct CapturePlan {
+    pub interface: String,
+    pub filter: String,
+    pub seconds: f64,
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+/// One file of a capture (a capture rotates into parts).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct CapturePart {
+    pub part: u32,
+    pub bytes: u64,
+    /// Seconds since the epoch.
+    pub modified: Option<u64>,
+    /// `/api/v1/captures/{id}/file?part={part}`.
+    pub url: String,
+}
+
+/// A finished capture job's result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct CaptureOutcome {
+    pub packets: u64,
+    pub bytes: u64,
+    pub parts: Vec<u32>,
+    /// `seconds`, `packets`, `bytes` or `disk cap`.
+    pub stopped_by: String,
+    pub dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nulls_stay_and_windows_keep_their_names() {
+        let s = Service::default();
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["latency_seconds"].is_null() && v.get("latency_seconds").is_some());
+        assert!(v["rates"].get("1m").is_some() && v["rates"]["5m"].is_null());
+        assert!(v["uptime"].get("24h").is_some() && v["uptime"].get("7d").is_some());
+        assert_eq!(v["state"], "unknown");
+    }
+
+    #[test]
+    fn partial_answers_and_new_states_read() {
+        let s: Services = serde_json::from_str(
+            r#"{"host":"h","services":[{"name":"web","state":"sleepy","source":"config"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.host, "h");
+        assert_eq!(s.services[0].state, ServiceState::Unknown);
+        assert_eq!(s.services[0].counters.ingress.packets, 0);
+        let j: Job = serde_json::from_str(r#"{"id":3,"state":"paused"}"#).unwrap();
+        assert_eq!((j.id, j.state), (3, JobState::Interrupted));
+    }
+}
