@@ -437,6 +437,13 @@ pub struct CapturePlan {
     pub seconds: f64,
     pub packets: Option<u64>,
     pub bytes: Option<u64>,
+    /// A capture a failing check started (`[[check]] on_failure`): the
+    /// check. Absent for captures started through the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// Why it started (`check failed`); absent as `check`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
 }
 
 /// One file of a capture (a capture rotates into parts).
@@ -460,7 +467,15 @@ pub struct CaptureOutcome {
     pub parts: Vec<u32>,
     /// `seconds`, `packets`, `bytes` or `disk cap`.
     pub stopped_by: String,
-    pub dropped: u64,
+    /// An API capture's packets dropped by the kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    /// A check's capture: the packets of the pre-trigger ring.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets_before_trigger: Option<u64>,
+    /// A check's capture: the check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 #[cfg(test)]
@@ -488,5 +503,18 @@ mod tests {
         assert_eq!(s.services[0].counters.ingress.packets, 0);
         let j: Job = serde_json::from_str(r#"{"id":3,"state":"paused"}"#).unwrap();
         assert_eq!((j.id, j.state), (3, JobState::Interrupted));
+    }
+
+    #[test]
+    fn capture_plans_of_both_sources_keep_their_fields() {
+        let api =
+            r#"{"interface":"any","filter":"tcp","seconds":10.0,"packets":null,"bytes":null}"#;
+        let check = r#"{"interface":"eth0","filter":"tcp","seconds":2.0,"packets":null,"bytes":null,"check":"web-up","trigger":"check failed"}"#;
+        for text in [api, check] {
+            let plan: CapturePlan = serde_json::from_str(text).unwrap();
+            let back: serde_json::Value = serde_json::to_value(&plan).unwrap();
+            let want: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(back, want);
+        }
     }
 }

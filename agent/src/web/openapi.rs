@@ -86,6 +86,14 @@ pub fn json() -> &'static str {
 /// The requests' schemas keep their optional fields.
 fn every_field_required(doc: &mut serde_json::Value) {
     const REQUESTS: &[&str] = &["CaptureRequest"];
+    // Fields that only some answers carry (`skip_serializing_if`).
+    const SOMETIMES: &[(&str, &str)] = &[
+        ("CapturePlan", "check"),
+        ("CapturePlan", "trigger"),
+        ("CaptureOutcome", "dropped"),
+        ("CaptureOutcome", "packets_before_trigger"),
+        ("CaptureOutcome", "check"),
+    ];
     let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(|s| s.as_object_mut())
@@ -107,7 +115,12 @@ fn every_field_required(doc: &mut serde_json::Value) {
                 p.remove("default");
             }
         }
-        let required: Vec<serde_json::Value> = props.keys().cloned().map(Into::into).collect();
+        let required: Vec<serde_json::Value> = props
+            .keys()
+            .filter(|p| !SOMETIMES.contains(&(name.as_str(), p.as_str())))
+            .cloned()
+            .map(Into::into)
+            .collect();
         obj.insert("required".into(), required.into());
     }
 }
@@ -176,5 +189,7 @@ mod tests {
         );
         assert!(service["properties"]["state"].get("default").is_none());
         assert!(doc["components"]["schemas"]["CaptureRequest"]["required"].is_null());
+        let plan = &doc["components"]["schemas"]["CapturePlan"]["required"];
+        assert!(plan.as_array().unwrap().iter().all(|p| p != "check"));
     }
 }
