@@ -358,29 +358,9 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
     let ok = view.iter().all(|v| v.state == State::Up);
     let text = match output {
         Output::Json => {
-            let rows: Vec<serde_json::Value> = view
+            let rows: Vec<netpulse::cli::CheckRun> = view
                 .iter()
-                .map(|v| {
-                    let last = v.status.last.as_ref();
-                    serde_json::json!({
-                        "check": v.spec.name,
-                        "kind": v.spec.kind.as_str(),
-                        "target": v.spec.target(),
-                        "state": v.state.as_str(),
-                        "duration_seconds": last.map(|l| l.duration.as_secs_f64()),
-                        "error": last.and_then(|l| l.error.clone()),
-                        "http_status": last.and_then(|l| l.http_status),
-                        "cert_expiry_timestamp_seconds": last
-                            .and_then(|l| l.cert_expiry)
-                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map(|d| d.as_secs()),
-                        "phases": last.map(|l| l
-                            .phases
-                            .iter()
-                            .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
-                            .collect::<std::collections::BTreeMap<_, _>>()),
-                    })
-                })
+                .map(netpulse::cli::CheckRun::from_view)
                 .collect();
             format!(
                 "{}\n",

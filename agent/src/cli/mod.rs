@@ -207,6 +207,47 @@ pub const STATUS_HEAD: [&str; 11] = [
     "UP 24h", "UP 7d",
 ];
 
+/// One row of `netpulse check run --output json`: a check's verdict, run
+/// here, without an agent.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckRun {
+    pub check: String,
+    pub kind: String,
+    pub target: String,
+    pub state: CheckState,
+    pub duration_seconds: Option<f64>,
+    pub error: Option<String>,
+    pub http_status: Option<u16>,
+    pub cert_expiry_timestamp_seconds: Option<u64>,
+    /// Seconds per phase; null if it did not run.
+    pub phases: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+impl CheckRun {
+    pub fn from_view(v: &crate::checks::engine::View) -> Self {
+        let last = v.status.last.as_ref();
+        CheckRun {
+            check: v.spec.name.clone(),
+            kind: v.spec.kind.as_str().to_string(),
+            target: v.spec.target(),
+            state: crate::web::api::check_state(v.state),
+            duration_seconds: last.map(|l| l.duration.as_secs_f64()),
+            error: last.and_then(|l| l.error.clone()),
+            http_status: last.and_then(|l| l.http_status),
+            cert_expiry_timestamp_seconds: last
+                .and_then(|l| l.cert_expiry)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            phases: last.map(|l| {
+                l.phases
+                    .iter()
+                    .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
+                    .collect()
+            }),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error(

@@ -271,7 +271,8 @@ pub(crate) fn job_type(j: store::Job) -> t::Job {
     }
 }
 
-pub(crate) fn check_state(s: CheckState) -> t::CheckState {
+/// The engine's state of a check, as the API says it.
+pub fn check_state(s: CheckState) -> t::CheckState {
     match s {
         CheckState::Up => t::CheckState::Up,
         CheckState::Down => t::CheckState::Down,

@@ -5,6 +5,7 @@
 //! binary; nothing is fetched from elsewhere.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -23,7 +24,7 @@ use crate::{
     checks::engine::State as CheckState,
     history::{self, Totals},
     identity::Slotted,
-    state::{AppState, Datapath},
+    state::{AppState, Datapath, View},
     store::Store,
 };
 
@@ -81,25 +82,27 @@ struct CheckRow {
     latency: Option<f64>,
 }
 
-/// One service, as read from the datapath's view.
-struct Row {
-    name: String,
-    slot: Slotted,
+/// One service, as read from the datapath's view (borrowed from it).
+struct Row<'a> {
+    name: &'a str,
+    slot: &'a Slotted,
     counts: agent_ebpf::SlotCounters,
     rates: [Option<history::Rates>; 2],
     sparkline: Vec<history::Rates>,
     checks: Vec<CheckRow>,
 }
 
-/// Reads every service (or the one named): counters live from the maps,
-/// rates against the history ring, checks from the engine.
-fn read(state: &AppState, only: Option<&str>) -> Vec<Row> {
+/// Reads every service of `dp` (or the one named): counters live from
+/// the maps, rates against the history ring, checks from the engine.
+fn read<'a>(state: &AppState, dp: &'a View, only: Option<&str>) -> Vec<Row<'a>> {
     let now = Instant::now();
     let views = state.checks().view();
     // The checks by service, once: not a scan of every check per service.
-    let mut by_service: std::collections::HashMap<&str, Vec<CheckRow>> = Default::default();
+    let mut by_service: HashMap<&str, Vec<CheckRow>> = HashMap::new();
     for v in views.iter() {
-        if let Some(s) = v.spec.service.as_deref() {
+        if let Some(s) = v.spec.service.as_deref()
+            && only.is_none_or(|o| o == s)
+        {
             by_service.entry(s).or_default().push(CheckRow {
                 name: v.spec.name.clone(),
                 kind: v.spec.kind.as_str(),
@@ -108,18 +111,20 @@ fn read(state: &AppState, only: Option<&str>) -> Vec<Row> {
             });
         }
     }
-    let dp = state.datapath.view();
+    let selected: Vec<(&'a String, &'a Slotted)> = match only {
+        None => dp.services.iter().collect(),
+        Some(o) => dp.services.get_key_value(o).into_iter().collect(),
+    };
     let history = state.history.lock().unwrap_or_else(|p| p.into_inner());
-    dp.services
-        .iter()
-        .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+    selected
+        .into_iter()
         .map(|(name, s)| {
             let counts = state.datapath.counters().counts(s.slot).unwrap_or_default();
             let totals = Totals::from(&counts);
             let rate = |w| history.rate(name, &totals, now, Duration::from_secs(w));
             Row {
-                name: name.clone(),
-                slot: s.clone(),
+                name,
+                slot: s,
                 counts,
                 rates: [rate(60), rate(300)],
                 sparkline: history.sparkline(name),
@@ -150,7 +155,7 @@ fn rates(r: history::Rates) -> t::Rates {
 
 /// One service as the API answers it. Runs the store's uptime queries:
 /// call it off the async threads.
-fn service_type(r: Row, store: Option<&Store>) -> t::Service {
+fn service_type(r: Row<'_>, store: Option<&Store>) -> t::Service {
     use agent_ebpf::{DIR_EGRESS, DIR_INGRESS};
     let meta = r.slot.meta.as_ref();
     let source = meta.map_or("restored", |m| m.source.as_str());
@@ -193,7 +198,7 @@ fn service_type(r: Row, store: Option<&Store>) -> t::Service {
     t::Service {
         state: service_state(&states, retired, source),
         source: source.to_string(),
-        name: r.name,
+        name: r.name.to_string(),
         retired,
         remote: meta.is_some_and(|m| m.remote),
         compose_project: join(&|c| &c.compose_project),
@@ -235,7 +240,8 @@ fn service_type(r: Row, store: Option<&Store>) -> t::Service {
 /// Every service, or the one named (empty if there is no such service).
 async fn read_services(state: AppState, only: Option<String>) -> Result<Vec<t::Service>, ApiError> {
     Ok(tokio::task::spawn_blocking(move || {
-        read(&state, only.as_deref())
+        let dp = state.datapath.view();
+        read(&state, &dp, only.as_deref())
             .into_iter()
             .map(|r| service_type(r, state.store.as_deref()))
             .collect()
