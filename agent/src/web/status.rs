@@ -88,7 +88,8 @@ struct Row<'a> {
     slot: &'a Slotted,
     counts: agent_ebpf::SlotCounters,
     rates: [Option<history::Rates>; 2],
-    sparkline: Vec<history::Rates>,
+    /// Received and sent bytes per second, oldest first.
+    sparkline: [Vec<f64>; 2],
     checks: Vec<CheckRow>,
 }
 
@@ -122,12 +123,16 @@ fn read<'a>(state: &AppState, dp: &'a View, only: Option<&str>) -> Vec<Row<'a>> 
             let counts = state.datapath.counters().counts(s.slot).unwrap_or_default();
             let totals = Totals::from(&counts);
             let rate = |w| history.rate(name, &totals, now, Duration::from_secs(w));
+            let sparkline = history.sparkline(name);
             Row {
                 name,
                 slot: s,
                 counts,
                 rates: [rate(60), rate(300)],
-                sparkline: history.sparkline(name),
+                sparkline: [
+                    sparkline.iter().map(|x| x.rx_bytes_per_second).collect(),
+                    sparkline.iter().map(|x| x.tx_bytes_per_second).collect(),
+                ],
                 checks: by_service.remove(name.as_str()).unwrap_or_default(),
             }
         })
@@ -162,6 +167,7 @@ fn service_type(r: Row<'_>, store: Option<&Store>) -> t::Service {
     let join = |f: &dyn Fn(&crate::identity::ContainerMeta) -> &str| {
         meta.map_or(String::new(), |m| m.join(f))
     };
+    let [rx, tx] = r.sparkline;
     let states: Vec<CheckState> = r.checks.iter().map(|c| c.state).collect();
     let retired = r.slot.retired_at.is_some();
     let mut worst: [Option<f64>; 2] = [None, None];
@@ -225,8 +231,8 @@ fn service_type(r: Row<'_>, store: Option<&Store>) -> t::Service {
         },
         sparkline: t::Sparkline {
             interval_seconds: history::INTERVAL.as_secs(),
-            rx_bytes_per_second: r.sparkline.iter().map(|x| x.rx_bytes_per_second).collect(),
-            tx_bytes_per_second: r.sparkline.iter().map(|x| x.tx_bytes_per_second).collect(),
+            rx_bytes_per_second: rx,
+            tx_bytes_per_second: tx,
         },
         checks,
         latency_seconds: latency,

@@ -8,7 +8,9 @@
 //!   most 15 ns per packet above the empty program.
 //! - `kstats`: the kernel's own run_time_ns / run_cnt of netpulse's TC
 //!   programs on live traffic beside an empty TC program (`kstats`).
-//! - `http`: /metrics under wrk load while traffic flows (issue 8).
+//! - `http`: /metrics under wrk load while traffic flows (issue 8); then
+//!   `/api/v1/services` latency and the agent's RSS with 1,000 configured
+//!   services (issue 14: ≤ 20 ms, ≤ 50 MB).
 //! - `probe`: probes per CPU-second against blackbox_exporter, through
 //!   `/probe` and as deployed (`probe`).
 //! - `overhead`: throughput lost on a veth under each watcher (`overhead`).
@@ -262,6 +264,7 @@ fn main() -> Result<()> {
     }
     if part("http") {
         http_load(args.http_seconds)?;
+        api_at_scale()?;
     }
     if part("kstats") {
         kstats::live_cost(args.kstats_seconds, args.rounds)?;
@@ -539,4 +542,120 @@ fn http_load(seconds: u32) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Services configured in the API-at-scale benchmark.
+const API_SERVICES: u16 = 1000;
+/// Sequential requests per endpoint there.
+const API_REQUESTS: usize = 40;
+
+/// `/api/v1/services` and the agent's memory with 1,000 configured
+/// services (issue 14: ≤ 20 ms, ≤ 50 MB RSS): the median of 40 sequential
+/// GETs, then the RSS after 40 sequential GETs of `/metrics` and of
+/// `/api/v1/services`.
+fn api_at_scale() -> Result<()> {
+    use netpulse_tests::{PinDir, agent::Agent, netns::Pair};
+    let pair = Pair::new("bapi", 103);
+    let pins = PinDir::mounted("bapi");
+    let dir = std::env::temp_dir().join(format!("netpulse-bench-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = 19489;
+    let mut text = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\n\n[docker]\nenabled = false\n",
+        pins.path().display(),
+        dir.join("state").display()
+    );
+    for i in 0..API_SERVICES {
+        text += &format!(
+            "\n[[service]]\nname = \"svc{i}\"\nendpoints = [{{ proto = \"tcp\", port = {} }}]\n",
+            20000 + i
+        );
+    }
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, text)?;
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("the agent", |m| m.has("netpulse_probe_attached", &[]));
+    // The history ring needs a sample or two for the API's rates.
+    std::thread::sleep(Duration::from_secs(6));
+    let idle_kb = rss_kb(agent.pid());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timed = move |path: &'static str| {
+        (0..API_REQUESTS)
+            .map(|_| timed_get(addr, path).map(|(d, bytes)| (d.as_secs_f64() * 1e3, bytes)))
+            .collect::<Result<Vec<_>>>()
+    };
+    let services = pair.a.run(move || timed("/api/v1/services"))?;
+    let metrics = pair.a.run(move || timed("/metrics"))?;
+    let again = pair.a.run(move || timed("/api/v1/services"))?;
+    let after_kb = rss_kb(agent.pid());
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ms = |v: &[(f64, usize)]| median(v.iter().map(|x| x.0).collect());
+    println!(
+        "\n/api/v1 at scale: {API_SERVICES} configured TCP services, {API_REQUESTS} sequential GETs each (a new connection each)\n"
+    );
+    println!("| measure | value | target |");
+    println!("|---|---:|---:|");
+    println!(
+        "| `/api/v1/services` median ({} kB) | {:.1} ms | ≤ 20 ms |",
+        services.first().map_or(0, |x| x.1) / 1000,
+        ms(&services)
+    );
+    println!(
+        "| `/metrics` median ({} kB) | {:.1} ms | |",
+        metrics.first().map_or(0, |x| x.1) / 1000,
+        ms(&metrics)
+    );
+    println!(
+        "| `/api/v1/services` median, after `/metrics` | {:.1} ms | |",
+        ms(&again)
+    );
+    println!(
+        "| agent RSS before the requests | {:.1} MB | |",
+        idle_kb as f64 / 1024.0
+    );
+    println!(
+        "| agent RSS after them | {:.1} MB | ≤ 50 MB |",
+        after_kb as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// One GET on a new connection, read to the end: (time, body bytes).
+fn timed_get(addr: std::net::SocketAddr, path: &str) -> Result<(Duration, usize)> {
+    use std::io::{Read, Write};
+    let start = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::with_capacity(1 << 20);
+    s.read_to_end(&mut raw)?;
+    let took = start.elapsed();
+    if !raw.starts_with(b"HTTP/1.1 200") {
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&raw[..raw.len().min(200)])
+        );
+    }
+    let head = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |i| i + 4);
+    Ok((took, raw.len() - head))
+}
+
+/// The resident set of process `pid`, in kB (VmRSS).
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
