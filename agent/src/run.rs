@@ -317,10 +317,13 @@ async fn sample_history(state: AppState, stop: CancellationToken) {
 }
 
 /// Starts or stops the pre-trigger rings for the capture actions of the
-/// config's checks.
+/// config's checks, their service filters from the datapath's table (so a
+/// socket or Docker service works as a config one does). Called at start,
+/// on a reload and after each refresh.
 fn sync_rings(
     rings: &crate::capture::ring::Rings,
     cfg: &Loaded,
+    datapath: &Datapath,
     store: Option<Arc<crate::store::Store>>,
 ) {
     let specs: Vec<crate::capture::ring::Spec> = cfg
@@ -332,14 +335,22 @@ fn sync_rings(
             _ => None,
         })
         .collect();
+    if specs.is_empty() && rings.is_empty() {
+        return;
+    }
+    let view = datapath.view();
+    let filters = specs
+        .iter()
+        .filter(|s| s.filter.is_none())
+        .filter_map(|s| s.service.as_ref())
+        .filter_map(|name| {
+            crate::capture::filter_for(&view.services, &view.table, &view.addrs, name)
+                .ok()
+                .map(|f| (name.clone(), f))
+        })
+        .collect();
     let dir = store.as_deref().and_then(crate::capture::dir);
-    rings.sync(
-        &specs,
-        &cfg.services,
-        dir,
-        store,
-        cfg.raw.capture.settings(),
-    );
+    rings.sync(&specs, filters, dir, store, cfg.raw.capture.settings());
 }
 
 fn notify_ready() {
@@ -467,7 +478,6 @@ pub async fn run(
     let stop = CancellationToken::new();
     // Pre-trigger rings for the checks' capture actions.
     let rings = crate::capture::ring::Rings::default();
-    sync_rings(&rings, &cfg, store.clone());
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
@@ -509,6 +519,8 @@ pub async fn run(
 
     let mut refresher = Refresher::default();
     refresher.refresh(&state.datapath, &state.docker, &cfg);
+    // After the first refresh: the rings filter by the services' endpoints.
+    sync_rings(&rings, &cfg, &state.datapath, store.clone());
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -613,7 +625,7 @@ pub async fn run(
                             Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
                         }
                     }
-                    sync_rings(&rings, &new, store.clone());
+                    sync_rings(&rings, &new, &state.datapath, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true
@@ -638,6 +650,8 @@ pub async fn run(
                 Ok(r) => refresher = r,
                 Err(e) => error!(error = %e, "refresh task failed"),
             }
+            // The services' endpoints may have changed: the rings' filters.
+            sync_rings(&rings, &cfg, &state.datapath, store.clone());
             // Containers came or went: the checks their labels ask for too.
             let now = hinted_checks(&state.docker, &mut hint_warned);
             if crate::checks::hints::fingerprint(&now) != crate::checks::hints::fingerprint(&hinted)

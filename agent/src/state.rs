@@ -86,6 +86,8 @@ pub struct View {
     pub services: BTreeMap<String, Slotted>,
     /// The endpoint table: key → slot.
     pub table: BTreeMap<EndpointKey, u32>,
+    /// Container addresses counted by address: address → slot.
+    pub addrs: BTreeMap<std::net::IpAddr, u32>,
     pub attachments: Vec<Attached>,
     /// (map, entries, capacity) of each table.
     pub table_sizes: [(&'static str, usize, u32); 8],
@@ -103,6 +105,7 @@ impl Writer {
             backend: self.probe.backend(),
             services: self.identity.services().clone(),
             table: self.probe.table().clone(),
+            addrs: self.probe.addrs().clone(),
             attachments: self
                 .probe
                 .attachments()

@@ -22,10 +22,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Pcapng, Settings, file_name, make_room};
-use crate::{
-    config::{Proto, Service},
-    store::Store,
-};
+use crate::store::Store;
 
 /// A `capture` action, as configured.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,28 +39,8 @@ pub struct Spec {
 
 /// Bytes a ring holds at most, whatever its packet count.
 const RING_BYTES: usize = 32 << 20;
-const SNAPLEN: i32 = 65_535;
-
-/// A config service's endpoints as a BPF filter.
-pub fn service_filter(s: &Service) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for e in &s.endpoints {
-        let proto = match e.proto {
-            Proto::Tcp => format!("tcp port {}", e.port),
-            Proto::Udp => format!("udp port {}", e.port),
-            Proto::Icmp => "(icmp or icmp6)".to_string(),
-        };
-        if e.wildcard || e.addrs.is_empty() {
-            parts.push(format!("({proto})"));
-        } else {
-            let hosts: Vec<String> = e.addrs.iter().map(|a| format!("host {a}")).collect();
-            parts.push(format!("({proto} and ({}))", hosts.join(" or ")));
-        }
-    }
-    parts.sort();
-    parts.dedup();
-    parts.join(" or ")
-}
+/// Bytes of each packet kept (the one capture opener's whole-packet size).
+const SNAPLEN: i32 = crate::pcap_backend::FULL_SNAPLEN;
 
 /// What a trigger hands the ring's thread.
 struct Trigger {
@@ -85,8 +62,11 @@ struct Ring {
 struct Inner {
     /// Rings by (interface, filter), with the ring sizes they were made with.
     rings: BTreeMap<(String, String), (usize, u64, Ring)>,
-    /// Config services' filters, for actions without one.
+    /// Services' filters (from the datapath's table), for actions without
+    /// one of their own.
     services: BTreeMap<String, String>,
+    /// Actions already warned about, so a missing service is logged once.
+    warned: std::collections::BTreeSet<String>,
     dir: Option<PathBuf>,
     store: Option<Arc<Store>>,
     settings: Settings,
@@ -117,21 +97,21 @@ impl Rings {
     }
 
     /// Makes the running rings those `specs` need: new ones start, unused
-    /// ones stop. `services` name the filters of actions without one.
+    /// ones stop. `services` are the filters of the services the actions
+    /// name (`capture::filter_for`); they change as the services' endpoints
+    /// do, and a ring whose filter changed starts anew.
     pub fn sync(
         &self,
         specs: &[Spec],
-        services: &[Service],
+        services: BTreeMap<String, String>,
         dir: Option<PathBuf>,
         store: Option<Arc<Store>>,
         settings: Settings,
     ) {
         let mut inner = self.lock();
-        inner.services = services
-            .iter()
-            .map(|s| (s.name.clone(), service_filter(s)))
-            .filter(|(_, f)| !f.is_empty())
-            .collect();
+        // A service that just lost its endpoints (its listener went away:
+        // the very failure a capture action is for) keeps its last filter.
+        inner.services.extend(services);
         inner.dir = dir;
         inner.store = store;
         inner.settings = settings;
@@ -143,10 +123,15 @@ impl Rings {
                     e.0 = e.0.max(s.ring_packets);
                     e.1 = e.1.max((s.ring_seconds * 1e6) as u64);
                 }
-                None => warn!(
-                    service = s.service.as_deref().unwrap_or(""),
-                    "capture action: the service has no config endpoints to filter by; give the action a filter"
-                ),
+                None => {
+                    let service = s.service.clone().unwrap_or_default();
+                    if inner.warned.insert(service.clone()) {
+                        warn!(
+                            service,
+                            "capture action: the service has no endpoints or addresses to filter by (yet); give the action a filter"
+                        );
+                    }
+                }
             }
         }
         let stale: Vec<(String, String)> = inner
@@ -217,6 +202,11 @@ impl Rings {
         Ok(())
     }
 
+    /// No ring runs.
+    pub fn is_empty(&self) -> bool {
+        self.lock().rings.is_empty()
+    }
+
     pub fn stop_all(&self) {
         let mut inner = self.lock();
         for (_, (_, _, r)) in std::mem::take(&mut inner.rings) {
@@ -227,15 +217,7 @@ impl Rings {
 }
 
 fn start(interface: &str, filter: &str, packets: usize, age_us: u64) -> Result<Ring, String> {
-    let mut cap = pcap::Capture::from_device(interface)
-        .and_then(|c| {
-            c.immediate_mode(true)
-                .snaplen(SNAPLEN)
-                .buffer_size(8 << 20)
-                .timeout(100)
-                .promisc(false)
-                .open()
-        })
+    let mut cap = crate::pcap_backend::open_live(interface, true)
         .and_then(|c| c.setnonblock())
         .map_err(|e| format!("opening {interface}: {e}"))?;
     cap.filter(filter, true)

@@ -38,8 +38,10 @@ async fn start(State(state): State<AppState>, headers: HeaderMap, body: String) 
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("capture request: {e}")),
     };
     let view = state.datapath.view();
-    let planned =
-        tokio::task::spawn_blocking(move || capture::plan(&view.services, &view.table, &req)).await;
+    let planned = tokio::task::spawn_blocking(move || {
+        capture::plan(&view.services, &view.table, &view.addrs, &req)
+    })
+    .await;
     let plan = match planned {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
