@@ -21,6 +21,7 @@ pub mod packet;
 pub mod pcap_backend;
 pub mod probe;
 pub mod run;
+pub mod settings;
 pub mod status;
 pub mod store;
 pub mod web;

@@ -15,11 +15,12 @@ use tracing::{error, info, warn};
 use crate::{
     caps,
     checks::engine::Engine,
-    config::{self, ConfigError, Loaded},
+    config::{self, ConfigError},
     docker::{self, Container},
     identity::{self, Identity, sockets},
     interfaces,
     probe::{Probe, ProbeError, Zone},
+    settings::{self, Settings},
     web,
 };
 
@@ -58,7 +59,7 @@ const CHECK_CONCURRENCY: usize = 32;
 /// config wins a name both use); dropping (or sending on) the returned
 /// sender stops them.
 fn start_checks(
-    cfg: &Loaded,
+    cfg: &Settings,
     hinted: &[crate::checks::Spec],
     keep: std::collections::BTreeMap<String, crate::checks::engine::Status>,
     sink: crate::checks::engine::Sink,
@@ -97,7 +98,7 @@ fn hinted_checks(shared: &web::Shared, warned: &mut HashSet<String>) -> Vec<crat
     })
 }
 
-fn docker_labels(cfg: &Loaded) -> Vec<String> {
+fn docker_labels(cfg: &Settings) -> Vec<String> {
     cfg.raw
         .docker
         .labels
@@ -151,7 +152,7 @@ pub fn config_path(arg: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
-fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
+fn want_interfaces(cfg: &Settings) -> Vec<(String, Zone)> {
     let all = interfaces::list(Path::new("/sys/class/net"));
     if cfg.agent().interfaces.is_empty() {
         interfaces::default_set(&all)
@@ -171,7 +172,7 @@ fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
 }
 
 /// Attaches to interfaces that appeared, detaches from those that went.
-fn sync_interfaces(agent: &mut Agent, cfg: &Loaded, warned: &mut HashSet<String>) {
+fn sync_interfaces(agent: &mut Agent, cfg: &Settings, warned: &mut HashSet<String>) {
     let want = want_interfaces(cfg);
     let stale: Vec<String> = agent
         .probe
@@ -224,7 +225,7 @@ const OWNER_RETRY: u64 = 30;
 impl Refresher {
     /// The endpoint table the sources describe now. Runs without the agent
     /// lock: scanning /proc can take a while on a busy host.
-    fn desired(&mut self, cfg: &Loaded, containers: &[Container]) -> identity::Desired {
+    fn desired(&mut self, cfg: &Settings, containers: &[Container]) -> identity::Desired {
         let labels = docker_labels(cfg);
         if !cfg.agent().discover_sockets {
             return identity::desired(&identity::Sources {
@@ -270,7 +271,7 @@ impl Refresher {
         })
     }
 
-    fn refresh(&mut self, shared: &web::Shared, cfg: &Loaded) {
+    fn refresh(&mut self, shared: &web::Shared, cfg: &Settings) {
         let containers = {
             let a = web::lock(shared);
             docker::lock(&a.docker).containers.clone()
@@ -365,7 +366,7 @@ pub async fn run(
     backend: Option<config::Backend>,
 ) -> Result<(), RunError> {
     let path = config_path(config_arg);
-    let mut cfg = config::load(path.as_deref())?;
+    let mut cfg = settings::load(path.as_deref())?;
     info!(
         config = %path.as_deref().map_or("<embedded default>".into(), |p| p.display().to_string()),
         "netpulse {} starting",
@@ -423,11 +424,17 @@ pub async fn run(
         hooks: cfg.hooks.clone(),
         history: Default::default(),
         web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
-        capture: cfg.raw.capture.settings(),
+        capture: cfg.capture,
     }));
     // Pre-trigger rings for the checks' capture actions.
     let rings = crate::capture::ring::Rings::default();
-    crate::capture::ring::sync_config(&rings, &cfg, store.clone());
+    crate::capture::ring::sync_config(
+        &rings,
+        &cfg.checks,
+        &cfg.services,
+        cfg.capture,
+        store.clone(),
+    );
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
@@ -515,7 +522,7 @@ pub async fn run(
             _ = tick.tick() => true,
             // A container change is applied at once, not at the next tick.
             _ = docker_changed.notified() => true,
-            _ = sighup.recv() => match config::load(path.as_deref()) {
+            _ = sighup.recv() => match settings::load(path.as_deref()) {
                 Ok(new) => {
                     if new.listen != cfg.listen {
                         warn!("a new listen address takes effect at the next restart");
@@ -549,7 +556,7 @@ pub async fn run(
                         a.hooks = new.hooks.clone();
                         a.web_users =
                             Arc::new(crate::websec::Users::new(new.basic_auth_users.clone()));
-                        a.capture = new.raw.capture.settings();
+                        a.capture = new.capture;
                     }
                     if new.tls != cfg.tls {
                         match new.tls.as_ref().map(crate::websec::server_config).transpose() {
@@ -560,7 +567,7 @@ pub async fn run(
                             Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
                         }
                     }
-                    crate::capture::ring::sync_config(&rings, &new, store.clone());
+                    crate::capture::ring::sync_config(&rings, &new.checks, &new.services, new.capture, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true

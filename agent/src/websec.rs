@@ -26,6 +26,8 @@ use rustls::{
     sign::CertifiedKey,
 };
 
+use crate::config::{Diagnostics, TlsServerConfig};
+
 /// What `client_auth_type` accepts (exporter-toolkit's names).
 pub const CLIENT_AUTH_TYPES: [&str; 3] = [
     "NoClientCert",
@@ -42,6 +44,92 @@ pub struct TlsSettings {
     pub client_ca_file: Option<PathBuf>,
     /// "TLS12" (the default) or "TLS13".
     pub min_version: String,
+}
+
+impl TlsSettings {
+    /// `[web.tls_server_config]`, checked and loaded once, so a bad file is
+    /// a config error with a place; problems go to `d`.
+    pub fn from_config(t: &TlsServerConfig, d: &mut Diagnostics) -> Option<Self> {
+        let kind = t
+            .client_auth_type
+            .as_ref()
+            .map_or("NoClientCert", |k| k.get_ref().as_str());
+        if let Some(k) = &t.client_auth_type
+            && !CLIENT_AUTH_TYPES.contains(&k.get_ref().as_str())
+        {
+            d.at(
+                k.span(),
+                format!(
+                    "client_auth_type `{}` is not one of {}",
+                    k.get_ref(),
+                    CLIENT_AUTH_TYPES.join(", ")
+                ),
+            );
+            return None;
+        }
+        if kind != "NoClientCert" && t.client_ca_file.is_none() {
+            let span = t.client_auth_type.as_ref().map_or(0..0, |k| k.span());
+            d.at(
+                span,
+                format!("client_auth_type {kind} needs client_ca_file"),
+            );
+            return None;
+        }
+        let min = t
+            .min_version
+            .as_ref()
+            .map_or("TLS12", |v| v.get_ref().as_str());
+        if !["TLS12", "TLS13"].contains(&min) {
+            let span = t.min_version.as_ref().map_or(0..0, |v| v.span());
+            d.at(span, format!("min_version `{min}` is not TLS12 or TLS13"));
+            return None;
+        }
+        let settings = TlsSettings {
+            cert_file: t.cert_file.get_ref().clone(),
+            key_file: t.key_file.get_ref().clone(),
+            client_auth_type: kind.to_string(),
+            client_ca_file: t.client_ca_file.as_ref().map(|f| f.get_ref().clone()),
+            min_version: min.to_string(),
+        };
+        match server_config(&settings) {
+            Ok(_) => Some(settings),
+            Err(e) => {
+                let file =
+                    |f: &toml::Spanned<PathBuf>| e.contains(&f.get_ref().display().to_string());
+                let span = if file(&t.key_file) && !file(&t.cert_file) {
+                    t.key_file.span()
+                } else if t.client_ca_file.as_ref().is_some_and(file) {
+                    t.client_ca_file.as_ref().map_or(0..0, |f| f.span())
+                } else {
+                    t.cert_file.span()
+                };
+                d.at(span, format!("web.tls_server_config: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// `[web.basic_auth_users]`: user → bcrypt hash; a value that is not a
+/// bcrypt hash is a problem in `d`.
+pub fn users_from_config(
+    users: &BTreeMap<String, toml::Spanned<String>>,
+    d: &mut Diagnostics,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (user, hash) in users {
+        if valid_hash(hash.get_ref()) {
+            out.insert(user.clone(), hash.get_ref().clone());
+        } else {
+            d.at(
+                hash.span(),
+                format!(
+                    "basic_auth_users.{user}: not a bcrypt hash (make one with `netpulse config hash-password`)"
+                ),
+            );
+        }
+    }
+    out
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -17,10 +17,11 @@ use axum::{
 use http_body_util::BodyExt;
 use netpulse::{
     checks::{engine::Engine, kinds::Outcome},
-    config, identity,
+    identity,
     identity::Identity,
     probe::{Hook, Probe},
     run::Agent,
+    settings,
     store::Store,
     web,
 };
@@ -79,7 +80,7 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
     let pins = PinDir::new(&format!("api-{tag}"));
     let dir = std::env::temp_dir().join(format!("netpulse-api-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = config::parse(CONFIG, Path::new("api.toml")).expect("test config");
+    let cfg = settings::parse(CONFIG, Path::new("api.toml")).expect("test config");
     let mut probe = Probe::load(pins.path()).expect("load the eBPF object");
     let want = identity::desired(&identity::Sources {
         config: &cfg.services,
@@ -110,7 +111,7 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
         hooks: Default::default(),
         history: Default::default(),
         web_users: Default::default(),
-        capture: cfg.raw.capture.settings(),
+        capture: cfg.capture,
     };
     Some(Fx {
         shared: Arc::new(Mutex::new(agent)),
