@@ -1156,6 +1156,35 @@ mod tests {
     }
 
     #[test]
+    fn words_read_as_typed_values_and_unknown_ones_are_kept_as_written() {
+        use serde::de::{IntoDeserializer, value::Error};
+        fn read<T: Word>(w: &str) -> Choice<T> {
+            Choice::deserialize(IntoDeserializer::<Error>::into_deserializer(w)).unwrap()
+        }
+        fn every_word_reads_as_itself<T: Word + PartialEq + fmt::Debug>() {
+            for &t in T::ALL {
+                assert_eq!(read::<T>(t.as_str()), Choice::Known(t));
+            }
+        }
+        every_word_reads_as_itself::<CheckKind>();
+        every_word_reads_as_itself::<HttpMethod>();
+        every_word_reads_as_itself::<DnsType>();
+        every_word_reads_as_itself::<ActionKind>();
+        // DNS types in any case; methods in capitals, as on the wire.
+        assert_eq!(read::<DnsType>("aaaa"), Choice::Known(DnsType::Aaaa));
+        assert_eq!(read::<HttpMethod>("get"), Choice::Unknown("get".into()));
+        assert_eq!(read::<CheckKind>("HTTP").word(), "HTTP");
+        assert_eq!(CheckKind::list(", "), "http, tcp, dns, icmp");
+        // Not a string at all is a schema error, with its place.
+        let e = errs("[[check]]\nname = \"a\"\nkind = 5\ntarget = \"h:1\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.toml:3:8:") && e[0].contains("expected a string"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn unknown_key_names_line_and_column() {
         let e = errs("[agent]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n");
         assert_eq!(e.len(), 1, "{e:?}");

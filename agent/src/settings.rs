@@ -279,4 +279,44 @@ checks = ["a", "b"]
         let l = parse(text, Path::new("systemd/config.toml")).unwrap();
         assert_eq!(l.listen, DEFAULT_LISTEN.parse().unwrap());
     }
+
+    #[test]
+    fn unknown_words_are_named_with_their_place_and_the_choices() {
+        let e = errs(
+            r#"
+[[check]]
+name = "a"
+kind = "http"
+target = "http://x/"
+method = "FETCH"
+[[check]]
+name = "b"
+kind = "dns"
+target = "example.invalid"
+query_type = "ANY"
+[[check]]
+name = "c"
+kind = "tcp"
+target = "h:1"
+actions = [{ kind = "page", url = "http://x/" }]
+"#,
+        );
+        assert_eq!(
+            e,
+            [
+                "c.toml:6:10: `FETCH` is not an HTTP method (one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT)",
+                "c.toml:11:14: `ANY` is not a DNS record type (one of A, AAAA, CAA, CNAME, DNSKEY, DS, HTTPS, MX, NAPTR, NS, PTR, SOA, SRV, SSHFP, SVCB, TLSA, TXT)",
+                "c.toml:16:21: action `page` is not one of webhook, restart_container, capture",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_embedded_default_has_no_file_and_builds_nothing() {
+        let s = load(None).unwrap();
+        assert_eq!(s.source, None);
+        assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(s.checks.is_empty() && s.tls.is_none() && s.basic_auth_users.is_empty());
+        assert_eq!(s.capture.max_disk_bytes, 512_000_000);
+    }
 }
