@@ -176,6 +176,24 @@ words!(
     }
 );
 
+words!(
+    /// `client_auth_type` of `[web.tls_server_config]` (exporter-toolkit's
+    /// names).
+    ClientAuth {
+        NoClientCert = "NoClientCert",
+        VerifyClientCertIfGiven = "VerifyClientCertIfGiven",
+        RequireAndVerifyClientCert = "RequireAndVerifyClientCert",
+    }
+);
+
+words!(
+    /// `min_version` of `[web.tls_server_config]`.
+    TlsVersion {
+        Tls12 = "TLS12",
+        Tls13 = "TLS13",
+    }
+);
+
 /// The problems found in one config text, each with its place. Config and
 /// every domain that builds from the config report into one of these, so
 /// all the mistakes of a file come out at once, in file order.
@@ -264,11 +282,11 @@ pub struct TlsServerConfig {
     pub cert_file: Spanned<PathBuf>,
     pub key_file: Spanned<PathBuf>,
     #[serde(default)]
-    pub client_auth_type: Option<Spanned<String>>,
+    pub client_auth_type: Option<Spanned<Choice<ClientAuth>>>,
     #[serde(default)]
     pub client_ca_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
-    pub min_version: Option<Spanned<String>>,
+    pub min_version: Option<Spanned<Choice<TlsVersion>>>,
 }
 
 /// `[capture]`: the capture folder (`<state_dir>/captures`).
@@ -326,16 +344,18 @@ pub struct AgentConfig {
     pub history_days: Spanned<f64>,
     /// What counts packets: `ebpf`, `pcap` (libpcap, no eBPF needed), or
     /// `auto`: eBPF, else pcap with the reason logged.
-    pub backend: Spanned<String>,
+    pub backend: Spanned<Choice<Backend>>,
 }
 
-/// `agent.backend` / `netpulse run --backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Auto,
-    Ebpf,
-    Pcap,
-}
+words!(
+    /// `agent.backend` / `netpulse run --backend`.
+    #[derive(clap::ValueEnum)]
+    Backend {
+        Auto = "auto",
+        Ebpf = "ebpf",
+        Pcap = "pcap",
+    }
+);
 
 impl AgentConfig {
     /// Validated by `parse`: finite and within bounds.
@@ -358,13 +378,9 @@ impl AgentConfig {
         *self.max_series.get_ref()
     }
 
-    /// Validated by `parse`.
+    /// Validated by `validate`.
     pub fn backend(&self) -> Backend {
-        match self.backend.get_ref().as_str() {
-            "ebpf" => Backend::Ebpf,
-            "pcap" => Backend::Pcap,
-            _ => Backend::Auto,
-        }
+        self.backend.get_ref().known().unwrap_or(Backend::Auto)
     }
 }
 
@@ -380,7 +396,7 @@ impl Default for AgentConfig {
             max_series: Spanned::new(0..0, 10_000),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             history_days: Spanned::new(0..0, 7.0),
-            backend: Spanned::new(0..0, "auto".to_string()),
+            backend: Spanned::new(0..0, Choice::Known(Backend::Auto)),
         }
     }
 }
@@ -567,7 +583,7 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
-    pub proto: Spanned<String>,
+    pub proto: Spanned<Choice<Proto>>,
     /// An address or CIDR; absent = any address (both families).
     #[serde(default)]
     pub addr: Option<Spanned<String>>,
@@ -576,12 +592,15 @@ pub struct EndpointConfig {
     pub port: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Icmp,
-}
+words!(
+    /// `proto` of an endpoint.
+    #[derive(PartialOrd, Ord)]
+    Proto {
+        Tcp = "tcp",
+        Udp = "udp",
+        Icmp = "icmp",
+    }
+);
 
 /// A validated endpoint matcher: one address (None = wildcard) or a CIDR
 /// expanded to its addresses.
@@ -774,13 +793,10 @@ pub fn validate(raw: Config, d: &mut Diagnostics) -> Option<Loaded> {
             );
         }
     }
-    if !matches!(a.backend.get_ref().as_str(), "auto" | "ebpf" | "pcap") {
+    if let Choice::Unknown(w) = a.backend.get_ref() {
         d.at(
             a.backend.span(),
-            format!(
-                "backend `{}` is not one of auto, ebpf, pcap",
-                a.backend.get_ref()
-            ),
+            format!("backend `{w}` is not one of {}", Backend::list(", ")),
         );
     }
     let mut seen_if = HashSet::new();
@@ -975,11 +991,7 @@ pub fn validate(raw: Config, d: &mut Diagnostics) -> Option<Loaded> {
 }
 
 fn describe(ep: &Endpoint, addr: Option<IpAddr>) -> String {
-    let proto = match ep.proto {
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-        Proto::Icmp => "icmp",
-    };
+    let proto = ep.proto;
     match (addr, ep.proto) {
         (None, Proto::Icmp) => format!("{proto}/*"),
         (Some(a), Proto::Icmp) => format!("{proto}/{a}"),
@@ -1016,11 +1028,9 @@ pub fn bad_name(name: &str) -> Option<String> {
 }
 
 fn endpoint(e: &EndpointConfig) -> Result<Endpoint, (Range<usize>, String)> {
-    let proto = match e.proto.get_ref().as_str() {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        "icmp" => Proto::Icmp,
-        other => {
+    let proto = match e.proto.get_ref() {
+        Choice::Known(p) => *p,
+        Choice::Unknown(other) => {
             return Err((
                 e.proto.span(),
                 format!("unknown proto `{other}` (expected tcp, udp or icmp)"),
@@ -1109,16 +1119,6 @@ fn expand_raw(s: &str) -> Result<Vec<IpAddr>, String> {
         .collect())
 }
 
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1170,6 +1170,10 @@ mod tests {
         every_word_reads_as_itself::<HttpMethod>();
         every_word_reads_as_itself::<DnsType>();
         every_word_reads_as_itself::<ActionKind>();
+        every_word_reads_as_itself::<Backend>();
+        every_word_reads_as_itself::<Proto>();
+        every_word_reads_as_itself::<ClientAuth>();
+        every_word_reads_as_itself::<TlsVersion>();
         // DNS types in any case; methods in capitals, as on the wire.
         assert_eq!(read::<DnsType>("aaaa"), Choice::Known(DnsType::Aaaa));
         assert_eq!(read::<HttpMethod>("get"), Choice::Unknown("get".into()));
@@ -1182,6 +1186,17 @@ mod tests {
             e[0].starts_with("c.toml:3:8:") && e[0].contains("expected a string"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn an_unknown_backend_is_named_with_the_choices() {
+        let e = errs("[agent]\nbackend = \"xdp\"\n");
+        assert_eq!(
+            e,
+            ["c.toml:2:11: backend `xdp` is not one of auto, ebpf, pcap"]
+        );
+        let l = parse("[agent]\nbackend = \"pcap\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(l.agent().backend(), Backend::Pcap);
     }
 
     #[test]

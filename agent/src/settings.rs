@@ -312,6 +312,24 @@ actions = [{ kind = "page", url = "http://x/" }]
     }
 
     #[test]
+    fn tls_words_are_checked_before_any_file_is_read() {
+        let e = errs(
+            "[web.tls_server_config]\ncert_file = \"/nope/c.pem\"\nkey_file = \"/nope/k.pem\"\nmin_version = \"TLS11\"\n",
+        );
+        assert_eq!(
+            e,
+            ["c.toml:4:15: min_version `TLS11` is not TLS12 or TLS13"]
+        );
+        let e = errs(
+            "[web.tls_server_config]\ncert_file = \"/nope/c.pem\"\nkey_file = \"/nope/k.pem\"\nclient_auth_type = \"RequireAndVerifyClientCert\"\n",
+        );
+        assert_eq!(
+            e,
+            ["c.toml:4:20: client_auth_type RequireAndVerifyClientCert needs client_ca_file"]
+        );
+    }
+
+    #[test]
     fn the_embedded_default_has_no_file_and_builds_nothing() {
         let s = load(None).unwrap();
         assert_eq!(s.source, None);
