@@ -358,7 +358,7 @@ words!(
 );
 
 impl AgentConfig {
-    /// Validated by `parse`: finite and within bounds.
+    /// Validated by `validate`: finite and within bounds.
     pub fn refresh(&self) -> Duration {
         Duration::try_from_secs_f64(*self.refresh_seconds.get_ref())
             .unwrap_or(Duration::from_secs(1))
