@@ -227,10 +227,6 @@ impl<'t> Diagnostics<'t> {
         line_col(self.text, offset)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.problems.is_empty()
-    }
-
     /// Ok if nothing was found, else every problem for `path`, in file
     /// order (as an editor would walk them).
     pub fn finish(mut self, path: &Path) -> Result<(), ConfigError> {

@@ -4,11 +4,7 @@
 //! way `config` reports its own. `netpulse config check`, `netpulse check
 //! run`, `netpulse run` and its SIGHUP reload all load through here.
 
-use std::{
-    collections::BTreeMap,
-    ops::Deref,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, ops::Deref, path::Path};
 
 use crate::config::{self, ConfigError, Diagnostics};
 
@@ -61,7 +57,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         path: path.to_path_buf(),
         problems: Vec::new(),
     })?;
-    config.source = Some(PathBuf::from(path));
+    config.source = Some(path.to_path_buf());
     Ok(Settings {
         config,
         checks,
