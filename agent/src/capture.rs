@@ -40,6 +40,16 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// `[capture]`, validated by `config::validate`.
+    pub fn from_config(c: &crate::config::CaptureConfig) -> Self {
+        Settings {
+            max_disk_bytes: c.max_disk_bytes(),
+            file_bytes: c.file_bytes(),
+        }
+    }
+}
+
 /// Longest capture.
 pub const MAX_SECONDS: f64 = 86_400.0;
 /// A capture with no limit given stops after this long.

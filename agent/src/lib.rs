@@ -20,6 +20,7 @@ pub mod packet;
 pub mod pcap_backend;
 pub mod probe;
 pub mod run;
+pub mod settings;
 pub mod state;
 pub mod store;
 pub mod web;

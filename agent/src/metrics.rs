@@ -116,6 +116,21 @@ pub const SERIES_PER_SERVICE: usize = 2 + 2 + 6 + 1;
 /// The label value that stands for services beyond the series budget.
 pub const OTHER: &str = "~other";
 
+/// Checks `agent.max_series` against the series a service adds: the budget
+/// holds at least two services.
+pub fn check_config(a: &crate::config::AgentConfig, d: &mut crate::config::Diagnostics) {
+    let min_series = 2 * SERIES_PER_SERVICE;
+    if !(min_series..=10_000_000).contains(a.max_series.get_ref()) {
+        d.at(
+            a.max_series.span(),
+            format!(
+                "max_series = {} is out of range {min_series}-10000000 (at least two services' series)",
+                a.max_series.get_ref()
+            ),
+        );
+    }
+}
+
 /// One service as it is about to be exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {

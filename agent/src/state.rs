@@ -7,7 +7,7 @@
 //!   get the counters through a read-only handle ([`Counters`]) and what the
 //!   writer last published ([`View`]), so a slow attach or a long table
 //!   update never holds up `/metrics` or the API.
-//! - [`Settings`]: what a SIGHUP replaces, swapped as one value.
+//! - [`Reloadable`]: what a SIGHUP replaces, swapped as one value.
 //! - The check engine: replaced whole on a reload or when container labels
 //!   change; handlers load the current one.
 //! - The store, the job queue's wake-up, the Docker view and the history
@@ -53,7 +53,7 @@ impl<T> Swap<T> {
 
 /// The settings a SIGHUP replaces, as one value.
 #[derive(Default)]
-pub struct Settings {
+pub struct Reloadable {
     /// The series budget of /metrics (agent.max_series).
     pub max_series: usize,
     /// Whether the Docker source runs (`docker.enabled`; a restart changes it).
@@ -166,7 +166,7 @@ impl Datapath {
 #[derive(Clone)]
 pub struct AppState {
     pub datapath: Arc<Datapath>,
-    pub settings: Arc<Swap<Settings>>,
+    pub settings: Arc<Swap<Reloadable>>,
     /// The health checks and their states.
     pub checks: Arc<Swap<Engine>>,
     /// Check history and the job queue; None if it could not be opened.
@@ -184,7 +184,7 @@ impl AppState {
     /// store; no Docker source yet, an empty history.
     pub fn new(
         datapath: Datapath,
-        settings: Settings,
+        settings: Reloadable,
         checks: Arc<Engine>,
         store: Option<Arc<Store>>,
     ) -> Self {
@@ -199,7 +199,7 @@ impl AppState {
         }
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    pub fn settings(&self) -> Arc<Reloadable> {
         self.settings.load()
     }
 
@@ -214,7 +214,7 @@ impl FromRef<AppState> for Arc<Datapath> {
     }
 }
 
-impl FromRef<AppState> for Arc<Swap<Settings>> {
+impl FromRef<AppState> for Arc<Swap<Reloadable>> {
     fn from_ref(s: &AppState) -> Self {
         s.settings.clone()
     }

@@ -19,7 +19,7 @@ use std::{
 pub const ORDER: &[(&str, &[&str])] = &[
     (
         "base: bytes, processes, files, HTTP",
-        &["packet", "caps", "history", "store", "websec", "client"],
+        &["packet", "caps", "history", "store", "client"],
     ),
     (
         "datapath: counting packets",
@@ -30,10 +30,16 @@ pub const ORDER: &[(&str, &[&str])] = &[
         "identity: which endpoint is which service",
         &["docker", "identity"],
     ),
-    ("domain: captures and checks", &["capture", "checks"]),
+    (
+        "domain: captures, checks, web security",
+        &["capture", "checks", "websec"],
+    ),
     ("handles and workers", &["state", "jobs"]),
     ("serving: /metrics, the API, the page", &["metrics", "web"]),
-    ("wiring: netpulse run", &["run"]),
+    (
+        "wiring: the built config, netpulse run",
+        &["settings", "run"],
+    ),
     ("commands", &["analyze", "cli"]),
 ];
 

@@ -22,7 +22,10 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Pcapng, Settings, file_name, make_room};
-use crate::store::Store;
+use crate::{
+    config::{ActionConfig, Diagnostics},
+    store::Store,
+};
 
 /// A `capture` action, as configured.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +38,67 @@ pub struct Spec {
     pub seconds: f64,
     pub ring_packets: usize,
     pub ring_seconds: f64,
+}
+
+impl Spec {
+    /// A check's `capture` action (`service`: the check's); problems go to
+    /// `d`.
+    pub fn from_config(
+        a: &ActionConfig,
+        service: Option<&toml::Spanned<String>>,
+        d: &mut Diagnostics,
+    ) -> Option<Spec> {
+        let seconds = a.seconds.as_ref().map_or(10.0, |v| *v.get_ref());
+        let ring_seconds = a.ring_seconds.as_ref().map_or(30.0, |v| *v.get_ref());
+        let ring_packets = a.ring_packets.as_ref().map_or(1000, |v| *v.get_ref());
+        let mut ok = true;
+        for (what, v, x, hi) in [
+            ("seconds", &a.seconds, seconds, super::MAX_SECONDS),
+            ("ring_seconds", &a.ring_seconds, ring_seconds, 3600.0),
+        ] {
+            if !(x.is_finite() && x > 0.0 && x <= hi) {
+                let span = v.as_ref().map_or(a.kind.span(), |v| v.span());
+                d.at(span, format!("{what} = {x} is out of range (0, {hi}]"));
+                ok = false;
+            }
+        }
+        if !(1..=100_000).contains(&ring_packets) {
+            let span = a.ring_packets.as_ref().map_or(a.kind.span(), |v| v.span());
+            d.at(
+                span,
+                format!("ring_packets = {ring_packets} is out of range 1-100000"),
+            );
+            ok = false;
+        }
+        let filter = a.filter.as_ref().map(|f| f.get_ref().clone());
+        if let (Some(f), Some(span)) = (&filter, a.filter.as_ref().map(|f| f.span())) {
+            let compiles = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.compile(f, true).map(|_| ()).map_err(|e| e.to_string()));
+            if let Err(e) = compiles {
+                d.at(span, format!("filter `{f}`: {e}"));
+                ok = false;
+            }
+        }
+        if filter.is_none() && service.is_none() {
+            d.at(
+                a.kind.span(),
+                "a capture action needs `filter`, or a `service` on its check",
+            );
+            ok = false;
+        }
+        ok.then(|| Spec {
+            interface: a
+                .interface
+                .as_ref()
+                .map_or_else(|| "any".to_string(), |i| i.get_ref().clone()),
+            filter,
+            service: service.map(|s| s.get_ref().clone()),
+            seconds,
+            ring_packets: ring_packets as usize,
+            ring_seconds,
+        })
+    }
 }
 
 /// Bytes a ring holds at most, whatever its packet count.

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use super::error;
 use crate::{
     checks::engine::State as CheckState,
-    state::{AppState, Settings},
+    state::{AppState, Reloadable},
     store::Store,
 };
 
@@ -45,7 +45,7 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// None if the request may start work; else the answer that refuses it.
-pub(crate) fn refuse(settings: &Settings, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refuse(settings: &Reloadable, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &settings.api_token else {
         return Some(error(
             StatusCode::FORBIDDEN,
