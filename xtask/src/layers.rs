@@ -311,8 +311,9 @@ mod tests {
 
     #[test]
     fn groups_and_paths_are_read() {
-        let got =
-            imports("use crate::{a::{b, c}, d, e::f};\nfn x() { crate::g::h(); }\n// crate::zz\n");
+        let got = imports(&code(
+            "use crate::{a::{b, c}, d, e::f};\nfn x() { crate::g::h(); }\n// crate::zz\n",
+        ));
         assert_eq!(
             got,
             ["a", "d", "e", "g"].iter().map(|s| s.to_string()).collect()
