@@ -1,6 +1,7 @@
 //! `/metrics`: Prometheus text built at scrape time straight from the probe's
 //! maps, so a counter is never kept twice and is never older than the scrape.
-//! Metric names follow DESIGN.md.
+//! Each subsystem is a collector ([`COLLECTORS`]); the series budget is
+//! decided once per scrape ([`Budget`]). The names are listed in the README.
 
 use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, SlotCounters};
 use prometheus::{
@@ -201,7 +202,7 @@ pub(crate) fn epoch(t: std::time::SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The `netpulse_check_*` families (DESIGN.md), from the check engine.
+/// The `netpulse_check_*` families (README, "Metrics"), from the check engine.
 pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamily> {
     use crate::checks::engine::{BUCKETS, State};
     use prometheus::proto::{Bucket, Histogram};
