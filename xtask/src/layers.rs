@@ -40,7 +40,7 @@ pub const ORDER: &[(&str, &[&str])] = &[
         "wiring: the built config, netpulse run",
         &["settings", "run"],
     ),
-    ("commands", &["analyze", "cli"]),
+    ("commands", &["cli", "analyze"]),
 ];
 
 pub struct Report {
