@@ -10,6 +10,7 @@
 //! `cargo xtask layers` draws it and fails otherwise.
 
 pub mod analyze;
+pub mod btf;
 pub mod caps;
 pub mod capture;
 pub mod checks;

@@ -19,7 +19,7 @@ use std::{
 pub const ORDER: &[(&str, &[&str])] = &[
     (
         "base: bytes, processes, files, HTTP",
-        &["packet", "caps", "history", "store", "client"],
+        &["packet", "btf", "caps", "history", "store", "client"],
     ),
     (
         "datapath: counting packets",
