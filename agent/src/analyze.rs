@@ -850,42 +850,18 @@ fn csv(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 /// Columns padded to their widest cell; numbers right-aligned.
+/// The CLI's one table renderer, uncoloured; columns of numbers (or `-`)
+/// are right-aligned.
 fn grid(out: &mut dyn Write, head: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
-    let w: Vec<usize> = (0..head.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([head[i].len()])
-                .max()
-                .unwrap_or(0)
+    let right: Vec<usize> = (0..head.len())
+        .filter(|&i| {
+            !rows.is_empty()
+                && rows.iter().all(|r| {
+                    r[i].is_empty() || r[i] == "-" || r[i].chars().all(|c| c.is_ascii_digit())
+                })
         })
         .collect();
-    let numeric = |i: usize| {
-        rows.iter()
-            .all(|r| r[i].is_empty() || r[i] == "-" || r[i].chars().all(|c| c.is_ascii_digit()))
-            && !rows.is_empty()
-    };
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            if numeric(i) {
-                s.push_str(&format!("{c:>width$}", width = w[i]));
-            } else if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<width$}", width = w[i]));
-            }
-        }
-        s.trim_end().to_string()
-    };
-    writeln!(out, "{}", line(head.to_vec()))?;
-    for r in rows {
-        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
+    out.write_all(crate::cli::table(head, rows, &right, None, false).as_bytes())
 }
 
 fn endpoint(addr: &str, port: u16, proto: &str) -> String {

@@ -40,12 +40,22 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// `[capture]`, validated by `config::validate`.
+    pub fn from_config(c: &crate::config::CaptureConfig) -> Self {
+        Settings {
+            max_disk_bytes: c.max_disk_bytes(),
+            file_bytes: c.file_bytes(),
+        }
+    }
+}
+
 /// Longest capture.
 pub const MAX_SECONDS: f64 = 86_400.0;
 /// A capture with no limit given stops after this long.
 pub const DEFAULT_SECONDS: f64 = 10.0;
-/// Bytes of each packet kept.
-const SNAPLEN: i32 = 65_535;
+/// Bytes of each packet kept (the one capture opener's whole-packet size).
+const SNAPLEN: i32 = crate::pcap_backend::FULL_SNAPLEN;
 /// Room made under the disk cap ahead of writing: two largest packets'
 /// worth, so the cap holds between two checks.
 const ROOM: u64 = 2 * (SNAPLEN as u64 + 32);
@@ -64,9 +74,11 @@ pub struct Plan {
     pub bytes: Option<u64>,
 }
 
-/// The BPF filter of a service's endpoints (from the table the probes
-/// classify by).
-fn service_filter(keys: &[agent_ebpf::EndpointKey]) -> String {
+/// The BPF filter that selects a service's packets, from what the probes
+/// classify by: its endpoints in the table and the container addresses
+/// counted for it. The one builder for captures on demand and on failure,
+/// so both work for config, socket and Docker services alike.
+pub fn service_filter(keys: &[agent_ebpf::EndpointKey], addrs: &[std::net::IpAddr]) -> String {
     let mut parts: Vec<String> = keys
         .iter()
         .map(|k| {
@@ -87,20 +99,52 @@ fn service_filter(keys: &[agent_ebpf::EndpointKey]) -> String {
             }
             format!("({p})")
         })
+        .chain(addrs.iter().map(|a| format!("(host {a})")))
         .collect();
     parts.sort();
     parts.dedup();
     parts.join(" or ")
 }
 
+/// The filter of the service `name`, from the datapath: which slot it has
+/// (`services`), the endpoints (`table`) and container addresses (`addrs`)
+/// that count for that slot.
+pub fn filter_for(
+    services: &BTreeMap<String, crate::identity::Slotted>,
+    table: &BTreeMap<agent_ebpf::EndpointKey, u32>,
+    addrs: &BTreeMap<std::net::IpAddr, u32>,
+    name: &str,
+) -> Result<String, String> {
+    let slot = services
+        .get(name)
+        .map(|x| x.slot)
+        .ok_or_else(|| format!("no service named `{name}`"))?;
+    let keys: Vec<agent_ebpf::EndpointKey> = table
+        .iter()
+        .filter(|(_, v)| **v == slot)
+        .map(|(k, _)| *k)
+        .collect();
+    let hosts: Vec<std::net::IpAddr> = addrs
+        .iter()
+        .filter(|(_, v)| **v == slot)
+        .map(|(a, _)| *a)
+        .collect();
+    if keys.is_empty() && hosts.is_empty() {
+        return Err(format!(
+            "service `{name}` has no endpoints or addresses to filter by: give a filter"
+        ));
+    }
+    Ok(service_filter(&keys, &hosts))
+}
+
 /// Checks a request against what the agent knows: the interface exists,
 /// the filter compiles, the service has endpoints; limits in range.
 ///
-/// `services` and `table` are the datapath's: which slot a service has and
-/// which endpoints count for each slot.
+/// `services`, `table` and `addrs` are the datapath's (see [`filter_for`]).
 pub fn plan(
     services: &BTreeMap<String, crate::identity::Slotted>,
     table: &BTreeMap<agent_ebpf::EndpointKey, u32>,
+    addrs: &BTreeMap<std::net::IpAddr, u32>,
     req: &Request,
 ) -> Result<Plan, String> {
     let interface = req.interface.clone().unwrap_or_else(|| "any".into());
@@ -110,23 +154,7 @@ pub fn plan(
     let filter = match (&req.filter, &req.service) {
         (Some(_), Some(_)) => return Err("give a filter or a service, not both".into()),
         (Some(f), None) => f.clone(),
-        (None, Some(s)) => {
-            let slot = services
-                .get(s)
-                .map(|x| x.slot)
-                .ok_or_else(|| format!("no service named `{s}`"))?;
-            let keys: Vec<agent_ebpf::EndpointKey> = table
-                .iter()
-                .filter(|(_, v)| **v == slot)
-                .map(|(k, _)| *k)
-                .collect();
-            if keys.is_empty() {
-                return Err(format!(
-                    "service `{s}` has no endpoints to filter by (a container counted by address): give a filter"
-                ));
-            }
-            service_filter(&keys)
-        }
+        (None, Some(s)) => filter_for(services, table, addrs, s)?,
         (None, None) => String::new(),
     };
     // The filter must compile (for the link type the interface has; a
@@ -298,15 +326,7 @@ pub struct Outcome {
 /// Runs a capture (blocking): until a limit is reached.
 pub fn run(id: i64, plan: &Plan, dir: &Path, settings: Settings) -> Result<Outcome, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let mut cap = pcap::Capture::from_device(plan.interface.as_str())
-        .and_then(|c| {
-            c.immediate_mode(true)
-                .snaplen(SNAPLEN)
-                .buffer_size(16 << 20)
-                .timeout(100)
-                .promisc(false)
-                .open()
-        })
+    let mut cap = crate::pcap_backend::open_live(&plan.interface, true)
         .and_then(|c| c.setnonblock())
         .map_err(|e| format!("opening {}: {e}", plan.interface))?;
     // Non-blocking, polled with a timeout: libpcap in immediate mode may
@@ -463,8 +483,13 @@ mod tests {
         k.proto = agent_ebpf::PROTO_UDP;
         k.port = 53;
         assert_eq!(
-            service_filter(&[wild, k]),
+            service_filter(&[wild, k], &[]),
             "(tcp port 80) or (udp port 53 and host 10.0.0.1)"
+        );
+        // A container counted by its address.
+        assert_eq!(
+            service_filter(&[], &["172.17.0.2".parse().unwrap()]),
+            "(host 172.17.0.2)"
         );
     }
 }

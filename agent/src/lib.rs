@@ -1,10 +1,17 @@
-//! netpulse: per-service packet counters from XDP/TC, named from config and
-//! listening sockets, served to Prometheus. One module per stage of the data
-//! path in DESIGN.md: probe (kernel programs and maps) → identity (which
-//! endpoint is which service) → metrics/web (what is served), driven by run.
+//! netpulse: per-service packet counters from XDP/TC (or libpcap), named
+//! from the config, listening sockets and Docker containers, checked on a
+//! schedule and served to Prometheus, a JSON API and a status page.
+//!
+//! The modules are layers in the order data flows (ARCHITECTURE.md): base
+//! (packet, store, client…) → datapath (interfaces, pcap_backend, probe) →
+//! config (data) → identity (docker, identity) → domain (capture, checks,
+//! websec) → handles (state, jobs) → serving (metrics, web) → wiring
+//! (settings, run) → commands (analyze, cli). Nothing imports upward:
+//! `cargo xtask layers` draws it and fails otherwise.
 
 pub mod analyze;
 pub mod api_types;
+pub mod btf;
 pub mod caps;
 pub mod capture;
 pub mod checks;
@@ -21,6 +28,7 @@ pub mod packet;
 pub mod pcap_backend;
 pub mod probe;
 pub mod run;
+pub mod settings;
 pub mod state;
 pub mod store;
 pub mod web;

@@ -206,7 +206,7 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { config },
         } => {
             let path = run::config_path(config);
-            match config::load(path.as_deref()) {
+            match netpulse::settings::load(path.as_deref()) {
                 Ok(l) => {
                     let n: usize = l.services.iter().map(|s| s.endpoints.len()).sum();
                     printed(netpulse::cli::print(format!(
@@ -283,7 +283,7 @@ fn status(url: &str, watch: bool, interval: Duration, output: Output) -> ExitCod
 fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> ExitCode {
     use netpulse::checks::engine::{Engine, State};
     let path = run::config_path(config);
-    let cfg = match config::load(path.as_deref()) {
+    let cfg = match netpulse::settings::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

@@ -1,8 +1,9 @@
 //! `/metrics`: Prometheus text built at scrape time straight from the probe's
 //! maps, so a counter is never kept twice and is never older than the scrape.
-//! Metric names follow DESIGN.md.
+//! Each subsystem is a collector ([`COLLECTORS`]); the series budget is
+//! decided once per scrape ([`Budget`]). The names are listed in the README.
 
-use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, DirCounters, MAX_SLOTS, SlotCounters};
+use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, SlotCounters};
 use prometheus::{
     Encoder, TextEncoder,
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
@@ -116,6 +117,21 @@ pub const SERIES_PER_SERVICE: usize = 2 + 2 + 6 + 1;
 /// The label value that stands for services beyond the series budget.
 pub const OTHER: &str = "~other";
 
+/// Checks `agent.max_series` against the series a service adds: the budget
+/// holds at least two services.
+pub fn check_config(a: &crate::config::AgentConfig, d: &mut crate::config::Diagnostics) {
+    let min_series = 2 * SERIES_PER_SERVICE;
+    if !(min_series..=10_000_000).contains(a.max_series.get_ref()) {
+        d.at(
+            a.max_series.span(),
+            format!(
+                "max_series = {} is out of range {min_series}-10000000 (at least two services' series)",
+                a.max_series.get_ref()
+            ),
+        );
+    }
+}
+
 /// One service as it is about to be exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -186,7 +202,7 @@ pub(crate) fn epoch(t: std::time::SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The `netpulse_check_*` families (DESIGN.md), from the check engine.
+/// The `netpulse_check_*` families (README, "Metrics"), from the check engine.
 pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamily> {
     use crate::checks::engine::{BUCKETS, State};
     use prometheus::proto::{Bucket, Histogram};
@@ -320,15 +336,132 @@ pub fn check_families(engine: &crate::checks::engine::Engine) -> Vec<MetricFamil
     out
 }
 
-/// Renders the exposition text for the agent's current state. `docker` is
-/// None when the Docker source is off.
-pub fn render(
-    counters: &Counters,
-    view: &View,
-    max_series: usize,
-    docker: Option<DockerState>,
-    checks: &crate::checks::engine::Engine,
-) -> Result<String, MetricsError> {
+/// What every collector reads in one scrape: the counters (live), the
+/// datapath's published view, the settings, the check engine, and the
+/// series budget, decided once per scrape for every per-service family.
+pub struct Scrape<'a> {
+    pub counters: &'a Counters,
+    pub view: &'a View,
+    /// None when the Docker source is off.
+    pub docker: Option<DockerState<'a>>,
+    pub checks: &'a crate::checks::engine::Engine,
+    pub budget: Budget,
+}
+
+/// The series budget of one scrape: which services keep their own series
+/// and which are folded into `~other` (see [`fold`] for the order). Every
+/// family with a `service` label takes its names from here.
+pub struct Budget {
+    pub max_series: usize,
+    /// Services folded into `~other`; empty within the budget.
+    folded: std::collections::HashSet<String>,
+}
+
+impl Budget {
+    pub fn new(view: &View, max_series: usize) -> Budget {
+        let rows: Vec<Row> = view
+            .services
+            .iter()
+            .map(|(name, s)| Row {
+                name: name.clone(),
+                source: source_of(s),
+                slot: s.slot,
+                counts: SlotCounters::default(),
+            })
+            .collect();
+        let room = max_series / SERIES_PER_SERVICE;
+        let folded = if rows.len() <= room {
+            Default::default()
+        } else {
+            let (kept, _) = fold(rows.clone(), max_series);
+            let kept: std::collections::HashSet<&str> =
+                kept.iter().map(|r| r.name.as_str()).collect();
+            rows.into_iter()
+                .filter(|r| !kept.contains(r.name.as_str()))
+                .map(|r| r.name)
+                .collect()
+        };
+        Budget { max_series, folded }
+    }
+
+    /// The `service` label `service`'s series carry: its name, or `~other`.
+    pub fn label<'s>(&self, service: &'s str) -> &'s str {
+        if self.folded.contains(service) {
+            OTHER
+        } else {
+            service
+        }
+    }
+
+    pub fn folded(&self) -> usize {
+        self.folded.len()
+    }
+}
+
+fn source_of(s: &crate::identity::Slotted) -> &'static str {
+    s.meta.as_ref().map_or("restored", |m| m.source.as_str())
+}
+
+/// One subsystem's families. A collector that fails is left out of the
+/// scrape and reported by `netpulse_scrape_collector_success`, as
+/// node_exporter does; the others are served.
+type Collect = fn(&Scrape) -> Result<Vec<MetricFamily>, MetricsError>;
+
+/// Every collector, by the name it is reported under.
+pub const COLLECTORS: &[(&str, Collect)] = &[
+    ("services", services),
+    ("unclassified", unclassified),
+    ("datapath", datapath),
+    ("checks", checks),
+    ("agent", agent),
+];
+
+/// Renders the exposition text: every collector's families, then the
+/// collectors' own duration and success.
+pub fn render(scrape: &Scrape) -> Result<String, MetricsError> {
+    let mut families = Vec::new();
+    let mut duration = family(
+        "netpulse_scrape_collector_duration_seconds",
+        "How long each collector took in this scrape.",
+        MetricType::GAUGE,
+    );
+    let mut success = family(
+        "netpulse_scrape_collector_success",
+        "1 if the collector succeeded in this scrape, 0 if it failed (its families are left out).",
+        MetricType::GAUGE,
+    );
+    for (name, collect) in COLLECTORS {
+        let started = std::time::Instant::now();
+        let ok = match collect(scrape) {
+            Ok(f) => {
+                families.extend(f);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(collector = name, error = %e, "a /metrics collector failed");
+                false
+            }
+        };
+        gauge_sample(
+            &mut duration,
+            &[("collector", name)],
+            started.elapsed().as_secs_f64(),
+        );
+        gauge_sample(
+            &mut success,
+            &[("collector", name)],
+            f64::from(u8::from(ok)),
+        );
+    }
+    families.push(duration);
+    families.push(success);
+    families.retain(|f| !f.get_metric().is_empty());
+    Ok(encode(&families)?)
+}
+
+/// Per service: packets, bytes and TCP flags by direction, the info
+/// series, and the budget's own gauges.
+fn services(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
     let mut packets = counter(
         "netpulse_service_packets_total",
         "Packets to (ingress) and from (egress) each service, as a wire carries them.",
@@ -344,9 +477,8 @@ pub fn render(
         "TCP segments with SYN, FIN or RST set, per service and direction.",
         &["service", "direction", "flag"],
     );
-    let label_names: Vec<String> = docker
-        .as_ref()
-        .map_or(&[][..], |d| d.labels)
+    let labels = s.docker.as_ref().map_or(&[][..], |d| d.labels);
+    let label_names: Vec<String> = labels
         .iter()
         .map(|l| crate::config::label_metric_name(l))
         .collect();
@@ -366,6 +498,72 @@ pub fn render(
         "Metadata of each service; join on `service`.",
         &info_labels,
     );
+    // Each service's counts, under the name the budget gives it; the
+    // folded ones summed into one ~other row.
+    let mut rows: Vec<Row> = Vec::with_capacity(s.view.services.len());
+    let mut other: Option<Row> = None;
+    for (name, sl) in &s.view.services {
+        let counts = s.counters.counts(sl.slot)?;
+        if s.budget.label(name) == OTHER {
+            other
+                .get_or_insert_with(|| Row {
+                    name: OTHER.to_string(),
+                    source: "folded",
+                    slot: 0,
+                    counts: SlotCounters::default(),
+                })
+                .counts
+                .add(&counts);
+        } else {
+            rows.push(Row {
+                name: name.clone(),
+                source: source_of(sl),
+                slot: sl.slot,
+                counts,
+            });
+        }
+    }
+    if other.is_some() {
+        // As `fold` orders them: config services, then by slot.
+        rows.sort_by_key(|r| (r.source != "config", r.slot));
+    }
+    rows.extend(other);
+    for r in &rows {
+        for (i, dir) in DIRECTIONS {
+            let c = &r.counts.dir[i];
+            packets.add(&[&r.name, dir], c.packets);
+            bytes.add(&[&r.name, dir], c.bytes);
+            for (flag, v) in [("syn", c.syn), ("fin", c.fin), ("rst", c.rst)] {
+                flags.add(&[&r.name, dir, flag], v);
+            }
+        }
+        let meta = s.view.services.get(&r.name).and_then(|x| x.meta.as_ref());
+        let extra = info_values(meta, labels);
+        let values: Vec<&str> = [r.name.as_str(), r.source]
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
+        info.add(&values, 1);
+    }
+    let mut budget = gauge(
+        "netpulse_series_budget",
+        "The most per-service series /metrics serves (agent.max_series).",
+        &[],
+    );
+    budget.add(&[], s.budget.max_series as u64);
+    let mut dropped = gauge(
+        "netpulse_series_dropped",
+        "Services beyond the series budget, folded into service=\"~other\".",
+        &[],
+    );
+    dropped.add(&[], s.budget.folded() as u64);
+    Ok(vec![
+        packets.mf, bytes.mf, flags.mf, info.mf, budget.mf, dropped.mf,
+    ])
+}
+
+/// Packets no service claimed, by hook direction and reason.
+fn unclassified(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
     let mut unc_packets = counter(
         "netpulse_unclassified_packets_total",
         "Packets no service claimed, by hook direction and reason.",
@@ -376,6 +574,25 @@ pub fn render(
         "Bytes of packets no service claimed, by hook direction and reason.",
         &["direction", "reason"],
     );
+    let reasons = agent_ebpf::RESERVED_SLOTS;
+    for (slot, xdp, tc) in s.counters.reserved_counts()? {
+        let reason = reasons
+            .iter()
+            .find(|(r, _)| *r == slot)
+            .map_or("unknown", |(_, r)| r);
+        // Unclassified packets have no service view: the direction is the
+        // hook's (XDP = ingress, TC = egress).
+        for (hook, (i, dir)) in [(&xdp, DIRECTIONS[0]), (&tc, DIRECTIONS[1])] {
+            unc_packets.add(&[dir, reason], hook.dir[i].packets);
+            unc_bytes.add(&[dir, reason], hook.dir[i].bytes);
+        }
+    }
+    Ok(vec![unc_packets.mf, unc_bytes.mf])
+}
+
+/// The probes: where they are attached, the tables' fill, the backend and
+/// what the pcap backend's captures lost.
+fn datapath(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
     let mut attached = gauge(
         "netpulse_probe_attached",
         "1 for each interface and hook the probes are attached to.",
@@ -391,80 +608,54 @@ pub fn render(
         "Capacity of each eBPF map.",
         &["map"],
     );
-    let mut build = gauge(
-        "netpulse_build_info",
-        "Build of the running agent.",
-        &["version", "layout"],
-    );
-
-    let mut add_dir = |service: &str, dir: &str, c: &DirCounters| {
-        packets.add(&[service, dir], c.packets);
-        bytes.add(&[service, dir], c.bytes);
-        for (flag, v) in [("syn", c.syn), ("fin", c.fin), ("rst", c.rst)] {
-            flags.add(&[service, dir, flag], v);
-        }
-    };
-    let allow = docker.as_ref().map_or(&[][..], |d| d.labels);
-    let mut rows = Vec::with_capacity(view.services.len());
-    for (name, s) in &view.services {
-        rows.push(Row {
-            name: name.clone(),
-            source: s.meta.as_ref().map_or("restored", |m| m.source.as_str()),
-            slot: s.slot,
-            counts: counters.counts(s.slot)?,
-        });
-    }
-    let (rows, folded) = fold(rows, max_series);
-    for r in &rows {
-        for (i, dir) in DIRECTIONS {
-            add_dir(&r.name, dir, &r.counts.dir[i]);
-        }
-        let meta = view.services.get(&r.name).and_then(|s| s.meta.as_ref());
-        let extra = info_values(meta, allow);
-        let values: Vec<&str> = [r.name.as_str(), r.source]
-            .into_iter()
-            .chain(extra.iter().map(String::as_str))
-            .collect();
-        info.add(&values, 1);
-    }
-    let mut budget = gauge(
-        "netpulse_series_budget",
-        "The most per-service series /metrics serves (agent.max_series).",
-        &[],
-    );
-    budget.add(&[], max_series as u64);
-    let mut dropped = gauge(
-        "netpulse_series_dropped",
-        "Services beyond the series budget, folded into service=\"~other\".",
-        &[],
-    );
-    dropped.add(&[], folded as u64);
-    let reasons = agent_ebpf::RESERVED_SLOTS;
-    for (slot, xdp, tc) in counters.reserved_counts()? {
-        let reason = reasons
-            .iter()
-            .find(|(s, _)| *s == slot)
-            .map_or("unknown", |(_, r)| r);
-        // Unclassified packets have no service view: the direction is the
-        // hook's (XDP = ingress, TC = egress).
-        for (hook, (i, dir)) in [(&xdp, DIRECTIONS[0]), (&tc, DIRECTIONS[1])] {
-            unc_packets.add(&[dir, reason], hook.dir[i].packets);
-            unc_bytes.add(&[dir, reason], hook.dir[i].bytes);
-        }
-    }
-    for a in &view.attachments {
+    for a in &s.view.attachments {
         for (hook, mode) in a.hooks {
             attached.add(&[a.name.as_str(), hook, mode, a.zone.as_str()], 1);
         }
     }
-    for (map, used, max) in view.table_sizes {
+    for (map, used, max) in s.view.table_sizes {
         entries.add(&[map], used as u64);
         capacity.add(&[map], u64::from(max));
     }
-    entries.add(&["slots"], view.services.len() as u64);
+    entries.add(&["slots"], s.view.services.len() as u64);
     capacity.add(
         &["slots"],
         u64::from(MAX_SLOTS - agent_ebpf::FIRST_SERVICE_SLOT),
+    );
+    let mut backend = gauge(
+        "netpulse_backend_info",
+        "What counts packets: ebpf (kernel programs) or pcap (libpcap captures).",
+        &["backend"],
+    );
+    backend.add(&[s.view.backend], 1);
+    let mut capture_dropped = counter(
+        "netpulse_capture_dropped_packets_total",
+        "Packets the pcap backend's captures lost because their buffer was full (libpcap's statistics).",
+        &["interface"],
+    );
+    for (ifname, n) in s.counters.capture_drops() {
+        capture_dropped.add(&[ifname.as_str()], n);
+    }
+    Ok(vec![
+        attached.mf,
+        entries.mf,
+        capacity.mf,
+        backend.mf,
+        capture_dropped.mf,
+    ])
+}
+
+/// The health checks (see [`check_families`]).
+fn checks(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
+    Ok(check_families(s.checks))
+}
+
+/// The agent itself: its build and its sources.
+fn agent(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
+    let mut build = gauge(
+        "netpulse_build_info",
+        "Build of the running agent.",
+        &["version", "layout"],
     );
     build.add(
         &[
@@ -473,50 +664,15 @@ pub fn render(
         ],
         1,
     );
-
     let mut source_up = gauge(
         "netpulse_source_up",
         "1 while a service source answers (docker: dockerd's API and event stream).",
         &["source"],
     );
-    if let Some(d) = &docker {
+    if let Some(d) = &s.docker {
         source_up.add(&["docker"], u64::from(d.up));
     }
-    let mut backend = gauge(
-        "netpulse_backend_info",
-        "What counts packets: ebpf (kernel programs) or pcap (libpcap captures).",
-        &["backend"],
-    );
-    backend.add(&[view.backend], 1);
-    let mut capture_dropped = counter(
-        "netpulse_capture_dropped_packets_total",
-        "Packets the pcap backend's captures lost because their buffer was full (libpcap's statistics).",
-        &["interface"],
-    );
-    for (ifname, n) in counters.capture_drops() {
-        capture_dropped.add(&[ifname.as_str()], n);
-    }
-
-    let mut families: Vec<MetricFamily> = vec![
-        packets.mf,
-        bytes.mf,
-        flags.mf,
-        info.mf,
-        unc_packets.mf,
-        unc_bytes.mf,
-        attached.mf,
-        entries.mf,
-        capacity.mf,
-        build.mf,
-        budget.mf,
-        dropped.mf,
-        source_up.mf,
-        backend.mf,
-        capture_dropped.mf,
-    ];
-    families.extend(check_families(checks));
-    families.retain(|f| !f.get_metric().is_empty());
-    Ok(encode(&families)?)
+    Ok(vec![build.mf, source_up.mf])
 }
 
 #[cfg(test)]

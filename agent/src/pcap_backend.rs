@@ -33,10 +33,34 @@ use crate::{
 /// Bytes of each packet copied to us: headers only (the kernel programs
 /// read no further than 512 bytes in either).
 const SNAPLEN: i32 = 640;
-/// Kernel buffer per capture.
+/// Kernel buffer of a headers-only capture (the backend's: ~12,000
+/// packets of `SNAPLEN`).
 const BUFFER_BYTES: i32 = 8 << 20;
+/// Kernel buffer of a whole-packet capture (on demand, pre-trigger rings).
+pub const FULL_BUFFER_BYTES: i32 = 16 << 20;
+/// Bytes kept of each packet by a whole-packet capture.
+pub const FULL_SNAPLEN: i32 = 65_535;
 /// How long a capture waits for a packet before it looks at its stop flag.
 const POLL_MS: i32 = 100;
+
+/// Opens a live capture on `interface` the one way the agent does: not
+/// promiscuous, immediate delivery, a 100 ms read timeout; headers only
+/// (`whole` false: the backend) or whole packets (captures and rings).
+pub fn open_live(interface: &str, whole: bool) -> Result<pcap::Capture<pcap::Active>, pcap::Error> {
+    let (snaplen, buffer) = if whole {
+        (FULL_SNAPLEN, FULL_BUFFER_BYTES)
+    } else {
+        (SNAPLEN, BUFFER_BYTES)
+    };
+    pcap::Capture::from_device(interface).and_then(|c| {
+        c.immediate_mode(true)
+            .buffer_size(buffer)
+            .snaplen(snaplen)
+            .timeout(POLL_MS)
+            .promisc(false)
+            .open()
+    })
+}
 
 #[derive(Default)]
 struct Dir {
@@ -229,16 +253,7 @@ impl Pcap {
         };
         let mut caps = Vec::new();
         for h in hooks {
-            let cap = pcap::Capture::from_device(ifname)
-                .and_then(|c| {
-                    c.immediate_mode(true)
-                        .buffer_size(BUFFER_BYTES)
-                        .snaplen(SNAPLEN)
-                        .timeout(POLL_MS)
-                        .promisc(false)
-                        .open()
-                })
-                .map_err(|e| format!("libpcap: {e}"))?;
+            let cap = open_live(ifname, false).map_err(|e| format!("libpcap: {e}"))?;
             match h {
                 Hooks::In => cap.direction(pcap::Direction::In),
                 Hooks::Out => cap.direction(pcap::Direction::Out),
@@ -393,6 +408,10 @@ impl Pcap {
         self.veths = want.clone();
         self.publish();
         changes
+    }
+
+    pub fn addrs(&self) -> &BTreeMap<IpAddr, u32> {
+        &self.addrs
     }
 
     pub fn addr_count(&self) -> (usize, usize) {

@@ -713,6 +713,10 @@ impl Kernel {
     // --- service table -------------------------------------------------
 
     /// The endpoint → slot table as the kernel holds it.
+    pub fn addrs(&self) -> &BTreeMap<IpAddr, u32> {
+        &self.written.addrs
+    }
+
     pub fn table(&self) -> &BTreeMap<EndpointKey, u32> {
         &self.written.table
     }
@@ -1164,6 +1168,14 @@ impl Probe {
         match self {
             Probe::Kernel(k) => k.table(),
             Probe::Pcap(p) => p.pcap.table(),
+        }
+    }
+
+    /// Container addresses counted by address: address → slot.
+    pub fn addrs(&self) -> &BTreeMap<IpAddr, u32> {
+        match self {
+            Probe::Kernel(k) => k.addrs(),
+            Probe::Pcap(p) => p.pcap.addrs(),
         }
     }
 

@@ -16,26 +16,27 @@ use tracing::{error, info, warn};
 use crate::{
     caps,
     checks::engine::Engine,
-    config::{self, ConfigError, Loaded},
+    config::{self, ConfigError},
     docker::{self, Container},
     history::{self, Totals},
     identity::{self, Identity, sockets},
     interfaces,
     probe::{Probe, ProbeError, Zone},
-    state::{AppState, Datapath, Settings},
+    settings::{self, Settings},
+    state::{AppState, Datapath, Reloadable},
     web,
 };
 
 /// The settings a SIGHUP replaces, from a loaded config.
-fn settings(cfg: &Loaded) -> Settings {
-    Settings {
+fn reloadable(cfg: &Settings) -> Reloadable {
+    Reloadable {
         max_series: cfg.agent().max_series(),
         docker_enabled: cfg.raw.docker.enabled,
         docker_labels: docker_labels(cfg),
         api_token: cfg.api_token.clone(),
         hooks: cfg.hooks.clone(),
         web_users: Arc::new(crate::websec::Users::new(cfg.basic_auth_users.clone())),
-        capture: cfg.raw.capture.settings(),
+        capture: cfg.capture,
     }
 }
 
@@ -46,7 +47,7 @@ const CHECK_CONCURRENCY: usize = 32;
 /// config wins a name both use) on `tasks`; cancelling the returned token
 /// (a child of `stop`) stops them.
 fn start_checks(
-    cfg: &Loaded,
+    cfg: &Settings,
     hinted: &[crate::checks::Spec],
     keep: BTreeMap<String, crate::checks::engine::Status>,
     sink: crate::checks::engine::Sink,
@@ -87,7 +88,7 @@ fn hinted_checks(
     })
 }
 
-fn docker_labels(cfg: &Loaded) -> Vec<String> {
+fn docker_labels(cfg: &Settings) -> Vec<String> {
     cfg.raw
         .docker
         .labels
@@ -141,7 +142,7 @@ pub fn config_path(arg: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
-fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
+fn want_interfaces(cfg: &Settings) -> Vec<(String, Zone)> {
     let all = interfaces::list(Path::new("/sys/class/net"));
     if cfg.agent().interfaces.is_empty() {
         interfaces::default_set(&all)
@@ -161,7 +162,7 @@ fn want_interfaces(cfg: &Loaded) -> Vec<(String, Zone)> {
 }
 
 /// Attaches to interfaces that appeared, detaches from those that went.
-fn sync_interfaces(probe: &mut Probe, cfg: &Loaded, warned: &mut HashSet<String>) {
+fn sync_interfaces(probe: &mut Probe, cfg: &Settings, warned: &mut HashSet<String>) {
     let want = want_interfaces(cfg);
     let stale: Vec<String> = probe
         .attachments()
@@ -213,7 +214,7 @@ const OWNER_RETRY: u64 = 30;
 impl Refresher {
     /// The endpoint table the sources describe now. Runs before taking the
     /// datapath's writer: scanning /proc can take a while on a busy host.
-    fn desired(&mut self, cfg: &Loaded, containers: &[Container]) -> identity::Desired {
+    fn desired(&mut self, cfg: &Settings, containers: &[Container]) -> identity::Desired {
         let labels = docker_labels(cfg);
         if !cfg.agent().discover_sockets {
             return identity::desired(&identity::Sources {
@@ -262,13 +263,13 @@ impl Refresher {
     /// Brings the datapath in line with the sources. Readers (/metrics,
     /// the API) go on reading the published view and the counters while
     /// this holds the writer.
-    fn refresh(&mut self, datapath: &Datapath, docker: &docker::Shared, cfg: &Loaded) {
+    fn refresh(&mut self, datapath: &Datapath, docker: &docker::Shared, cfg: &Settings) {
         let containers = docker::lock(docker).containers.clone();
         let want = self.desired(cfg, &containers);
         datapath.write(|w| self.apply(w, &want, cfg));
     }
 
-    fn apply(&mut self, w: &mut crate::state::Writer, want: &identity::Desired, cfg: &Loaded) {
+    fn apply(&mut self, w: &mut crate::state::Writer, want: &identity::Desired, cfg: &Settings) {
         // The table first: a newly attached interface then counts correctly
         // from its first packet.
         match w.identity.apply(&mut w.probe, want, Instant::now()) {
@@ -317,10 +318,13 @@ async fn sample_history(state: AppState, stop: CancellationToken) {
 }
 
 /// Starts or stops the pre-trigger rings for the capture actions of the
-/// config's checks.
+/// config's checks, their service filters from the datapath's table (so a
+/// socket or Docker service works as a config one does). Called at start,
+/// on a reload and after each refresh.
 fn sync_rings(
     rings: &crate::capture::ring::Rings,
-    cfg: &Loaded,
+    cfg: &Settings,
+    datapath: &Datapath,
     store: Option<Arc<crate::store::Store>>,
 ) {
     let specs: Vec<crate::capture::ring::Spec> = cfg
@@ -332,14 +336,22 @@ fn sync_rings(
             _ => None,
         })
         .collect();
+    if specs.is_empty() && rings.is_empty() {
+        return;
+    }
+    let view = datapath.view();
+    let filters = specs
+        .iter()
+        .filter(|s| s.filter.is_none())
+        .filter_map(|s| s.service.as_ref())
+        .filter_map(|name| {
+            crate::capture::filter_for(&view.services, &view.table, &view.addrs, name)
+                .ok()
+                .map(|f| (name.clone(), f))
+        })
+        .collect();
     let dir = store.as_deref().and_then(crate::capture::dir);
-    rings.sync(
-        &specs,
-        &cfg.services,
-        dir,
-        store,
-        cfg.raw.capture.settings(),
-    );
+    rings.sync(&specs, filters, dir, store, cfg.capture);
 }
 
 fn notify_ready() {
@@ -410,7 +422,7 @@ pub async fn run(
     backend: Option<config::Backend>,
 ) -> Result<(), RunError> {
     let path = config_path(config_arg);
-    let mut cfg = config::load(path.as_deref())?;
+    let mut cfg = settings::load(path.as_deref())?;
     info!(
         config = %path.as_deref().map_or("<embedded default>".into(), |p| p.display().to_string()),
         "netpulse {} starting",
@@ -456,7 +468,7 @@ pub async fn run(
     let docker_enabled = cfg.raw.docker.enabled;
     let mut state = AppState::new(
         Datapath::new(probe, identity)?,
-        settings(&cfg),
+        reloadable(&cfg),
         Engine::new(Vec::new(), 1, Default::default(), Default::default()),
         store.clone(),
     );
@@ -467,7 +479,6 @@ pub async fn run(
     let stop = CancellationToken::new();
     // Pre-trigger rings for the checks' capture actions.
     let rings = crate::capture::ring::Rings::default();
-    sync_rings(&rings, &cfg, store.clone());
     let sink = crate::checks::engine::Sink {
         store: store.clone(),
         actions: Arc::new(crate::checks::actions::Context {
@@ -509,6 +520,8 @@ pub async fn run(
 
     let mut refresher = Refresher::default();
     refresher.refresh(&state.datapath, &state.docker, &cfg);
+    // After the first refresh: the rings filter by the services' endpoints.
+    sync_rings(&rings, &cfg, &state.datapath, store.clone());
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -573,7 +586,7 @@ pub async fn run(
             _ = tick.tick() => true,
             // A container change is applied at once, not at the next tick.
             _ = docker_changed.notified() => true,
-            _ = sighup.recv() => match config::load(path.as_deref()) {
+            _ = sighup.recv() => match settings::load(path.as_deref()) {
                 Ok(new) => {
                     if new.listen != cfg.listen {
                         warn!("a new listen address takes effect at the next restart");
@@ -600,7 +613,7 @@ pub async fn run(
                         checks_stop = token;
                         state.checks.store(engine);
                         // docker.enabled keeps its value until a restart.
-                        let mut s = settings(&new);
+                        let mut s = reloadable(&new);
                         s.docker_enabled = docker_enabled;
                         state.settings.store(s);
                     }
@@ -613,7 +626,7 @@ pub async fn run(
                             Err(e) => error!(error = %e, "TLS settings not reloaded; keeping the old ones"),
                         }
                     }
-                    sync_rings(&rings, &new, store.clone());
+                    sync_rings(&rings, &new, &state.datapath, store.clone());
                     info!("config reloaded");
                     cfg = new;
                     true
@@ -638,6 +651,8 @@ pub async fn run(
                 Ok(r) => refresher = r,
                 Err(e) => error!(error = %e, "refresh task failed"),
             }
+            // The services' endpoints may have changed: the rings' filters.
+            sync_rings(&rings, &cfg, &state.datapath, store.clone());
             // Containers came or went: the checks their labels ask for too.
             let now = hinted_checks(&state.docker, &mut hint_warned);
             if crate::checks::hints::fingerprint(&now) != crate::checks::hints::fingerprint(&hinted)

@@ -7,7 +7,7 @@
 //!   get the counters through a read-only handle ([`Counters`]) and what the
 //!   writer last published ([`View`]), so a slow attach or a long table
 //!   update never holds up `/metrics` or the API.
-//! - [`Settings`]: what a SIGHUP replaces, swapped as one value.
+//! - [`Reloadable`]: what a SIGHUP replaces, swapped as one value.
 //! - The check engine: replaced whole on a reload or when container labels
 //!   change; handlers load the current one.
 //! - The store, the job queue's wake-up, the Docker view and the history
@@ -53,7 +53,7 @@ impl<T> Swap<T> {
 
 /// The settings a SIGHUP replaces, as one value.
 #[derive(Default)]
-pub struct Settings {
+pub struct Reloadable {
     /// The series budget of /metrics (agent.max_series).
     pub max_series: usize,
     /// Whether the Docker source runs (`docker.enabled`; a restart changes it).
@@ -86,6 +86,8 @@ pub struct View {
     pub services: BTreeMap<String, Slotted>,
     /// The endpoint table: key → slot.
     pub table: BTreeMap<EndpointKey, u32>,
+    /// Container addresses counted by address: address → slot.
+    pub addrs: BTreeMap<std::net::IpAddr, u32>,
     pub attachments: Vec<Attached>,
     /// (map, entries, capacity) of each table.
     pub table_sizes: [(&'static str, usize, u32); 8],
@@ -103,6 +105,7 @@ impl Writer {
             backend: self.probe.backend(),
             services: self.identity.services().clone(),
             table: self.probe.table().clone(),
+            addrs: self.probe.addrs().clone(),
             attachments: self
                 .probe
                 .attachments()
@@ -163,7 +166,7 @@ impl Datapath {
 #[derive(Clone)]
 pub struct AppState {
     pub datapath: Arc<Datapath>,
-    pub settings: Arc<Swap<Settings>>,
+    pub settings: Arc<Swap<Reloadable>>,
     /// The health checks and their states.
     pub checks: Arc<Swap<Engine>>,
     /// Check history and the job queue; None if it could not be opened.
@@ -181,7 +184,7 @@ impl AppState {
     /// store; no Docker source yet, an empty history.
     pub fn new(
         datapath: Datapath,
-        settings: Settings,
+        settings: Reloadable,
         checks: Arc<Engine>,
         store: Option<Arc<Store>>,
     ) -> Self {
@@ -196,7 +199,7 @@ impl AppState {
         }
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    pub fn settings(&self) -> Arc<Reloadable> {
         self.settings.load()
     }
 
@@ -211,7 +214,7 @@ impl FromRef<AppState> for Arc<Datapath> {
     }
 }
 
-impl FromRef<AppState> for Arc<Swap<Settings>> {
+impl FromRef<AppState> for Arc<Swap<Reloadable>> {
     fn from_ref(s: &AppState) -> Self {
         s.settings.clone()
     }

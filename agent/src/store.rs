@@ -25,6 +25,14 @@ pub enum StoreError {
     },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(
+        "store {path}: schema version {found} was written by a newer netpulse (this one knows up to {known}); move the file aside or run the newer agent"
+    )]
+    Newer {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
 }
 
 /// Milliseconds since the epoch.
@@ -128,7 +136,14 @@ const SUMMARY_TTL: Duration = Duration::from_secs(60);
 /// Results held in memory at most, waiting for a write to succeed.
 const MAX_PENDING: usize = 100_000;
 
-const SCHEMA: &str = "
+/// The schema, one migration per version: `MIGRATIONS[i]` takes a store
+/// from `user_version` i to i + 1. Append a migration to change the schema;
+/// never edit one that has shipped. Version 1 is the schema from before
+/// the store was versioned (hence `IF NOT EXISTS`: such a store, at
+/// version 0, already has it).
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
     check_name TEXT NOT NULL,
@@ -151,6 +166,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 ";
 
+/// Brings the store's schema to the newest version this agent knows, one
+/// migration per transaction; refuses a store from a newer agent.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Newer {
+            path: path.to_path_buf(),
+            found,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        info!(store = %path.display(), version = i + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating) `<dir>/netpulse.db`. Jobs a previous agent left
     /// running are marked interrupted; pending ones stay queued.
@@ -163,13 +199,13 @@ impl Store {
             c.busy_timeout(Duration::from_secs(5))?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "NORMAL")?;
-            c.execute_batch(SCHEMA)?;
             Ok(c)
         };
-        let conn = open(&path).map_err(|source| StoreError::Open {
+        let mut conn = open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
         })?;
+        migrate(&mut conn, &path)?;
         let n = conn.execute(
             "UPDATE jobs SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
             params![now_ms()],
@@ -485,6 +521,46 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schema_is_versioned_and_a_newer_store_is_refused() {
+        let d = tmp("version");
+        {
+            let s = Store::open(&d).unwrap();
+            let v: i64 = s
+                .conn()
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, MIGRATIONS.len() as i64);
+        }
+        // A store from before the schema had a version: kept, upgraded.
+        {
+            let c = Connection::open(d.join("netpulse.db")).unwrap();
+            c.pragma_update(None, "user_version", 0).unwrap();
+            c.execute(
+                "INSERT INTO jobs (kind, arg, state, created_ms) VALUES ('check', 'x', 'done', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&d).unwrap();
+        assert_eq!(s.jobs(10).len(), 1);
+        drop(s);
+        // One from a newer agent: refused, naming both versions.
+        Connection::open(d.join("netpulse.db"))
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&d)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("schema version 99") && err.contains("knows up to 1"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     fn tmp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("netpulse-store-{tag}-{}", std::process::id()));

@@ -26,22 +26,106 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-/// What `client_auth_type` accepts (exporter-toolkit's names).
-pub const CLIENT_AUTH_TYPES: [&str; 3] = [
-    "NoClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-];
+use crate::config::{Choice, ClientAuth, Diagnostics, TlsServerConfig, TlsVersion, Word};
 
 /// `[web.tls_server_config]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    pub client_auth_type: String,
+    pub client_auth_type: ClientAuth,
     pub client_ca_file: Option<PathBuf>,
-    /// "TLS12" (the default) or "TLS13".
-    pub min_version: String,
+    /// TLS12 (the default) or TLS13.
+    pub min_version: TlsVersion,
+}
+
+impl TlsSettings {
+    /// `[web.tls_server_config]`, checked and loaded once, so a bad file is
+    /// a config error with a place; problems go to `d`.
+    pub fn from_config(t: &TlsServerConfig, d: &mut Diagnostics) -> Option<Self> {
+        let kind = match &t.client_auth_type {
+            None => ClientAuth::NoClientCert,
+            Some(k) => match k.get_ref() {
+                Choice::Known(k) => *k,
+                Choice::Unknown(w) => {
+                    d.at(
+                        k.span(),
+                        format!(
+                            "client_auth_type `{w}` is not one of {}",
+                            ClientAuth::list(", ")
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        if kind != ClientAuth::NoClientCert && t.client_ca_file.is_none() {
+            let span = t.client_auth_type.as_ref().map_or(0..0, |k| k.span());
+            d.at(
+                span,
+                format!("client_auth_type {kind} needs client_ca_file"),
+            );
+            return None;
+        }
+        let min = match &t.min_version {
+            None => TlsVersion::Tls12,
+            Some(v) => match v.get_ref() {
+                Choice::Known(v) => *v,
+                Choice::Unknown(w) => {
+                    d.at(
+                        v.span(),
+                        format!("min_version `{w}` is not {}", TlsVersion::list(" or ")),
+                    );
+                    return None;
+                }
+            },
+        };
+        let settings = TlsSettings {
+            cert_file: t.cert_file.get_ref().clone(),
+            key_file: t.key_file.get_ref().clone(),
+            client_auth_type: kind,
+            client_ca_file: t.client_ca_file.as_ref().map(|f| f.get_ref().clone()),
+            min_version: min,
+        };
+        match server_config(&settings) {
+            Ok(_) => Some(settings),
+            Err(e) => {
+                let file =
+                    |f: &toml::Spanned<PathBuf>| e.contains(&f.get_ref().display().to_string());
+                let span = if file(&t.key_file) && !file(&t.cert_file) {
+                    t.key_file.span()
+                } else if t.client_ca_file.as_ref().is_some_and(file) {
+                    t.client_ca_file.as_ref().map_or(0..0, |f| f.span())
+                } else {
+                    t.cert_file.span()
+                };
+                d.at(span, format!("web.tls_server_config: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// `[web.basic_auth_users]`: user → bcrypt hash; a value that is not a
+/// bcrypt hash is a problem in `d`.
+pub fn users_from_config(
+    users: &BTreeMap<String, toml::Spanned<String>>,
+    d: &mut Diagnostics,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (user, hash) in users {
+        if valid_hash(hash.get_ref()) {
+            out.insert(user.clone(), hash.get_ref().clone());
+        } else {
+            d.at(
+                hash.span(),
+                format!(
+                    "basic_auth_users.{user}: not a bcrypt hash (make one with `netpulse config hash-password`)"
+                ),
+            );
+        }
+    }
+    out
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -109,15 +193,15 @@ impl ResolvesServerCert for Rotating {
 /// The server side of `[web.tls_server_config]`.
 pub fn server_config(t: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
     let current = load_pair(&t.cert_file, &t.key_file)?;
-    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version.as_str() {
-        "TLS13" => &[&rustls::version::TLS13],
-        _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
     };
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?;
-    let builder = match (t.client_auth_type.as_str(), &t.client_ca_file) {
-        ("NoClientCert", _) => builder.with_no_client_auth(),
+    let builder = match (t.client_auth_type, &t.client_ca_file) {
+        (ClientAuth::NoClientCert, _) => builder.with_no_client_auth(),
         (kind, Some(ca)) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in
@@ -127,7 +211,7 @@ pub fn server_config(t: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
                 roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-            let v = if kind == "VerifyClientCertIfGiven" {
+            let v = if kind == ClientAuth::VerifyClientCertIfGiven {
                 v.allow_unauthenticated()
             } else {
                 v

@@ -17,10 +17,11 @@ use axum::{
 use http_body_util::BodyExt;
 use netpulse::{
     checks::{engine::Engine, kinds::Outcome},
-    config, identity,
+    identity,
     identity::Identity,
     probe::{Hook, Probe},
-    state::{AppState, Datapath, Settings},
+    settings,
+    state::{AppState, Datapath, Reloadable},
     store::Store,
     web,
 };
@@ -79,7 +80,7 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
     let pins = PinDir::new(&format!("api-{tag}"));
     let dir = std::env::temp_dir().join(format!("netpulse-api-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = config::parse(CONFIG, Path::new("api.toml")).expect("test config");
+    let cfg = settings::parse(CONFIG, Path::new("api.toml")).expect("test config");
     let mut probe = Probe::load(pins.path()).expect("load the eBPF object");
     let want = identity::desired(&identity::Sources {
         config: &cfg.services,
@@ -93,9 +94,9 @@ fn fixture(tag: &str, with_store: bool) -> Option<Fx> {
     let store = with_store.then(|| Arc::new(Store::open(&dir).expect("store")));
     let state = AppState::new(
         Datapath::new(probe, id).unwrap(),
-        Settings {
+        Reloadable {
             max_series: 10_000,
-            capture: cfg.raw.capture.settings(),
+            capture: cfg.capture,
             ..Default::default()
         },
         Engine::new(

@@ -436,13 +436,45 @@ fn stoppable_server(
 
 #[test]
 fn a_failing_check_leaves_a_capture_with_packets_from_before_the_failure() {
+    capture_on_failure(false);
+}
+
+/// The same for a service the agent found by its listening socket (no
+/// `[[service]]`): the action's filter comes from the datapath's table.
+#[test]
+fn capture_on_failure_works_for_a_socket_service() {
+    capture_on_failure(true);
+}
+
+fn capture_on_failure(socket_service: bool) {
     if !live_prerequisites() || !require("tshark (apt-get install tshark)", have("tshark")) {
         return;
     }
     use std::sync::{Arc, atomic::AtomicBool};
-    let pair = Pair::np6("cf", 14);
-    let dir = netpulse_tests::scratch("capfail");
-    let (port, web) = (19653, 19660);
+    let (tag, net, port, web) = if socket_service {
+        ("cs", 15, 19654, 19661)
+    } else {
+        ("cf", 14, 19653, 19660)
+    };
+    let pair = Pair::np6(tag, net);
+    let dir = netpulse_tests::scratch(&format!("capfail-{tag}"));
+    // A socket service is named after the process that listens: this test.
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let (service, discover, declared) = if socket_service {
+        (
+            netpulse::identity::name_from_process(comm.trim()),
+            true,
+            String::new(),
+        )
+    } else {
+        (
+            "web".to_string(),
+            false,
+            format!(
+                "[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = {web} }}]\n"
+            ),
+        )
+    };
     let cfg = dir.join("fail.toml");
     std::fs::write(
         &cfg,
@@ -453,21 +485,18 @@ listen = "127.0.0.1:{port}"
 state_dir = "{state}"
 refresh_seconds = 0.2
 interfaces = ["{dev}"]
-discover_sockets = false
+discover_sockets = {discover}
 backend = "pcap"
 
 [api]
 token = "{TOKEN}"
 
-[[service]]
-name = "web"
-endpoints = [{{ proto = "tcp", port = {web} }}]
-
+{declared}
 [[check]]
 name = "web-up"
 kind = "tcp"
 target = "{a}:{web}"
-service = "web"
+service = "{service}"
 interval_seconds = 0.3
 timeout_seconds = 0.25
 actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets = 500, ring_seconds = 60, cooldown_seconds = 3600 }}]

@@ -292,6 +292,22 @@ fn the_series_budget_folds_the_excess_into_other() {
         ),
         7
     );
+    // Each collector reports itself, as node_exporter's do: all five
+    // succeeded, each with its duration.
+    for c in ["services", "unclassified", "datapath", "checks", "agent"] {
+        assert_eq!(
+            m.sum("netpulse_scrape_collector_success", &[("collector", c)]),
+            1,
+            "collector {c}"
+        );
+        assert!(
+            m.has(
+                "netpulse_scrape_collector_duration_seconds",
+                &[("collector", c)]
+            ),
+            "collector {c}"
+        );
+    }
     agent.stop();
 }
 

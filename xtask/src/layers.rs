@@ -22,10 +22,10 @@ pub const ORDER: &[(&str, &[&str])] = &[
         &[
             "api_types",
             "packet",
+            "btf",
             "caps",
             "history",
             "store",
-            "websec",
             "client",
         ],
     ),
@@ -38,11 +38,17 @@ pub const ORDER: &[(&str, &[&str])] = &[
         "identity: which endpoint is which service",
         &["docker", "identity"],
     ),
-    ("domain: captures and checks", &["capture", "checks"]),
+    (
+        "domain: captures, checks, web security",
+        &["capture", "checks", "websec"],
+    ),
     ("handles and workers", &["state", "jobs"]),
     ("serving: /metrics, the API, the page", &["metrics", "web"]),
-    ("wiring: netpulse run", &["run"]),
-    ("commands", &["analyze", "cli"]),
+    (
+        "wiring: the built config, netpulse run",
+        &["settings", "run"],
+    ),
+    ("commands", &["cli", "analyze"]),
 ];
 
 pub struct Report {
@@ -313,8 +319,9 @@ mod tests {
 
     #[test]
     fn groups_and_paths_are_read() {
-        let got =
-            imports("use crate::{a::{b, c}, d, e::f};\nfn x() { crate::g::h(); }\n// crate::zz\n");
+        let got = imports(&code(
+            "use crate::{a::{b, c}, d, e::f};\nfn x() { crate::g::h(); }\n// crate::zz\n",
+        ));
         assert_eq!(
             got,
             ["a", "d", "e", "g"].iter().map(|s| s.to_string()).collect()

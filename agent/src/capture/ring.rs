@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::{Pcapng, Settings, file_name, make_room};
 use crate::{
-    config::{Proto, Service},
+    config::{ActionConfig, Diagnostics},
     store::Store,
 };
 
@@ -40,30 +40,71 @@ pub struct Spec {
     pub ring_seconds: f64,
 }
 
+impl Spec {
+    /// A check's `capture` action (`service`: the check's); problems go to
+    /// `d`.
+    pub fn from_config(
+        a: &ActionConfig,
+        service: Option<&toml::Spanned<String>>,
+        d: &mut Diagnostics,
+    ) -> Option<Spec> {
+        let seconds = a.seconds.as_ref().map_or(10.0, |v| *v.get_ref());
+        let ring_seconds = a.ring_seconds.as_ref().map_or(30.0, |v| *v.get_ref());
+        let ring_packets = a.ring_packets.as_ref().map_or(1000, |v| *v.get_ref());
+        let mut ok = true;
+        for (what, v, x, hi) in [
+            ("seconds", &a.seconds, seconds, super::MAX_SECONDS),
+            ("ring_seconds", &a.ring_seconds, ring_seconds, 3600.0),
+        ] {
+            if !(x.is_finite() && x > 0.0 && x <= hi) {
+                let span = v.as_ref().map_or(a.kind.span(), |v| v.span());
+                d.at(span, format!("{what} = {x} is out of range (0, {hi}]"));
+                ok = false;
+            }
+        }
+        if !(1..=100_000).contains(&ring_packets) {
+            let span = a.ring_packets.as_ref().map_or(a.kind.span(), |v| v.span());
+            d.at(
+                span,
+                format!("ring_packets = {ring_packets} is out of range 1-100000"),
+            );
+            ok = false;
+        }
+        let filter = a.filter.as_ref().map(|f| f.get_ref().clone());
+        if let (Some(f), Some(span)) = (&filter, a.filter.as_ref().map(|f| f.span())) {
+            let compiles = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.compile(f, true).map(|_| ()).map_err(|e| e.to_string()));
+            if let Err(e) = compiles {
+                d.at(span, format!("filter `{f}`: {e}"));
+                ok = false;
+            }
+        }
+        if filter.is_none() && service.is_none() {
+            d.at(
+                a.kind.span(),
+                "a capture action needs `filter`, or a `service` on its check",
+            );
+            ok = false;
+        }
+        ok.then(|| Spec {
+            interface: a
+                .interface
+                .as_ref()
+                .map_or_else(|| "any".to_string(), |i| i.get_ref().clone()),
+            filter,
+            service: service.map(|s| s.get_ref().clone()),
+            seconds,
+            ring_packets: ring_packets as usize,
+            ring_seconds,
+        })
+    }
+}
+
 /// Bytes a ring holds at most, whatever its packet count.
 const RING_BYTES: usize = 32 << 20;
-const SNAPLEN: i32 = 65_535;
-
-/// A config service's endpoints as a BPF filter.
-pub fn service_filter(s: &Service) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for e in &s.endpoints {
-        let proto = match e.proto {
-            Proto::Tcp => format!("tcp port {}", e.port),
-            Proto::Udp => format!("udp port {}", e.port),
-            Proto::Icmp => "(icmp or icmp6)".to_string(),
-        };
-        if e.wildcard || e.addrs.is_empty() {
-            parts.push(format!("({proto})"));
-        } else {
-            let hosts: Vec<String> = e.addrs.iter().map(|a| format!("host {a}")).collect();
-            parts.push(format!("({proto} and ({}))", hosts.join(" or ")));
-        }
-    }
-    parts.sort();
-    parts.dedup();
-    parts.join(" or ")
-}
+/// Bytes of each packet kept (the one capture opener's whole-packet size).
+const SNAPLEN: i32 = crate::pcap_backend::FULL_SNAPLEN;
 
 /// What a trigger hands the ring's thread.
 struct Trigger {
@@ -85,8 +126,11 @@ struct Ring {
 struct Inner {
     /// Rings by (interface, filter), with the ring sizes they were made with.
     rings: BTreeMap<(String, String), (usize, u64, Ring)>,
-    /// Config services' filters, for actions without one.
+    /// Services' filters (from the datapath's table), for actions without
+    /// one of their own.
     services: BTreeMap<String, String>,
+    /// Actions already warned about, so a missing service is logged once.
+    warned: std::collections::BTreeSet<String>,
     dir: Option<PathBuf>,
     store: Option<Arc<Store>>,
     settings: Settings,
@@ -117,21 +161,21 @@ impl Rings {
     }
 
     /// Makes the running rings those `specs` need: new ones start, unused
-    /// ones stop. `services` name the filters of actions without one.
+    /// ones stop. `services` are the filters of the services the actions
+    /// name (`capture::filter_for`); they change as the services' endpoints
+    /// do, and a ring whose filter changed starts anew.
     pub fn sync(
         &self,
         specs: &[Spec],
-        services: &[Service],
+        services: BTreeMap<String, String>,
         dir: Option<PathBuf>,
         store: Option<Arc<Store>>,
         settings: Settings,
     ) {
         let mut inner = self.lock();
-        inner.services = services
-            .iter()
-            .map(|s| (s.name.clone(), service_filter(s)))
-            .filter(|(_, f)| !f.is_empty())
-            .collect();
+        // A service that just lost its endpoints (its listener went away:
+        // the very failure a capture action is for) keeps its last filter.
+        inner.services.extend(services);
         inner.dir = dir;
         inner.store = store;
         inner.settings = settings;
@@ -143,10 +187,15 @@ impl Rings {
                     e.0 = e.0.max(s.ring_packets);
                     e.1 = e.1.max((s.ring_seconds * 1e6) as u64);
                 }
-                None => warn!(
-                    service = s.service.as_deref().unwrap_or(""),
-                    "capture action: the service has no config endpoints to filter by; give the action a filter"
-                ),
+                None => {
+                    let service = s.service.clone().unwrap_or_default();
+                    if inner.warned.insert(service.clone()) {
+                        warn!(
+                            service,
+                            "capture action: the service has no endpoints or addresses to filter by (yet); give the action a filter"
+                        );
+                    }
+                }
             }
         }
         let stale: Vec<(String, String)> = inner
@@ -217,6 +266,11 @@ impl Rings {
         Ok(())
     }
 
+    /// No ring runs.
+    pub fn is_empty(&self) -> bool {
+        self.lock().rings.is_empty()
+    }
+
     pub fn stop_all(&self) {
         let mut inner = self.lock();
         for (_, (_, _, r)) in std::mem::take(&mut inner.rings) {
@@ -227,15 +281,7 @@ impl Rings {
 }
 
 fn start(interface: &str, filter: &str, packets: usize, age_us: u64) -> Result<Ring, String> {
-    let mut cap = pcap::Capture::from_device(interface)
-        .and_then(|c| {
-            c.immediate_mode(true)
-                .snaplen(SNAPLEN)
-                .buffer_size(8 << 20)
-                .timeout(100)
-                .promisc(false)
-                .open()
-        })
+    let mut cap = crate::pcap_backend::open_live(interface, true)
         .and_then(|c| c.setnonblock())
         .map_err(|e| format!("opening {interface}: {e}"))?;
     cap.filter(filter, true)

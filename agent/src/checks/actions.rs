@@ -16,6 +16,8 @@ use bytes::Bytes;
 use hyper::Uri;
 use tracing::{info, warn};
 
+use crate::config::{ActionKind, CheckConfig, Choice, Diagnostics, Word};
+
 #[derive(Debug, Clone)]
 pub enum Do {
     Webhook { url: Uri },
@@ -40,6 +42,102 @@ impl Action {
             Do::Capture(_) => "capture",
         }
     }
+}
+
+/// The `actions` of check `c`; problems go to `d`.
+pub fn from_config(c: &CheckConfig, d: &mut Diagnostics) -> Vec<Action> {
+    let mut out = Vec::new();
+    for a in &c.actions {
+        let what = match a.kind.get_ref() {
+            Choice::Known(ActionKind::Webhook) => match a
+                .url
+                .as_ref()
+                .map(|u| (u, u.get_ref().parse::<hyper::Uri>()))
+            {
+                Some((_, Ok(url)))
+                    if matches!(url.scheme_str(), Some("http" | "https"))
+                        && url.host().is_some() =>
+                {
+                    Some(Do::Webhook { url })
+                }
+                Some((u, _)) => {
+                    d.at(
+                        u.span(),
+                        format!("`{}` is not an http:// or https:// URL", u.get_ref()),
+                    );
+                    None
+                }
+                None => {
+                    d.at(a.kind.span(), "a webhook action needs `url`");
+                    None
+                }
+            },
+            Choice::Known(ActionKind::RestartContainer) => match &a.container {
+                Some(c) if !c.get_ref().is_empty() => Some(Do::RestartContainer {
+                    container: c.get_ref().clone(),
+                }),
+                _ => {
+                    d.at(
+                        a.kind.span(),
+                        "a restart_container action needs `container`",
+                    );
+                    None
+                }
+            },
+            Choice::Known(ActionKind::Capture) => {
+                crate::capture::ring::Spec::from_config(a, c.service.as_ref(), d).map(Do::Capture)
+            }
+            Choice::Unknown(w) if w == "exec" => {
+                d.at(
+                    a.kind.span(),
+                    "there is no exec action: an agent with these capabilities running commands from its config would be a root shell by another name",
+                );
+                None
+            }
+            Choice::Unknown(other) => {
+                d.at(
+                    a.kind.span(),
+                    format!("action `{other}` is not one of {}", ActionKind::list(", ")),
+                );
+                None
+            }
+        };
+        let after = match &a.after {
+            None => 1,
+            Some(v) if (1..=1000).contains(v.get_ref()) => *v.get_ref() as u32,
+            Some(v) => {
+                d.at(
+                    v.span(),
+                    format!("after = {} is out of range 1-1000", v.get_ref()),
+                );
+                1
+            }
+        };
+        let cooldown = match &a.cooldown_seconds {
+            None => Duration::from_secs(300),
+            Some(v) if v.get_ref().is_finite() && (0.0..=7.0 * 86400.0).contains(v.get_ref()) => {
+                Duration::from_secs_f64(*v.get_ref())
+            }
+            Some(v) => {
+                d.at(
+                    v.span(),
+                    format!(
+                        "cooldown_seconds = {} is out of range 0-604800",
+                        v.get_ref()
+                    ),
+                );
+                Duration::from_secs(300)
+            }
+        };
+        if let Some(what) = what {
+            out.push(Action {
+                what,
+                after,
+                cooldown,
+            });
+        }
+    }
+    out
 }
 
 /// What the actions need from the agent.

@@ -1,12 +1,13 @@
-//! Health checks: what to probe (`[[check]]` in the config), how one run
-//! goes (`kinds`), and the scheduler that runs them with retries,
-//! thresholds and dependencies (`engine`).
+//! Health checks: what to probe (`[[check]]` in the config, built by
+//! `build`), how one run goes (`kinds`), and the scheduler that runs them
+//! with retries, thresholds and dependencies (`engine`).
 //!
 //! A check's state is `up` or `down` after its thresholds, `unknown` until
 //! it has run, and `blocked` while a check it depends on is down or
 //! blocked: the root cause is down, its dependents are not "down" too.
 
 pub mod actions;
+pub mod build;
 pub mod engine;
 pub mod hints;
 pub mod kinds;
@@ -16,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+pub use build::from_config;
 pub use kinds::Outcome;
 
 /// A validated check.

@@ -20,7 +20,7 @@ use super::ApiError;
 use crate::{
     api_types::{self as t, ErrorBody},
     checks::engine::State as CheckState,
-    state::{AppState, Settings},
+    state::{AppState, Reloadable},
     store::{self, Store},
 };
 
@@ -46,7 +46,7 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Ok if the request may start work; else the answer that refuses it.
-pub(crate) fn allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn allowed(settings: &Reloadable, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &settings.api_token else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

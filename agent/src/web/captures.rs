@@ -60,10 +60,11 @@ pub(crate) async fn start(
     let req: Request = serde_json::from_str(if body.trim().is_empty() { "{}" } else { &body })
         .map_err(|e| ApiError::bad_request(format!("capture request: {e}")))?;
     let view = state.datapath.view();
-    let plan =
-        tokio::task::spawn_blocking(move || capture::plan(&view.services, &view.table, &req))
-            .await?
-            .map_err(ApiError::bad_request)?;
+    let plan = tokio::task::spawn_blocking(move || {
+        capture::plan(&view.services, &view.table, &view.addrs, &req)
+    })
+    .await?
+    .map_err(ApiError::bad_request)?;
     let arg = serde_json::to_string(&plan).map_err(|e| ApiError::internal(e.to_string()))?;
     queue(&state, "capture", &arg)
 }

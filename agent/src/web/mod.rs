@@ -218,13 +218,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 labels: &settings.docker_labels,
             });
         let view = state.datapath.view();
-        crate::metrics::render(
-            state.datapath.counters(),
-            &view,
-            settings.max_series,
+        let checks = state.checks();
+        crate::metrics::render(&crate::metrics::Scrape {
+            counters: state.datapath.counters(),
+            budget: crate::metrics::Budget::new(&view, settings.max_series),
+            view: &view,
             docker,
-            &state.checks(),
-        )
+            checks: &checks,
+        })
         .map_err(|e| e.to_string())
     })
     .await;
