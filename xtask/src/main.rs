@@ -43,7 +43,8 @@ enum Cmd {
     Test,
     /// Build the .deb (target/debian/netpulse_*.deb).
     Package,
-    /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames).
+    /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames,
+    /// the kernel programs' parser and classifier).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -118,7 +119,7 @@ const CARGO_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// The fuzz targets in agent/fuzz; seeds in agent/fuzz/corpus/<target>.
-const FUZZ_TARGETS: &[&str] = &["config", "proc_net", "packet"];
+const FUZZ_TARGETS: &[&str] = &["config", "proc_net", "packet", "parse"];
 
 /// The directory cargo-deny derives for the default advisory-db URL under
 /// its `db-path` (deny.toml).
