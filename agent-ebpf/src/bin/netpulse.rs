@@ -1,7 +1,9 @@
 //! The kernel half of netpulse: XDP on ingress, TC (clsact/tcx) on egress.
 //!
-//! Both programs parse the frame the same way, find the service it belongs
-//! to in the port index and the service tables, and add to that service's per-CPU slot. They observe
+//! Both programs parse the frame with `agent_ebpf::parse`, find the service
+//! it belongs to with `agent_ebpf::classify` (the same code the agent runs
+//! in userspace: here over packet memory and these maps, see `Packet` and
+//! `Maps`), and add to that service's per-CPU slot. They observe
 //! only: every path returns XDP_PASS, or TC_ACT_UNSPEC on TC: under tcx
 //! that is "next", so programs attached after ours (another tool, a second
 //! netpulse) still run, and the packet passes when none is left; TC_ACT_OK
