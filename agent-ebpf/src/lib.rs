@@ -1,10 +1,92 @@
-//! Types shared by the kernel programs (`src/bin/netpulse.rs`) and the agent.
+//! What the kernel programs (`src/bin/netpulse.rs`) and the agent share,
+//! written once: the map layouts, the wire constants, the frame parser
+//! ([`parse`]), the classifier ([`classify`]) and, for the agent, how the
+//! service table is laid out in the maps ([`layout`]).
 //!
-//! Defined once here; the agent reads and writes the same bytes through aya
-//! (the `user` feature adds the `aya::Pod` impls). Changing any layout below
-//! means bumping [`LAYOUT_VERSION`], so a restart pins a fresh set of maps
-//! instead of misreading old ones.
+//! The agent reads and writes the same bytes through aya (the `user`
+//! feature adds the `aya::Pod` impls). Changing any layout below means
+//! bumping [`LAYOUT_VERSION`], so a restart pins a fresh set of maps
+//! instead of misreading old ones. Every `repr(C)` type is held to its size
+//! and alignment at compile time (the asserts after each).
 #![cfg_attr(target_arch = "bpf", no_std)]
+
+pub mod classify;
+#[cfg(not(target_arch = "bpf"))]
+pub mod layout;
+pub mod parse;
+
+/// Asserts a shared type's size and alignment at compile time: a field
+/// added, removed or reordered must be a deliberate layout change.
+macro_rules! layout_assert {
+    ($t:ty, $size:expr, $align:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        const _: () = assert!(core::mem::align_of::<$t>() == $align);
+    };
+}
+
+// Wire constants, for the parser and for whatever else reads frames.
+
+/// Ethernet header: two addresses and the ethertype.
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// 802.1ad (QinQ) outer tag.
+pub const ETH_P_8021AD: u16 = 0x88A8;
+/// Bytes of one 802.1Q/802.1ad tag.
+pub const VLAN_TAG_LEN: usize = 4;
+/// VLAN tags followed (802.1Q, or 802.1ad outer + 802.1Q inner).
+pub const MAX_VLAN_TAGS: usize = 2;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// IPv6 extension headers (IANA protocol numbers).
+pub const IPV6_HOPOPTS: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+/// Authentication header: its length is in 4-byte units, minus 2.
+pub const IPV6_AH: u8 = 51;
+pub const IPV6_DSTOPTS: u8 = 60;
+pub const IPV6_MOBILITY: u8 = 135;
+pub const IPV6_HIP: u8 = 139;
+pub const IPV6_SHIM6: u8 = 140;
+/// Every extension header the parser walks over.
+pub const IPV6_EXT_HEADERS: [u8; 8] = [
+    IPV6_HOPOPTS,
+    IPV6_ROUTING,
+    IPV6_FRAGMENT,
+    IPV6_AH,
+    IPV6_DSTOPTS,
+    IPV6_MOBILITY,
+    IPV6_HIP,
+    IPV6_SHIM6,
+];
+/// IPv6 extension headers followed before the chain counts as malformed.
+pub const MAX_IPV6_EXT: usize = 6;
+/// Header offsets beyond this are never needed; a header further in counts
+/// as malformed. Bounding the offset keeps the verifier's range tracking
+/// simple.
+pub const MAX_HDR_OFF: usize = 512;
+
+/// Whether two strings are equal, in a const context (the kernel programs
+/// check their map and program names against [`maps`] and [`programs`]).
+pub const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// The counters and slot names are pinned under
 /// `/sys/fs/bpf/netpulse/v<LAYOUT_VERSION>/`; the service table and port
@@ -69,6 +151,47 @@ pub const PORT_LOCAL_HASH: u64 = 1 << 63;
 /// Some remote service uses this port (hash table).
 pub const PORT_REMOTE: u64 = 1 << 62;
 
+/// One word of the port index, read (the classifier) and written (the
+/// agent's `layout`) through these, never by hand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry(pub u64);
+
+impl PortEntry {
+    /// The slot of the local wildcard-address service; 0 = none.
+    #[inline(always)]
+    pub fn wildcard(self) -> u32 {
+        (self.0 & PORT_WILDCARD_MASK) as u32
+    }
+    /// The address group; 0 = none.
+    #[inline(always)]
+    pub fn group(self) -> u32 {
+        ((self.0 >> PORT_GROUP_SHIFT) & PORT_GROUP_MASK) as u32
+    }
+    /// Address-specific local services in the hash table.
+    #[inline(always)]
+    pub fn local_hash(self) -> bool {
+        self.0 & PORT_LOCAL_HASH != 0
+    }
+    /// Remote services on this port (hash table).
+    #[inline(always)]
+    pub fn remote(self) -> bool {
+        self.0 & PORT_REMOTE != 0
+    }
+    pub fn set_wildcard(&mut self, slot: u32) {
+        self.0 = (self.0 & !PORT_WILDCARD_MASK) | (u64::from(slot) & PORT_WILDCARD_MASK);
+    }
+    pub fn set_group(&mut self, g: u32) {
+        self.0 = (self.0 & !(PORT_GROUP_MASK << PORT_GROUP_SHIFT))
+            | ((u64::from(g) & PORT_GROUP_MASK) << PORT_GROUP_SHIFT);
+    }
+    pub fn set_local_hash(&mut self) {
+        self.0 |= PORT_LOCAL_HASH;
+    }
+    pub fn set_remote(&mut self) {
+        self.0 |= PORT_REMOTE;
+    }
+}
+
 /// Container addresses (`NP_ADDRS4`/`NP_ADDRS6`): on a container's host-side
 /// veth every packet of the container's address belongs to the container,
 /// whatever the port (its server and its client traffic alike).
@@ -86,6 +209,20 @@ pub struct VethSlot {
     pub ifindex: u32,
     pub slot: u32,
 }
+layout_assert!(VethSlot, 8, 4);
+
+impl VethSlot {
+    /// Where the veth of `ifindex` is held in `NP_VETHS`.
+    #[inline(always)]
+    pub fn index(ifindex: u32) -> u32 {
+        ifindex % MAX_VETHS
+    }
+    /// The container slot if this entry is `ifindex`'s.
+    #[inline(always)]
+    pub fn slot_of(&self, ifindex: u32) -> Option<u32> {
+        (self.ifindex == ifindex && self.slot != 0).then_some(self.slot)
+    }
+}
 
 /// Address groups per family; group 0 is never used.
 pub const MAX_GROUPS: u32 = 16_384;
@@ -97,6 +234,7 @@ pub struct Group4 {
     pub addr: [u32; 4],
     pub slot: [u32; 4],
 }
+layout_assert!(Group4, 32, 4);
 
 /// Up to two IPv6 addresses on one port and their slots (slot 0 = empty).
 #[repr(C)]
@@ -104,6 +242,60 @@ pub struct Group4 {
 pub struct Group6 {
     pub addr: [[u32; 4]; 2],
     pub slot: [u32; 2],
+}
+layout_assert!(Group6, 40, 4);
+
+/// An address group of either family: how its positions are read and
+/// written. Addresses are the wire bytes as words (IPv4: the first word).
+pub trait AddrGroup: Copy + Default {
+    /// Positions in the group.
+    const CAP: usize;
+    /// The slot of `addr`, if the group holds it.
+    fn find(&self, addr: &[u32; 4]) -> Option<u32>;
+    /// The address at position `n`, if one is there.
+    fn entry(&self, n: usize) -> Option<[u32; 4]>;
+    /// Puts `addr` (slot `slot`) at position `n`.
+    fn set(&mut self, n: usize, addr: &[u32; 4], slot: u32);
+}
+
+impl AddrGroup for Group4 {
+    const CAP: usize = 4;
+    #[inline(always)]
+    fn find(&self, addr: &[u32; 4]) -> Option<u32> {
+        for i in 0..4 {
+            if self.slot[i] != 0 && self.addr[i] == addr[0] {
+                return Some(self.slot[i]);
+            }
+        }
+        None
+    }
+    fn entry(&self, n: usize) -> Option<[u32; 4]> {
+        (self.slot[n] != 0).then_some([self.addr[n], 0, 0, 0])
+    }
+    fn set(&mut self, n: usize, addr: &[u32; 4], slot: u32) {
+        self.addr[n] = addr[0];
+        self.slot[n] = slot;
+    }
+}
+
+impl AddrGroup for Group6 {
+    const CAP: usize = 2;
+    #[inline(always)]
+    fn find(&self, addr: &[u32; 4]) -> Option<u32> {
+        for i in 0..2 {
+            if self.slot[i] != 0 && self.addr[i] == *addr {
+                return Some(self.slot[i]);
+            }
+        }
+        None
+    }
+    fn entry(&self, n: usize) -> Option<[u32; 4]> {
+        (self.slot[n] != 0).then_some(self.addr[n])
+    }
+    fn set(&mut self, n: usize, addr: &[u32; 4], slot: u32) {
+        self.addr[n] = *addr;
+        self.slot[n] = slot;
+    }
 }
 
 /// Index into `NP_PORTS`; `None` for protocols services cannot name.
@@ -138,6 +330,7 @@ pub struct EndpointKey {
     /// [`EndpointKey::addr_bytes`] from userspace.
     pub addr: [u32; 4],
 }
+layout_assert!(EndpointKey, 24, 4);
 
 impl EndpointKey {
     /// Sets the address from its wire bytes (4 for IPv4, 16 for IPv6).
@@ -170,6 +363,7 @@ pub struct Key4 {
     pub proto: u8,
     pub role: u8,
 }
+layout_assert!(Key4, 8, 4);
 
 /// Kernel key of the IPv6 table (20 bytes).
 #[repr(C)]
@@ -180,6 +374,7 @@ pub struct Key6 {
     pub proto: u8,
     pub role: u8,
 }
+layout_assert!(Key6, 20, 4);
 
 impl EndpointKey {
     pub fn key4(&self) -> Key4 {
@@ -208,6 +403,7 @@ pub struct ServiceRef {
     pub slot: u32,
     pub _pad: u32,
 }
+layout_assert!(ServiceRef, 8, 4);
 
 /// Counters of one direction, in the service's view.
 #[repr(C)]
@@ -219,6 +415,7 @@ pub struct DirCounters {
     pub fin: u64,
     pub rst: u64,
 }
+layout_assert!(DirCounters, 40, 8);
 
 impl DirCounters {
     pub fn add(&mut self, o: &DirCounters) {
@@ -239,6 +436,7 @@ pub const DIR_EGRESS: usize = 1;
 pub struct SlotCounters {
     pub dir: [DirCounters; 2],
 }
+layout_assert!(SlotCounters, 80, 8);
 
 impl SlotCounters {
     pub fn add(&mut self, o: &SlotCounters) {
@@ -258,6 +456,7 @@ pub struct SlotName {
     pub len: u32,
     pub bytes: [u8; NAME_LEN],
 }
+layout_assert!(SlotName, 68, 4);
 
 impl Default for SlotName {
     fn default() -> Self {
@@ -268,7 +467,9 @@ impl Default for SlotName {
     }
 }
 
-/// Map names, as pinned under the layout directory.
+/// Map names, as pinned under the layout directory. The kernel programs'
+/// map statics are named after these and checked against them at compile
+/// time.
 pub mod maps {
     pub const SERVICES4: &str = "NP_SERVICES4";
     pub const SERVICES6: &str = "NP_SERVICES6";
@@ -283,7 +484,8 @@ pub mod maps {
     pub const VETHS: &str = "NP_VETHS";
 }
 
-/// Program names in the object file.
+/// Program names in the object file (checked at compile time, like
+/// [`maps`]).
 pub mod programs {
     pub const XDP_INGRESS: &str = "netpulse_xdp";
     pub const TC_EGRESS: &str = "netpulse_tc";

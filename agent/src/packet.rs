@@ -1,20 +1,22 @@
 //! The eBPF programs' parse-and-classify, in userspace, for frames libpcap
-//! hands over: `netpulse analyze` (files) and the pcap backend (live). The
-//! same reserved slots, the same service table (from `identity::desired`)
-//! and the same counters ([`SlotCounters`]), so both paths give the same
-//! answers for the same packets.
+//! hands over: `netpulse analyze` (files) and the pcap backend (live). Not
+//! a copy: the parser and the classifier are the kernel programs' own
+//! (`agent_ebpf::parse`, `agent_ebpf::classify`), run over a byte slice and
+//! over [`Table`], which holds the service table laid out as the kernel's
+//! maps hold it (`agent_ebpf::layout`). The same reserved slots, the same
+//! service table (from `identity::desired`) and the same counters
+//! ([`SlotCounters`](agent_ebpf::SlotCounters)), so both paths give the
+//! same answers for the same packets.
 
 use agent_ebpf::{
-    DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, FIRST_SERVICE_SLOT, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_LOCAL, ROLE_REMOTE, SLOT_FRAGMENT, SLOT_MALFORMED,
-    SLOT_NO_MATCH, SLOT_NOT_IP, port_index,
+    DIR_INGRESS, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT,
+    Group4, Group6, Key4, Key6, SLOT_MALFORMED, SLOT_NOT_IP, classify,
+    layout::{self, Fresh},
+    parse::{self, Frame},
 };
-use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, err::Layer};
 use rustc_hash::FxHashMap;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
+pub use agent_ebpf::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// The link layers libpcap hands us, by the DLT_ value `pcap_datalink`
 /// returns.
@@ -77,172 +79,149 @@ pub struct Flow {
     pub tcp_flags: u8,
 }
 
+fn bytes(w: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    for (i, w) in w.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    b
+}
+
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, w) in w.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+    }
+    w
+}
+
+impl Flow {
+    fn from_parsed(f: &parse::Flow) -> Flow {
+        Flow {
+            family: f.family,
+            proto: f.proto,
+            src: bytes(&f.src),
+            dst: bytes(&f.dst),
+            sport: f.sport,
+            dport: f.dport,
+            tcp_flags: f.tcp_flags,
+        }
+    }
+
+    /// The flow as the shared classifier takes it.
+    pub fn parsed(&self) -> parse::Flow {
+        parse::Flow {
+            family: self.family,
+            proto: self.proto,
+            src: words(&self.src),
+            dst: words(&self.dst),
+            sport: self.sport,
+            dport: self.dport,
+            tcp_flags: self.tcp_flags,
+            hdr_len: 0,
+        }
+    }
+}
+
 /// The parse's verdict: a flow to classify, or the reserved slot the frame
 /// goes to. A fragment or a frame with a broken L4 header keeps its IP
 /// addresses (`family != 0`) for the per-address tables.
 pub type Parsed = Result<(), u32>;
 
-const ETH_IPV4: u16 = 0x0800;
-const ETH_IPV6: u16 = 0x86DD;
+/// The network-layer bytes of a frame whose link header is not Ethernet,
+/// placed where they would be behind an Ethernet header: header offsets
+/// are the kernel's (its bound on them included) whatever the link type.
+#[derive(Clone, Copy)]
+struct AfterEthernet<'a>(&'a [u8]);
 
-/// Parses `frame` of link type `link` into `flow` (which it resets).
+impl<'a> Frame for AfterEthernet<'a> {
+    type Header = &'a [u8];
+    #[inline(always)]
+    fn header(self, off: usize, len: usize) -> Option<&'a [u8]> {
+        self.0.header(off.checked_sub(ETH_HLEN)?, len)
+    }
+}
+
+/// The kernel's parse from `ethertype` on, of a network layer starting at
+/// `at` in `frame`.
+#[inline]
+fn parse_l3(frame: &[u8], at: usize, ethertype: u16, flow: &mut parse::Flow) -> Parsed {
+    let l3 = frame.get(at..).ok_or(SLOT_MALFORMED)?;
+    parse::parse_from(AfterEthernet(l3), ethertype, ETH_HLEN, flow)
+}
+
+/// Parses `frame` of link type `link` into `flow` (which it resets): the
+/// kernel programs' parser, after the link header.
 pub fn parse(link: Link, frame: &[u8], flow: &mut Flow) -> Parsed {
-    *flow = Flow::default();
-    let sliced = match link {
-        Link::Ethernet => LaxSlicedPacket::from_ethernet(frame).map_err(|_| SLOT_MALFORMED)?,
+    let mut f = parse::Flow::default();
+    let res = match link {
+        Link::Ethernet => parse::parse_ethernet(frame, &mut f),
         Link::Raw => match frame.first().map(|b| b >> 4) {
-            Some(4) => LaxSlicedPacket::from_ether_type(EtherType(ETH_IPV4), frame),
-            Some(6) => LaxSlicedPacket::from_ether_type(EtherType(ETH_IPV6), frame),
-            _ => return Err(SLOT_MALFORMED),
+            Some(4) => parse_l3(frame, 0, ETH_P_IP, &mut f),
+            Some(6) => parse_l3(frame, 0, ETH_P_IPV6, &mut f),
+            _ => Err(SLOT_MALFORMED),
         },
-        Link::Ipv4 => LaxSlicedPacket::from_ether_type(EtherType(ETH_IPV4), frame),
-        Link::Ipv6 => LaxSlicedPacket::from_ether_type(EtherType(ETH_IPV6), frame),
-        Link::Sll => {
-            // Packet type, ARPHRD, address length, 8 address bytes, protocol.
-            let hdr = frame.get(..16).ok_or(SLOT_MALFORMED)?;
-            let proto = u16::from_be_bytes([hdr[14], hdr[15]]);
-            LaxSlicedPacket::from_ether_type(EtherType(proto), &frame[16..])
-        }
-        Link::Sll2 => {
-            // Protocol first, then reserved, ifindex, ARPHRD, packet type,
-            // address length and 8 address bytes.
-            let hdr = frame.get(..20).ok_or(SLOT_MALFORMED)?;
-            let proto = u16::from_be_bytes([hdr[0], hdr[1]]);
-            LaxSlicedPacket::from_ether_type(EtherType(proto), &frame[20..])
-        }
-        Link::Null => {
-            let hdr = frame.get(..4).ok_or(SLOT_MALFORMED)?;
-            let af = u32::from_ne_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-            // AF_INET is 2 everywhere; AF_INET6 is 10, 24, 28 or 30 by OS.
-            let af = if af > 0xffff { af.swap_bytes() } else { af };
-            let et = match af {
-                2 => ETH_IPV4,
-                10 | 24 | 28 | 30 => ETH_IPV6,
-                _ => return Err(SLOT_NOT_IP),
-            };
-            LaxSlicedPacket::from_ether_type(EtherType(et), &frame[4..])
-        }
+        Link::Ipv4 => parse_l3(frame, 0, ETH_P_IP, &mut f),
+        Link::Ipv6 => parse_l3(frame, 0, ETH_P_IPV6, &mut f),
+        // Packet type, ARPHRD, address length, 8 address bytes, protocol.
+        Link::Sll => match frame.get(..16) {
+            Some(h) => parse_l3(frame, 16, u16::from_be_bytes([h[14], h[15]]), &mut f),
+            None => Err(SLOT_MALFORMED),
+        },
+        // Protocol first, then reserved, ifindex, ARPHRD, packet type,
+        // address length and 8 address bytes.
+        Link::Sll2 => match frame.get(..20) {
+            Some(h) => parse_l3(frame, 20, u16::from_be_bytes([h[0], h[1]]), &mut f),
+            None => Err(SLOT_MALFORMED),
+        },
+        Link::Null => match frame.get(..4) {
+            Some(h) => {
+                let af = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
+                // AF_INET is 2 everywhere; AF_INET6 is 10, 24, 28 or 30 by OS.
+                let af = if af > 0xffff { af.swap_bytes() } else { af };
+                match af {
+                    2 => parse_l3(frame, 4, ETH_P_IP, &mut f),
+                    10 | 24 | 28 | 30 => parse_l3(frame, 4, ETH_P_IPV6, &mut f),
+                    _ => Err(SLOT_NOT_IP),
+                }
+            }
+            None => Err(SLOT_MALFORMED),
+        },
     };
-    let ip = match &sliced.net {
-        Some(LaxNetSlice::Ipv4(v4)) => {
-            let h = v4.header();
-            flow.family = FAMILY_V4;
-            flow.src[..4].copy_from_slice(&h.source());
-            flow.dst[..4].copy_from_slice(&h.destination());
-            flow.proto = h.protocol().0;
-            if h.fragments_offset().value() != 0 {
-                return Err(SLOT_FRAGMENT);
-            }
-            v4.payload()
-        }
-        Some(LaxNetSlice::Ipv6(v6)) => {
-            let h = v6.header();
-            flow.family = FAMILY_V6;
-            flow.src = h.source();
-            flow.dst = h.destination();
-            let p = v6.payload();
-            flow.proto = p.ip_number.0;
-            if p.fragmented && later_fragment(h.next_header().0, v6.extensions().slice()) {
-                return Err(SLOT_FRAGMENT);
-            }
-            p
-        }
-        Some(LaxNetSlice::Arp(_)) => return Err(SLOT_NOT_IP),
-        None => {
-            // An IP ethertype whose header did not parse, or a cut VLAN
-            // tag, is malformed; anything else is simply not IP.
-            let ip_type = sliced.ether_payload().is_some_and(|p| {
-                p.ether_type == EtherType(ETH_IPV4) || p.ether_type == EtherType(ETH_IPV6)
-            });
-            let cut = matches!(
-                sliced.stop_err,
-                Some((
-                    _,
-                    Layer::VlanHeader
-                        | Layer::MacsecHeader
-                        | Layer::IpHeader
-                        | Layer::Ipv4Header
-                        | Layer::Ipv4Packet
-                        | Layer::Ipv6Header
-                        | Layer::Ipv6Packet
-                ))
-            );
-            return Err(if ip_type || cut {
-                SLOT_MALFORMED
-            } else {
-                SLOT_NOT_IP
-            });
-        }
-    };
-    let l4 = ip.payload;
-    match flow.proto {
-        PROTO_TCP => {
-            let t = l4.get(..20).ok_or(SLOT_MALFORMED)?;
-            if t[12] >> 4 < 5 {
-                return Err(SLOT_MALFORMED);
-            }
-            flow.sport = u16::from_be_bytes([t[0], t[1]]);
-            flow.dport = u16::from_be_bytes([t[2], t[3]]);
-            flow.tcp_flags = t[13];
-        }
-        PROTO_UDP => {
-            let u = l4.get(..8).ok_or(SLOT_MALFORMED)?;
-            flow.sport = u16::from_be_bytes([u[0], u[1]]);
-            flow.dport = u16::from_be_bytes([u[2], u[3]]);
-        }
-        PROTO_ICMP | PROTO_ICMPV6 if l4.len() < 4 => return Err(SLOT_MALFORMED),
-        _ => {}
-    }
-    Ok(())
+    *flow = Flow::from_parsed(&f);
+    res
 }
-
-/// Whether an IPv6 extension header chain (`exts`, starting with header
-/// `next`) has a fragment header with a non-zero offset. Walked by hand,
-/// bounds-checked: etherparse 0.21's iterator over a lax-parsed chain reads
-/// out of bounds on some inputs (found by the `packet` fuzz target).
-fn later_fragment(mut next: u8, exts: &[u8]) -> bool {
-    let mut off = 0usize;
-    // The kernel programs follow at most 6 extension headers.
-    for _ in 0..=6 {
-        let Some(h) = exts.get(off..off + 2) else {
-            return false;
-        };
-        match next {
-            0 | 43 | 60 | 135 | 139 | 140 => {
-                next = h[0];
-                off += (usize::from(h[1]) + 1) * 8;
-            }
-            44 => {
-                return exts
-                    .get(off + 2..off + 4)
-                    .is_some_and(|o| u16::from_be_bytes([o[0], o[1]]) & 0xfff8 != 0);
-            }
-            51 => {
-                next = h[0];
-                off += (usize::from(h[1]) + 2) * 4;
-            }
-            _ => return false,
-        }
-    }
-    false
-}
-
-/// A (role, family, proto, port, address) key; an all-zero address is the
-/// wildcard.
-type Key = (u8, u8, u8, u16, [u8; 16]);
 
 /// The service table as the kernel holds it, for userspace look-ups:
-/// services numbered from [`FIRST_SERVICE_SLOT`] in `names` order.
+/// services numbered from [`FIRST_SERVICE_SLOT`] in `names` order, laid out
+/// by `agent_ebpf::layout` like the kernel's maps, and read by the kernel's
+/// classifier ([`classify::Tables`]).
 #[derive(Debug, Default, Clone)]
 pub struct Table {
-    keys: FxHashMap<Key, u32>,
-    /// Port-index positions (family, proto, port) some key uses, per role:
-    /// most packets miss, and a miss costs one bit test.
-    used: [Vec<u64>; 2],
+    /// The port index words in use (`NP_PORTS`).
+    ports: FxHashMap<u32, u64>,
+    /// A bit per port index with a word: most packets miss, and a miss
+    /// costs one bit test.
+    used: Vec<u64>,
+    /// Address groups by id (`NP_GROUPS4`/`6`).
+    groups4: Vec<Group4>,
+    groups6: Vec<Group6>,
+    /// The hash tables (`NP_SERVICES4`/`6`).
+    services4: FxHashMap<Key4, u32>,
+    services6: FxHashMap<Key6, u32>,
     names: Vec<String>,
 }
 
 const INDEX_WORDS: usize = (agent_ebpf::PORT_INDEX_LEN as usize).div_ceil(64);
+
+fn by_id<G: Copy + Default>(groups: &std::collections::BTreeMap<u32, G>) -> Vec<G> {
+    let len = groups.keys().next_back().map_or(0, |g| *g as usize + 1);
+    let mut v = vec![G::default(); len];
+    for (g, grp) in groups {
+        v[*g as usize] = *grp;
+    }
+    v
+}
 
 impl Table {
     /// The table of `endpoints` (endpoint → service name), as
@@ -267,21 +246,29 @@ impl Table {
     /// The table of endpoints whose slots are given (the agent's, as
     /// `Probe::sync_table` receives it); no names.
     pub fn with_slots(entries: impl IntoIterator<Item = (EndpointKey, u32)>) -> Table {
-        let mut t = Table {
-            keys: FxHashMap::default(),
-            used: [vec![0; INDEX_WORDS], vec![0; INDEX_WORDS]],
-            names: Vec::new(),
-        };
-        for (k, slot) in entries {
-            let Some(i) = port_index(k.family, k.proto, k.port) else {
-                continue;
-            };
-            let role = usize::from(k.role == ROLE_REMOTE);
-            t.used[role][i as usize / 64] |= 1 << (i % 64);
-            t.keys
-                .insert((k.role, k.family, k.proto, k.port, k.addr_bytes()), slot);
+        let want: std::collections::BTreeMap<EndpointKey, u32> = entries.into_iter().collect();
+        let l = layout::layout(&want, &mut Fresh::default());
+        let mut used = vec![0; INDEX_WORDS];
+        for i in l.ports.keys() {
+            used[*i as usize / 64] |= 1 << (i % 64);
         }
-        t
+        let (mut services4, mut services6) = (FxHashMap::default(), FxHashMap::default());
+        for (k, slot) in &l.hash {
+            if k.family == FAMILY_V4 {
+                services4.insert(k.key4(), *slot);
+            } else {
+                services6.insert(k.key6(), *slot);
+            }
+        }
+        Table {
+            ports: l.ports.into_iter().collect(),
+            used,
+            groups4: by_id(&l.groups4),
+            groups6: by_id(&l.groups6),
+            services4,
+            services6,
+            names: Vec::new(),
+        }
     }
 
     /// Service names by slot - FIRST_SERVICE_SLOT.
@@ -300,48 +287,24 @@ impl Table {
         FIRST_SERVICE_SLOT as usize + self.names.len()
     }
 
-    #[inline]
-    fn lookup(&self, role: u8, f: &Flow, port: u16, addr: &[u8; 16]) -> Option<u32> {
-        let i = port_index(f.family, f.proto, port)? as usize;
-        let r = usize::from(role == ROLE_REMOTE);
-        if self.used[r][i / 64] & (1 << (i % 64)) == 0 {
-            return None;
-        }
-        self.keys
-            .get(&(role, f.family, f.proto, port, *addr))
-            .or_else(|| self.keys.get(&(role, f.family, f.proto, port, [0; 16])))
-            .copied()
-    }
-
     /// Slot and direction (the service's view) of a parsed flow seen on a
-    /// hook of direction `hook_dir`, as the kernel's `classify`: the local
-    /// end (an address-specific service, then the wildcard one), then a
-    /// remote service at the other end, whose view is the opposite.
+    /// hook of direction `hook_dir`: the kernel's `classify`.
     #[inline]
     pub fn classify_hook(&self, f: &Flow, hook_dir: usize) -> (u32, usize) {
-        let (local, lport, remote, rport) = if hook_dir == DIR_INGRESS {
-            (&f.dst, f.dport, &f.src, f.sport)
-        } else {
-            (&f.src, f.sport, &f.dst, f.dport)
-        };
-        if let Some(s) = self.lookup(ROLE_LOCAL, f, lport, local) {
-            return (s, hook_dir);
-        }
-        if let Some(s) = self.lookup(ROLE_REMOTE, f, rport, remote) {
-            return (s, hook_dir ^ 1);
-        }
-        (SLOT_NO_MATCH, hook_dir)
+        classify::classify(self, &f.parsed(), hook_dir)
     }
 
-    /// A local service at one end (`dir` ingress: the destination), as the
-    /// kernel's container programs look first.
+    /// A local service at one end (`dir` ingress: the destination), an
+    /// address-specific one first, then the wildcard one.
     #[inline]
     pub fn local(&self, f: &Flow, dir: usize) -> Option<u32> {
-        if dir == DIR_INGRESS {
-            self.lookup(ROLE_LOCAL, f, f.dport, &f.dst)
+        let p = f.parsed();
+        let (port, addr) = if dir == DIR_INGRESS {
+            (p.dport, &p.dst)
         } else {
-            self.lookup(ROLE_LOCAL, f, f.sport, &f.src)
-        }
+            (p.sport, &p.src)
+        };
+        classify::local(self, p.family, p.proto, port, addr)
     }
 
     /// Slot and direction of a flow read from a file, where no hook says
@@ -349,15 +312,38 @@ impl Table {
     /// packet come in, one at the source sees it go out.
     #[inline]
     pub fn classify_file(&self, f: &Flow) -> (u32, usize) {
-        for role in [ROLE_LOCAL, ROLE_REMOTE] {
-            if let Some(s) = self.lookup(role, f, f.dport, &f.dst) {
-                return (s, DIR_INGRESS);
-            }
-            if let Some(s) = self.lookup(role, f, f.sport, &f.src) {
-                return (s, DIR_EGRESS);
-            }
+        classify::classify_file(self, &f.parsed())
+    }
+}
+
+impl classify::Tables for Table {
+    #[inline]
+    fn port(&self, index: u32) -> u64 {
+        let i = index as usize;
+        if self
+            .used
+            .get(i / 64)
+            .is_none_or(|w| w & (1 << (i % 64)) == 0)
+        {
+            return 0;
         }
-        (SLOT_NO_MATCH, DIR_INGRESS)
+        self.ports.get(&index).copied().unwrap_or(0)
+    }
+    #[inline]
+    fn group4(&self, g: u32) -> Option<&Group4> {
+        self.groups4.get(g as usize)
+    }
+    #[inline]
+    fn group6(&self, g: u32) -> Option<&Group6> {
+        self.groups6.get(g as usize)
+    }
+    #[inline]
+    fn service4(&self, key: &Key4) -> Option<u32> {
+        self.services4.get(key).copied()
+    }
+    #[inline]
+    fn service6(&self, key: &Key6) -> Option<u32> {
+        self.services6.get(key).copied()
     }
 }
 
@@ -373,6 +359,7 @@ pub fn addr_string(family: u8, a: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_ebpf::{DIR_EGRESS, PROTO_TCP, ROLE_LOCAL, SLOT_FRAGMENT, SLOT_NO_MATCH};
 
     fn eth(ethertype: u16, inner: &[u8]) -> Vec<u8> {
         let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];

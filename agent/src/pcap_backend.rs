@@ -19,8 +19,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    DIR_EGRESS, DIR_INGRESS, DirCounters, EndpointKey, FAMILY_V4, MAX_SLOTS, SLOT_NO_MATCH,
-    SlotCounters,
+    DIR_EGRESS, DIR_INGRESS, DirCounters, EndpointKey, Group4, Group6, Key4, Key6, MAX_SLOTS,
+    SLOT_NO_MATCH, SlotCounters,
+    classify::{self, ContainerTables},
 };
 use rustc_hash::FxHashMap;
 use tracing::{info, warn};
@@ -108,8 +109,49 @@ struct Slot {
 /// What every capture reads: the tables and where it counts.
 struct Tables {
     table: Table,
-    addrs: FxHashMap<(u8, [u8; 16]), u32>,
+    /// Container addresses (`NP_ADDRS4`/`6`), wire bytes as words.
+    addrs4: FxHashMap<u32, u32>,
+    addrs6: FxHashMap<[u32; 4], u32>,
     veths: FxHashMap<u32, u32>,
+}
+
+/// The kernel's classifier reads these as it reads the maps.
+impl classify::Tables for Tables {
+    #[inline]
+    fn port(&self, index: u32) -> u64 {
+        self.table.port(index)
+    }
+    #[inline]
+    fn group4(&self, g: u32) -> Option<&Group4> {
+        self.table.group4(g)
+    }
+    #[inline]
+    fn group6(&self, g: u32) -> Option<&Group6> {
+        self.table.group6(g)
+    }
+    #[inline]
+    fn service4(&self, key: &Key4) -> Option<u32> {
+        self.table.service4(key)
+    }
+    #[inline]
+    fn service6(&self, key: &Key6) -> Option<u32> {
+        self.table.service6(key)
+    }
+}
+
+impl ContainerTables for Tables {
+    #[inline]
+    fn veth(&self, ifindex: u32) -> Option<u32> {
+        self.veths.get(&ifindex).copied()
+    }
+    #[inline]
+    fn addr4(&self, addr: u32) -> Option<u32> {
+        self.addrs4.get(&addr).copied()
+    }
+    #[inline]
+    fn addr6(&self, addr: &[u32; 4]) -> Option<u32> {
+        self.addrs6.get(addr).copied()
+    }
 }
 
 struct Shared {
@@ -228,7 +270,8 @@ impl Pcap {
                 tx: slots(),
                 tables: RwLock::new(Arc::new(Tables {
                     table: Table::default(),
-                    addrs: FxHashMap::default(),
+                    addrs4: FxHashMap::default(),
+                    addrs6: FxHashMap::default(),
                     veths: FxHashMap::default(),
                 })),
                 generation: AtomicU64::new(0),
@@ -344,28 +387,25 @@ impl Pcap {
     }
 
     fn publish(&self) {
-        let tables = Tables {
+        let mut tables = Tables {
             table: Table::with_slots(self.table.iter().map(|(k, s)| (*k, *s))),
-            addrs: self
-                .addrs
-                .iter()
-                .map(|(a, s)| {
-                    let mut b = [0u8; 16];
-                    let family = match a {
-                        IpAddr::V4(v4) => {
-                            b[..4].copy_from_slice(&v4.octets());
-                            FAMILY_V4
-                        }
-                        IpAddr::V6(v6) => {
-                            b = v6.octets();
-                            agent_ebpf::FAMILY_V6
-                        }
-                    };
-                    ((family, b), *s)
-                })
-                .collect(),
+            addrs4: FxHashMap::default(),
+            addrs6: FxHashMap::default(),
             veths: self.veths.iter().map(|(i, s)| (*i, *s)).collect(),
         };
+        for (a, s) in &self.addrs {
+            let mut k = EndpointKey::default();
+            match a {
+                IpAddr::V4(v4) => {
+                    k.set_addr(&v4.octets());
+                    tables.addrs4.insert(k.addr[0], *s);
+                }
+                IpAddr::V6(v6) => {
+                    k.set_addr(&v6.octets());
+                    tables.addrs6.insert(k.addr, *s);
+                }
+            }
+        }
         if let Ok(mut t) = self.shared.tables.write() {
             *t = Arc::new(tables);
         }
@@ -471,26 +511,6 @@ impl Drop for Pcap {
     }
 }
 
-/// The kernel's `classify_container`: on a container's host-side veth only
-/// the container's end counts (its service, else the container behind the
-/// veth, else the container by address); unicast only.
-#[inline]
-fn container_slot(t: &Tables, f: &Flow, dir: usize, ifindex: u32) -> Option<u32> {
-    if let Some(s) = t.table.local(f, dir) {
-        return Some(s);
-    }
-    let addr = if dir == DIR_INGRESS { &f.dst } else { &f.src };
-    let multicast = if f.family == FAMILY_V4 {
-        addr[0] & 0xf0 == 0xe0
-    } else {
-        addr[0] == 0xff
-    };
-    if !multicast && let Some(s) = t.veths.get(&ifindex) {
-        return Some(*s);
-    }
-    t.addrs.get(&(f.family, *addr)).copied()
-}
-
 /// One capture's view: where it counts and what it is.
 struct Tap {
     shared: Arc<Shared>,
@@ -517,7 +537,13 @@ impl Tap {
                 let (slot, dir) = match self.zone {
                     Zone::Host => t.table.classify_hook(f, hook_dir),
                     // Ingress at the host-side veth is what the container sends.
-                    Zone::Container => match container_slot(t, f, hook_dir ^ 1, self.ifindex) {
+                    // The kernel's `classify_container`.
+                    Zone::Container => match classify::classify_container(
+                        t,
+                        &f.parsed(),
+                        hook_dir ^ 1,
+                        self.ifindex,
+                    ) {
                         Some(s) => (s, hook_dir ^ 1),
                         None => (SLOT_NO_MATCH, hook_dir),
                     },

@@ -11,9 +11,10 @@ use std::{
 
 use agent_ebpf::{
     EndpointKey, FAMILY_V4, FIRST_SERVICE_SLOT, Group4, Group6, Key4, Key6, LAYOUT_VERSION,
-    MAX_ADDRS, MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, MAX_VETHS, NAME_LEN, PORT_GROUP_SHIFT,
-    PORT_INDEX_LEN, PORT_LOCAL_HASH, PORT_REMOTE, PORT_WILDCARD_MASK, ROLE_LOCAL, ServiceRef,
-    SlotCounters, SlotName, VethSlot, maps, port_index, programs,
+    MAX_ADDRS, MAX_ENDPOINTS, MAX_GROUPS, MAX_SLOTS, MAX_VETHS, NAME_LEN, PORT_INDEX_LEN,
+    ServiceRef, SlotCounters, SlotName, VethSlot,
+    layout::{self, GroupIds, Layout},
+    maps, programs,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -233,38 +234,37 @@ fn clear_groups<T: aya::Pod + Default>(
     Ok(())
 }
 
-/// Places `entries` (address, slot) in a group of `cap` positions, keeping
-/// each address that was in `prev` at its old position. Returns
-/// (position, (address, slot)).
-fn positions(
-    prev: Option<&[Option<[u32; 4]>]>,
-    entries: &[([u32; 4], u32)],
-    cap: usize,
-) -> Vec<(usize, ([u32; 4], u32))> {
-    let mut taken = vec![false; cap];
-    let mut out = Vec::with_capacity(entries.len());
-    let mut rest = Vec::new();
-    for e in entries {
-        match prev.and_then(|p| p.iter().position(|a| *a == Some(e.0))) {
-            Some(n) if n < cap && !taken[n] => {
-                taken[n] = true;
-                out.push((n, *e));
-            }
-            _ => rest.push(*e),
+/// Group ids and positions as last written, kept where they can be.
+struct StableGroups<'a> {
+    old: &'a Written,
+    used: std::collections::BTreeSet<u32>,
+}
+
+impl<'a> StableGroups<'a> {
+    fn new(old: &'a Written) -> Self {
+        StableGroups {
+            old,
+            used: old.group_of.values().copied().collect(),
         }
     }
-    // New addresses take positions nobody held before where possible.
-    let was_free = |n: usize| prev.is_none_or(|p| p.get(n).is_none_or(Option::is_none));
-    for e in rest {
-        let n = (0..cap)
-            .find(|n| !taken[*n] && was_free(*n))
-            .or_else(|| (0..cap).find(|n| !taken[*n]));
-        if let Some(n) = n {
-            taken[n] = true;
-            out.push((n, e));
+}
+
+impl GroupIds for StableGroups<'_> {
+    fn id(&mut self, index: u32) -> Option<u32> {
+        self.old.group_of.get(&index).copied().or_else(|| {
+            let g = (1..MAX_GROUPS).find(|g| !self.used.contains(g))?;
+            self.used.insert(g);
+            Some(g)
+        })
+    }
+
+    fn previous(&self, g: u32, v6: bool) -> Option<Vec<Option<[u32; 4]>>> {
+        if v6 {
+            self.old.groups6.get(&g).map(layout::entries)
+        } else {
+            self.old.groups4.get(&g).map(layout::entries)
         }
     }
-    out
 }
 
 /// The classification tables as last written, by structure.
@@ -745,82 +745,18 @@ impl Kernel {
     /// in its address group while they fit (four IPv4, two IPv6), else in
     /// the hash table; remote endpoints go in the hash table.
     pub fn sync_table(&mut self, want: BTreeMap<EndpointKey, u32>) -> Result<usize> {
-        let mut ports: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut hash: BTreeMap<EndpointKey, u32> = BTreeMap::new();
-        let mut exact: BTreeMap<u32, Vec<(&EndpointKey, u32)>> = BTreeMap::new();
-        for (k, slot) in &want {
-            let Some(i) = port_index(k.family, k.proto, k.port) else {
-                continue;
-            };
-            let v = ports.entry(i).or_default();
-            match (k.role, k.addr == [0; 4]) {
-                (ROLE_LOCAL, true) => *v |= u64::from(*slot) & PORT_WILDCARD_MASK,
-                (ROLE_LOCAL, false) => exact.entry(i).or_default().push((k, *slot)),
-                _ => {
-                    *v |= PORT_REMOTE;
-                    hash.insert(*k, *slot);
-                }
-            }
-        }
         // Address groups, with stable ids: a port keeps its group while it
-        // has one, so a packet in flight never reads another port's group.
-        let old = &self.written;
-        let mut used: std::collections::BTreeSet<u32> = old.group_of.values().copied().collect();
-        let mut group_of = BTreeMap::new();
-        let mut groups4 = BTreeMap::new();
-        let mut groups6 = BTreeMap::new();
-        for (i, list) in exact {
-            let v6 = list[0].0.family != FAMILY_V4;
-            let cap = if v6 { 2 } else { 4 };
-            let g = old.group_of.get(&i).copied().or_else(|| {
-                let g = (1..MAX_GROUPS).find(|g| !used.contains(g))?;
-                used.insert(g);
-                Some(g)
-            });
-            let v = ports.entry(i).or_default();
-            match g {
-                Some(g) if list.len() <= cap => {
-                    // An address keeps its position in the group while it
-                    // stays, so an update never shows a packet an address
-                    // beside another address's slot.
-                    let entries: Vec<([u32; 4], u32)> =
-                        list.iter().map(|(k, slot)| (k.addr, *slot)).collect();
-                    if v6 {
-                        let prev: Option<Vec<Option<[u32; 4]>>> = old.groups6.get(&g).map(|p| {
-                            (0..2)
-                                .map(|n| (p.slot[n] != 0).then_some(p.addr[n]))
-                                .collect()
-                        });
-                        let pos = positions(prev.as_deref(), &entries, 2);
-                        let mut grp = Group6::default();
-                        for (n, (addr, slot)) in pos {
-                            grp.addr[n] = addr;
-                            grp.slot[n] = slot;
-                        }
-                        groups6.insert(g, grp);
-                    } else {
-                        let prev: Option<Vec<Option<[u32; 4]>>> = old.groups4.get(&g).map(|p| {
-                            (0..4)
-                                .map(|n| (p.slot[n] != 0).then_some([p.addr[n], 0, 0, 0]))
-                                .collect()
-                        });
-                        let pos = positions(prev.as_deref(), &entries, 4);
-                        let mut grp = Group4::default();
-                        for (n, (addr, slot)) in pos {
-                            grp.addr[n] = addr[0];
-                            grp.slot[n] = slot;
-                        }
-                        groups4.insert(g, grp);
-                    }
-                    group_of.insert(i, g);
-                    *v |= u64::from(g) << PORT_GROUP_SHIFT;
-                }
-                _ => {
-                    *v |= PORT_LOCAL_HASH;
-                    hash.extend(list.iter().map(|(k, slot)| (**k, *slot)));
-                }
-            }
-        }
+        // has one, so a packet in flight never reads another port's group;
+        // an address keeps its position in the group while it stays, so an
+        // update never shows a packet an address beside another address's
+        // slot.
+        let Layout {
+            ports,
+            hash,
+            groups4,
+            groups6,
+            group_of,
+        } = layout::layout(&want, &mut StableGroups::new(&self.written));
 
         // Order matters for packets in flight: entries leave the hash
         // tables first (a miss then falls through, which is right for an
@@ -925,7 +861,7 @@ impl Kernel {
     pub fn sync_veths(&mut self, want: &BTreeMap<u32, u32>) -> Result<usize> {
         let mut at: BTreeMap<u32, VethSlot> = BTreeMap::new();
         for (ifindex, slot) in want {
-            at.entry(ifindex % MAX_VETHS).or_insert(VethSlot {
+            at.entry(VethSlot::index(*ifindex)).or_insert(VethSlot {
                 ifindex: *ifindex,
                 slot: *slot,
             });
@@ -1344,38 +1280,4 @@ fn check_bpffs(pin_root: &Path) -> Result<()> {
         warn!(error = %std::io::Error::last_os_error(), "mounting bpffs at /sys/fs/bpf");
     }
     Err(ProbeError::NoBpffs(p.to_path_buf()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::positions;
-
-    fn a(x: u32) -> [u32; 4] {
-        [x, 0, 0, 0]
-    }
-
-    #[test]
-    fn group_positions_are_kept_for_addresses_that_stay() {
-        let prev = [Some(a(1)), Some(a(2)), Some(a(3)), None];
-        // 2 leaves, 4 and 5 arrive: 1 and 3 keep 0 and 2; 4 takes the never
-        // used 3, then 5 the freed 1.
-        let mut got = positions(
-            Some(&prev),
-            &[(a(1), 10), (a(3), 30), (a(4), 40), (a(5), 50)],
-            4,
-        );
-        got.sort();
-        assert_eq!(
-            got,
-            [
-                (0, (a(1), 10)),
-                (1, (a(5), 50)),
-                (2, (a(3), 30)),
-                (3, (a(4), 40))
-            ]
-        );
-        // No history: first come, first placed.
-        let got = positions(None, &[(a(7), 70), (a(8), 80)], 2);
-        assert_eq!(got, [(0, (a(7), 70)), (1, (a(8), 80))]);
-    }
 }

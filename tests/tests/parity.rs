@@ -2,6 +2,15 @@
 //! backend) against the kernel programs (BPF_PROG_TEST_RUN) on the same
 //! frames, through the same service table: every frame must land in the
 //! same slot, direction, bytes and TCP flags, on both hooks.
+//!
+//! Both sides run the same parser and classifier (`agent_ebpf::parse`,
+//! `agent_ebpf::classify`), so what this holds equal is the rest: that the
+//! shared code, compiled for BPF, loads and passes the verifier, and that
+//! each side's own parts (the kernel's packet reads and map look-ups, the
+//! agent's slices and `packet::Table`, both written from
+//! `agent_ebpf::layout`) give the same answers. The kernel test
+//! (`kernel.rs`) holds the shared code itself to frames and counts built
+//! independently of it.
 
 use std::{collections::HashMap, path::Path, time::Instant};
 

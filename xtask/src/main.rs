@@ -48,7 +48,8 @@ enum Cmd {
     /// The agent's modules by layer and who imports whom (markdown); fails
     /// on an upward import or a circle.
     Layers,
-    /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames).
+    /// Run the cargo-fuzz targets (config parser, /proc/net parser, frames,
+    /// the kernel programs' parser and classifier).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -123,7 +124,7 @@ const CARGO_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// The fuzz targets in agent/fuzz; seeds in agent/fuzz/corpus/<target>.
-const FUZZ_TARGETS: &[&str] = &["config", "proc_net", "packet"];
+const FUZZ_TARGETS: &[&str] = &["config", "proc_net", "packet", "parse"];
 
 /// The directory cargo-deny derives for the default advisory-db URL under
 /// its `db-path` (deny.toml).
