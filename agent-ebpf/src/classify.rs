@@ -1,6 +1,6 @@
 //! The classifier, written once: which counter slot a parsed [`Flow`]
 //! belongs to, from the port index, the address groups and the service
-//! tables as [`crate::layout`] lays them out. Generic over how the tables
+//! tables as the `layout` module lays them out. Generic over how the tables
 //! are looked up ([`Tables`]): the kernel programs' maps, or the agent's
 //! copy of them (`packet::Table`).
 

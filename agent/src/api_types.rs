@@ -1,5 +1,5 @@
 //! The requests and answers of `/api/v1`, as types: the agent serializes
-//! them (`crate::web`), the CLI reads them back (`crate::cli`), and the
+//! them (the `web` module), the CLI reads them back (`cli`), and the
 //! OpenAPI document is derived from them (`utoipa`). They import nothing
 //! from the crate, so both layers may use them.
 //!
