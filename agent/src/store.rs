@@ -42,51 +42,19 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    Interrupted,
-}
+/// The job queue's rows are the API's jobs: one type for both.
+pub use crate::api_types::{Job, JobState};
 
-impl JobState {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-            JobState::Interrupted => "interrupted",
-        }
+/// A state as the `jobs` table stores it (`JobState::as_str`); anything
+/// else reads as interrupted.
+fn parse_state(s: &str) -> JobState {
+    match s {
+        "pending" => JobState::Pending,
+        "running" => JobState::Running,
+        "done" => JobState::Done,
+        "failed" => JobState::Failed,
+        _ => JobState::Interrupted,
     }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "pending" => JobState::Pending,
-            "running" => JobState::Running,
-            "done" => JobState::Done,
-            "failed" => JobState::Failed,
-            _ => JobState::Interrupted,
-        }
-    }
-}
-
-/// A queued piece of work: `kind` = `check` (run one check, `arg` its
-/// name).
-#[derive(Debug, Clone, Serialize)]
-pub struct Job {
-    pub id: i64,
-    pub kind: String,
-    pub arg: String,
-    pub state: JobState,
-    pub created_ms: i64,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    /// JSON, once finished.
-    pub result: Option<serde_json::Value>,
 }
 
 /// One stored check result.
@@ -510,7 +478,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         id: r.get(0)?,
         kind: r.get(1)?,
         arg: r.get(2)?,
-        state: JobState::parse(&r.get::<_, String>(3)?),
+        state: parse_state(&r.get::<_, String>(3)?),
         created_ms: r.get(4)?,
         started_ms: r.get(5)?,
         finished_ms: r.get(6)?,

@@ -21,7 +21,7 @@ use crate::{
     api_types::{self as t, ErrorBody},
     checks::engine::State as CheckState,
     state::{AppState, Reloadable},
-    store::{self, Store},
+    store::Store,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -216,9 +216,7 @@ pub(crate) async fn jobs(
     };
     let store = store.ok_or_else(no_store)?;
     let jobs = tokio::task::spawn_blocking(move || store.jobs(limit)).await?;
-    Ok(Json(t::Jobs {
-        jobs: jobs.into_iter().map(job_type).collect(),
-    }))
+    Ok(Json(t::Jobs { jobs }))
 }
 
 /// One job: its state and, once finished, its result.
@@ -243,31 +241,8 @@ pub(crate) async fn job(
     };
     let store = store.ok_or_else(no_store)?;
     match tokio::task::spawn_blocking(move || store.job(id)).await? {
-        Some(j) => Ok(Json(job_type(j))),
+        Some(j) => Ok(Json(j)),
         None => Err(ApiError::not_found(format!("no job {id}"))),
-    }
-}
-
-pub(crate) fn job_state(s: store::JobState) -> t::JobState {
-    match s {
-        store::JobState::Pending => t::JobState::Pending,
-        store::JobState::Running => t::JobState::Running,
-        store::JobState::Done => t::JobState::Done,
-        store::JobState::Failed => t::JobState::Failed,
-        store::JobState::Interrupted => t::JobState::Interrupted,
-    }
-}
-
-pub(crate) fn job_type(j: store::Job) -> t::Job {
-    t::Job {
-        id: j.id,
-        kind: j.kind,
-        arg: j.arg,
-        state: job_state(j.state),
-        created_ms: j.created_ms,
-        started_ms: j.started_ms,
-        finished_ms: j.finished_ms,
-        result: j.result,
     }
 }
 

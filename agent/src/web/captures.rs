@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     ApiError,
-    api::{QueuedAnswer, allowed, job_state, queue},
+    api::{QueuedAnswer, allowed, queue},
 };
 use crate::{
     api_types::{self as t, ErrorBody},
@@ -107,7 +107,7 @@ pub(crate) async fn list(
                 let job = store.as_ref().and_then(|s| s.job(id));
                 t::Capture {
                     id,
-                    state: job.as_ref().map(|j| job_state(j.state)),
+                    state: job.as_ref().map(|j| j.state),
                     plan: job.as_ref().and_then(|j| serde_json::from_str(&j.arg).ok()),
                     result: job.and_then(|j| j.result),
                     bytes: parts.iter().map(|p| p.bytes).sum(),
