@@ -467,6 +467,233 @@ impl Default for SlotName {
     }
 }
 
+// TCP health (the tracing programs): per-slot connection results,
+// handshake and RTT histograms and retransmits; kernel drops by reason.
+
+/// Slots with TCP figures: the per-CPU TCP array is this long (services on
+/// higher slots have packet counters but no TCP figures).
+pub const TCP_SLOTS: u32 = 2_048;
+/// Sockets followed at once (handshake start, reset seen, last RTT sample);
+/// an LRU map, so the oldest are forgotten first.
+pub const MAX_SOCKS: u32 = 65_536;
+/// (slot, direction, reason) combinations of kernel drops.
+pub const MAX_DROP_KEYS: u32 = 8_192;
+
+/// Upper bounds of the histogram buckets in microseconds (Prometheus `le`);
+/// one more bucket past the last is +Inf. Veth and loopback RTTs are tens
+/// of microseconds, a SYN retried until the connect gives up takes seconds.
+pub const HIST_BOUNDS_US: [u64; 20] = [
+    8, 16, 32, 64, 128, 256, 512, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+    250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+pub const HIST_BUCKETS: usize = HIST_BOUNDS_US.len() + 1;
+
+/// A histogram: per-bucket counts (not cumulative) and the sum in µs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hist {
+    pub buckets: [u64; HIST_BUCKETS],
+    pub sum_us: u64,
+}
+layout_assert!(Hist, 176, 8);
+
+impl Hist {
+    /// The bucket `us` falls in.
+    #[inline(always)]
+    pub fn bucket(us: u64) -> usize {
+        let mut i = 0;
+        while i < HIST_BOUNDS_US.len() {
+            if us <= HIST_BOUNDS_US[i] {
+                return i;
+            }
+            i += 1;
+        }
+        HIST_BOUNDS_US.len()
+    }
+
+    pub fn count(&self) -> u64 {
+        let mut n = 0u64;
+        for b in self.buckets {
+            n = n.wrapping_add(b);
+        }
+        n
+    }
+
+    pub fn add(&mut self, o: &Hist) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_us = self.sum_us.wrapping_add(o.sum_us);
+    }
+
+    /// Records one value.
+    #[inline(always)]
+    pub fn record(&mut self, us: u64) {
+        let b = Self::bucket(us);
+        if b < HIST_BUCKETS {
+            self.buckets[b] += 1;
+        }
+        self.sum_us += us;
+    }
+}
+
+/// Indices of [`TcpCounters::counts`]. The results first, in the order of
+/// [`TCP_RESULTS`].
+pub const TCP_ESTABLISHED: usize = 0;
+pub const TCP_REFUSED: usize = 1;
+pub const TCP_TIMEOUT: usize = 2;
+pub const TCP_ABORTED: usize = 3;
+pub const TCP_RESET: usize = 4;
+pub const TCP_CLOSED: usize = 5;
+/// Established connections that left the established states (the open
+/// gauge is established − ended, plus the count seeded at start).
+pub const TCP_ENDED: usize = 6;
+/// Segments retransmitted (SYN-ACKs included), as `TcpRetransSegs` counts.
+pub const TCP_RETRANS: usize = 7;
+pub const TCP_COUNTS: usize = 8;
+/// The `result` label of each result index.
+pub const TCP_RESULTS: [(usize, &str); 6] = [
+    (TCP_ESTABLISHED, "established"),
+    (TCP_REFUSED, "refused"),
+    (TCP_TIMEOUT, "timeout"),
+    (TCP_ABORTED, "aborted"),
+    (TCP_RESET, "reset"),
+    (TCP_CLOSED, "closed"),
+];
+
+/// TCP figures of one slot. A slot has one side: a local service's
+/// (or container's) are its server side, a `remote` service's this host's
+/// client side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub counts: [u64; TCP_COUNTS],
+    pub handshake: Hist,
+    pub rtt: Hist,
+}
+layout_assert!(TcpCounters, 416, 8);
+
+impl TcpCounters {
+    pub fn add(&mut self, o: &TcpCounters) {
+        for (a, b) in self.counts.iter_mut().zip(o.counts.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.handshake.add(&o.handshake);
+        self.rtt.add(&o.rtt);
+    }
+}
+
+/// Key of the drop map: a slot (or [`SLOT_NO_MATCH`] for drops no service
+/// claims), the direction in the service's view, and the kernel's
+/// `skb_drop_reason` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub slot: u32,
+    pub reason: u32,
+    pub dir: u32,
+}
+layout_assert!(DropKey, 12, 4);
+
+/// What the tracing programs remember of one socket (keyed by its address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// When the connect's SYN went out (client side), ns of CLOCK_MONOTONIC.
+    pub start_ns: u64,
+    /// Server side: SYN-ACK sent to final ACK, from the request socket.
+    pub handshake_us: u64,
+    /// When the RTT was last sampled.
+    pub rtt_ns: u64,
+    pub slot: u32,
+    /// `SOCK_*` bits.
+    pub flags: u32,
+}
+layout_assert!(SockState, 32, 8);
+
+pub const SOCK_CLIENT: u32 = 1;
+pub const SOCK_SERVER: u32 = 2;
+pub const SOCK_ESTABLISHED: u32 = 4;
+pub const SOCK_RESET: u32 = 8;
+
+/// Indices of the tracing programs' own per-CPU counters (`NP_TCP_META`).
+pub const META_DROPS_UNRECORDED: u32 = 0;
+pub const META_READ_ERRORS: u32 = 1;
+pub const META_LEN: u32 = 4;
+
+/// Namespace kinds in `NP_NETNS` (keyed by the namespace's inode number).
+pub const NETNS_HOST: u32 = 1;
+pub const NETNS_CONTAINER: u32 = 2;
+
+/// Kernel struct field offsets the tracing programs read at, found in the
+/// running kernel's BTF by the agent and set as a global before loading.
+/// An offset of `u32::MAX` is unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sock_common / sock / tcp_sock
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub srtt_us: u32,
+    // struct net / ns_common
+    pub net_inum: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_protocol: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    /// `TCP_SKB_CB(skb)->tcp_gso_segs`: `cb` plus the member's offset.
+    pub skb_gso_segs: u32,
+    // struct net_device
+    pub dev_nd_net: u32,
+    // struct tcp_request_sock
+    pub req_snt_synack: u32,
+    /// `SKB_CONSUMED` in this kernel's `enum skb_drop_reason`.
+    pub reason_consumed: u32,
+    pub _pad: u32,
+}
+layout_assert!(Offsets, 96, 4);
+
+impl Offsets {
+    pub const UNKNOWN: Offsets = Offsets {
+        skc_family: u32::MAX,
+        skc_state: u32::MAX,
+        skc_daddr: u32::MAX,
+        skc_rcv_saddr: u32::MAX,
+        skc_dport: u32::MAX,
+        skc_num: u32::MAX,
+        skc_v6_daddr: u32::MAX,
+        skc_v6_rcv_saddr: u32::MAX,
+        skc_net: u32::MAX,
+        sk_protocol: u32::MAX,
+        sk_err: u32::MAX,
+        srtt_us: u32::MAX,
+        net_inum: u32::MAX,
+        skb_head: u32::MAX,
+        skb_network_header: u32::MAX,
+        skb_transport_header: u32::MAX,
+        skb_protocol: u32::MAX,
+        skb_dev: u32::MAX,
+        skb_sk: u32::MAX,
+        skb_gso_segs: u32::MAX,
+        dev_nd_net: u32::MAX,
+        req_snt_synack: u32::MAX,
+        reason_consumed: 1,
+        _pad: 0,
+    };
+}
+
 /// Map names, as pinned under the layout directory. The kernel programs'
 /// map statics are named after these and checked against them at compile
 /// time.
@@ -482,7 +709,15 @@ pub mod maps {
     pub const ADDRS4: &str = "NP_ADDRS4";
     pub const ADDRS6: &str = "NP_ADDRS6";
     pub const VETHS: &str = "NP_VETHS";
+    pub const TCP: &str = "NP_TCP";
+    pub const DROPS: &str = "NP_DROPS";
+    pub const SOCKS: &str = "NP_SOCKS";
+    pub const NETNS: &str = "NP_NETNS";
+    pub const TCP_META: &str = "NP_TCP_META";
 }
+
+/// The global the agent sets before loading (see [`Offsets`]).
+pub const OFFSETS_GLOBAL: &str = "NP_OFFSETS";
 
 /// Program names in the object file (checked at compile time, like
 /// [`maps`]).
@@ -501,6 +736,18 @@ pub mod programs {
     /// Empty XDP_PASS / TC_ACT_UNSPEC programs, the benchmark's baseline.
     pub const BASELINE_XDP: &str = "netpulse_baseline_xdp";
     pub const BASELINE_TC: &str = "netpulse_baseline_tc";
+    /// TCP health: BTF tracepoints and fexit (attached through bpf() links,
+    /// not perf_event_open).
+    pub const SOCK_STATE: &str = "netpulse_sock_state";
+    pub const RETRANSMIT: &str = "netpulse_retransmit";
+    pub const RETRANSMIT_SYNACK: &str = "netpulse_retransmit_synack";
+    pub const RECEIVE_RESET: &str = "netpulse_receive_reset";
+    pub const SEND_RESET: &str = "netpulse_send_reset";
+    pub const DESTROY_SOCK: &str = "netpulse_destroy_sock";
+    pub const TCP_PROBE: &str = "netpulse_tcp_probe";
+    pub const KFREE_SKB: &str = "netpulse_kfree_skb";
+    pub const SYN_RECV4: &str = "netpulse_syn_recv4";
+    pub const SYN_RECV6: &str = "netpulse_syn_recv6";
 }
 
 #[cfg(feature = "user")]
@@ -517,4 +764,9 @@ mod user {
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for SlotName {}
     unsafe impl aya::Pod for VethSlot {}
+    unsafe impl aya::Pod for Hist {}
+    unsafe impl aya::Pod for TcpCounters {}
+    unsafe impl aya::Pod for DropKey {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for Offsets {}
 }
