@@ -42,6 +42,7 @@ pub const MAX_VLAN_TAGS: usize = 2;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// IPv6 extension headers (IANA protocol numbers).
 pub const IPV6_HOPOPTS: u8 = 0;
@@ -472,7 +473,7 @@ impl Default for SlotName {
 
 /// Slots with TCP figures: the per-CPU TCP array is this long (services on
 /// higher slots have packet counters but no TCP figures).
-pub const TCP_SLOTS: u32 = 2_048;
+pub const TCP_SLOTS: u32 = 1_024;
 /// Sockets followed at once (handshake start, reset seen, last RTT sample);
 /// an LRU map, so the oldest are forgotten first.
 pub const MAX_SOCKS: u32 = 65_536;
@@ -550,7 +551,10 @@ pub const TCP_CLOSED: usize = 5;
 pub const TCP_ENDED: usize = 6;
 /// Segments retransmitted (SYN-ACKs included), as `TcpRetransSegs` counts.
 pub const TCP_RETRANS: usize = 7;
-pub const TCP_COUNTS: usize = 8;
+/// SYN-ACKs sent again (their own counter: another program writes it, see
+/// [`TcpCounters`]).
+pub const TCP_RETRANS_SYNACK: usize = 8;
+pub const TCP_COUNTS: usize = 9;
 /// The `result` label of each result index.
 pub const TCP_RESULTS: [(usize, &str); 6] = [
     (TCP_ESTABLISHED, "established"),
@@ -564,14 +568,23 @@ pub const TCP_RESULTS: [(usize, &str); 6] = [
 /// TCP figures of one slot. A slot has one side: a local service's
 /// (or container's) are its server side, a `remote` service's this host's
 /// client side.
+///
+/// Each field is written by one program only. Programs on one CPU can nest
+/// (a softirq interrupting a process-context one) but a program never nests
+/// into itself (the kernel skips and counts that), so per-CPU adds need no
+/// atomics: hence the SYN-ACK retransmits and the RTT samples of open
+/// connections have their own fields, summed by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpCounters {
     pub counts: [u64; TCP_COUNTS],
     pub handshake: Hist,
+    /// RTT at close.
     pub rtt: Hist,
+    /// RTT of open connections, sampled at most every few seconds.
+    pub rtt_live: Hist,
 }
-layout_assert!(TcpCounters, 416, 8);
+layout_assert!(TcpCounters, 600, 8);
 
 impl TcpCounters {
     pub fn add(&mut self, o: &TcpCounters) {
@@ -580,6 +593,7 @@ impl TcpCounters {
         }
         self.handshake.add(&o.handshake);
         self.rtt.add(&o.rtt);
+        self.rtt_live.add(&o.rtt_live);
     }
 }
 
@@ -601,7 +615,7 @@ layout_assert!(DropKey, 12, 4);
 pub struct SockState {
     /// When the connect's SYN went out (client side), ns of CLOCK_MONOTONIC.
     pub start_ns: u64,
-    /// Server side: SYN-ACK sent to final ACK, from the request socket.
+    /// Unused (kept for the layout).
     pub handshake_us: u64,
     /// When the RTT was last sampled.
     pub rtt_ns: u64,
@@ -615,11 +629,30 @@ pub const SOCK_CLIENT: u32 = 1;
 pub const SOCK_SERVER: u32 = 2;
 pub const SOCK_ESTABLISHED: u32 = 4;
 pub const SOCK_RESET: u32 = 8;
+/// Left the established states (counted in `TCP_ENDED`); the result is
+/// counted when the socket is destroyed.
+pub const SOCK_ENDED: u32 = 16;
 
 /// Indices of the tracing programs' own per-CPU counters (`NP_TCP_META`).
 pub const META_DROPS_UNRECORDED: u32 = 0;
 pub const META_READ_ERRORS: u32 = 1;
 pub const META_LEN: u32 = 4;
+
+/// A connection's 4-tuple as the SYN to a local service carried it (the
+/// client's end first), with when the ingress hook saw it: the server-side
+/// handshake runs from there to the child socket's ESTABLISHED.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SynKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+layout_assert!(SynKey, 36, 4);
+
+/// SYNs remembered at once (an LRU map).
+pub const MAX_SYNS: u32 = 16_384;
 
 /// Namespace kinds in `NP_NETNS` (keyed by the namespace's inode number).
 pub const NETNS_HOST: u32 = 1;
@@ -657,13 +690,11 @@ pub struct Offsets {
     pub skb_gso_segs: u32,
     // struct net_device
     pub dev_nd_net: u32,
-    // struct tcp_request_sock
-    pub req_snt_synack: u32,
     /// `SKB_CONSUMED` in this kernel's `enum skb_drop_reason`.
     pub reason_consumed: u32,
     pub _pad: u32,
 }
-layout_assert!(Offsets, 96, 4);
+layout_assert!(Offsets, 92, 4);
 
 impl Offsets {
     pub const UNKNOWN: Offsets = Offsets {
@@ -688,7 +719,6 @@ impl Offsets {
         skb_sk: u32::MAX,
         skb_gso_segs: u32::MAX,
         dev_nd_net: u32::MAX,
-        req_snt_synack: u32::MAX,
         reason_consumed: 1,
         _pad: 0,
     };
@@ -714,6 +744,7 @@ pub mod maps {
     pub const SOCKS: &str = "NP_SOCKS";
     pub const NETNS: &str = "NP_NETNS";
     pub const TCP_META: &str = "NP_TCP_META";
+    pub const SYNS: &str = "NP_SYNS";
 }
 
 /// The global the agent sets before loading (see [`Offsets`]).
@@ -746,8 +777,6 @@ pub mod programs {
     pub const DESTROY_SOCK: &str = "netpulse_destroy_sock";
     pub const TCP_PROBE: &str = "netpulse_tcp_probe";
     pub const KFREE_SKB: &str = "netpulse_kfree_skb";
-    pub const SYN_RECV4: &str = "netpulse_syn_recv4";
-    pub const SYN_RECV6: &str = "netpulse_syn_recv6";
 }
 
 #[cfg(feature = "user")]
@@ -769,4 +798,5 @@ mod user {
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for Offsets {}
+    unsafe impl aya::Pod for SynKey {}
 }

@@ -3,6 +3,10 @@
 //! enum's values (`enum skb_drop_reason`: which number means
 //! `NETFILTER_DROP` moves from one kernel to the next).
 //!
+//! and the offsets of the kernel struct fields the tracing programs read
+//! (`struct sock`, `struct sk_buff`, ...: they move between kernels and
+//! builds).
+//!
 //! Only what that needs: the header, the type section walked type by type
 //! (each kind's trailing data skipped by its size), and the string section.
 //! The format is the kernel's `include/uapi/linux/btf.h`.
@@ -32,6 +36,195 @@ pub enum BtfError {
     UnknownKind { index: usize, kind: u32 },
     #[error("no enum `{0}` in the kernel's BTF")]
     NoSuchEnum(String),
+    #[error("no member `{1}` in `struct {0}` of the kernel's BTF")]
+    NoSuchMember(String, String),
+}
+
+/// One type of the type section: its kind, name, `size_or_type` word and
+/// where its trailing data starts.
+#[derive(Clone, Copy, Debug)]
+struct Type {
+    kind: u32,
+    name: u32,
+    vlen: usize,
+    kind_flag: bool,
+    size_or_type: u32,
+    body: usize,
+}
+
+/// The type section, indexed (type ids start at 1).
+pub struct Btf<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    index: Vec<Type>,
+}
+
+const KIND_PTR: u32 = 2;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_TYPE_TAG: u32 = 18;
+
+impl<'a> Btf<'a> {
+    /// Walks the type section once.
+    pub fn parse(btf: &'a [u8]) -> Result<Self, BtfError> {
+        let magic = btf.get(0..2).map(|m| u16::from_le_bytes([m[0], m[1]]));
+        if magic != Some(MAGIC) {
+            return Err(BtfError::NotBtf);
+        }
+        let field = |i: usize| u32_at(btf, 8 + 4 * i).ok_or(BtfError::NotBtf);
+        let hdr_len = u32_at(btf, 4).ok_or(BtfError::NotBtf)? as usize;
+        let (type_off, type_len, str_off, str_len) = (
+            field(0)? as usize,
+            field(1)? as usize,
+            field(2)? as usize,
+            field(3)? as usize,
+        );
+        let types = btf
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or(BtfError::NotBtf)?;
+        let strings = btf
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::NotBtf)?;
+        let mut index = vec![Type {
+            kind: 0,
+            name: 0,
+            vlen: 0,
+            kind_flag: false,
+            size_or_type: 0,
+            body: 0,
+        }];
+        let mut at = 0usize;
+        while at < types.len() {
+            let i = index.len();
+            let head = |o: usize| u32_at(types, at + o).ok_or(BtfError::Truncated { index: i });
+            let (name, info, size_or_type) = (head(0)?, head(4)?, head(8)?);
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let body = at + 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                KIND_ENUM64 => 12 * vlen,
+                2 | 7..=12 | 16 | 18 => 0,
+                _ => return Err(BtfError::UnknownKind { index: i, kind }),
+            };
+            if body + extra > types.len() {
+                return Err(BtfError::Truncated { index: i });
+            }
+            index.push(Type {
+                kind,
+                name,
+                vlen,
+                kind_flag: info & (1 << 31) != 0,
+                size_or_type,
+                body,
+            });
+            at = body + extra;
+        }
+        Ok(Self {
+            types,
+            strings,
+            index,
+        })
+    }
+
+    fn name(&self, t: &Type) -> &str {
+        str_at(self.strings, t.name)
+    }
+
+    /// Follows typedefs and qualifiers to the type they name.
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        for _ in 0..32 {
+            let t = self.index.get(id as usize)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Some(t),
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `member` in the struct or union `t`, looking into
+    /// anonymous struct and union members (the kernel's unions and
+    /// `struct_group`s).
+    fn member_in(&self, t: &Type, member: &str, depth: u32) -> Option<u32> {
+        if depth > 8 || !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+            return None;
+        }
+        for i in 0..t.vlen {
+            let m = t.body + i * 12;
+            let (name, ty, off) = (
+                u32_at(self.types, m)?,
+                u32_at(self.types, m + 4)?,
+                u32_at(self.types, m + 8)?,
+            );
+            let bits = if t.kind_flag { off & 0x00ff_ffff } else { off };
+            let name = str_at(self.strings, name);
+            if name == member {
+                return Some(bits / 8);
+            }
+            if name.is_empty()
+                && let Some(inner) = self.resolve(ty)
+                && let Some(o) = self.member_in(inner, member, depth + 1)
+            {
+                return Some(bits / 8 + o);
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `member` in `struct name` (or union).
+    pub fn offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
+        self.index
+            .iter()
+            .filter(|t| matches!(t.kind, KIND_STRUCT | KIND_UNION) && self.name(t) == name)
+            .find_map(|t| self.member_in(t, member, 0))
+            .ok_or_else(|| BtfError::NoSuchMember(name.to_string(), member.to_string()))
+    }
+
+    /// Whether the kernel has a function `name` (what fexit attaches to).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.index
+            .iter()
+            .any(|t| t.kind == KIND_FUNC && self.name(t) == name)
+    }
+
+    /// The parameter type names of a tracepoint's BTF prototype
+    /// (`btf_trace_<name>`, whose first parameter is the context pointer,
+    /// left out), e.g. `["sk_buff", "void", "skb_drop_reason", "sock"]` for
+    /// `kfree_skb`; pointers are named after what they point to. `None`
+    /// when the kernel has no such tracepoint.
+    pub fn tracepoint_params(&self, name: &str) -> Option<Vec<String>> {
+        let want = format!("btf_trace_{name}");
+        let td = self
+            .index
+            .iter()
+            .find(|t| t.kind == KIND_TYPEDEF && self.name(t) == want)?;
+        let ptr = self.resolve(td.size_or_type)?;
+        let proto = (ptr.kind == KIND_PTR)
+            .then(|| self.resolve(ptr.size_or_type))
+            .flatten()?;
+        if proto.kind != KIND_FUNC_PROTO {
+            return None;
+        }
+        let mut out = Vec::new();
+        for i in 1..proto.vlen {
+            let ty = u32_at(self.types, proto.body + i * 8 + 4)?;
+            let mut t = self.resolve(ty);
+            while let Some(p) = t.filter(|p| p.kind == KIND_PTR) {
+                t = self.resolve(p.size_or_type);
+            }
+            out.push(t.map(|t| self.name(t)).unwrap_or("void").to_string());
+        }
+        Some(out)
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -225,3 +418,4 @@ mod tests {
         }
     }
 }
+

@@ -82,6 +82,9 @@ pub struct Container {
     pub published: Vec<(Proto, u16)>,
     /// The host-side ends of its veths (ifindexes in the host's namespace).
     pub veths: Vec<u32>,
+    /// Its network namespace's inode number (what the TCP health programs
+    /// compare sockets' namespaces with).
+    pub netns: Option<u32>,
 }
 
 impl Container {
@@ -163,6 +166,7 @@ impl Container {
             addrs,
             published,
             veths: Vec::new(),
+            netns: None,
         })
     }
 }
@@ -264,6 +268,9 @@ async fn list(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error>
             .filter(|p| *p > 0);
         if let Some(pid) = pid {
             c.veths = veth_peers(Path::new("/proc"), pid);
+            c.netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32);
         }
     }
     Ok(out)

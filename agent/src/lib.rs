@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod docker;
+pub mod health;
 pub mod history;
 pub mod identity;
 pub mod interfaces;

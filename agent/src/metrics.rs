@@ -114,6 +114,10 @@ pub enum MetricsError {
 /// Series each service adds: packets and bytes × 2 directions, TCP flags ×
 /// 3 × 2, and its info series.
 pub const SERIES_PER_SERVICE: usize = 2 + 2 + 6 + 1;
+/// Series a service with TCP figures adds: 6 connection results, the open
+/// gauge, retransmits, and two histograms of 21 buckets, a sum and a count.
+/// Its kernel drops add one series per (direction, reason) seen.
+pub const TCP_SERIES_PER_SERVICE: usize = 6 + 1 + 1 + 2 * (agent_ebpf::HIST_BUCKETS + 2);
 /// The label value that stands for services beyond the series budget.
 pub const OTHER: &str = "~other";
 
@@ -355,10 +359,46 @@ pub struct Budget {
     pub max_series: usize,
     /// Services folded into `~other`; empty within the budget.
     folded: std::collections::HashSet<String>,
+    /// Services whose TCP and drop series are folded into `~other` (the
+    /// packet-folded ones, and those the budget has no room left for once
+    /// every kept service's packet series are counted).
+    tcp_folded: std::collections::HashSet<String>,
 }
 
 impl Budget {
-    pub fn new(view: &View, max_series: usize) -> Budget {
+    /// The budget for `view`, where `tcp_series` gives a service slot's TCP
+    /// and drop series (0 for a service without TCP figures). Packet series
+    /// come first: a service keeps its packet counters before any service
+    /// keeps its histograms.
+    pub fn new(view: &View, max_series: usize, tcp_series: impl Fn(u32) -> usize) -> Budget {
+        let mut b = Budget::packets(view, max_series);
+        let mut order: Vec<(&String, &crate::identity::Slotted)> = view.services.iter().collect();
+        order.sort_by_key(|(_, s)| (source_of(s) != "config", s.slot));
+        let kept = view.services.len() - b.folded.len() + usize::from(!b.folded.is_empty());
+        let mut room = max_series.saturating_sub(kept * SERIES_PER_SERVICE);
+        // Room for ~other's own TCP series, should anything fold into it.
+        let reserve = TCP_SERIES_PER_SERVICE;
+        let mut full = false;
+        for (name, s) in order {
+            if b.folded.contains(name.as_str()) {
+                b.tcp_folded.insert(name.clone());
+                continue;
+            }
+            let need = tcp_series(s.slot);
+            if need == 0 {
+                continue;
+            }
+            if !full && need + reserve <= room {
+                room -= need;
+            } else {
+                full = true;
+                b.tcp_folded.insert(name.clone());
+            }
+        }
+        b
+    }
+
+    fn packets(view: &View, max_series: usize) -> Budget {
         let rows: Vec<Row> = view
             .services
             .iter()
@@ -381,7 +421,20 @@ impl Budget {
                 .map(|r| r.name)
                 .collect()
         };
-        Budget { max_series, folded }
+        Budget {
+            max_series,
+            folded,
+            tcp_folded: Default::default(),
+        }
+    }
+
+    /// The `service` label of `service`'s TCP and drop series.
+    pub fn tcp_label<'s>(&self, service: &'s str) -> &'s str {
+        if self.tcp_folded.contains(service) {
+            OTHER
+        } else {
+            service
+        }
     }
 
     /// The `service` label `service`'s series carry: its name, or `~other`.
@@ -412,6 +465,7 @@ pub const COLLECTORS: &[(&str, Collect)] = &[
     ("services", services),
     ("unclassified", unclassified),
     ("datapath", datapath),
+    ("tcp", tcp),
     ("checks", checks),
     ("agent", agent),
 ];
@@ -642,6 +696,187 @@ fn datapath(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
         capacity.mf,
         backend.mf,
         capture_dropped.mf,
+    ])
+}
+
+/// A histogram sample from per-bucket counts in µs.
+fn hist_sample(mf: &mut MetricFamily, labels: &[(&str, &str)], h: &agent_ebpf::Hist) {
+    use prometheus::proto::{Bucket, Histogram};
+    let mut out = Histogram::default();
+    let mut cum = 0u64;
+    let mut buckets = Vec::with_capacity(agent_ebpf::HIST_BOUNDS_US.len());
+    for (i, n) in h.buckets.iter().enumerate() {
+        cum = cum.wrapping_add(*n);
+        if let Some(le) = agent_ebpf::HIST_BOUNDS_US.get(i) {
+            let mut b = Bucket::default();
+            b.set_upper_bound(*le as f64 / 1e6);
+            b.set_cumulative_count(cum);
+            buckets.push(b);
+        }
+    }
+    out.set_bucket(buckets);
+    out.set_sample_count(cum);
+    out.set_sample_sum(h.sum_us as f64 / 1e6);
+    let mut m = sample(labels.iter().copied());
+    m.set_histogram(out);
+    mf.mut_metric().push(m);
+}
+
+/// The side a slot's TCP figures are on: a `remote` service's are this
+/// host's client side, every other service's its server side.
+pub fn side(s: &crate::identity::Slotted) -> &'static str {
+    if s.meta.as_ref().is_some_and(|m| m.remote) {
+        "client"
+    } else {
+        "server"
+    }
+}
+
+/// Whether a slot's TCP figures have anything to show: the histograms and
+/// results appear once a service had a connection.
+pub fn tcp_seen(c: &agent_ebpf::TcpCounters) -> bool {
+    c.counts.iter().any(|n| *n != 0)
+}
+
+/// Per-slot TCP and drop series (for the [`Budget`]).
+pub fn tcp_series(counters: &Counters) -> impl Fn(u32) -> usize + '_ {
+    let mut drops: std::collections::HashMap<u32, usize> = Default::default();
+    for (k, _) in counters.drops() {
+        *drops.entry(k.slot).or_default() += 1;
+    }
+    move |slot| {
+        let tcp = counters
+            .tcp(slot)
+            .filter(tcp_seen)
+            .map_or(0, |_| TCP_SERIES_PER_SERVICE);
+        tcp + drops.get(&slot).copied().unwrap_or(0)
+    }
+}
+
+/// TCP health per service (connections by result, open connections,
+/// handshake and RTT histograms, retransmits), the kernel's drops by
+/// reason, and which of these features are on.
+fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
+    use agent_ebpf::{TCP_RESULTS, TcpCounters};
+    let mut conns = counter(
+        "netpulse_service_tcp_connections_total",
+        "TCP connections per service and side (server: to a local service; client: this host to a remote service), by result: established, refused, timeout, aborted, reset, closed.",
+        &["service", "side", "result"],
+    );
+    let mut open = gauge(
+        "netpulse_service_tcp_open_connections",
+        "TCP connections open now per service and side (seeded from the kernel's socket table at start).",
+        &["service", "side"],
+    );
+    let mut retrans = counter(
+        "netpulse_service_tcp_retransmits_total",
+        "TCP segments retransmitted per service and side, SYN-ACKs included, counted as the kernel's TcpRetransSegs.",
+        &["service", "side"],
+    );
+    let mut handshake = family(
+        "netpulse_service_tcp_handshake_seconds",
+        "TCP handshake time as the kernel saw it: SYN to established (client side), SYN-ACK sent to the final ACK (server side).",
+        MetricType::HISTOGRAM,
+    );
+    let mut rtt = family(
+        "netpulse_service_tcp_rtt_seconds",
+        "The kernel's smoothed RTT of TCP connections, sampled at close and every 5 s while open.",
+        MetricType::HISTOGRAM,
+    );
+    let mut drops = counter(
+        "netpulse_service_kernel_drops_total",
+        "Packets of each service the kernel dropped (kfree_skb), by direction in the service's view and the kernel's skb_drop_reason.",
+        &["service", "direction", "drop_reason"],
+    );
+    let mut unattributed = counter(
+        "netpulse_unattributed_kernel_drops_total",
+        "Packets the kernel dropped in this host's namespace that no service claims, by skb_drop_reason.",
+        &["drop_reason"],
+    );
+    let mut unrecorded = counter(
+        "netpulse_kernel_drops_unrecorded_total",
+        "Kernel drops not recorded because the drop map was full.",
+        &[],
+    );
+    let mut features = gauge(
+        "netpulse_feature_enabled",
+        "1 if the kernel part is on, 0 if this kernel or the agent's privileges do not allow it (the log says why).",
+        &["feature"],
+    );
+    for f in &s.view.features {
+        features.add(&[f.name], u64::from(f.error.is_none()));
+    }
+    // Per (label, side): figures summed (the folded ones into ~other).
+    let mut rows: std::collections::BTreeMap<(&str, &str), (TcpCounters, i64)> =
+        Default::default();
+    let mut slot_label: std::collections::HashMap<u32, &str> = Default::default();
+    for (name, sl) in &s.view.services {
+        let label = s.budget.tcp_label(name);
+        slot_label.insert(sl.slot, label);
+        let Some(c) = s.counters.tcp(sl.slot) else {
+            continue;
+        };
+        if !tcp_seen(&c) {
+            continue;
+        }
+        let seed = s.view.open_seed.get(&sl.slot).copied().unwrap_or(0);
+        let e = rows.entry((label, side(sl))).or_default();
+        e.0.add(&c);
+        e.1 += crate::health::open_counted(&c) + seed;
+    }
+    for ((name, side), (c, open_n)) in &rows {
+        for (i, result) in TCP_RESULTS {
+            conns.add(&[name, side, result], c.counts[i]);
+        }
+        open.add(&[name, side], (*open_n).max(0) as u64);
+        retrans.add(&[name, side], crate::health::retransmits(c));
+        let labels = [("service", *name), ("side", *side)];
+        hist_sample(&mut handshake, &labels, &c.handshake);
+        let mut r = c.rtt;
+        r.add(&c.rtt_live);
+        hist_sample(&mut rtt, &labels, &r);
+    }
+    let reason_name = |v: u32| -> String {
+        s.view
+            .drop_reasons
+            .get(&u64::from(v))
+            .map_or_else(|| format!("reason_{v}"), Clone::clone)
+    };
+    let mut by_service: std::collections::BTreeMap<(&str, &str, String), u64> = Default::default();
+    let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
+    for (k, n) in s.counters.drops() {
+        let reason = reason_name(k.reason);
+        match slot_label.get(&k.slot) {
+            Some(label) if k.slot >= agent_ebpf::FIRST_SERVICE_SLOT => {
+                let dir = if k.dir as usize == DIR_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                };
+                *by_service.entry((label, dir, reason)).or_default() += n;
+            }
+            _ => *by_reason.entry(reason).or_default() += n,
+        }
+    }
+    for ((service, dir, reason), n) in &by_service {
+        drops.add(&[service, dir, reason], *n);
+    }
+    for (reason, n) in &by_reason {
+        unattributed.add(&[reason], *n);
+    }
+    if !s.view.features.is_empty() {
+        unrecorded.add(&[], s.counters.drops_unrecorded());
+    }
+    Ok(vec![
+        conns.mf,
+        open.mf,
+        handshake,
+        rtt,
+        retrans.mf,
+        drops.mf,
+        unattributed.mf,
+        unrecorded.mf,
+        features.mf,
     ])
 }
 

@@ -324,6 +324,19 @@ pub struct Kernel {
     ncpus: usize,
     pin_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
+    /// TCP health: the features as they loaded, the namespaces watched,
+    /// the kernel's drop reasons, and the open-connection seeds.
+    health: Health,
+}
+
+/// The TCP health part of [`Kernel`] (see `health`).
+pub struct Health {
+    pub features: Vec<crate::health::Feature>,
+    netns: Option<crate::health::Netns>,
+    pub reasons: std::sync::Arc<BTreeMap<u64, String>>,
+    /// Per slot: the connections open at start (from the kernel's socket
+    /// table) minus those the counters showed open then.
+    pub open_seed: Option<std::sync::Arc<BTreeMap<u32, i64>>>,
 }
 
 /// Counters of one slot, summed over CPUs and over both hooks.
@@ -356,6 +369,7 @@ pub enum Counters {
 pub struct KernelCounters {
     xdp: PerCpuArray<MapData, SlotCounters>,
     tc: PerCpuArray<MapData, SlotCounters>,
+    health: Option<crate::health::Reader>,
 }
 
 impl Counters {
@@ -395,6 +409,33 @@ impl Counters {
             Counters::Pcap(r) => r.dropped(),
         }
     }
+
+    /// A slot's TCP figures; `None` when this backend or kernel has none.
+    pub fn tcp(&self, slot: u32) -> Option<agent_ebpf::TcpCounters> {
+        match self {
+            Counters::Kernel(k) => k.health.as_ref()?.tcp(slot),
+            Counters::Pcap(_) => None,
+        }
+    }
+
+    /// Kernel drops by (slot, direction, reason).
+    pub fn drops(&self) -> Vec<(agent_ebpf::DropKey, u64)> {
+        match self {
+            Counters::Kernel(k) => k.health.as_ref().map(|h| h.drops()).unwrap_or_default(),
+            Counters::Pcap(_) => Vec::new(),
+        }
+    }
+
+    /// Drops the kernel programs could not record (their map was full).
+    pub fn drops_unrecorded(&self) -> u64 {
+        match self {
+            Counters::Kernel(k) => k
+                .health
+                .as_ref()
+                .map_or(0, |h| h.meta(agent_ebpf::META_DROPS_UNRECORDED)),
+            Counters::Pcap(_) => 0,
+        }
+    }
 }
 
 impl Kernel {
@@ -414,8 +455,14 @@ impl Kernel {
             path: pin_dir.clone(),
             source,
         })?;
+        let types = crate::health::kernel_types();
+        let offsets = types
+            .offsets
+            .clone()
+            .unwrap_or(agent_ebpf::Offsets::UNKNOWN);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .override_global(agent_ebpf::OFFSETS_GLOBAL, &offsets, true)
             .load(object)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
@@ -462,6 +509,14 @@ impl Kernel {
             }
         }
         let ncpus = nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
+        let netns = crate::health::Netns::new(&mut ebpf);
+        let features = crate::health::attach(&mut ebpf, &types);
+        let health = Health {
+            features,
+            netns,
+            reasons: std::sync::Arc::new(types.reasons),
+            open_seed: None,
+        };
         Ok(Self {
             ebpf,
             services4,
@@ -479,7 +534,40 @@ impl Kernel {
             ncpus,
             pin_dir,
             attached: BTreeMap::new(),
+            health,
         })
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Watches these containers' namespaces too (see `health::Netns`).
+    pub fn sync_netns(&mut self, containers: &std::collections::BTreeSet<u32>) {
+        if let Some(n) = &mut self.health.netns {
+            n.sync(containers);
+        }
+    }
+
+    /// Seeds the open-connection gauges once, from the kernel's socket
+    /// table as the current service table attributes it.
+    fn seed_open(&mut self, table: &BTreeMap<EndpointKey, u32>) {
+        if self.health.open_seed.is_some() {
+            return;
+        }
+        let Ok(reader) = crate::health::Reader::open(&self.pin_dir) else {
+            return;
+        };
+        let now = crate::health::open_in_kernel(table);
+        let mut seed = BTreeMap::new();
+        for slot in table.values().copied().collect::<std::collections::BTreeSet<u32>>() {
+            let counted = reader.tcp(slot).map_or(0, |c| crate::health::open_counted(&c));
+            let have = now.get(&slot).copied().unwrap_or(0);
+            if have != counted {
+                seed.insert(slot, have - counted);
+            }
+        }
+        self.health.open_seed = Some(std::sync::Arc::new(seed));
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -901,9 +989,17 @@ impl Kernel {
             let data = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
             PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))
         };
+        let health = match crate::health::Reader::open(&self.pin_dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "TCP health: cannot read its maps");
+                None
+            }
+        };
         Ok(Counters::Kernel(Box::new(KernelCounters {
             xdp: open(maps::COUNTERS_XDP)?,
             tc: open(maps::COUNTERS_TC)?,
+            health,
         })))
     }
 
@@ -930,6 +1026,9 @@ impl Kernel {
             let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); self.ncpus])
                 .map_err(|e| ProbeError::Cpus(e.to_string()))?;
             map.set(slot, zeros, 0).map_err(map_err(name))?;
+        }
+        if let Err(e) = crate::health::zero_slot(&self.pin_dir, slot, self.ncpus) {
+            warn!(slot, error = %e, "TCP health: cannot zero a slot's figures");
         }
         Ok(())
     }
@@ -1139,7 +1238,12 @@ impl Probe {
 
     pub fn sync_table(&mut self, want: BTreeMap<EndpointKey, u32>) -> Result<usize> {
         match self {
-            Probe::Kernel(k) => k.sync_table(want),
+            Probe::Kernel(k) => {
+                let n = k.sync_table(want)?;
+                let t = k.table().clone();
+                k.seed_open(&t);
+                Ok(n)
+            }
             Probe::Pcap(p) => Ok(p.pcap.sync_table(want)),
         }
     }
@@ -1155,6 +1259,38 @@ impl Probe {
         match self {
             Probe::Kernel(k) => k.sync_veths(want),
             Probe::Pcap(p) => Ok(p.pcap.sync_veths(want)),
+        }
+    }
+
+    /// The containers' namespaces the TCP health programs count in.
+    pub fn sync_netns(&mut self, containers: &std::collections::BTreeSet<u32>) {
+        if let Probe::Kernel(k) = self {
+            k.sync_netns(containers);
+        }
+    }
+
+    /// The TCP health features and whether each is on (none on the pcap
+    /// backend, which derives its figures from headers).
+    pub fn features(&self) -> Vec<crate::health::Feature> {
+        match self {
+            Probe::Kernel(k) => k.health().features.clone(),
+            Probe::Pcap(_) => Vec::new(),
+        }
+    }
+
+    /// The kernel's drop reasons by value.
+    pub fn drop_reasons(&self) -> std::sync::Arc<BTreeMap<u64, String>> {
+        match self {
+            Probe::Kernel(k) => k.health().reasons.clone(),
+            Probe::Pcap(_) => Default::default(),
+        }
+    }
+
+    /// The open-connection seeds (see [`Health::open_seed`]).
+    pub fn open_seed(&self) -> std::sync::Arc<BTreeMap<u32, i64>> {
+        match self {
+            Probe::Kernel(k) => k.health().open_seed.clone().unwrap_or_default(),
+            Probe::Pcap(_) => Default::default(),
         }
     }
 

@@ -91,6 +91,11 @@ pub struct View {
     pub attachments: Vec<Attached>,
     /// (map, entries, capacity) of each table.
     pub table_sizes: [(&'static str, usize, u32); 8],
+    /// TCP health: which features are on, the kernel's drop reason names,
+    /// and the open-connection seeds.
+    pub features: Vec<crate::health::Feature>,
+    pub drop_reasons: Arc<BTreeMap<u64, String>>,
+    pub open_seed: Arc<BTreeMap<u32, i64>>,
 }
 
 /// The writer's half: only the refresh loop and shutdown use it.
@@ -118,6 +123,9 @@ impl Writer {
                 })
                 .collect(),
             table_sizes: self.probe.table_sizes(),
+            features: self.probe.features(),
+            drop_reasons: self.probe.drop_reasons(),
+            open_seed: self.probe.open_seed(),
         }
     }
 }

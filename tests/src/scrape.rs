@@ -145,6 +145,16 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// The value of the first sample of `name` whose labels include all of
+    /// `want`, as exposed (not rounded).
+    pub fn value(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.0.get(name)?.iter().find_map(|(l, v)| {
+            want.iter()
+                .all(|(k, x)| l.get(*k).map(String::as_str) == Some(*x))
+                .then_some(*v)
+        })
+    }
+
     pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
         self.0.get(name).is_some_and(|v| {
             v.iter().any(|(l, _)| {

@@ -31,7 +31,7 @@ pub const ORDER: &[(&str, &[&str])] = &[
     ),
     (
         "datapath: counting packets",
-        &["interfaces", "pcap_backend", "probe"],
+        &["interfaces", "pcap_backend", "health", "probe"],
     ),
     ("config: the schema, as data", &["config"]),
     (

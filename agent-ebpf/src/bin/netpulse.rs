@@ -17,6 +17,9 @@
 fn main() {}
 
 #[cfg(target_arch = "bpf")]
+mod health;
+
+#[cfg(target_arch = "bpf")]
 mod kernel {
     use agent_ebpf::{
         classify::{ContainerTables, Tables, classify, classify_container},
@@ -156,7 +159,7 @@ mod kernel {
     }
 
     /// The maps: the shared classifier's [`Tables`] in the kernel.
-    struct Maps;
+    pub(crate) struct Maps;
 
     impl Tables for Maps {
         #[inline(always)]
@@ -234,6 +237,9 @@ mod kernel {
             Ok(()) => {
                 let (slot, dir) = classify(&Maps, &flow, DIR_INGRESS);
                 count(&NP_COUNTERS_XDP, slot, dir, 1, bytes, flow.tcp_flags);
+                if flow.tcp_flags & TCP_SYN != 0 && dir == DIR_INGRESS {
+                    crate::health::syn_seen(&flow, slot);
+                }
             }
             Err(slot) => count(&NP_COUNTERS_XDP, slot, DIR_INGRESS, 1, bytes, 0),
         }
@@ -289,6 +295,11 @@ mod kernel {
                     (1, len + tag)
                 };
                 count(map, slot, dir, packets, bytes, flow.tcp_flags);
+                // A SYN arriving at a local service: the server-side
+                // handshake starts here (see health).
+                if hook_dir == DIR_INGRESS && dir == DIR_INGRESS && flow.tcp_flags & TCP_SYN != 0 {
+                    crate::health::syn_seen(&flow, slot);
+                }
             }
             Err(slot) => count(map, slot, hook_dir, segs.max(1), len + segs.max(1) * tag, 0),
         }

@@ -165,6 +165,7 @@ mod tests {
             addrs: vec!["172.17.0.5".parse().unwrap()],
             published: vec![],
             veths: vec![],
+            netns: None,
         }
     }
 

@@ -122,6 +122,9 @@ pub struct Desired {
     /// container's.
     pub veths: BTreeMap<u32, String>,
     pub services: BTreeMap<String, ServiceMeta>,
+    /// The network namespaces of the containers that claimed something:
+    /// where the TCP health programs count too.
+    pub netns: BTreeSet<u32>,
 }
 
 /// Everything `desired` merges.
@@ -226,6 +229,7 @@ pub fn desired(src: &Sources) -> Desired {
             });
         }
         if claimed {
+            d.netns.extend(c.netns);
             d.services
                 .entry(name)
                 .or_insert_with(|| ServiceMeta::new(Source::Container, false))
@@ -443,6 +447,7 @@ impl Identity {
             .filter_map(|(i, name)| self.slots.get(name).map(|s| (*i, s.slot)))
             .collect();
         probe.sync_veths(&veths)?;
+        probe.sync_netns(&want.netns);
         Ok(())
     }
 }
@@ -531,6 +536,7 @@ endpoints = [{ proto = "tcp", port = 5432, addr = "10.0.0.5" }]
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             published: Vec::new(),
             veths: Vec::new(),
+            netns: None,
         }
     }
 

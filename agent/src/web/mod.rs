@@ -221,7 +221,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
         let checks = state.checks();
         crate::metrics::render(&crate::metrics::Scrape {
             counters: state.datapath.counters(),
-            budget: crate::metrics::Budget::new(&view, settings.max_series),
+            budget: crate::metrics::Budget::new(
+                &view,
+                settings.max_series,
+                crate::metrics::tcp_series(state.datapath.counters()),
+            ),
             view: &view,
             docker,
             checks: &checks,

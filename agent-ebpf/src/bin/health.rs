@@ -1,0 +1,672 @@
+//! TCP health and kernel drops, from BTF tracepoints and fexit: per service
+//! slot, connections by result, handshake and RTT histograms, retransmitted
+//! segments; and the packets the kernel drops, by its own reason.
+//!
+//! Every figure is aggregated here, in per-CPU maps: there is no event
+//! stream to lose. Kernel structs are read with `bpf_probe_read_kernel` at
+//! the offsets the agent found in the running kernel's BTF (`NP_OFFSETS`).
+//! Only sockets and packets of the network namespaces in `NP_NETNS` count:
+//! the agent's own, and the known containers' (server side only there).
+//!
+//! These programs may nest on one CPU (a softirq interrupting a process
+//! context one), but each counter field is written by one program only and a
+//! program never nests into itself (see `TcpCounters`), so per-CPU adds are
+//! plain.
+
+use agent_ebpf::{
+    classify::{ContainerTables, classify_file, local, remote},
+    parse::{Flow, parse_from},
+    *,
+};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::BtfTracePointContext,
+};
+
+use crate::kernel::Maps;
+
+/// Set by the agent before loading (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static NP_OFFSETS: Offsets = Offsets::UNKNOWN;
+const _: () = assert!(str_eq("NP_OFFSETS", OFFSETS_GLOBAL));
+
+macro_rules! np_map {
+    ($name:ident = $shared:path, $ty:ty, $init:expr) => {
+        #[map]
+        static $name: $ty = $init;
+        const _: () = assert!(str_eq(stringify!($name), $shared));
+    };
+}
+
+np_map!(
+    NP_TCP = maps::TCP,
+    PerCpuArray<TcpCounters>,
+    PerCpuArray::pinned(TCP_SLOTS, 0)
+);
+np_map!(
+    NP_DROPS = maps::DROPS,
+    PerCpuHashMap<DropKey, u64>,
+    PerCpuHashMap::pinned(MAX_DROP_KEYS, 0)
+);
+np_map!(
+    NP_SOCKS = maps::SOCKS,
+    LruHashMap<u64, SockState>,
+    LruHashMap::pinned(MAX_SOCKS, 0)
+);
+np_map!(
+    NP_TCP_META = maps::TCP_META,
+    PerCpuArray<u64>,
+    PerCpuArray::pinned(META_LEN, 0)
+);
+// Rebuilt by every agent start (the namespaces are the running ones).
+np_map!(
+    NP_NETNS = maps::NETNS,
+    HashMap<u32, u32>,
+    HashMap::with_max_entries(MAX_VETHS, 0)
+);
+
+macro_rules! off {
+    ($f:ident) => {
+        // SAFETY: a plain read of a global the loader filled in.
+        unsafe { core::ptr::read_volatile(&NP_OFFSETS.$f) } as u64
+    };
+}
+
+/// `T` at `base + off` of kernel memory; `None` when the read faults or the
+/// offset is unknown.
+#[inline(always)]
+fn rd<T>(base: u64, off: u64) -> Option<T> {
+    if base == 0 || off == u32::MAX as u64 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address itself.
+    unsafe { bpf_probe_read_kernel((base + off) as *const T) }.ok()
+}
+
+#[inline(always)]
+fn add(p: *mut u64, n: u64) {
+    // SAFETY: `p` points into a per-CPU map value this program alone writes
+    // (on this CPU).
+    unsafe { *p += n };
+}
+
+#[inline(always)]
+fn meta(i: u32) {
+    if let Some(p) = NP_TCP_META.get_ptr_mut(i) {
+        add(p, 1);
+    }
+}
+
+#[inline(always)]
+fn tcp(slot: u32) -> Option<*mut TcpCounters> {
+    NP_TCP.get_ptr_mut(slot)
+}
+
+#[inline(always)]
+fn count(slot: u32, what: usize) {
+    if let Some(c) = tcp(slot)
+        && what < TCP_COUNTS
+    {
+        // SAFETY: a value of the per-CPU array.
+        add(unsafe { &raw mut (*c).counts[what] }, 1);
+    }
+}
+
+#[inline(always)]
+fn count_n(slot: u32, what: usize, n: u64) {
+    if let Some(c) = tcp(slot)
+        && what < TCP_COUNTS
+    {
+        // SAFETY: as above.
+        add(unsafe { &raw mut (*c).counts[what] }, n);
+    }
+}
+
+/// Which histogram of [`TcpCounters`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum H {
+    Handshake,
+    Rtt,
+    RttLive,
+}
+
+#[inline(always)]
+fn record(slot: u32, which: H, us: u64) {
+    let Some(c) = tcp(slot) else { return };
+    let b = Hist::bucket(us);
+    // SAFETY: as above; `b` is a bucket index.
+    let h = unsafe {
+        match which {
+            H::Handshake => &raw mut (*c).handshake,
+            H::Rtt => &raw mut (*c).rtt,
+            H::RttLive => &raw mut (*c).rtt_live,
+        }
+    };
+    if b < HIST_BUCKETS {
+        add(unsafe { &raw mut (*h).buckets[b] }, 1);
+    }
+    add(unsafe { &raw mut (*h).sum_us }, us);
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+const TCP_ESTABLISHED_ST: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: u8 = 10;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+const ECONNRESET: i32 = 104;
+const EPIPE: i32 = 32;
+const ETIMEDOUT: i32 = 110;
+const ECONNREFUSED: i32 = 111;
+
+/// Long connections get an RTT sample at most this often (plus one at close).
+const RTT_SAMPLE_NS: u64 = 5_000_000_000;
+
+/// A socket's ends and the kind of its namespace.
+struct Ends {
+    family: u8,
+    laddr: [u32; 4],
+    lport: u16,
+    raddr: [u32; 4],
+    rport: u16,
+    netns: u32,
+}
+
+/// The namespace kind (`NETNS_*`) of a `struct net *`, `None` for one
+/// netpulse does not watch.
+#[inline(always)]
+fn netns_kind(net: u64) -> Option<u32> {
+    let inum: u32 = rd(net, off!(net_inum))?;
+    // SAFETY: a plain value.
+    unsafe { NP_NETNS.get(&inum) }.copied()
+}
+
+/// The ends of a socket (`struct sock_common`: a full socket or a request
+/// socket). An IPv4-mapped IPv6 socket reads as IPv4.
+#[inline(always)]
+fn ends(sk: u64) -> Option<Ends> {
+    let net: u64 = rd(sk, off!(skc_net))?;
+    let netns = netns_kind(net)?;
+    let family: u16 = rd(sk, off!(skc_family))?;
+    let lport: u16 = rd(sk, off!(skc_num))?;
+    let rport = u16::from_be(rd::<u16>(sk, off!(skc_dport))?);
+    let mut e = Ends {
+        family: FAMILY_V4,
+        laddr: [0; 4],
+        lport,
+        raddr: [0; 4],
+        rport,
+        netns,
+    };
+    if family == AF_INET {
+        e.laddr[0] = rd(sk, off!(skc_rcv_saddr))?;
+        e.raddr[0] = rd(sk, off!(skc_daddr))?;
+    } else if family == AF_INET6 {
+        let l: [u32; 4] = rd(sk, off!(skc_v6_rcv_saddr))?;
+        let r: [u32; 4] = rd(sk, off!(skc_v6_daddr))?;
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        if r[0] == 0 && r[1] == 0 && r[2] == mapped {
+            e.laddr[0] = l[3];
+            e.raddr[0] = r[3];
+        } else {
+            e.family = FAMILY_V6;
+            e.laddr = l;
+            e.raddr = r;
+        }
+    } else {
+        return None;
+    }
+    Some(e)
+}
+
+#[inline(always)]
+fn tcp_slot(slot: u32) -> Option<u32> {
+    (slot >= FIRST_SERVICE_SLOT && slot < TCP_SLOTS).then_some(slot)
+}
+
+/// The slot of this host's end: a local service (a container's, by its
+/// address, in its namespace).
+#[inline(always)]
+fn server_slot(e: &Ends) -> Option<u32> {
+    if let Some(s) = local(&Maps, e.family, PROTO_TCP, e.lport, &e.laddr) {
+        return tcp_slot(s);
+    }
+    if e.netns == NETNS_CONTAINER {
+        let s = if e.family == FAMILY_V4 {
+            Maps.addr4(e.laddr[0])
+        } else {
+            Maps.addr6(&e.laddr)
+        };
+        return tcp_slot(s?);
+    }
+    None
+}
+
+/// The slot of the other end: a `remote` service this host connects to
+/// (from this host's namespace only).
+#[inline(always)]
+fn client_slot(e: &Ends) -> Option<u32> {
+    if e.netns != NETNS_HOST {
+        return None;
+    }
+    tcp_slot(remote(&Maps, e.family, PROTO_TCP, e.rport, &e.raddr)?)
+}
+
+/// A socket netpulse did not follow from its start (opened before the
+/// agent, or forgotten by the LRU): a local service first, then a remote.
+#[inline(always)]
+fn any_slot(e: &Ends) -> Option<(u32, u32)> {
+    // In a container's namespace only connections followed from their
+    // accept count: by address alone, its own connects would look served.
+    if e.netns != NETNS_HOST {
+        return None;
+    }
+    if let Some(s) = server_slot(e) {
+        return Some((s, SOCK_SERVER));
+    }
+    client_slot(e).map(|s| (s, SOCK_CLIENT))
+}
+
+#[inline(always)]
+fn is_tcp(sk: u64) -> bool {
+    rd::<u16>(sk, off!(sk_protocol)) == Some(PROTO_TCP as u16)
+}
+
+#[inline(always)]
+fn sock(sk: u64) -> Option<*mut SockState> {
+    NP_SOCKS.get_ptr_mut(sk)
+}
+
+#[inline(always)]
+fn sample_rtt(sk: u64, slot: u32, which: H) {
+    if let Some(srtt) = rd::<u32>(sk, off!(srtt_us))
+        && srtt > 0
+    {
+        record(slot, which, (srtt >> 3) as u64);
+    }
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    if !is_tcp(sk) {
+        return 0;
+    }
+    if new == TCP_SYN_SENT {
+        let Some(slot) = ends(sk).and_then(|e| client_slot(&e)) else {
+            return 0;
+        };
+        let st = SockState {
+            start_ns: now(),
+            slot,
+            flags: SOCK_CLIENT,
+            ..SockState::default()
+        };
+        let _ = NP_SOCKS.insert(sk, st, 0);
+        return 0;
+    }
+    if new == TCP_ESTABLISHED_ST {
+        if old == TCP_SYN_SENT {
+            if let Some(st) = sock(sk) {
+                // SAFETY: a value of the socket map.
+                let st = unsafe { &mut *st };
+                count(st.slot, TCP_ESTABLISHED);
+                let t = now();
+                if st.start_ns != 0 && t > st.start_ns {
+                    record(st.slot, H::Handshake, (t - st.start_ns) / 1000);
+                }
+                st.flags |= SOCK_ESTABLISHED;
+                st.rtt_ns = t;
+            }
+        } else if old == TCP_SYN_RECV {
+            let Some(e) = ends(sk) else { return 0 };
+            let Some(slot) = server_slot(&e) else {
+                return 0;
+            };
+            count(slot, TCP_ESTABLISHED);
+            let t = now();
+            if let Some(syn) = syn_time(&e)
+                && t > syn
+            {
+                record(slot, H::Handshake, (t - syn) / 1000);
+            }
+            let st = SockState {
+                slot,
+                flags: SOCK_SERVER | SOCK_ESTABLISHED,
+                rtt_ns: t,
+                ..SockState::default()
+            };
+            let _ = NP_SOCKS.insert(sk, st, 0);
+        }
+        return 0;
+    }
+    if new != TCP_CLOSE {
+        return 0;
+    }
+    if old == TCP_SYN_SENT {
+        let slot = match sock(sk) {
+            // SAFETY: as above.
+            Some(st) => unsafe { (*st).slot },
+            None => match ends(sk).and_then(|e| client_slot(&e)) {
+                Some(s) => s,
+                None => return 0,
+            },
+        };
+        let err: i32 = rd(sk, off!(sk_err)).unwrap_or(0);
+        let result = match err {
+            ECONNREFUSED => TCP_REFUSED,
+            ETIMEDOUT => TCP_TIMEOUT,
+            _ => TCP_ABORTED,
+        };
+        count(slot, result);
+        let _ = NP_SOCKS.remove(sk);
+        return 0;
+    }
+    // Leaving the established states (ESTABLISHED, FIN_WAIT1/2, CLOSE_WAIT,
+    // LAST_ACK, CLOSING). Whether it ended with a reset is known when the
+    // socket is destroyed: a reset sent on close() (SO_LINGER 0, unread
+    // data) goes out after this transition.
+    if old == TCP_ESTABLISHED_ST || (4..=5).contains(&old) || (8..=11).contains(&old) {
+        let err: i32 = rd(sk, off!(sk_err)).unwrap_or(0);
+        let reset = if err == ECONNRESET || err == EPIPE {
+            SOCK_RESET
+        } else {
+            0
+        };
+        let mut st = match sock(sk) {
+            // SAFETY: as above.
+            Some(p) => unsafe { *p },
+            None => {
+                let Some((slot, side)) = ends(sk).and_then(|e| any_slot(&e)) else {
+                    return 0;
+                };
+                SockState {
+                    slot,
+                    flags: side,
+                    ..SockState::default()
+                }
+            }
+        };
+        if st.flags & SOCK_ENDED != 0 {
+            return 0;
+        }
+        count(st.slot, TCP_ENDED);
+        sample_rtt(sk, st.slot, H::Rtt);
+        st.flags |= SOCK_ENDED | reset;
+        let _ = NP_SOCKS.insert(sk, st, 0);
+    }
+    0
+}
+
+/// The socket is freed: an ended connection's result.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn netpulse_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(p) = sock(sk) else { return 0 };
+    // SAFETY: as above.
+    let st = unsafe { *p };
+    if st.flags & SOCK_ENDED != 0 {
+        let result = if st.flags & SOCK_RESET != 0 {
+            TCP_RESET
+        } else {
+            TCP_CLOSED
+        };
+        count(st.slot, result);
+    }
+    let _ = NP_SOCKS.remove(sk);
+    0
+}
+
+#[inline(always)]
+fn mark_reset(sk: u64) {
+    if let Some(p) = sock(sk) {
+        // SAFETY: as above.
+        unsafe { (*p).flags |= SOCK_RESET };
+    }
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn netpulse_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    mark_reset(ctx.arg(0));
+    0
+}
+
+/// A reset this host sends: on a connection (mark it), or with no socket,
+/// in reply to a SYN to a local service's closed port (`refused`).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn netpulse_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    if sk != 0 {
+        let state: u8 = rd(sk, off!(skc_state)).unwrap_or(TCP_LISTEN);
+        if state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV && state != TCP_LISTEN {
+            mark_reset(sk);
+        }
+        return 0;
+    }
+    let Some((flow, netns)) = skb_flow(skb) else {
+        return 0;
+    };
+    if netns == NETNS_HOST
+        && flow.proto == PROTO_TCP
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && let Some(slot) = local(&Maps, flow.family, PROTO_TCP, flow.dport, &flow.dst)
+        && let Some(slot) = tcp_slot(slot)
+    {
+        count(slot, TCP_REFUSED);
+    }
+    0
+}
+
+/// Retransmitted segments, counted as the kernel's `TcpRetransSegs`: each
+/// skb's segment count (TSO/GSO).
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let err: i64 = ctx.arg::<u64>(2) as i32 as i64;
+    // -EBUSY / -EAGAIN: not sent and not counted by the kernel either.
+    if err == -16 || err == -11 {
+        return 0;
+    }
+    let slot = match sock(sk) {
+        // SAFETY: as above.
+        Some(p) => unsafe { (*p).slot },
+        None => match ends(sk).and_then(|e| any_slot(&e)) {
+            Some((s, _)) => s,
+            None => return 0,
+        },
+    };
+    let segs: u16 = rd(skb, off!(skb_gso_segs)).unwrap_or(1);
+    count_n(slot, TCP_RETRANS, if segs == 0 { 1 } else { segs as u64 });
+    0
+}
+
+/// A SYN-ACK sent again (the listener and the request socket).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn netpulse_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(1);
+    if let Some(slot) = ends(req).and_then(|e| server_slot(&e)) {
+        count(slot, TCP_RETRANS_SYNACK);
+    }
+    0
+}
+
+/// Every segment received on an established socket: an RTT sample of long
+/// connections, at most every `RTT_SAMPLE_NS`.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn netpulse_tcp_probe(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(p) = sock(sk) else { return 0 };
+    let t = now();
+    // SAFETY: as above.
+    let st = unsafe { &mut *p };
+    if st.flags & SOCK_ESTABLISHED != 0 && st.flags & SOCK_ENDED == 0 && t > st.rtt_ns + RTT_SAMPLE_NS
+    {
+        st.rtt_ns = t;
+        sample_rtt(sk, st.slot, H::RttLive);
+    }
+    0
+}
+
+np_map!(
+    NP_SYNS = maps::SYNS,
+    LruHashMap<SynKey, u64>,
+    LruHashMap::with_max_entries(MAX_SYNS, 0)
+);
+
+/// A SYN to a local service, seen by an ingress hook: remembered with its
+/// time, for the server-side handshake. Called on SYNs only.
+#[inline(always)]
+pub fn syn_seen(flow: &Flow, slot: u32) {
+    if flow.proto != PROTO_TCP
+        || flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+        || tcp_slot(slot).is_none()
+    {
+        return;
+    }
+    let key = SynKey {
+        saddr: flow.src,
+        daddr: flow.dst,
+        sport: flow.sport,
+        dport: flow.dport,
+    };
+    let _ = NP_SYNS.insert(&key, &now(), 0);
+}
+
+/// When the SYN of this (passive) connection arrived, forgotten once read.
+#[inline(always)]
+fn syn_time(e: &Ends) -> Option<u64> {
+    let key = SynKey {
+        saddr: e.raddr,
+        daddr: e.laddr,
+        sport: e.rport,
+        dport: e.lport,
+    };
+    // SAFETY: a plain value.
+    let t = unsafe { NP_SYNS.get(&key) }.copied();
+    if t.is_some() {
+        let _ = NP_SYNS.remove(&key);
+    }
+    t
+}
+
+/// Bytes of an skb's headers copied for the parser (from the network
+/// header: IPv4 with options and the ports, IPv6 with a few extension
+/// headers).
+const HDR_COPY: usize = 128;
+
+// A per-CPU scratch buffer: the headers are copied here in one read, then
+// parsed by the shared parser as a byte slice, as analyze does.
+#[map]
+static NP_SCRATCH: PerCpuArray<[u8; HDR_COPY]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The headers of an skb and the namespace kind of its device (or, with
+/// none, of its socket).
+#[inline(always)]
+fn skb_flow(skb: u64) -> Option<(Flow, u32)> {
+    let dev: u64 = rd(skb, off!(skb_dev)).unwrap_or(0);
+    let net: u64 = if dev != 0 {
+        rd(dev, off!(dev_nd_net))?
+    } else {
+        let sk: u64 = rd(skb, off!(skb_sk))?;
+        rd(sk, off!(skc_net))?
+    };
+    let netns = netns_kind(net)?;
+    let head: u64 = rd(skb, off!(skb_head))?;
+    let nh: u16 = rd(skb, off!(skb_network_header))?;
+    let proto = u16::from_be(rd::<u16>(skb, off!(skb_protocol))?);
+    let mut flow = Flow::default();
+    if nh == 0xffff || (proto != ETH_P_IP && proto != ETH_P_IPV6) {
+        return Some((flow, netns));
+    }
+    let buf = NP_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the scratch value is this CPU's; the helper checks the kernel
+    // address and zeroes the buffer if the read faults.
+    let bytes: &[u8] = unsafe {
+        let _ = bpf_probe_read_kernel_buf((head + nh as u64) as *const u8, &mut *buf);
+        &*buf
+    };
+    let _ = parse_from(bytes, proto, 0, &mut flow);
+    Some((flow, netns))
+}
+
+/// A packet the kernel dropped, with its reason: the service it belongs
+/// to (a local one at either end, then a remote one), else unattributed.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let reason = ctx.arg::<u64>(2) as u32;
+    if reason == 0 || reason == off!(reason_consumed) as u32 {
+        return 0;
+    }
+    let Some((flow, netns)) = skb_flow(skb) else {
+        return 0;
+    };
+    let (mut slot, mut dir) = (SLOT_NO_MATCH, DIR_INGRESS);
+    if flow.family != 0 {
+        if netns == NETNS_HOST {
+            (slot, dir) = classify_file(&Maps, &flow);
+        } else {
+            let (d, s) = if flow.family == FAMILY_V4 {
+                (Maps.addr4(flow.dst[0]), Maps.addr4(flow.src[0]))
+            } else {
+                (Maps.addr6(&flow.dst), Maps.addr6(&flow.src))
+            };
+            if let Some(d) = d {
+                slot = d;
+            } else if let Some(s) = s {
+                (slot, dir) = (s, DIR_EGRESS);
+            }
+        }
+    }
+    let key = DropKey {
+        slot,
+        reason,
+        dir: dir as u32,
+    };
+    match NP_DROPS.get_ptr_mut(&key) {
+        Some(p) => add(p, 1),
+        None => {
+            if NP_DROPS.insert(&key, &1, 0).is_err() {
+                meta(META_DROPS_UNRECORDED);
+            }
+        }
+    }
+    0
+}
+
+/// The program names the agent loads by (`agent_ebpf::programs`).
+macro_rules! np_programs {
+    ($($f:ident = $shared:path),* $(,)?) => {
+        $(const _: () = {
+            let _ = $f;
+            assert!(str_eq(stringify!($f), $shared));
+        };)*
+    };
+}
+np_programs!(
+    netpulse_sock_state = programs::SOCK_STATE,
+    netpulse_destroy_sock = programs::DESTROY_SOCK,
+    netpulse_receive_reset = programs::RECEIVE_RESET,
+    netpulse_send_reset = programs::SEND_RESET,
+    netpulse_retransmit = programs::RETRANSMIT,
+    netpulse_retransmit_synack = programs::RETRANSMIT_SYNACK,
+    netpulse_tcp_probe = programs::TCP_PROBE,
+    netpulse_kfree_skb = programs::KFREE_SKB,
+);
