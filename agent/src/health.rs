@@ -349,8 +349,8 @@ pub fn open_counted(c: &TcpCounters) -> i64 {
 const _: () = assert!(TCP_COUNTS > TCP_RETRANS_SYNACK);
 
 /// Connections in the kernel's table now (`/proc/net/tcp` and `tcp6` of
-/// this namespace) in an established state (ESTABLISHED, FIN_WAIT1/2,
-/// CLOSE_WAIT, LAST_ACK, CLOSING), per slot, as the tracing programs
+/// this namespace) in ESTABLISHED (what the programs count as open), per
+/// slot, as the tracing programs
 /// attribute them: a local service at the local end, else a remote one at
 /// the other.
 pub fn open_in_kernel(table: &BTreeMap<EndpointKey, u32>) -> BTreeMap<u32, i64> {
@@ -368,7 +368,7 @@ pub fn open_in_kernel(table: &BTreeMap<EndpointKey, u32>) -> BTreeMap<u32, i64> 
             let Ok(state) = u8::from_str_radix(f[3], 16) else {
                 continue;
             };
-            if !matches!(state, 1 | 4 | 5 | 8 | 9 | 11) {
+            if state != 1 {
                 continue;
             }
             let (Some(l), Some(r)) = (proc_addr(f[1], v6), proc_addr(f[2], v6)) else {

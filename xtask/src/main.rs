@@ -87,7 +87,8 @@ enum Cmd {
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
 /// and busybox-static for the container tests (images FROM scratch),
-/// dnsmasq-base for the DNS checks' test server, and
+/// dnsmasq-base for the DNS checks' test server, nftables for the TCP
+/// health tests' firewall rules (and their counters, the drop reference), and
 /// prometheus-blackbox-exporter, the peer /probe is held to, and
 /// chromium with chromium-driver for the status page's browser test.
 const APT_PACKAGES: &[&str] = &[
@@ -108,6 +109,7 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "busybox-static",
     "dnsmasq-base",
+    "nftables",
     "prometheus-blackbox-exporter",
     "chromium",
     "chromium-driver",

@@ -355,6 +355,15 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
         }
         return 0;
     }
+    if old == TCP_ESTABLISHED_ST {
+        // Leaving ESTABLISHED: this side or the other started to close (or
+        // reset). The RTT is sampled here, as the closing side read it; the
+        // result (closed or reset) is counted when the socket is freed, as
+        // a reset sent by close() (SO_LINGER 0, unread data) goes out only
+        // after the socket is already CLOSE.
+        end(sk, new == TCP_CLOSE);
+        return 0;
+    }
     if new != TCP_CLOSE {
         return 0;
     }
@@ -377,23 +386,36 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
         let _ = NP_SOCKS.remove(sk);
         return 0;
     }
-    // Leaving the established states (ESTABLISHED, FIN_WAIT1/2, CLOSE_WAIT,
-    // LAST_ACK, CLOSING). Whether it ended with a reset is known when the
-    // socket is destroyed: a reset sent on close() (SO_LINGER 0, unread
-    // data) goes out after this transition.
-    if old == TCP_ESTABLISHED_ST || (4..=5).contains(&old) || (8..=11).contains(&old) {
+    // CLOSE from a closing state (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK,
+    // CLOSING): a reset seen now, or a connection opened before the agent.
+    if (4..=5).contains(&old) || (8..=11).contains(&old) {
+        end(sk, true);
+    }
+    0
+}
+
+/// A connection leaves ESTABLISHED (or, one netpulse did not see leave it,
+/// reaches CLOSE): counted as ended once, its RTT sampled; a reset seen in
+/// `sk_err` marked.
+#[inline(always)]
+fn end(sk: u64, closing: bool) {
+    let reset = if closing {
         let err: i32 = rd(sk, off!(sk_err)).unwrap_or(0);
-        let reset = if err == ECONNRESET || err == EPIPE {
+        if err == ECONNRESET || err == EPIPE {
             SOCK_RESET
         } else {
             0
-        };
+        }
+    } else {
+        0
+    };
+    {
         let mut st = match sock(sk) {
             // SAFETY: as above.
             Some(p) => unsafe { *p },
             None => {
                 let Some((slot, side)) = ends(sk).and_then(|e| any_slot(&e)) else {
-                    return 0;
+                    return;
                 };
                 SockState {
                     slot,
@@ -402,15 +424,13 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
                 }
             }
         };
-        if st.flags & SOCK_ENDED != 0 {
-            return 0;
+        if st.flags & SOCK_ENDED == 0 {
+            count(st.slot, TCP_ENDED);
+            sample_rtt(sk, st.slot, H::Rtt);
         }
-        count(st.slot, TCP_ENDED);
-        sample_rtt(sk, st.slot, H::Rtt);
         st.flags |= SOCK_ENDED | reset;
         let _ = NP_SOCKS.insert(sk, st, 0);
     }
-    0
 }
 
 /// The socket is freed: an ended connection's result.
@@ -592,7 +612,7 @@ fn skb_flow(skb: u64) -> Option<(Flow, u32)> {
     let nh: u16 = rd(skb, off!(skb_network_header))?;
     let proto = u16::from_be(rd::<u16>(skb, off!(skb_protocol))?);
     let mut flow = Flow::default();
-    if nh == 0xffff || (proto != ETH_P_IP && proto != ETH_P_IPV6) {
+    if nh == 0xffff {
         return Some((flow, netns));
     }
     let buf = NP_SCRATCH.get_ptr_mut(0)?;
@@ -601,6 +621,17 @@ fn skb_flow(skb: u64) -> Option<(Flow, u32)> {
     let bytes: &[u8] = unsafe {
         let _ = bpf_probe_read_kernel_buf((head + nh as u64) as *const u8, &mut *buf);
         &*buf
+    };
+    // A packet this host sends has no `protocol` before the IP output
+    // routine sets it (after the output hooks): the IP version says.
+    let proto = match proto {
+        ETH_P_IP | ETH_P_IPV6 => proto,
+        0 => match bytes.first().map(|b| b >> 4) {
+            Some(4) => ETH_P_IP,
+            Some(6) => ETH_P_IPV6,
+            _ => return Some((flow, netns)),
+        },
+        _ => return Some((flow, netns)),
     };
     let _ = parse_from(bytes, proto, 0, &mut flow);
     Some((flow, netns))
