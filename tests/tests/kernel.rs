@@ -434,6 +434,7 @@ fn ct(id: &str, name: &str, addrs: &[&str]) -> Container {
         addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         published: Vec::new(),
         veths: Vec::new(),
+        netns: None,
     }
 }
 
