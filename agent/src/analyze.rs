@@ -21,7 +21,12 @@ use serde::Serialize;
 use crate::{
     config::{self, Endpoint, Proto, Service},
     packet::{self, Flow, Link, TCP_FIN, TCP_RST, TCP_SYN, Table},
+    tcp_track::{self, Segment, Totals, Tracker},
 };
+
+/// Connections `analyze` follows at once for the TCP figures (a file can
+/// hold millions; the oldest are dropped first, and counted).
+const TCP_CONNECTIONS: usize = 1 << 18;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyzeError {
@@ -209,6 +214,10 @@ pub struct Analyzer {
     first_ts: Option<f64>,
     last_ts: f64,
     flow: Flow,
+    tcp: Tracker,
+    tcp_totals: Totals,
+    /// Slots that had a TCP segment (they get a TCP row).
+    tcp_seen: Vec<bool>,
 }
 
 impl Analyzer {
@@ -218,6 +227,7 @@ impl Analyzer {
         Analyzer {
             link,
             slots: vec![SlotCounters::default(); table.slots()],
+            tcp_seen: vec![false; table.slots()],
             table,
             convs,
             protos: vec![(0, 0); 512],
@@ -228,12 +238,15 @@ impl Analyzer {
             first_ts: None,
             last_ts: 0.0,
             flow: Flow::default(),
+            tcp: Tracker::new(TCP_CONNECTIONS),
+            tcp_totals: Totals::default(),
         }
     }
 
-    /// One frame: `data` as captured, `wire_len` as it was on the wire.
+    /// One frame: `data` as captured, `wire_len` as it was on the wire,
+    /// at `ts` seconds (`ts_us` in µs, for the TCP figures).
     #[inline]
-    pub fn add(&mut self, data: &[u8], wire_len: u32, ts: f64) {
+    pub fn add(&mut self, data: &[u8], wire_len: u32, ts: f64, ts_us: u64) {
         let len = u64::from(wire_len);
         self.packets += 1;
         self.bytes += len;
@@ -265,6 +278,9 @@ impl Analyzer {
             Ok(()) => {
                 let (slot, dir) = self.table.classify_file(&f);
                 add(&mut self.slots[slot as usize].dir[dir], len, f.tcp_flags);
+                if f.proto == PROTO_TCP && slot >= agent_ebpf::FIRST_SERVICE_SLOT {
+                    self.tcp_segment(data, wire_len, ts_us, slot, dir);
+                }
                 (true, slot)
             }
             Err(slot) => {
@@ -315,6 +331,29 @@ impl Analyzer {
         c.slot = slot;
     }
 
+    /// A TCP segment of a service, for the TCP figures.
+    fn tcp_segment(&mut self, data: &[u8], wire_len: u32, ts_us: u64, slot: u32, dir: usize) {
+        if let Some(seen) = self.tcp_seen.get_mut(slot as usize) {
+            *seen = true;
+        }
+        let Some(tcp) = packet::tcp_header(self.link, data, wire_len) else {
+            return;
+        };
+        let f = &self.flow;
+        let seg = Segment {
+            ts_us,
+            slot,
+            dir,
+            family: f.family,
+            src: f.src,
+            dst: f.dst,
+            sport: f.sport,
+            dport: f.dport,
+            tcp,
+        };
+        self.tcp.segment(&seg, &mut self.tcp_totals);
+    }
+
     pub fn packets(&self) -> u64 {
         self.packets
     }
@@ -328,11 +367,21 @@ impl Analyzer {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let c = self.slots[agent_ebpf::FIRST_SERVICE_SLOT as usize + i];
+                let slot = agent_ebpf::FIRST_SERVICE_SLOT as usize + i;
+                let c = self.slots[slot];
                 ServiceRow {
                     service: n.clone(),
                     ingress: Dir::from(&c.dir[DIR_INGRESS]),
                     egress: Dir::from(&c.dir[DIR_EGRESS]),
+                    tcp: self.tcp_seen[slot].then(|| {
+                        TcpRow::from(
+                            self.tcp_totals
+                                .slots
+                                .get(&(slot as u32))
+                                .cloned()
+                                .unwrap_or_default(),
+                        )
+                    }),
                 }
             })
             .collect();
@@ -440,6 +489,12 @@ impl Analyzer {
         }
         protocols.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.protocol.cmp(&b.protocol)));
         let first = self.first_ts.unwrap_or(0.0);
+        let tcp = TcpSummary {
+            available: tcp_track::AVAILABLE,
+            unavailable: tcp_track::UNAVAILABLE,
+            handshake_bounds_us: agent_ebpf::HIST_BOUNDS_US.to_vec(),
+            connections_evicted: self.tcp.evicted(),
+        };
         Report {
             input: input.to_string(),
             link_type: self.link.as_str(),
@@ -456,6 +511,7 @@ impl Analyzer {
             addresses_total,
             top_talkers,
             protocols,
+            tcp,
         }
     }
 }
@@ -525,6 +581,68 @@ pub struct ServiceRow {
     pub service: String,
     pub ingress: Dir,
     pub egress: Dir,
+    /// TCP figures from the headers; `None` for a service without TCP
+    /// segments.
+    pub tcp: Option<TcpRow>,
+}
+
+/// A service's TCP figures, from headers (`tcp_track`): connections by
+/// result, handshakes (SYN to the first ACK, as Wireshark's
+/// `tcp.analysis.initial_rtt`) and retransmitted segments (as its
+/// `tcp.analysis.retransmission`), by direction in the service's view.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpRow {
+    pub established: u64,
+    pub refused: u64,
+    pub reset: u64,
+    pub closed: u64,
+    /// Established and not yet ended when the file ended.
+    pub open: u64,
+    pub retransmits: u64,
+    pub retransmits_ingress: u64,
+    pub retransmits_egress: u64,
+    pub handshakes: u64,
+    pub handshake_sum_us: u64,
+    pub handshake_p50_us: Option<u32>,
+    pub handshake_p99_us: Option<u32>,
+    /// Per-bucket counts over `tcp.handshake_bounds_us`, then +Inf.
+    pub handshake_buckets: Vec<u64>,
+}
+
+impl From<tcp_track::SlotTcp> for TcpRow {
+    fn from(mut s: tcp_track::SlotTcp) -> TcpRow {
+        use agent_ebpf::{
+            TCP_CLOSED, TCP_ENDED, TCP_ESTABLISHED, TCP_REFUSED, TCP_RESET, TCP_RETRANS,
+        };
+        s.handshakes.sort_unstable();
+        let c = &s.tcp.counts;
+        TcpRow {
+            established: c[TCP_ESTABLISHED],
+            refused: c[TCP_REFUSED],
+            reset: c[TCP_RESET],
+            closed: c[TCP_CLOSED],
+            open: c[TCP_ESTABLISHED].saturating_sub(c[TCP_ENDED]),
+            retransmits: c[TCP_RETRANS],
+            retransmits_ingress: s.retrans[DIR_INGRESS],
+            retransmits_egress: s.retrans[DIR_EGRESS],
+            handshakes: s.tcp.handshake.count(),
+            handshake_sum_us: s.tcp.handshake.sum_us,
+            handshake_p50_us: tcp_track::quantile(&s.handshakes, 0.5),
+            handshake_p99_us: tcp_track::quantile(&s.handshakes, 0.99),
+            handshake_buckets: s.tcp.handshake.buckets.to_vec(),
+        }
+    }
+}
+
+/// What the TCP figures of a capture can and cannot say.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpSummary {
+    pub available: &'static [&'static str],
+    /// Only the eBPF backend's tracing programs have these.
+    pub unavailable: &'static [&'static str],
+    pub handshake_bounds_us: Vec<u64>,
+    /// Connections dropped from the tracker's table when it was full.
+    pub connections_evicted: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -591,6 +709,7 @@ pub struct Report {
     pub addresses_total: usize,
     pub top_talkers: Vec<TalkerRow>,
     pub protocols: Vec<ProtoRow>,
+    pub tcp: TcpSummary,
 }
 
 /// Files larger than this get a progress bar (on a terminal).
@@ -725,8 +844,11 @@ pub fn analyze(input: &Input, table: Table, top: usize) -> Result<Report, Analyz
             Ok(p) => {
                 let h = p.header;
                 let ts = h.ts.tv_sec as f64 + h.ts.tv_usec as f64 * 1e-6;
+                let ts_us = (h.ts.tv_sec as u64)
+                    .wrapping_mul(1_000_000)
+                    .wrapping_add(h.ts.tv_usec as u64);
                 offset += 16 + u64::from(h.caplen);
-                a.add(p.data, h.len, ts);
+                a.add(p.data, h.len, ts, ts_us);
                 if let Some(b) = &bar
                     && a.packets().is_multiple_of(PROGRESS_EVERY)
                 {
@@ -874,6 +996,52 @@ fn endpoint(addr: &str, port: u16, proto: &str) -> String {
     }
 }
 
+/// The services' TCP figures, when any service had TCP segments.
+fn tcp_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    let us = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = r
+        .services
+        .iter()
+        .filter_map(|s| s.tcp.as_ref().map(|t| (s, t)))
+        .map(|(s, t)| {
+            vec![
+                s.service.clone(),
+                t.established.to_string(),
+                t.refused.to_string(),
+                t.reset.to_string(),
+                t.closed.to_string(),
+                t.open.to_string(),
+                t.retransmits.to_string(),
+                us(t.handshake_p50_us),
+                us(t.handshake_p99_us),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\nTCP (from headers; handshake = SYN to first ACK, in µs; not in a capture: {})",
+        r.tcp.unavailable.join(", ")
+    )?;
+    grid(
+        out,
+        &[
+            "SERVICE",
+            "ESTABLISHED",
+            "REFUSED",
+            "RESET",
+            "CLOSED",
+            "OPEN",
+            "RETRANS",
+            "HANDSHAKE P50",
+            "HANDSHAKE P99",
+        ],
+        &rows,
+    )
+}
+
 fn table_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
@@ -934,6 +1102,7 @@ fn table_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         ],
         &rows,
     )?;
+    tcp_text(r, out)?;
     writeln!(
         out,
         "\nCONVERSATIONS ({} of {}, by bytes)",

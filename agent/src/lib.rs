@@ -32,6 +32,7 @@ pub mod run;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod tcp_track;
 pub mod web;
 pub mod websec;
 

@@ -150,29 +150,36 @@ fn parse_l3(frame: &[u8], at: usize, ethertype: u16, flow: &mut parse::Flow) -> 
     parse::parse_from(AfterEthernet(l3), ethertype, ETH_HLEN, flow)
 }
 
-/// Parses `frame` of link type `link` into `flow` (which it resets): the
-/// kernel programs' parser, after the link header.
-pub fn parse(link: Link, frame: &[u8], flow: &mut Flow) -> Parsed {
-    let mut f = parse::Flow::default();
-    let res = match link {
-        Link::Ethernet => parse::parse_ethernet(frame, &mut f),
+/// Where the network layer of a frame starts: behind an Ethernet header
+/// (the kernel's parse walks it, VLAN tags included), or at `at` with the
+/// ethertype the link header names. `Err` is the reserved slot.
+#[derive(Clone, Copy)]
+enum Start {
+    Ethernet,
+    L3(usize, u16),
+}
+
+#[inline]
+fn start(link: Link, frame: &[u8]) -> Result<Start, u32> {
+    Ok(match link {
+        Link::Ethernet => Start::Ethernet,
         Link::Raw => match frame.first().map(|b| b >> 4) {
-            Some(4) => parse_l3(frame, 0, ETH_P_IP, &mut f),
-            Some(6) => parse_l3(frame, 0, ETH_P_IPV6, &mut f),
-            _ => Err(SLOT_MALFORMED),
+            Some(4) => Start::L3(0, ETH_P_IP),
+            Some(6) => Start::L3(0, ETH_P_IPV6),
+            _ => return Err(SLOT_MALFORMED),
         },
-        Link::Ipv4 => parse_l3(frame, 0, ETH_P_IP, &mut f),
-        Link::Ipv6 => parse_l3(frame, 0, ETH_P_IPV6, &mut f),
+        Link::Ipv4 => Start::L3(0, ETH_P_IP),
+        Link::Ipv6 => Start::L3(0, ETH_P_IPV6),
         // Packet type, ARPHRD, address length, 8 address bytes, protocol.
         Link::Sll => match frame.get(..16) {
-            Some(h) => parse_l3(frame, 16, u16::from_be_bytes([h[14], h[15]]), &mut f),
-            None => Err(SLOT_MALFORMED),
+            Some(h) => Start::L3(16, u16::from_be_bytes([h[14], h[15]])),
+            None => return Err(SLOT_MALFORMED),
         },
         // Protocol first, then reserved, ifindex, ARPHRD, packet type,
         // address length and 8 address bytes.
         Link::Sll2 => match frame.get(..20) {
-            Some(h) => parse_l3(frame, 20, u16::from_be_bytes([h[0], h[1]]), &mut f),
-            None => Err(SLOT_MALFORMED),
+            Some(h) => Start::L3(20, u16::from_be_bytes([h[0], h[1]])),
+            None => return Err(SLOT_MALFORMED),
         },
         Link::Null => match frame.get(..4) {
             Some(h) => {
@@ -180,16 +187,137 @@ pub fn parse(link: Link, frame: &[u8], flow: &mut Flow) -> Parsed {
                 // AF_INET is 2 everywhere; AF_INET6 is 10, 24, 28 or 30 by OS.
                 let af = if af > 0xffff { af.swap_bytes() } else { af };
                 match af {
-                    2 => parse_l3(frame, 4, ETH_P_IP, &mut f),
-                    10 | 24 | 28 | 30 => parse_l3(frame, 4, ETH_P_IPV6, &mut f),
-                    _ => Err(SLOT_NOT_IP),
+                    2 => Start::L3(4, ETH_P_IP),
+                    10 | 24 | 28 | 30 => Start::L3(4, ETH_P_IPV6),
+                    _ => return Err(SLOT_NOT_IP),
                 }
             }
-            None => Err(SLOT_MALFORMED),
+            None => return Err(SLOT_MALFORMED),
         },
+    })
+}
+
+/// Parses `frame` of link type `link` into `flow` (which it resets): the
+/// kernel programs' parser, after the link header.
+pub fn parse(link: Link, frame: &[u8], flow: &mut Flow) -> Parsed {
+    let mut f = parse::Flow::default();
+    let res = match start(link, frame) {
+        Ok(Start::Ethernet) => parse::parse_ethernet(frame, &mut f),
+        Ok(Start::L3(at, ethertype)) => parse_l3(frame, at, ethertype, &mut f),
+        Err(slot) => Err(slot),
     };
     *flow = Flow::from_parsed(&f);
     res
+}
+
+/// The TCP fields the kernel's parser does not keep (its `Flow` is the
+/// programs' hot-path struct): what the header-derived TCP tracker needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpHeader {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    /// The window field as sent (unscaled).
+    pub window: u16,
+    /// Payload bytes, from the IP length (not the captured length: a
+    /// headers-only capture cuts the payload, Ethernet pads runts).
+    pub payload: u32,
+}
+
+/// A [`Frame`] that notes where the parser read: the first header of 20
+/// bytes or more is the IP header (Ethernet is 14, VLAN tags 4), the last
+/// one the transport header.
+#[derive(Clone, Copy)]
+struct Spy<'a> {
+    bytes: &'a [u8],
+    /// Parse offsets minus this are offsets in `bytes`.
+    shift: usize,
+    ip: &'a std::cell::Cell<usize>,
+    l4: &'a std::cell::Cell<usize>,
+}
+
+impl<'a> Frame for Spy<'a> {
+    type Header = &'a [u8];
+    #[inline(always)]
+    fn header(self, off: usize, len: usize) -> Option<&'a [u8]> {
+        let o = off.checked_sub(self.shift)?;
+        if len >= 20 && self.ip.get() == usize::MAX {
+            self.ip.set(o);
+        }
+        self.l4.set(o);
+        self.bytes.header(o, len)
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    let w = b.get(at..at + 4)?;
+    Some(u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    let w = b.get(at..at + 2)?;
+    Some(u16::from_be_bytes([w[0], w[1]]))
+}
+
+/// The TCP header of a frame the parser took for TCP: the kernel's parse
+/// again (so VLAN tags, IPv6 extension headers and every link type are
+/// walked the same way), noting where the IP and TCP headers are. Run
+/// only for TCP segments of a service, so the common path parses once.
+/// `wire_len` stands in for an IP length of 0 (a TSO/GSO packet).
+pub fn tcp_header(link: Link, frame: &[u8], wire_len: u32) -> Option<TcpHeader> {
+    let (ip, l4) = (
+        std::cell::Cell::new(usize::MAX),
+        std::cell::Cell::new(usize::MAX),
+    );
+    let mut f = parse::Flow::default();
+    let (bytes, at) = match start(link, frame).ok()? {
+        Start::Ethernet => {
+            let spy = Spy {
+                bytes: frame,
+                shift: 0,
+                ip: &ip,
+                l4: &l4,
+            };
+            parse::parse_ethernet(spy, &mut f).ok()?;
+            (frame, 0)
+        }
+        Start::L3(at, ethertype) => {
+            let bytes = frame.get(at..)?;
+            let spy = Spy {
+                bytes,
+                shift: ETH_HLEN,
+                ip: &ip,
+                l4: &l4,
+            };
+            parse::parse_from(spy, ethertype, ETH_HLEN, &mut f).ok()?;
+            (bytes, at)
+        }
+    };
+    if f.proto != agent_ebpf::PROTO_TCP {
+        return None;
+    }
+    let (ip, l4) = (ip.get(), l4.get());
+    let doff = usize::from(*bytes.get(l4 + 12)? >> 4) * 4;
+    let ip_len = if f.family == FAMILY_V4 {
+        usize::from(be16(bytes, ip + 2)?)
+    } else {
+        match be16(bytes, ip + 4)? {
+            0 => 0,
+            n => 40 + usize::from(n),
+        }
+    };
+    let ip_end = if ip_len == 0 {
+        (wire_len as usize).saturating_sub(at)
+    } else {
+        ip + ip_len
+    };
+    Some(TcpHeader {
+        seq: be32(bytes, l4 + 4)?,
+        ack: be32(bytes, l4 + 8)?,
+        flags: *bytes.get(l4 + 13)?,
+        window: be16(bytes, l4 + 14)?,
+        payload: ip_end.saturating_sub(l4 + doff) as u32,
+    })
 }
 
 /// The service table as the kernel holds it, for userspace look-ups:
@@ -386,6 +514,48 @@ mod tests {
         t.extend_from_slice(&[0; 8]);
         t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
         t
+    }
+
+    #[test]
+    fn tcp_header_fields_and_payload_from_the_ip_length() {
+        // seq 7, ack 9, 12 bytes of options, 30 bytes of payload.
+        let mut t = tcp(1234, 80, TCP_SYN | 0x10);
+        t[4..8].copy_from_slice(&7u32.to_be_bytes());
+        t[8..12].copy_from_slice(&9u32.to_be_bytes());
+        t[12] = 0x80;
+        t[14..16].copy_from_slice(&321u16.to_be_bytes());
+        t.extend_from_slice(&[1; 12]);
+        t.extend_from_slice(&[0xaa; 30]);
+        let want = TcpHeader {
+            seq: 7,
+            ack: 9,
+            flags: TCP_SYN | 0x10,
+            window: 321,
+            payload: 30,
+        };
+        let v4 = ipv4(6, 0, &t);
+        let frame = eth(0x0800, &v4);
+        assert_eq!(tcp_header(Link::Ethernet, &frame, 0), Some(want));
+        // Cut by the snaplen: the IP length still says 30.
+        assert_eq!(tcp_header(Link::Ethernet, &frame[..80], 0), Some(want));
+        // Behind a VLAN tag; as raw IP.
+        let mut tagged = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x81, 0, 0, 5, 0x08, 0];
+        tagged.extend_from_slice(&v4);
+        assert_eq!(tcp_header(Link::Ethernet, &tagged, 0), Some(want));
+        assert_eq!(tcp_header(Link::Raw, &v4, 0), Some(want));
+        // IPv6 behind a hop-by-hop header.
+        let mut v6 = vec![0x60, 0, 0, 0];
+        v6.extend_from_slice(&((8 + t.len()) as u16).to_be_bytes());
+        v6.extend_from_slice(&[0, 64]);
+        v6.extend_from_slice(&[0xfd; 32]);
+        v6.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+        v6.extend_from_slice(&t);
+        assert_eq!(tcp_header(Link::Ethernet, &eth(0x86dd, &v6), 0), Some(want));
+        // Not TCP.
+        assert_eq!(
+            tcp_header(Link::Ethernet, &eth(0x0800, &ipv4(17, 0, &[0; 8])), 0),
+            None
+        );
     }
 
     #[test]

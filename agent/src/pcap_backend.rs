@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     path::Path,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     thread::JoinHandle,
@@ -19,8 +19,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    DIR_EGRESS, DIR_INGRESS, DirCounters, EndpointKey, Group4, Group6, Key4, Key6, MAX_SLOTS,
-    SLOT_NO_MATCH, SlotCounters,
+    DIR_EGRESS, DIR_INGRESS, DirCounters, EndpointKey, FIRST_SERVICE_SLOT, Group4, Group6,
+    HIST_BUCKETS, Key4, Key6, MAX_SLOTS, PROTO_TCP, SLOT_NO_MATCH, SlotCounters, TCP_COUNTS,
+    TCP_SLOTS, TcpCounters,
     classify::{self, ContainerTables},
 };
 use rustc_hash::FxHashMap;
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 use crate::{
     interfaces::Zone,
     packet::{self, Flow, Link, TCP_FIN, TCP_RST, TCP_SYN, Table},
+    tcp_track::{self, Segment, Tracker},
 };
 
 /// Bytes of each packet copied to us: headers only (the kernel programs
@@ -106,6 +108,71 @@ struct Slot {
     dir: [Dir; 2],
 }
 
+/// One slot's TCP figures from headers (`tcp_track`), as atomics: the
+/// trackers add, readers load. Written per connection event, not per
+/// packet.
+#[derive(Default)]
+struct TcpSlot {
+    counts: [AtomicU64; TCP_COUNTS],
+    buckets: [AtomicU64; HIST_BUCKETS],
+    sum_us: AtomicU64,
+    /// Retransmissions by direction (service's view).
+    retrans: [AtomicU64; 2],
+}
+
+impl TcpSlot {
+    fn load(&self) -> TcpCounters {
+        let mut t = TcpCounters::default();
+        for (a, b) in t.counts.iter_mut().zip(&self.counts) {
+            *a = b.load(Relaxed);
+        }
+        for (a, b) in t.handshake.buckets.iter_mut().zip(&self.buckets) {
+            *a = b.load(Relaxed);
+        }
+        t.handshake.sum_us = self.sum_us.load(Relaxed);
+        t
+    }
+
+    fn zero(&self) {
+        let all = self.counts.iter().chain(&self.buckets).chain(&self.retrans);
+        for c in all.chain([&self.sum_us]) {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+/// The trackers' findings into the shared atomics.
+struct TcpSink<'a>(&'a Shared);
+
+impl tcp_track::Sink for TcpSink<'_> {
+    fn count(&mut self, slot: u32, index: usize) {
+        if let Some(c) = self
+            .0
+            .tcp
+            .get(slot as usize)
+            .and_then(|s| s.counts.get(index))
+        {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+    fn handshake(&mut self, slot: u32, us: u64) {
+        if let Some(s) = self.0.tcp.get(slot as usize) {
+            if let Some(b) = s.buckets.get(agent_ebpf::Hist::bucket(us)) {
+                b.fetch_add(1, Relaxed);
+            }
+            s.sum_us.fetch_add(us, Relaxed);
+        }
+    }
+    fn retransmit(&mut self, slot: u32, dir: usize) {
+        if let Some(s) = self.0.tcp.get(slot as usize) {
+            s.retrans[dir & 1].fetch_add(1, Relaxed);
+        }
+    }
+    fn evicted(&mut self, n: u64) {
+        self.0.tcp_evicted.fetch_add(n, Relaxed);
+    }
+}
+
 /// What every capture reads: the tables and where it counts.
 struct Tables {
     table: Table,
@@ -159,6 +226,10 @@ struct Shared {
     /// the transmit path (TC egress), like the kernel's two arrays.
     rx: Vec<Slot>,
     tx: Vec<Slot>,
+    /// TCP figures of the slots below `TCP_SLOTS`, as the kernel keeps them.
+    tcp: Vec<TcpSlot>,
+    /// Connections the trackers dropped from full tables.
+    tcp_evicted: AtomicU64,
     tables: RwLock<Arc<Tables>>,
     /// Bumped on every table change; captures re-read `tables` when it moves.
     generation: AtomicU64,
@@ -209,6 +280,29 @@ impl Reader {
     /// Packets libpcap dropped, by interface, since this agent started.
     pub fn dropped(&self) -> BTreeMap<String, u64> {
         self.shared.dropped()
+    }
+
+    /// The slot's TCP figures from packet headers (`tcp_track`), summed
+    /// over interfaces; `None` for slots without TCP figures (from
+    /// `TCP_SLOTS` on). What headers cannot tell (`tcp_track::UNAVAILABLE`:
+    /// timeouts, aborts, RTT) stays zero. `counts[TCP_RETRANS]` is both
+    /// directions: see [`Reader::tcp_retransmits`].
+    pub fn tcp(&self, slot: u32) -> Option<TcpCounters> {
+        self.shared.tcp.get(slot as usize).map(TcpSlot::load)
+    }
+
+    /// Retransmitted segments of the slot by direction in the service's
+    /// view (`[toward it, from it]`); a local service's own are the
+    /// second, a remote service's (this host as its client) the first.
+    pub fn tcp_retransmits(&self, slot: u32) -> [u64; 2] {
+        self.shared.tcp.get(slot as usize).map_or([0; 2], |s| {
+            [s.retrans[0].load(Relaxed), s.retrans[1].load(Relaxed)]
+        })
+    }
+
+    /// Connections the TCP trackers dropped because their table was full.
+    pub fn tcp_evicted(&self) -> u64 {
+        self.shared.tcp_evicted.load(Relaxed)
     }
 }
 
@@ -268,6 +362,8 @@ impl Pcap {
             shared: Arc::new(Shared {
                 rx: slots(),
                 tx: slots(),
+                tcp: (0..TCP_SLOTS).map(|_| TcpSlot::default()).collect(),
+                tcp_evicted: AtomicU64::new(0),
                 tables: RwLock::new(Arc::new(Tables {
                     table: Table::default(),
                     addrs4: FxHashMap::default(),
@@ -309,6 +405,9 @@ impl Pcap {
             caps.push((cap, link, *h));
         }
         let stop = Arc::new(AtomicBool::new(false));
+        // One tracker per interface: its two captures see the two
+        // directions of the same connections.
+        let tracker = Arc::new(Mutex::new(Tracker::new(tcp_track::DEFAULT_CAPACITY)));
         let mut running = Running {
             stop: stop.clone(),
             wake: Vec::new(),
@@ -328,6 +427,7 @@ impl Pcap {
                 stop: stop.clone(),
                 drops,
                 ifname: ifname.to_string(),
+                tracker: tracker.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("pcap-{ifname}"))
@@ -478,6 +578,9 @@ impl Pcap {
     }
 
     pub fn zero(&mut self, slot: u32) {
+        if let Some(t) = self.shared.tcp.get(slot as usize) {
+            t.zero();
+        }
         for path in [&self.shared.rx, &self.shared.tx] {
             if let Some(s) = path.get(slot as usize) {
                 s.dir[0].zero();
@@ -521,12 +624,48 @@ struct Tap {
     stop: Arc<AtomicBool>,
     drops: Arc<AtomicU64>,
     ifname: String,
+    tracker: Arc<Mutex<Tracker>>,
 }
 
 impl Tap {
-    /// Counts one packet as the kernel hook of direction `hook_dir` would.
+    /// A TCP segment of a service slot through the interface's tracker.
     #[inline]
-    fn count(&self, t: &Tables, parsed: packet::Parsed, f: &Flow, len: u64, hook_dir: usize) {
+    fn track(&self, data: &[u8], p: &pcap::PacketHeader, f: &Flow, slot: u32, dir: usize) {
+        if !(FIRST_SERVICE_SLOT..TCP_SLOTS).contains(&slot) {
+            return;
+        }
+        let Some(tcp) = packet::tcp_header(self.link, data, p.len) else {
+            return;
+        };
+        let ts_us = (p.ts.tv_sec as u64)
+            .wrapping_mul(1_000_000)
+            .wrapping_add(p.ts.tv_usec as u64);
+        let seg = Segment {
+            ts_us,
+            slot,
+            dir,
+            family: f.family,
+            src: f.src,
+            dst: f.dst,
+            sport: f.sport,
+            dport: f.dport,
+            tcp,
+        };
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        t.segment(&seg, &mut TcpSink(&self.shared));
+    }
+
+    /// Counts one packet as the kernel hook of direction `hook_dir` would;
+    /// its slot and direction (service's view).
+    #[inline]
+    fn count(
+        &self,
+        t: &Tables,
+        parsed: packet::Parsed,
+        f: &Flow,
+        len: u64,
+        hook_dir: usize,
+    ) -> (u32, usize) {
         let path = if hook_dir == DIR_INGRESS {
             &self.shared.rx
         } else {
@@ -555,6 +694,7 @@ impl Tap {
         if let Some(s) = path.get(slot as usize) {
             s.dir[dir & 1].add(len, flags);
         }
+        (slot, dir)
     }
 
     fn tables(&self) -> Arc<Tables> {
@@ -582,13 +722,22 @@ impl Tap {
                     }
                     let len = u64::from(p.header.len);
                     let parsed = packet::parse(self.link, p.data, &mut flow);
-                    match self.hooks {
+                    let (slot, dir) = match self.hooks {
                         Hooks::In => self.count(&tables, parsed, &flow, len, DIR_INGRESS),
                         Hooks::Out => self.count(&tables, parsed, &flow, len, DIR_EGRESS),
                         Hooks::Both => {
-                            self.count(&tables, parsed, &flow, len, DIR_EGRESS);
-                            self.count(&tables, parsed, &flow, len, DIR_INGRESS);
+                            let out = self.count(&tables, parsed, &flow, len, DIR_EGRESS);
+                            let inn = self.count(&tables, parsed, &flow, len, DIR_INGRESS);
+                            // Both ends are here: the service at either.
+                            if inn.0 >= FIRST_SERVICE_SLOT {
+                                inn
+                            } else {
+                                out
+                            }
                         }
+                    };
+                    if parsed.is_ok() && flow.proto == PROTO_TCP {
+                        self.track(p.data, p.header, &flow, slot, dir);
                     }
                 }
                 Err(pcap::Error::TimeoutExpired) => {}

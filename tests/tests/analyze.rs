@@ -833,3 +833,269 @@ fn real_traffic_captured_by_tcpdump_matches_tshark() {
     assert_eq!(a["conversations"], b["conversations"]);
     cleanup();
 }
+
+// --- TCP health from headers ------------------------------------------------
+
+const TCP_CONNS: usize = 8;
+const TCP_REFUSED: usize = 3;
+const TCP_RESETS: usize = 2;
+/// Services: `web` (segments dropped, so retransmitted), `closed` (nothing
+/// listens: refused), `rst` (the client resets with SO_LINGER 0).
+const TCP_SERVICES: [&str; 6] = [
+    "--service",
+    "web=tcp/19621",
+    "--service",
+    "closed=tcp/19622",
+    "--service",
+    "rst=tcp/19623",
+];
+
+/// `iptables` in a namespace.
+fn iptables(ns: &Netns, rule: &str) {
+    let args: Vec<&str> = rule.split(' ').collect();
+    ns.exec("iptables", &args);
+}
+
+/// Known TCP traffic from a to b, with losses the capture on b sees
+/// before they happen: b drops every 4th SYN and every 9th segment to
+/// 19621 after tcpdump's tap (netfilter INPUT), a every 9th segment from
+/// it, so both sides retransmit (SYNs and SYN-ACKs included). Then
+/// connections to a closed port, and resets.
+fn tcp_health_traffic(p: &netpulse_tests::netns::Pair) {
+    let server = p.addr_b;
+    for rule in [
+        "-A INPUT -p tcp --dport 19621 --syn -m statistic --mode nth --every 4 --packet 0 -j DROP",
+        "-A INPUT -p tcp --dport 19621 -m statistic --mode nth --every 9 --packet 0 -j DROP",
+    ] {
+        iptables(&p.b, rule);
+    }
+    iptables(
+        &p.a,
+        "-A INPUT -p tcp --sport 19621 -m statistic --mode nth --every 9 --packet 4 -j DROP",
+    );
+    let (web_l, rst_l) = p.b.run(move || {
+        (
+            TcpListener::bind((server, 19621)).unwrap(),
+            TcpListener::bind((server, 19623)).unwrap(),
+        )
+    });
+    let web = std::thread::spawn(move || {
+        for _ in 0..TCP_CONNS {
+            let (mut s, _) = web_l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&[7u8; 20_000]).unwrap();
+        }
+    });
+    let rst = std::thread::spawn(move || {
+        for _ in 0..TCP_RESETS {
+            let (mut s, _) = rst_l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 64];
+            assert_eq!(s.read(&mut buf).unwrap(), 5);
+            // The reset.
+            assert!(s.read(&mut buf).is_err());
+        }
+    });
+    p.a.run(move || {
+        for i in 0..TCP_CONNS {
+            let to = std::net::SocketAddr::from((server, 19621));
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(30)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            s.write_all(&vec![1u8; 20_000 + i * 1000]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            assert_eq!(buf.len(), 20_000);
+        }
+        for _ in 0..TCP_REFUSED {
+            let e = TcpStream::connect((server, 19622)).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        for _ in 0..TCP_RESETS {
+            let mut s = TcpStream::connect((server, 19623)).unwrap();
+            s.write_all(b"hello").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a linger struct of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            drop(s);
+        }
+    });
+    web.join().unwrap();
+    rst.join().unwrap();
+}
+
+/// tshark's fields of the packets `filter` matches, one Vec per packet.
+fn tshark_fields(file: &Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut args = vec!["-r", file.to_str().unwrap(), "-Y", filter, "-T", "fields"];
+    for f in fields {
+        args.extend_from_slice(&["-e", f]);
+    }
+    let out = sh("tshark", &args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+/// Frames `filter` matches, as tshark counts them.
+fn tshark_count(file: &Path, filter: &str) -> u64 {
+    pcapfile::tshark_io(file, &[filter])[0].0
+}
+
+#[test]
+fn tcp_figures_match_tshark_retransmissions_and_initial_rtt() {
+    if !tools()
+        || !require("root (network namespaces)", is_root())
+        || !require("iptables (its statistic match)", have("iptables"))
+    {
+        return;
+    }
+    let p = netpulse_tests::netns::Pair::np6("tt", 21);
+    let file = dir().join("tcp.pcap");
+    let cap = Tcpdump::start(&p.b, &p.dev_b, &file);
+    tcp_health_traffic(&p);
+    cap.stop();
+    let r = analyze(&file, &TCP_SERVICES);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let tcp = |svc: &str| -> Value {
+        r.json["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == svc)
+            .unwrap_or_else(|| panic!("no service {svc}"))["tcp"]
+            .clone()
+    };
+    let (web, closed, rst) = (tcp("web"), tcp("closed"), tcp("rst"));
+    eprintln!("web {web}\nclosed {closed}\nrst {rst}");
+
+    // Retransmissions: tshark's count, per service and per direction.
+    for (svc, t, port) in [
+        ("web", &web, 19621),
+        ("closed", &closed, 19622),
+        ("rst", &rst, 19623),
+    ] {
+        let all = format!("tcp.analysis.retransmission && tcp.port=={port}");
+        let to = format!("tcp.analysis.retransmission && tcp.dstport=={port}");
+        assert_eq!(
+            n(&t["retransmits"]),
+            tshark_count(&file, &all),
+            "{svc}: {t}"
+        );
+        assert_eq!(
+            n(&t["retransmits_ingress"]),
+            tshark_count(&file, &to),
+            "{svc}: {t}"
+        );
+    }
+    // The drops made retransmissions both ways, SYNs among them.
+    assert!(n(&web["retransmits_ingress"]) > 0, "{web}");
+    assert!(n(&web["retransmits_egress"]) > 0, "{web}");
+    assert!(
+        tshark_count(
+            &file,
+            "tcp.analysis.retransmission && tcp.port==19621 && tcp.flags.syn==1"
+        ) > 0,
+        "no SYN was retransmitted"
+    );
+
+    // Results.
+    assert_eq!(n(&web["established"]), TCP_CONNS as u64, "{web}");
+    assert_eq!(n(&web["closed"]), TCP_CONNS as u64, "{web}");
+    assert_eq!(n(&web["open"]), 0, "{web}");
+    assert_eq!((n(&web["refused"]), n(&web["reset"])), (0, 0), "{web}");
+    assert_eq!(n(&closed["refused"]), TCP_REFUSED as u64, "{closed}");
+    assert_eq!(n(&closed["established"]), 0, "{closed}");
+    assert_eq!(
+        tshark_count(&file, "tcp.port==19622 && tcp.flags.reset==1"),
+        TCP_REFUSED as u64
+    );
+    assert_eq!(n(&rst["established"]), TCP_RESETS as u64, "{rst}");
+    assert_eq!(n(&rst["reset"]), TCP_RESETS as u64, "{rst}");
+    assert_eq!(n(&rst["closed"]), 0, "{rst}");
+    assert_eq!(n(&rst["open"]), 0, "{rst}");
+
+    // Handshakes: tshark's initial RTT of each established stream (it
+    // gives refused ones one too, SYN to RST-ACK: not handshakes). The
+    // capture has microsecond timestamps and tshark prints nanoseconds,
+    // so the values are the same to the microsecond: the same count, sum,
+    // buckets and median.
+    let bounds: Vec<u64> = r.json["tcp"]["handshake_bounds_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(n)
+        .collect();
+    for (svc, t, port) in [("web", &web, 19621), ("rst", &rst, 19623)] {
+        let established: std::collections::BTreeSet<String> = tshark_fields(
+            &file,
+            &format!("tcp.port=={port} && tcp.flags.syn==1 && tcp.flags.ack==1"),
+            &["tcp.stream"],
+        )
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+        let mut irtt: BTreeMap<String, u64> = BTreeMap::new();
+        for row in tshark_fields(
+            &file,
+            &format!("tcp.port=={port} && tcp.analysis.initial_rtt"),
+            &["tcp.stream", "tcp.analysis.initial_rtt"],
+        ) {
+            if established.contains(&row[0]) {
+                let s: f64 = row[1].parse().unwrap();
+                irtt.entry(row[0].clone())
+                    .or_insert((s * 1e6).round() as u64);
+            }
+        }
+        assert_eq!(irtt.len(), established.len(), "{svc}: {irtt:?}");
+        let mut want: Vec<u64> = irtt.values().copied().collect();
+        want.sort_unstable();
+        let mut buckets = vec![0u64; bounds.len() + 1];
+        for v in &want {
+            buckets[bounds.iter().position(|b| v <= b).unwrap_or(bounds.len())] += 1;
+        }
+        assert_eq!(n(&t["handshakes"]), want.len() as u64, "{svc}: {t}");
+        assert_eq!(
+            n(&t["handshake_sum_us"]),
+            want.iter().sum::<u64>(),
+            "{svc}: {t}"
+        );
+        let got: Vec<u64> = t["handshake_buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(n)
+            .collect();
+        assert_eq!(got, buckets, "{svc}: {t}, tshark {want:?}");
+        let median = want[want.len().div_ceil(2) - 1];
+        assert_eq!(n(&t["handshake_p50_us"]), median, "{svc}: {t}");
+    }
+    // The table output has the TCP section.
+    let out = Command::new(bin())
+        .arg("analyze")
+        .arg(&file)
+        .args(TCP_SERVICES)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\nTCP (from headers"), "{text}");
+    assert!(text.contains("HANDSHAKE P50"), "{text}");
+    assert_eq!(r.json["tcp"]["unavailable"][0], "timeout");
+    cleanup();
+}

@@ -22,6 +22,7 @@ pub const ORDER: &[(&str, &[&str])] = &[
         &[
             "api_types",
             "packet",
+            "tcp_track",
             "btf",
             "caps",
             "history",
