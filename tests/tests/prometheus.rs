@@ -261,7 +261,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         ],
     );
     pair.a
-        .exec("sysctl", &["-qw", "net.ipv4.tcp_syn_retries=1"]);
+        .exec("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/tcp_syn_retries"]);
     let agent = Agent::start(&pair.a, &[], &cfg, agent_port, &dir.join("agent.log"));
     let prom_cfg = dir.join("prometheus.yml");
     std::fs::write(
