@@ -2,17 +2,30 @@
 //! their unit tests under promtool, /metrics passes `promtool check
 //! metrics`, and with Prometheus scraping a live agent every query in the
 //! dashboards returns data and every rule expression evaluates.
+//!
+//! For the TCP health panels the live agent sees, in its namespace: TCP
+//! connections to a local service (established, closed), connections to a
+//! `remote` service (established, held open, refused, timed out), and
+//! kernel drops: a firewall rule dropping SYNs to one service's port
+//! (netfilter_drop, attributed), one dropping SYNs toward the remote
+//! service (egress), and connects to a port nobody serves (no_socket,
+//! unattributed).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites},
-    netns::{Pair, have},
+    netns::{Netns, Pair, have},
     prom::Prometheus,
     require,
     scrape::get,
@@ -158,8 +171,52 @@ fn rule_exprs() -> Vec<(String, String)> {
         }
         i += 1;
     }
-    assert_eq!(out.len(), 8, "{out:?}");
+    assert_eq!(out.len(), 11, "{out:?}");
     out
+}
+
+/// Firewall rules (iptables, on nf_tables) in a test namespace, each with
+/// its packet counter; deleted on drop (the namespace's own deletion would
+/// take them too). iptables rather than nft: docker.io, which `cargo xtask
+/// setup` installs, brings it.
+struct Firewall<'a> {
+    ns: &'a Netns,
+    rules: Vec<Vec<String>>,
+}
+
+impl<'a> Firewall<'a> {
+    fn new(ns: &'a Netns) -> Self {
+        Firewall {
+            ns,
+            rules: Vec::new(),
+        }
+    }
+
+    /// `iptables -A CHAIN RULE...`
+    fn add(&mut self, chain: &str, rule: &[&str]) {
+        let mut args = vec!["-w", "-A", chain];
+        args.extend_from_slice(rule);
+        self.ns.exec("iptables", &args);
+        let mut kept = vec![chain.to_string()];
+        kept.extend(rule.iter().map(|s| s.to_string()));
+        self.rules.push(kept);
+    }
+
+    /// The chains with their counters, for failure messages.
+    fn counters(&self) -> String {
+        let out = self.ns.exec("iptables", &["-w", "-L", "-v", "-n", "-x"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Firewall<'_> {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let mut args = vec!["netns", "exec", &self.ns.name, "iptables", "-w", "-D"];
+            args.extend(rule.iter().map(String::as_str));
+            let _ = Command::new("ip").args(&args).output();
+        }
+    }
 }
 
 #[test]
@@ -167,6 +224,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     if !live_prerequisites()
         || !require("prometheus (Debian)", have("prometheus"))
         || !require("promtool", have("promtool"))
+        || !require("iptables", have("iptables"))
     {
         return;
     }
@@ -178,12 +236,32 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7301 }}]\n\n[[check]]\nname = \"web-tcp\"\nkind = \"tcp\"\ntarget = \"{}:7301\"\nservice = \"web\"\ninterval_seconds = 1\n",
+            "[agent]\nlisten = \"127.0.0.1:{agent_port}\"\npin_dir = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7300 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7301 }}]\n\n[[service]]\nname = \"fw\"\nendpoints = [{{ proto = \"tcp\", port = 7302 }}]\n\n[[service]]\nname = \"db\"\nremote = true\nendpoints = [{{ proto = \"tcp\", port = 7303, addr = \"{b}\" }}, {{ proto = \"tcp\", port = 7304, addr = \"{b}\" }}, {{ proto = \"tcp\", port = 7305, addr = \"{b}\" }}]\n\n[[check]]\nname = \"web-tcp\"\nkind = \"tcp\"\ntarget = \"{}:7301\"\nservice = \"web\"\ninterval_seconds = 1\n",
             pins.path().display(),
-            pair.addr_a
+            pair.addr_a,
+            b = pair.addr_b,
         ),
     )
     .unwrap();
+    // TCP health: SYNs to fw (7302) and toward db's 7305 are dropped by
+    // the firewall in the agent's namespace (kernel drops, netfilter_drop;
+    // db's connects time out, their SYNs retransmitted), and a connect
+    // there gives up after one SYN retransmission (about 3 s) instead of
+    // six (127 s).
+    let mut fw = Firewall::new(&pair.a);
+    fw.add(
+        "INPUT",
+        &["-p", "tcp", "--dport", "7302", "--syn", "-j", "DROP"],
+    );
+    let b_addr = pair.addr_b.to_string();
+    fw.add(
+        "OUTPUT",
+        &[
+            "-p", "tcp", "-d", &b_addr, "--dport", "7305", "--syn", "-j", "DROP",
+        ],
+    );
+    pair.a
+        .exec("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/tcp_syn_retries"]);
     let agent = Agent::start(&pair.a, &[], &cfg, agent_port, &dir.join("agent.log"));
     let prom_cfg = dir.join("prometheus.yml");
     std::fs::write(
@@ -212,21 +290,101 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
             drop(c);
         }
     });
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let stop_sender = stop.clone();
     let sender = pair.b.spawn(move || {
         let u = UdpSocket::bind("0.0.0.0:0").unwrap();
         u.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let mut buf = [0u8; 1500];
-        let end = Instant::now() + Duration::from_secs(40);
-        while !stop_sender.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+        let end = Instant::now() + Duration::from_secs(90);
+        let mut n = 0u32;
+        while !stop_sender.load(Ordering::Relaxed) && Instant::now() < end {
             let _ = u.send_to(&[5u8; 200], (addr, 7300));
-            let _ = std::net::TcpStream::connect((addr, 7301));
+            let _ = TcpStream::connect((addr, 7301));
+            if n.is_multiple_of(10) {
+                // A SYN the firewall drops (fw), and one to a port no
+                // service claims and nobody listens on (no_socket,
+                // unattributed).
+                let _ = TcpStream::connect_timeout(
+                    &SocketAddr::from((addr, 7302)),
+                    Duration::from_millis(50),
+                );
+                let _ = TcpStream::connect((addr, 7399));
+            }
+            n += 1;
             let _ = u.recv_from(&mut buf);
             std::thread::sleep(Duration::from_millis(20));
         }
     });
+
+    // The remote service db, on b: 7303 answers (echo), 7304 refuses
+    // (nobody listens), 7305 never sees the SYN (the OUTPUT rule).
+    let b = pair.addr_b;
+    let db_server = {
+        let stop = stop.clone();
+        pair.b.spawn(move || {
+            let l = TcpListener::bind((b, 7303)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            let mut echoes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        c.set_nonblocking(false).unwrap();
+                        echoes.push(std::thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            drop(l);
+            echoes
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // From the agent's namespace (client side): one connection held open
+    // and talking (open gauge, RTT samples while it lasts), short ones
+    // (established, closed, client handshakes) and refused ones.
+    let db_client = {
+        let stop = stop.clone();
+        pair.a.spawn(move || {
+            let mut held = (0..50)
+                .find_map(|_| {
+                    TcpStream::connect((b, 7303))
+                        .inspect_err(|_| std::thread::sleep(Duration::from_millis(100)))
+                        .ok()
+                })
+                .expect("connect to db on b:7303");
+            held.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if held.write_all(&[7u8; 512]).is_ok() {
+                    let _ = held.read_exact(&mut buf);
+                }
+                if let Ok(mut c) = TcpStream::connect((b, 7303)) {
+                    let _ = c.write_all(b"ping");
+                    let _ = c.read(&mut buf);
+                }
+                let _ = TcpStream::connect((b, 7304));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // Connects that time out: SYN, one retransmission, ETIMEDOUT.
+    let db_timeouts = {
+        let stop = stop.clone();
+        pair.a.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = TcpStream::connect((b, 7305));
+            }
+        })
+    };
 
     // Until Prometheus holds several scrapes of the agent.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -264,7 +422,6 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::Write;
     check
         .stdin
         .take()
@@ -279,29 +436,49 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut failures = Vec::new();
-    for (what, q) in dashboard_queries() {
-        let v = query(q.clone());
-        let ok = v["status"] == "success"
-            && v["data"]["result"]
-                .as_array()
-                .is_some_and(|r| !r.is_empty());
-        if !ok {
-            failures.push(format!("{what}: {q}\n  -> {v}"));
+    // Some series appear only after their first event (a timed-out
+    // connect takes 3 s, a drop reason is exported once seen) and a rate
+    // needs two scrapes of it: ask again for up to 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failures = loop {
+        let mut failures = Vec::new();
+        for (what, q) in dashboard_queries() {
+            let v = query(q.clone());
+            let ok = v["status"] == "success"
+                && v["data"]["result"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty());
+            if !ok {
+                failures.push(format!("{what}: {q}\n  -> {v}"));
+            }
         }
-    }
-    for (name, q) in rule_exprs() {
-        let v = query(q.clone());
-        if v["status"] != "success" {
-            failures.push(format!("rule {name}: {q}\n  -> {v}"));
+        for (name, q) in rule_exprs() {
+            let v = query(q.clone());
+            if v["status"] != "success" {
+                failures.push(format!("rule {name}: {q}\n  -> {v}"));
+            }
         }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if failures.is_empty() || Instant::now() > deadline {
+            break failures;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let firewall = fw.counters();
+    stop.store(true, Ordering::Relaxed);
     let _ = sender.join();
+    let _ = db_client.join();
+    let _ = db_timeouts.join();
+    if let Ok(echoes) = db_server.join() {
+        for e in echoes {
+            let _ = e.join();
+        }
+    }
+    drop(fw);
     assert!(
         failures.is_empty(),
-        "queries without data:\n{}",
-        failures.join("\n")
+        "queries without data:\n{}\nfirewall in the agent's namespace:\n{firewall}\nagent log:\n{}",
+        failures.join("\n"),
+        agent.log_text()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
