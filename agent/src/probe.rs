@@ -414,7 +414,7 @@ impl Counters {
     pub fn tcp(&self, slot: u32) -> Option<agent_ebpf::TcpCounters> {
         match self {
             Counters::Kernel(k) => k.health.as_ref()?.tcp(slot),
-            Counters::Pcap(_) => None,
+            Counters::Pcap(r) => r.tcp(slot),
         }
     }
 
