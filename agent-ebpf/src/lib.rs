@@ -484,8 +484,8 @@ pub const MAX_DROP_KEYS: u32 = 8_192;
 /// one more bucket past the last is +Inf. Veth and loopback RTTs are tens
 /// of microseconds, a SYN retried until the connect gives up takes seconds.
 pub const HIST_BOUNDS_US: [u64; 20] = [
-    8, 16, 32, 64, 128, 256, 512, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
-    250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    8, 16, 32, 64, 128, 256, 512, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 pub const HIST_BUCKETS: usize = HIST_BOUNDS_US.len() + 1;
 

@@ -8,16 +8,12 @@
 //! loses that feature (named once in the log and in
 //! `netpulse_feature_enabled`), and packet counting goes on.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::Path,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use agent_ebpf::{
-    DropKey, EndpointKey, NETNS_CONTAINER, NETNS_HOST, Offsets, PROTO_TCP, TCP_COUNTS,
-    TCP_ENDED, TCP_ESTABLISHED, TCP_RETRANS, TCP_RETRANS_SYNACK, TCP_SLOTS, TcpCounters, maps,
-    parse::Flow, programs,
+    DropKey, EndpointKey, NETNS_CONTAINER, NETNS_HOST, Offsets, PROTO_TCP, TCP_COUNTS, TCP_ENDED,
+    TCP_ESTABLISHED, TCP_RETRANS, TCP_RETRANS_SYNACK, TCP_SLOTS, TcpCounters, maps, parse::Flow,
+    programs,
 };
 use aya::{
     Btf, Ebpf,
@@ -90,7 +86,11 @@ pub fn kernel_types() -> KernelTypes {
     let reasons = btf::drop_reasons(&bytes).unwrap_or_default();
     let consumed = btf::enum_values(&bytes, "skb_drop_reason")
         .ok()
-        .and_then(|m| m.into_iter().find(|(_, n)| n == "SKB_CONSUMED").map(|(v, _)| v));
+        .and_then(|m| {
+            m.into_iter()
+                .find(|(_, n)| n == "SKB_CONSUMED")
+                .map(|(v, _)| v)
+        });
     let parsed = btf::Btf::parse(&bytes);
     let (offsets, prototypes_ok) = match parsed {
         Ok(b) => {
@@ -99,8 +99,9 @@ pub fn kernel_types() -> KernelTypes {
                 .map(|(tp, want)| {
                     let ok = match b.tracepoint_params(tp) {
                         None => Err(format!("the kernel has no tracepoint {tp}")),
-                        Some(have) if have.len() >= want.len()
-                            && have.iter().zip(want.iter()).all(|(h, w)| h == w) =>
+                        Some(have)
+                            if have.len() >= want.len()
+                                && have.iter().zip(want.iter()).all(|(h, w)| h == w) =>
                         {
                             Ok(())
                         }
@@ -186,7 +187,9 @@ pub fn attach(ebpf: &mut Ebpf, types: &KernelTypes) -> Vec<Feature> {
         };
         match &result {
             Ok(()) => info!(feature, "TCP health: attached"),
-            Err(e) => warn!(feature, error = %e, "TCP health: this feature is off; packet counting goes on"),
+            Err(e) => {
+                warn!(feature, error = %e, "TCP health: this feature is off; packet counting goes on")
+            }
         }
         out.push(Feature {
             name: feature,
@@ -264,9 +267,8 @@ pub struct Reader {
 
 impl Reader {
     pub fn open(pin_dir: &Path) -> Result<Self, String> {
-        let data = |name: &str| {
-            MapData::from_pin(pin_dir.join(name)).map_err(|e| format!("{name}: {e}"))
-        };
+        let data =
+            |name: &str| MapData::from_pin(pin_dir.join(name)).map_err(|e| format!("{name}: {e}"));
         Ok(Reader {
             tcp: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data(maps::TCP)?))
                 .map_err(|e| e.to_string())?,
@@ -317,13 +319,12 @@ pub fn zero_slot(pin_dir: &Path, slot: u32, ncpus: usize) -> Result<(), String> 
     let data = MapData::from_pin(pin_dir.join(maps::TCP)).map_err(|e| e.to_string())?;
     let mut tcp: PerCpuArray<MapData, TcpCounters> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| e.to_string())?;
-    let zeros = PerCpuValues::try_from(vec![TcpCounters::default(); ncpus])
-        .map_err(|e| e.to_string())?;
+    let zeros =
+        PerCpuValues::try_from(vec![TcpCounters::default(); ncpus]).map_err(|e| e.to_string())?;
     tcp.set(slot, zeros, 0).map_err(|e| e.to_string())?;
     let data = MapData::from_pin(pin_dir.join(maps::DROPS)).map_err(|e| e.to_string())?;
     let mut drops: PerCpuHashMap<MapData, DropKey, u64> =
-        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
-            .map_err(|e| e.to_string())?;
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).map_err(|e| e.to_string())?;
     let keys: Vec<DropKey> = drops
         .keys()
         .filter_map(Result::ok)
@@ -422,7 +423,11 @@ fn proc_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
     let (a, p) = s.split_once(':')?;
     let port = u16::from_str_radix(p, 16).ok()?;
     let word = |i: usize| -> Option<[u8; 4]> {
-        Some(u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes())
+        Some(
+            u32::from_str_radix(a.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
     };
     let addr = if v6 {
         let mut b = [0u8; 16];

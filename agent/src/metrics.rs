@@ -746,7 +746,7 @@ pub fn tcp_series(counters: &Counters) -> impl Fn(u32) -> usize + '_ {
     }
     move |slot| {
         let tcp = counters
-            .tcp(slot)
+            .tcp(slot, false)
             .filter(tcp_seen)
             .map_or(0, |_| TCP_SERIES_PER_SERVICE);
         tcp + drops.get(&slot).copied().unwrap_or(0)
@@ -807,13 +807,12 @@ fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
         features.add(&[f.name], u64::from(f.error.is_none()));
     }
     // Per (label, side): figures summed (the folded ones into ~other).
-    let mut rows: std::collections::BTreeMap<(&str, &str), (TcpCounters, i64)> =
-        Default::default();
+    let mut rows: std::collections::BTreeMap<(&str, &str), (TcpCounters, i64)> = Default::default();
     let mut slot_label: std::collections::HashMap<u32, &str> = Default::default();
     for (name, sl) in &s.view.services {
         let label = s.budget.tcp_label(name);
         slot_label.insert(sl.slot, label);
-        let Some(c) = s.counters.tcp(sl.slot) else {
+        let Some(c) = s.counters.tcp(sl.slot, side(sl) == "client") else {
             continue;
         };
         if !tcp_seen(&c) {

@@ -410,11 +410,28 @@ impl Counters {
         }
     }
 
-    /// A slot's TCP figures; `None` when this backend or kernel has none.
-    pub fn tcp(&self, slot: u32) -> Option<agent_ebpf::TcpCounters> {
+    /// A slot's TCP figures (`client`: its side is this host's client
+    /// side); `None` when this backend or kernel has none. Retransmits are
+    /// this host's own, as the kernel counts them: on the pcap backend, the
+    /// direction this host sends in.
+    pub fn tcp(&self, slot: u32, client: bool) -> Option<agent_ebpf::TcpCounters> {
         match self {
             Counters::Kernel(k) => k.health.as_ref()?.tcp(slot),
-            Counters::Pcap(r) => r.tcp(slot),
+            Counters::Pcap(r) => {
+                let mut c = r.tcp(slot)?;
+                let [toward, from] = r.tcp_retransmits(slot);
+                c.counts[agent_ebpf::TCP_RETRANS] = if client { toward } else { from };
+                c.counts[agent_ebpf::TCP_RETRANS_SYNACK] = 0;
+                Some(c)
+            }
+        }
+    }
+
+    /// Which TCP figures this backend cannot give (empty: all of them).
+    pub fn tcp_unavailable(&self) -> &'static [&'static str] {
+        match self {
+            Counters::Kernel(_) => &[],
+            Counters::Pcap(_) => crate::tcp_track::UNAVAILABLE,
         }
     }
 
@@ -560,8 +577,14 @@ impl Kernel {
         };
         let now = crate::health::open_in_kernel(table);
         let mut seed = BTreeMap::new();
-        for slot in table.values().copied().collect::<std::collections::BTreeSet<u32>>() {
-            let counted = reader.tcp(slot).map_or(0, |c| crate::health::open_counted(&c));
+        for slot in table
+            .values()
+            .copied()
+            .collect::<std::collections::BTreeSet<u32>>()
+        {
+            let counted = reader
+                .tcp(slot)
+                .map_or(0, |c| crate::health::open_counted(&c));
             let have = now.get(&slot).copied().unwrap_or(0);
             if have != counted {
                 seed.insert(slot, have - counted);

@@ -138,7 +138,11 @@ fn hist(m: &Metrics, name: &str, service: &str, side: &str) -> (f64, u64) {
 fn drops(m: &Metrics, service: &str, dir: &str, reason: &str) -> u64 {
     m.sum(
         "netpulse_service_kernel_drops_total",
-        &[("service", service), ("direction", dir), ("drop_reason", reason)],
+        &[
+            ("service", service),
+            ("direction", dir),
+            ("drop_reason", reason),
+        ],
     )
 }
 
@@ -238,9 +242,18 @@ fn connections_handshakes_and_rtt_match_what_the_kernel_and_clients_saw() {
                 "{service} {side} {result}"
             );
         }
-        let (hs_sum, hs_n) = hist(&after, "netpulse_service_tcp_handshake_seconds", service, side);
-        let (hs_sum0, hs_n0) =
-            hist(&before, "netpulse_service_tcp_handshake_seconds", service, side);
+        let (hs_sum, hs_n) = hist(
+            &after,
+            "netpulse_service_tcp_handshake_seconds",
+            service,
+            side,
+        );
+        let (hs_sum0, hs_n0) = hist(
+            &before,
+            "netpulse_service_tcp_handshake_seconds",
+            service,
+            side,
+        );
         assert_eq!(hs_n - hs_n0, N, "{service}: one handshake per connection");
         let hs_mean = (hs_sum - hs_sum0) / N as f64;
         assert!(
@@ -249,7 +262,11 @@ fn connections_handshakes_and_rtt_match_what_the_kernel_and_clients_saw() {
         );
         let (rtt_sum, rtt_n) = hist(&after, "netpulse_service_tcp_rtt_seconds", service, side);
         let (rtt_sum0, rtt_n0) = hist(&before, "netpulse_service_tcp_rtt_seconds", service, side);
-        assert_eq!(rtt_n - rtt_n0, N, "{service}: one RTT sample per short connection");
+        assert_eq!(
+            rtt_n - rtt_n0,
+            N,
+            "{service}: one RTT sample per short connection"
+        );
         let mean_us = (rtt_sum - rtt_sum0) / (rtt_n - rtt_n0) as f64 * 1e6;
         eprintln!(
             "{service}: RTT mean {mean_us:.1} µs (clients' tcpi_rtt {rtt_clients:.1} µs), handshake mean {:.1} µs",
@@ -337,7 +354,8 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
     assert_eq!(d(&m, "closed", "server", "refused"), 20);
     assert_eq!(d(&m, "upstream-closed", "client", "refused"), 20);
     assert_eq!(
-        drops(&m, "closed", "ingress", "no_socket") - drops(&before, "closed", "ingress", "no_socket"),
+        drops(&m, "closed", "ingress", "no_socket")
+            - drops(&before, "closed", "ingress", "no_socket"),
         20,
         "the kernel drops each SYN to a closed port as no_socket"
     );
@@ -350,8 +368,15 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
     // service on output (this host's connects time out) and to a local one
     // on input. Few SYN retries so the connects give up in seconds.
     let nft = |args: &str| {
-        let out = live.pair.a.exec("nft", &args.split(' ').collect::<Vec<_>>());
-        assert!(out.status.success(), "nft {args}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = live
+            .pair
+            .a
+            .exec("nft", &args.split(' ').collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "nft {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     nft("add table inet nptest");
     nft("add chain inet nptest out { type filter hook output priority 0 ; }");
@@ -359,7 +384,9 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
     nft(&format!(
         "add rule inet nptest out tcp dport {BLOCKED_REMOTE} tcp flags syn counter drop"
     ));
-    nft(&format!("add rule inet nptest in tcp dport {BLOCKED} tcp flags syn counter drop"));
+    nft(&format!(
+        "add rule inet nptest in tcp dport {BLOCKED} tcp flags syn counter drop"
+    ));
     for ns in [&live.pair.a, &live.pair.b] {
         ns.exec("sysctl", &["-qw", "net.ipv4.tcp_syn_retries=1"]);
     }
@@ -374,22 +401,34 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
                 })
             })
             .collect();
-        hs.into_iter().filter_map(|h| h.join().ok()).filter(|t| *t).count()
+        hs.into_iter()
+            .filter_map(|h| h.join().ok())
+            .filter(|t| *t)
+            .count()
     });
     assert_eq!(timeouts, 3, "the connects time out");
-    let inbound = live.pair.b.run(move || {
-        TcpStream::connect((a, BLOCKED)).is_err()
-    });
+    let inbound = live
+        .pair
+        .b
+        .run(move || TcpStream::connect((a, BLOCKED)).is_err());
     assert!(inbound);
     let m = settle(&mut live.agent, "timeouts", |m| {
         conns(m, "upstream-blocked", "client", "timeout") >= 3
     });
     let rs = retrans_segs(&live.pair.a) - rs0;
     let counter = |chain: &str| -> u64 {
-        let out = live.pair.a.exec("nft", &["list", "chain", "inet", "nptest", chain]);
+        let out = live
+            .pair
+            .a
+            .exec("nft", &["list", "chain", "inet", "nptest", chain]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let i = text.find("counter packets ").expect("counter");
-        text[i + 16..].split_whitespace().next().unwrap().parse().unwrap()
+        text[i + 16..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (out_drops, in_drops) = (counter("out"), counter("in"));
     nft("delete table inet nptest");
@@ -456,7 +495,10 @@ fn a_restart_counts_nothing_twice_and_resets_nothing() {
     });
     assert_eq!(conns(&m, "web", "server", "established"), 11);
     assert_eq!(
-        m.value("netpulse_service_tcp_open_connections", &[("service", "web"), ("side", "server")]),
+        m.value(
+            "netpulse_service_tcp_open_connections",
+            &[("service", "web"), ("side", "server")]
+        ),
         Some(1.0)
     );
     // SIGKILL, restart on the same pins, 10 more.
@@ -474,11 +516,21 @@ fn a_restart_counts_nothing_twice_and_resets_nothing() {
         Agent::start(&live.pair.a, &[], &cfg, 19563, &log),
     ));
     let m = live.agent.wait_for("restarted", |m| {
-        m.has("netpulse_service_tcp_connections_total", &[("service", "web")])
+        m.has(
+            "netpulse_service_tcp_connections_total",
+            &[("service", "web")],
+        )
     });
-    assert_eq!(conns(&m, "web", "server", "established"), 11, "nothing reset");
     assert_eq!(
-        m.value("netpulse_service_tcp_open_connections", &[("service", "web"), ("side", "server")]),
+        conns(&m, "web", "server", "established"),
+        11,
+        "nothing reset"
+    );
+    assert_eq!(
+        m.value(
+            "netpulse_service_tcp_open_connections",
+            &[("service", "web"), ("side", "server")]
+        ),
         Some(1.0),
         "the open connection is seeded from the kernel"
     );
@@ -487,6 +539,10 @@ fn a_restart_counts_nothing_twice_and_resets_nothing() {
     let m = settle(&mut live.agent, "21 closed", |m| {
         conns(m, "web", "server", "closed") >= 21
     });
-    assert_eq!(conns(&m, "web", "server", "established"), 21, "nothing counted twice");
+    assert_eq!(
+        conns(&m, "web", "server", "established"),
+        21,
+        "nothing counted twice"
+    );
     assert_eq!(conns(&m, "web", "server", "closed"), 21);
 }

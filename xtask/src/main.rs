@@ -87,8 +87,9 @@ enum Cmd {
 /// (systemd-analyze) and util-linux (setpriv) for the unit's tests,
 /// prometheus (and promtool) for the rules and the scrape test, docker.io
 /// and busybox-static for the container tests (images FROM scratch),
-/// dnsmasq-base for the DNS checks' test server, nftables for the TCP
-/// health tests' firewall rules (and their counters, the drop reference), and
+/// dnsmasq-base for the DNS checks' test server, nftables and iptables for
+/// the TCP health tests' firewall rules (their counters are the drop
+/// reference), and
 /// prometheus-blackbox-exporter, the peer /probe is held to, and
 /// chromium with chromium-driver for the status page's browser test.
 const APT_PACKAGES: &[&str] = &[
@@ -110,6 +111,7 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "dnsmasq-base",
     "nftables",
+    "iptables",
     "prometheus-blackbox-exporter",
     "chromium",
     "chromium-driver",

@@ -536,7 +536,9 @@ pub fn netpulse_tcp_probe(ctx: BtfTracePointContext) -> i32 {
     let t = now();
     // SAFETY: as above.
     let st = unsafe { &mut *p };
-    if st.flags & SOCK_ESTABLISHED != 0 && st.flags & SOCK_ENDED == 0 && t > st.rtt_ns + RTT_SAMPLE_NS
+    if st.flags & SOCK_ESTABLISHED != 0
+        && st.flags & SOCK_ENDED == 0
+        && t > st.rtt_ns + RTT_SAMPLE_NS
     {
         st.rtt_ns = t;
         sample_rtt(sk, st.slot, H::RttLive);
