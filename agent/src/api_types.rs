@@ -130,6 +130,39 @@ pub struct Service {
     pub latency_seconds: Option<f64>,
     /// The lowest of its checks' uptimes.
     pub uptime: Uptime,
+    /// TCP health of its one side, from the kernel (or, on the pcap
+    /// backend, from headers); null before its first connection or where
+    /// this host cannot follow TCP.
+    pub tcp: Option<TcpHealth>,
+}
+
+/// A service's TCP health and the kernel's drops of its packets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct TcpHealth {
+    /// `server` (connections to a local service) or `client` (this host
+    /// connecting to a remote one).
+    pub side: String,
+    /// Connections by result: established, refused, timeout, aborted,
+    /// reset, closed (since the service's slot was assigned).
+    pub connections: BTreeMap<String, u64>,
+    /// Connections open now.
+    pub open: u64,
+    pub handshake_p50_seconds: Option<f64>,
+    pub handshake_p99_seconds: Option<f64>,
+    pub rtt_p50_seconds: Option<f64>,
+    pub rtt_p99_seconds: Option<f64>,
+    /// Segments this host retransmitted.
+    pub retransmits: u64,
+    /// Retransmitted segments per packet this host sent to or for the
+    /// service; null before any was sent.
+    pub retransmit_ratio: Option<f64>,
+    /// Kernel drops of its packets by `skb_drop_reason`, both directions.
+    pub drops: BTreeMap<String, u64>,
+    /// Figures this backend or kernel cannot give (`rtt`, `timeout`,
+    /// `aborted`, `drops` on the pcap backend; a feature the kernel lacks),
+    /// reported as zero or null above.
+    pub unavailable: Vec<String>,
 }
 
 /// A container behind a service.

@@ -336,6 +336,35 @@ pub fn zero_slot(pin_dir: &Path, slot: u32, ncpus: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// The `q` quantile of a histogram, interpolated within its bucket as
+/// Prometheus' `histogram_quantile` does (the +Inf bucket answers its lower
+/// bound); `None` when it is empty.
+pub fn quantile(h: &agent_ebpf::Hist, q: f64) -> Option<f64> {
+    let total = h.count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (i, n) in h.buckets.iter().enumerate() {
+        let upto = below + n;
+        if (upto as f64) >= rank && *n > 0 {
+            let lo = if i == 0 {
+                0.0
+            } else {
+                agent_ebpf::HIST_BOUNDS_US[i - 1] as f64
+            };
+            let Some(hi) = agent_ebpf::HIST_BOUNDS_US.get(i) else {
+                return Some(lo / 1e6);
+            };
+            let frac = (rank - below as f64) / *n as f64;
+            return Some((lo + (*hi as f64 - lo) * frac) / 1e6);
+        }
+        below = upto;
+    }
+    None
+}
+
 /// Retransmitted segments of a slot (data segments and SYN-ACKs).
 pub fn retransmits(c: &TcpCounters) -> u64 {
     c.counts[TCP_RETRANS].wrapping_add(c.counts[TCP_RETRANS_SYNACK])
@@ -444,6 +473,25 @@ fn proc_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket_like_prometheus() {
+        let mut h = agent_ebpf::Hist::default();
+        assert_eq!(quantile(&h, 0.5), None);
+        // 10 values in (8, 16] µs, 10 in (16, 32] µs.
+        for _ in 0..10 {
+            h.record(12);
+            h.record(20);
+        }
+        let p50 = quantile(&h, 0.5).unwrap();
+        assert!((p50 - 16e-6).abs() < 1e-12, "{p50}");
+        let p99 = quantile(&h, 0.99).unwrap();
+        assert!((p99 - (16.0 + 16.0 * 0.98) * 1e-6).abs() < 1e-12, "{p99}");
+        // Past the last bound: its lower bound.
+        let mut big = agent_ebpf::Hist::default();
+        big.record(60_000_000);
+        assert_eq!(quantile(&big, 0.99), Some(10.0));
+    }
 
     #[test]
     fn proc_net_tcp_addresses_read_as_the_kernel_writes_them() {

@@ -284,6 +284,33 @@ fn connections_handshakes_and_rtt_match_what_the_kernel_and_clients_saw() {
             Some(0.0),
             "{service}: nothing open"
         );
+        // The API gives the same figures, with percentiles.
+        let path = format!("/api/v1/services/{service}");
+        let (code, body) = live
+            .pair
+            .a
+            .run(move || {
+                netpulse_tests::scrape::get(SocketAddr::from(([127, 0, 0, 1], 19561)), &path)
+            })
+            .expect("GET the service");
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let tcp = &v["tcp"];
+        assert_eq!(tcp["side"], side, "{tcp}");
+        assert_eq!(
+            tcp["connections"]["established"].as_u64(),
+            Some(conns(&after, service, side, "established")),
+            "{tcp}"
+        );
+        let p50 = tcp["handshake_p50_seconds"]
+            .as_f64()
+            .expect("handshake p50");
+        let p99 = tcp["handshake_p99_seconds"]
+            .as_f64()
+            .expect("handshake p99");
+        assert!(p50 > 0.0 && p50 <= p99 && p99 < 0.05, "{tcp}");
+        assert!(tcp["rtt_p50_seconds"].as_f64().is_some(), "{tcp}");
+        assert_eq!(tcp["unavailable"], serde_json::json!([]), "{tcp}");
     }
 }
 
@@ -345,7 +372,8 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
     }
 
     let m = settle(&mut live.agent, "refusals and resets", |m| {
-        conns(m, "closed", "server", "refused") >= 20
+        drops(m, "closed", "ingress", "no_socket") >= 20
+            && conns(m, "closed", "server", "refused") >= 20
             && conns(m, "upstream-closed", "client", "refused") >= 20
             && conns(m, "web", "server", "reset") >= 1
             && conns(m, "upstream", "client", "reset") >= 1

@@ -197,15 +197,42 @@ pub fn status_rows(services: &[t::Service]) -> Vec<Vec<String>> {
                     .map_or("-".into(), |l| format!("{:.1} ms", l * 1000.0)),
                 pct(s.uptime.h24),
                 pct(s.uptime.d7),
+                s.tcp
+                    .as_ref()
+                    .and_then(|t| t.handshake_p99_seconds)
+                    .map_or("-".into(), ms),
+                s.tcp
+                    .as_ref()
+                    .and_then(|t| t.retransmit_ratio)
+                    .map_or("-".into(), |r| format!("{:.2}%", r * 100.0)),
+                s.tcp.as_ref().map_or("-".into(), |t| {
+                    if t.unavailable
+                        .iter()
+                        .any(|u| u == "drops" || u == "kernel_drops")
+                    {
+                        "-".into()
+                    } else {
+                        t.drops.values().sum::<u64>().to_string()
+                    }
+                }),
             ]
         })
         .collect()
 }
 
-pub const STATUS_HEAD: [&str; 11] = [
+pub const STATUS_HEAD: [&str; 14] = [
     "SERVICE", "STATE", "SOURCE", "RX/s", "TX/s", "RX PKTS", "TX PKTS", "CHECKS", "LATENCY",
-    "UP 24h", "UP 7d",
+    "UP 24h", "UP 7d", "HS p99", "RETX", "DROPS",
 ];
+
+/// Seconds as milliseconds, to the µs below 10 ms.
+fn ms(s: f64) -> String {
+    if s < 0.01 {
+        format!("{:.3} ms", s * 1000.0)
+    } else {
+        format!("{:.1} ms", s * 1000.0)
+    }
+}
 
 /// One row of `netpulse check run --output json`: a check's verdict, run
 /// here, without an agent.

@@ -91,6 +91,77 @@ struct Row<'a> {
     /// Received and sent bytes per second, oldest first.
     sparkline: [Vec<f64>; 2],
     checks: Vec<CheckRow>,
+    tcp: Option<t::TcpHealth>,
+}
+
+/// A service's TCP health from the counters and the view: `None` before
+/// its first connection and where nothing follows TCP.
+fn tcp_health(
+    state: &AppState,
+    dp: &View,
+    s: &Slotted,
+    counts: &agent_ebpf::SlotCounters,
+    drops: &HashMap<u32, std::collections::BTreeMap<String, u64>>,
+) -> Option<t::TcpHealth> {
+    use agent_ebpf::{DIR_EGRESS, DIR_INGRESS, TCP_RESULTS};
+    let side = crate::metrics::side(s);
+    let client = side == "client";
+    let counters = state.datapath.counters();
+    let c = counters.tcp(s.slot, client)?;
+    let slot_drops = drops.get(&s.slot);
+    if !crate::metrics::tcp_seen(&c) && slot_drops.is_none() {
+        return None;
+    }
+    let mut unavailable: Vec<String> = counters
+        .tcp_unavailable()
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
+    for f in &dp.features {
+        if f.error.is_some() {
+            unavailable.push(f.name.to_string());
+        }
+    }
+    let seed = dp.open_seed.get(&s.slot).copied().unwrap_or(0);
+    let retransmits = crate::health::retransmits(&c);
+    // What this host sent: a server's egress, a client's packets toward
+    // the remote service (its ingress).
+    let sent = counts.dir[if client { DIR_INGRESS } else { DIR_EGRESS }].packets;
+    let mut rtt = c.rtt;
+    rtt.add(&c.rtt_live);
+    Some(t::TcpHealth {
+        side: side.to_string(),
+        connections: TCP_RESULTS
+            .iter()
+            .map(|(i, r)| (r.to_string(), c.counts[*i]))
+            .collect(),
+        open: (crate::health::open_counted(&c) + seed).max(0) as u64,
+        handshake_p50_seconds: crate::health::quantile(&c.handshake, 0.5),
+        handshake_p99_seconds: crate::health::quantile(&c.handshake, 0.99),
+        rtt_p50_seconds: crate::health::quantile(&rtt, 0.5),
+        rtt_p99_seconds: crate::health::quantile(&rtt, 0.99),
+        retransmits,
+        retransmit_ratio: (sent > 0).then(|| retransmits as f64 / sent as f64),
+        drops: slot_drops.cloned().unwrap_or_default(),
+        unavailable,
+    })
+}
+
+/// Kernel drops by slot and reason name (directions summed).
+fn drops_by_slot(
+    state: &AppState,
+    dp: &View,
+) -> HashMap<u32, std::collections::BTreeMap<String, u64>> {
+    let mut out: HashMap<u32, std::collections::BTreeMap<String, u64>> = HashMap::new();
+    for (k, n) in state.datapath.counters().drops() {
+        let reason = dp
+            .drop_reasons
+            .get(&u64::from(k.reason))
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{}", k.reason));
+        *out.entry(k.slot).or_default().entry(reason).or_default() += n;
+    }
+    out
 }
 
 /// Reads every service of `dp` (or the one named): counters live from
@@ -116,6 +187,7 @@ fn read<'a>(state: &AppState, dp: &'a View, only: Option<&str>) -> Vec<Row<'a>> 
         None => dp.services.iter().collect(),
         Some(o) => dp.services.get_key_value(o).into_iter().collect(),
     };
+    let drops = drops_by_slot(state, dp);
     let history = state.history.lock().unwrap_or_else(|p| p.into_inner());
     selected
         .into_iter()
@@ -134,6 +206,7 @@ fn read<'a>(state: &AppState, dp: &'a View, only: Option<&str>) -> Vec<Row<'a>> 
                     sparkline.iter().map(|x| x.tx_bytes_per_second).collect(),
                 ],
                 checks: by_service.remove(name.as_str()).unwrap_or_default(),
+                tcp: tcp_health(state, dp, s, &counts, &drops),
             }
         })
         .collect()
@@ -236,6 +309,7 @@ fn service_type(r: Row<'_>, store: Option<&Store>) -> t::Service {
         },
         checks,
         latency_seconds: latency,
+        tcp: r.tcp,
         uptime: t::Uptime {
             h24: worst[0],
             d7: worst[1],
