@@ -924,6 +924,68 @@ mod tests {
         }
     }
 
+    /// A view of `n` config services on slots 8.. (for the budget).
+    fn view(n: u32) -> View {
+        View {
+            backend: "ebpf",
+            services: (0..n)
+                .map(|i| {
+                    (
+                        format!("s{i:03}"),
+                        crate::identity::Slotted {
+                            slot: agent_ebpf::FIRST_SERVICE_SLOT + i,
+                            meta: None,
+                            retired_at: None,
+                        },
+                    )
+                })
+                .collect(),
+            table: Default::default(),
+            addrs: Default::default(),
+            attachments: Vec::new(),
+            table_sizes: [("", 0, 0); 8],
+            features: Vec::new(),
+            drop_reasons: Default::default(),
+            open_seed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn packet_series_come_before_any_services_tcp_series() {
+        let tcp = |_slot: u32| TCP_SERIES_PER_SERVICE + 2;
+        // Room for every service's packets and TCP: nothing folds.
+        let b = Budget::new(
+            &view(10),
+            10 * (SERIES_PER_SERVICE + TCP_SERIES_PER_SERVICE + 2) + TCP_SERIES_PER_SERVICE,
+            tcp,
+        );
+        assert_eq!((b.folded(), b.tcp_folded.len()), (0, 0));
+        // Room for all packet series and three services' TCP series (plus
+        // ~other's): the first three keep theirs, in budget order.
+        let max =
+            10 * SERIES_PER_SERVICE + 3 * (TCP_SERIES_PER_SERVICE + 2) + TCP_SERIES_PER_SERVICE;
+        let b = Budget::new(&view(10), max, tcp);
+        assert_eq!(b.folded(), 0, "no service loses its packet counters");
+        for i in 0..10 {
+            let name = format!("s{i:03}");
+            let want = if i < 3 { name.as_str() } else { OTHER };
+            assert_eq!(b.tcp_label(&name), want, "{name}");
+            assert_eq!(b.label(&name), name.as_str());
+        }
+        // Too few for every packet series: packets fold first, and the
+        // folded services' TCP series go with them.
+        let b = Budget::new(&view(10), 5 * SERIES_PER_SERVICE, tcp);
+        assert_eq!(b.folded(), 6);
+        assert_eq!(b.tcp_label("s009"), OTHER);
+        // A service without TCP figures costs no TCP series.
+        let b = Budget::new(
+            &view(10),
+            10 * SERIES_PER_SERVICE + TCP_SERIES_PER_SERVICE,
+            |_| 0,
+        );
+        assert_eq!((b.folded(), b.tcp_folded.len()), (0, 0));
+    }
+
     #[test]
     fn within_the_budget_nothing_is_folded() {
         let rows = vec![row("a", "socket", 9, 1), row("b", "config", 8, 2)];
