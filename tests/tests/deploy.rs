@@ -95,7 +95,7 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n\n[docker]\nsocket = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7200 }}]\n",
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\npin_dir = \"{}\"\n\n[docker]\nsocket = \"{}\"\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"udp\", port = 7200 }}]\n\n[[service]]\nname = \"web\"\nendpoints = [{{ proto = \"tcp\", port = 7201 }}]\n",
             pins.path().display(),
             sock.display()
         ),
@@ -212,6 +212,50 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
         "log:\n{}",
         agent.log_text()
     );
+    // TCP health too, with the unit's capabilities (CAP_BPF, CAP_PERFMON:
+    // BTF tracepoints attach through bpf() links): every feature on, and a
+    // connection counted from its start to its end.
+    for f in ["tcp_connections", "tcp_retransmits", "tcp_rtt_live", "kernel_drops"] {
+        assert_eq!(
+            m.sum("netpulse_feature_enabled", &[("feature", f)]),
+            1,
+            "{f}; log:\n{}",
+            agent.log_text()
+        );
+    }
+    let (bound, ready) = std::sync::mpsc::channel();
+    pair.a.spawn(move || {
+        let l = std::net::TcpListener::bind((addr, 7201)).unwrap();
+        bound.send(()).unwrap();
+        if let Ok((mut c, _)) = l.accept() {
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut c, &mut buf);
+        }
+    });
+    ready.recv().expect("TCP server bound");
+    pair.b.run(move || {
+        let mut c = std::net::TcpStream::connect((addr, 7201)).unwrap();
+        std::io::Write::write_all(&mut c, b"hello").unwrap();
+    });
+    let m = agent.wait_for("the connection closed", |m| {
+        m.sum(
+            "netpulse_service_tcp_connections_total",
+            &[("service", "web"), ("side", "server"), ("result", "closed")],
+        ) == 1
+    });
+    // The listener closing after it is no connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let m = agent.metrics().expect("metrics");
+    for (result, n) in [("established", 1), ("closed", 1), ("reset", 0)] {
+        assert_eq!(
+            m.sum(
+                "netpulse_service_tcp_connections_total",
+                &[("service", "web"), ("side", "server"), ("result", result)],
+            ),
+            n,
+            "{result}"
+        );
+    }
     // ip netns exec and setpriv both exec: the pid is netpulse's.
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);

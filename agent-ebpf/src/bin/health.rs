@@ -388,7 +388,8 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
     }
     // CLOSE from a closing state (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK,
     // CLOSING): a reset seen now, or a connection opened before the agent.
-    if (4..=5).contains(&old) || (8..=11).contains(&old) {
+    // (LISTEN, 10, is not a connection.)
+    if matches!(old, 4 | 5 | 8 | 9 | 11) {
         end(sk, true);
     }
     0
