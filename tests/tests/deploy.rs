@@ -215,7 +215,12 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
     // TCP health too, with the unit's capabilities (CAP_BPF, CAP_PERFMON:
     // BTF tracepoints attach through bpf() links): every feature on, and a
     // connection counted from its start to its end.
-    for f in ["tcp_connections", "tcp_retransmits", "tcp_rtt_live", "kernel_drops"] {
+    for f in [
+        "tcp_connections",
+        "tcp_retransmits",
+        "tcp_rtt_live",
+        "kernel_drops",
+    ] {
         assert_eq!(
             m.sum("netpulse_feature_enabled", &[("feature", f)]),
             1,

@@ -574,3 +574,93 @@ fn a_restart_counts_nothing_twice_and_resets_nothing() {
     );
     assert_eq!(conns(&m, "web", "server", "closed"), 21);
 }
+
+/// The same figures over IPv6, to a dual-stack (`[::]`) listener: its IPv6
+/// children and the IPv4-mapped ones count for one service.
+#[test]
+fn ipv6_and_ipv4_mapped_connections_count_alike() {
+    if !live_prerequisites() {
+        return;
+    }
+    netpulse_tests::agent::assert_ebpf_bin();
+    let mut live = start("tcp6", 64, 19565);
+    let a4 = live.pair.addr_a;
+    let (a6, b6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        ("fd77:64::1".parse().unwrap(), "fd77:64::2".parse().unwrap());
+    for (ns, dev, me) in [
+        (&live.pair.a, live.pair.dev_a.clone(), a6),
+        (&live.pair.b, live.pair.dev_b.clone(), b6),
+    ] {
+        ns.exec(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")],
+        );
+        let out = ns.exec(
+            "ip",
+            &["addr", "add", &format!("{me}/64"), "dev", &dev, "nodad"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A dual-stack listener for the local service.
+    let (tx, rx) = std::sync::mpsc::channel();
+    live.pair.a.spawn(move || {
+        let l = TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, WEB)).unwrap();
+        tx.send(()).unwrap();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(b"ok").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv().unwrap();
+    let before = live.agent.metrics().unwrap();
+    // 20 over IPv6, 20 over IPv4 to the same [::] listener.
+    connect_n(&live.pair.b, SocketAddr::from((a6, WEB)), 20);
+    connect_n(&live.pair.b, SocketAddr::from((a4, WEB)), 20);
+    // 5 refused over IPv6.
+    let to = SocketAddr::from((a6, CLOSED));
+    let refused = live.pair.b.run(move || {
+        (0..5)
+            .filter(|_| {
+                TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            })
+            .count()
+    });
+    assert_eq!(refused, 5);
+    let m = settle(&mut live.agent, "40 closed, 5 refused", |m| {
+        conns(m, "web", "server", "closed") >= 40 && conns(m, "closed", "server", "refused") >= 5
+    });
+    let d = |s, r| conns(&m, s, "server", r) - conns(&before, s, "server", r);
+    assert_eq!(d("web", "established"), 40);
+    assert_eq!(d("web", "closed"), 40);
+    assert_eq!(d("closed", "refused"), 5);
+    let (_, hs) = hist(
+        &m,
+        "netpulse_service_tcp_handshake_seconds",
+        "web",
+        "server",
+    );
+    let (_, hs0) = hist(
+        &before,
+        "netpulse_service_tcp_handshake_seconds",
+        "web",
+        "server",
+    );
+    assert_eq!(hs - hs0, 40, "every handshake timed, IPv6 and IPv4-mapped");
+    assert_eq!(
+        drops(&m, "closed", "ingress", "no_socket")
+            - drops(&before, "closed", "ingress", "no_socket"),
+        5
+    );
+}
