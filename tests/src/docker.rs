@@ -179,6 +179,18 @@ impl Container {
     }
 }
 
+impl Container {
+    /// TCP connections the container accepted (its namespace's
+    /// `Tcp: PassiveOpens`).
+    pub fn tcp_passive_opens(&self) -> u64 {
+        let text = docker_ok(&["exec", &self.0, BUSYBOX, "cat", "/proc/net/snmp"]);
+        proc_tables(&text)
+            .get(&("Tcp".to_string(), "PassiveOpens".to_string()))
+            .copied()
+            .unwrap_or_else(|| panic!("Tcp PassiveOpens missing in /proc/net/snmp of {}", self.0))
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = docker(&["rm", "-f", &self.0]);

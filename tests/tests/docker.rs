@@ -298,6 +298,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
     let settle = || std::thread::sleep(Duration::from_millis(500));
     settle();
     let web0 = web.ip_counters();
+    let web_accepts0 = web.tcp_passive_opens();
     let lab0 = labelled.ip_counters();
     let m0 = fx.agent.metrics().expect("metrics");
     let s0 = second.agent.metrics().expect("metrics");
@@ -334,6 +335,7 @@ fn containers_are_named_described_and_counted_once_per_host() {
     }
     settle();
     let web1 = web.ip_counters();
+    let web_accepts1 = web.tcp_passive_opens();
     let lab1 = labelled.ip_counters();
     let m1 = fx.agent.metrics().expect("metrics");
     let s1 = second.agent.metrics().expect("metrics");
@@ -354,6 +356,31 @@ fn containers_are_named_described_and_counted_once_per_host() {
         delta(as_ip(&m0, &labelled_svc), as_ip(&m1, &labelled_svc)),
         delta(lab0, lab1),
         "the client container's counts against its own kernel's"
+    );
+    // Each connection, whichever way in (docker-proxy's included), counted
+    // once, by the container's own socket in its namespace: as many as its
+    // kernel accepted.
+    let established = |m: &Metrics| {
+        m.sum(
+            "netpulse_service_tcp_connections_total",
+            &[
+                ("service", &web_name),
+                ("side", "server"),
+                ("result", "established"),
+            ],
+        )
+    };
+    let accepted = web_accepts1 - web_accepts0;
+    assert!(accepted >= (5 * N) as u64, "{accepted}");
+    assert_eq!(
+        established(&m1) - established(&m0),
+        accepted,
+        "TCP connections of the container"
+    );
+    assert_eq!(
+        established(&s1) - established(&s0),
+        accepted,
+        "the second agent's"
     );
     // docker-proxy's socket is the container's traffic, not a service.
     assert!(
