@@ -664,3 +664,78 @@ fn ipv6_and_ipv4_mapped_connections_count_alike() {
         5
     );
 }
+
+/// Data retransmissions, GSO included: the agent's side sends bulk data
+/// with TSO on, and a rule in the client's namespace drops every 7th skb
+/// it receives. What the agent counts for the service equals the kernel's
+/// `TcpRetransSegs` of its namespace (segments, not skbs).
+#[test]
+fn data_retransmits_count_segments_as_the_kernel_does() {
+    if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
+        return;
+    }
+    netpulse_tests::agent::assert_ebpf_bin();
+    let mut live = start("tcpx", 65, 19566);
+    let a = live.pair.addr_a;
+    let dev_a = live.pair.dev_a.clone();
+    let out = live.pair.a.exec(
+        "ethtool",
+        &["-K", &dev_a, "tso", "on", "gso", "on", "sg", "on"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    const BULK: usize = 4 << 20;
+    let (tx, rx) = std::sync::mpsc::channel();
+    live.pair.a.spawn(move || {
+        let l = TcpListener::bind((a, WEB)).unwrap();
+        tx.send(()).unwrap();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let mut one = [0u8; 1];
+            if c.read_exact(&mut one).is_ok() {
+                let _ = c.write_all(&vec![5u8; BULK]);
+            }
+        }
+    });
+    rx.recv().unwrap();
+    let nft = |args: &str| {
+        let out = live
+            .pair
+            .b
+            .exec("nft", &args.split(' ').collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "nft {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft("add table inet nptestx");
+    nft("add chain inet nptestx in { type filter hook input priority 0 ; }");
+    nft(&format!(
+        "add rule inet nptestx in tcp sport {WEB} numgen inc mod 7 == 0 counter drop"
+    ));
+    let before = live.agent.metrics().unwrap();
+    let rs0 = retrans_segs(&live.pair.a);
+    let to = SocketAddr::from((a, WEB));
+    live.pair.b.run(move || {
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(to).unwrap();
+            c.write_all(b"g").unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            assert_eq!(got.len(), BULK);
+        }
+    });
+    let m = settle(&mut live.agent, "3 transfers closed", |m| {
+        conns(m, "web", "server", "closed") >= 3
+    });
+    let rs = retrans_segs(&live.pair.a) - rs0;
+    nft("delete table inet nptestx");
+    let counted = retrans(&m, "web", "server") - retrans(&before, "web", "server");
+    eprintln!("retransmitted segments: netpulse {counted}, TcpRetransSegs {rs}");
+    assert!(rs > 0, "the rule caused retransmissions");
+    assert_eq!(counted, rs, "retransmits equal TcpRetransSegs");
+}
