@@ -398,7 +398,42 @@ mod tests {
             let mut c = b[..cut].to_vec();
             c.resize(b.len(), 0);
             let _ = enum_values(&c, "colour");
+            if let Ok(t) = Btf::parse(&c) {
+                let _ = t.offset("s", "b");
+                let _ = t.tracepoint_params("x");
+            }
         }
+    }
+
+    #[test]
+    fn member_offsets_are_found_and_a_missing_member_is_named() {
+        let b = sample();
+        let btf = Btf::parse(&b).unwrap();
+        assert_eq!(btf.offset("s", "a"), Ok(0));
+        assert_eq!(btf.offset("s", "b"), Ok(4));
+        assert_eq!(
+            btf.offset("s", "c"),
+            Err(BtfError::NoSuchMember("s".into(), "c".into()))
+        );
+        assert_eq!(btf.tracepoint_params("kfree_skb"), None);
+        assert!(!btf.has_func("tcp_v4_rcv"));
+    }
+
+    /// The kernel's own: `struct sock_common` starts with the address pair
+    /// (daddr, rcv_saddr) on every kernel; `skc_net` sits in a union and
+    /// `sk_buff`'s `protocol` inside a `struct_group`, both found.
+    #[test]
+    fn the_running_kernels_struct_members_are_found_through_unions() {
+        let bytes = std::fs::read(VMLINUX).expect("the kernel's BTF");
+        let btf = Btf::parse(&bytes).unwrap();
+        assert_eq!(btf.offset("sock_common", "skc_daddr"), Ok(0));
+        assert_eq!(btf.offset("sock_common", "skc_rcv_saddr"), Ok(4));
+        assert!(btf.offset("sock_common", "skc_net").is_ok());
+        assert!(btf.offset("sk_buff", "protocol").is_ok());
+        assert_eq!(
+            btf.tracepoint_params("inet_sock_set_state").as_deref(),
+            Some(&["sock".to_string(), "int".into(), "int".into()][..])
+        );
     }
 
     /// The running kernel's own BTF has the drop reasons, with the
