@@ -242,7 +242,7 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_attaches_and_counts() {
         let mut c = std::net::TcpStream::connect((addr, 7201)).unwrap();
         std::io::Write::write_all(&mut c, b"hello").unwrap();
     });
-    let m = agent.wait_for("the connection closed", |m| {
+    agent.wait_for("the connection closed", |m| {
         m.sum(
             "netpulse_service_tcp_connections_total",
             &[("service", "web"), ("side", "server"), ("result", "closed")],
