@@ -189,6 +189,29 @@ impl<'a> Btf<'a> {
             .ok_or_else(|| BtfError::NoSuchMember(name.to_string(), member.to_string()))
     }
 
+    /// The values of the enum `name`: value → enumerator name.
+    pub fn enum_values(&self, name: &str) -> Result<BTreeMap<u64, String>, BtfError> {
+        let (index, t) = self
+            .index
+            .iter()
+            .enumerate()
+            .find(|(_, t)| matches!(t.kind, KIND_ENUM | KIND_ENUM64) && self.name(t) == name)
+            .ok_or_else(|| BtfError::NoSuchEnum(name.to_string()))?;
+        let step = if t.kind == KIND_ENUM { 8 } else { 12 };
+        let mut out = BTreeMap::new();
+        for i in 0..t.vlen {
+            let e = t.body + i * step;
+            let word = |o: usize| u32_at(self.types, e + o).ok_or(BtfError::Truncated { index });
+            let value = if t.kind == KIND_ENUM {
+                u64::from(word(4)?)
+            } else {
+                u64::from(word(4)?) | (u64::from(word(8)?) << 32)
+            };
+            out.insert(value, str_at(self.strings, word(0)?).to_string());
+        }
+        Ok(out)
+    }
+
     /// Whether the kernel has a function `name` (what fexit attaches to).
     pub fn has_func(&self, name: &str) -> bool {
         self.index
@@ -242,63 +265,7 @@ fn str_at(strings: &[u8], off: u32) -> &str {
 /// enumerator's name as the kernel spells it. Little-endian BTF, as on
 /// every architecture netpulse runs on.
 pub fn enum_values(btf: &[u8], name: &str) -> Result<BTreeMap<u64, String>, BtfError> {
-    let magic = btf.get(0..2).map(|m| u16::from_le_bytes([m[0], m[1]]));
-    if magic != Some(MAGIC) {
-        return Err(BtfError::NotBtf);
-    }
-    let field = |i: usize| u32_at(btf, 8 + 4 * i).ok_or(BtfError::NotBtf);
-    let hdr_len = u32_at(btf, 4).ok_or(BtfError::NotBtf)? as usize;
-    let (type_off, type_len, str_off, str_len) = (
-        field(0)? as usize,
-        field(1)? as usize,
-        field(2)? as usize,
-        field(3)? as usize,
-    );
-    let types = btf
-        .get(hdr_len + type_off..hdr_len + type_off + type_len)
-        .ok_or(BtfError::NotBtf)?;
-    let strings = btf
-        .get(hdr_len + str_off..hdr_len + str_off + str_len)
-        .ok_or(BtfError::NotBtf)?;
-    let mut at = 0usize;
-    let mut index = 1usize;
-    while at < types.len() {
-        let head = |o: usize| u32_at(types, at + o).ok_or(BtfError::Truncated { index });
-        let (name_off, info) = (head(0)?, head(4)?);
-        let vlen = (info & 0xffff) as usize;
-        let kind = (info >> 24) & 0x1f;
-        let body = at + 12;
-        let extra = match kind {
-            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-            KIND_ARRAY => 12,
-            KIND_STRUCT | KIND_UNION | KIND_DATASEC => 12 * vlen,
-            KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-            KIND_ENUM64 => 12 * vlen,
-            2 | 7..=12 | 16 | 18 => 0,
-            _ => return Err(BtfError::UnknownKind { index, kind }),
-        };
-        if body + extra > types.len() {
-            return Err(BtfError::Truncated { index });
-        }
-        if (kind == KIND_ENUM || kind == KIND_ENUM64) && str_at(strings, name_off) == name {
-            let step = if kind == KIND_ENUM { 8 } else { 12 };
-            let mut out = BTreeMap::new();
-            for i in 0..vlen {
-                let e = body + i * step;
-                let word = |o: usize| u32_at(types, e + o).ok_or(BtfError::Truncated { index });
-                let value = if kind == KIND_ENUM {
-                    u64::from(word(4)?)
-                } else {
-                    u64::from(word(4)?) | (u64::from(word(8)?) << 32)
-                };
-                out.insert(value, str_at(strings, word(0)?).to_string());
-            }
-            return Ok(out);
-        }
-        at = body + extra;
-        index += 1;
-    }
-    Err(BtfError::NoSuchEnum(name.to_string()))
+    Btf::parse(btf)?.enum_values(name)
 }
 
 /// The kernel's drop reasons as netpulse exports them: value → the

@@ -174,6 +174,16 @@ fn retrans_segs(ns: &Netns) -> u64 {
     vals.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
+/// `nft ARGS` (split on spaces) in `ns`, which must succeed.
+fn nft(ns: &Netns, args: &str) {
+    let out = ns.exec("nft", &args.split(' ').collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn start(tag: &str, net: u8, port: u16) -> Live {
     let pair = netns_tests_pair(tag, net);
     let b = pair.addr_b;
@@ -395,17 +405,7 @@ fn refused_reset_and_firewall_drops_match_the_kernel() {
     // A firewall in the agent's namespace dropping every SYN: to a remote
     // service on output (this host's connects time out) and to a local one
     // on input. Few SYN retries so the connects give up in seconds.
-    let nft = |args: &str| {
-        let out = live
-            .pair
-            .a
-            .exec("nft", &args.split(' ').collect::<Vec<_>>());
-        assert!(
-            out.status.success(),
-            "nft {args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let nft = |args: &str| nft(&live.pair.a, args);
     nft("add table inet nptest");
     nft("add chain inet nptest out { type filter hook output priority 0 ; }");
     nft("add chain inet nptest in { type filter hook input priority 0 ; }");
@@ -701,17 +701,7 @@ fn data_retransmits_count_segments_as_the_kernel_does() {
         }
     });
     rx.recv().unwrap();
-    let nft = |args: &str| {
-        let out = live
-            .pair
-            .b
-            .exec("nft", &args.split(' ').collect::<Vec<_>>());
-        assert!(
-            out.status.success(),
-            "nft {args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let nft = |args: &str| nft(&live.pair.b, args);
     nft("add table inet nptestx");
     nft("add chain inet nptestx in { type filter hook input priority 0 ; }");
     nft(&format!(

@@ -32,14 +32,6 @@ use crate::kernel::Maps;
 static NP_OFFSETS: Offsets = Offsets::UNKNOWN;
 const _: () = assert!(str_eq("NP_OFFSETS", OFFSETS_GLOBAL));
 
-macro_rules! np_map {
-    ($name:ident = $shared:path, $ty:ty, $init:expr) => {
-        #[map]
-        static $name: $ty = $init;
-        const _: () = assert!(str_eq(stringify!($name), $shared));
-    };
-}
-
 np_map!(
     NP_TCP = maps::TCP,
     PerCpuArray<TcpCounters>,
@@ -685,15 +677,6 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// The program names the agent loads by (`agent_ebpf::programs`).
-macro_rules! np_programs {
-    ($($f:ident = $shared:path),* $(,)?) => {
-        $(const _: () = {
-            let _ = $f;
-            assert!(str_eq(stringify!($f), $shared));
-        };)*
-    };
-}
 np_programs!(
     netpulse_sock_state = programs::SOCK_STATE,
     netpulse_destroy_sock = programs::DESTROY_SOCK,

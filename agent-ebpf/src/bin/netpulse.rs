@@ -16,6 +16,29 @@
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
+/// A map named after its static, the name checked at compile time against
+/// the agent's (`agent_ebpf::maps`).
+#[cfg(target_arch = "bpf")]
+macro_rules! np_map {
+    ($name:ident = $shared:path, $ty:ty, $init:expr) => {
+        #[aya_ebpf::macros::map]
+        static $name: $ty = $init;
+        const _: () = assert!(agent_ebpf::str_eq(stringify!($name), $shared));
+    };
+}
+
+/// The program names the agent loads by (`agent_ebpf::programs`), checked
+/// at compile time against the functions.
+#[cfg(target_arch = "bpf")]
+macro_rules! np_programs {
+    ($($f:ident = $shared:path),* $(,)?) => {
+        $(const _: () = {
+            let _ = $f;
+            assert!(agent_ebpf::str_eq(stringify!($f), $shared));
+        };)*
+    };
+}
+
 #[cfg(target_arch = "bpf")]
 mod health;
 
@@ -28,20 +51,10 @@ mod kernel {
     };
     use aya_ebpf::{
         bindings::{TC_ACT_UNSPEC, xdp_action},
-        macros::{classifier, map, xdp},
+        macros::{classifier, xdp},
         maps::{Array, HashMap, PerCpuArray},
         programs::{TcContext, XdpContext},
     };
-
-    /// A map named after its static, the name checked at compile time
-    /// against the agent's (`agent_ebpf::maps`).
-    macro_rules! np_map {
-        ($name:ident = $shared:path, $ty:ty, $init:expr) => {
-            #[map]
-            static $name: $ty = $init;
-            const _: () = assert!(str_eq(stringify!($name), $shared));
-        };
-    }
 
     // The service table and port index are rebuilt by each agent start, so
     // they are not pinned; the counters and slot names are.
@@ -360,16 +373,6 @@ mod kernel {
         TC_ACT_UNSPEC
     }
 
-    /// The program names the agent attaches by (`agent_ebpf::programs`),
-    /// checked at compile time against the functions here.
-    macro_rules! np_programs {
-        ($($f:ident = $shared:path),* $(,)?) => {
-            $(const _: () = {
-                let _ = $f;
-                assert!(str_eq(stringify!($f), $shared));
-            };)*
-        };
-    }
     np_programs!(
         netpulse_xdp = programs::XDP_INGRESS,
         netpulse_tc = programs::TC_EGRESS,
