@@ -37,8 +37,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut a = Analyzer::new(link, analyze::table(&svc));
-    a.add(frame, frame.len() as u32, 0.0);
-    a.add(frame, u32::MAX, 1.0);
+    a.add(frame, frame.len() as u32, 0.0, 0);
+    a.add(frame, u32::MAX, 1.0, 1_000_000);
     let r = a.report("fuzz", 0, None);
     assert_eq!(r.packets, 2);
     let counted: u64 = r
