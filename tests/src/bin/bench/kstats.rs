@@ -280,7 +280,12 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
                 traced[k].push((
                     tr_after
                         .iter()
-                        .map(|(n, s)| (n.clone(), *s - tr_before.get(n).copied().unwrap_or_default()))
+                        .map(|(n, s)| {
+                            (
+                                n.clone(),
+                                *s - tr_before.get(n).copied().unwrap_or_default(),
+                            )
+                        })
                         .collect(),
                     secs,
                     sent,
@@ -387,7 +392,12 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
                 let get = |d: &BTreeMap<String, crate::tcp::Stat>| {
                     d.get(name).copied().unwrap_or_default()
                 };
-                let per_s = median(traced[k].iter().map(|(d, s, _)| get(d).cnt as f64 / s).collect());
+                let per_s = median(
+                    traced[k]
+                        .iter()
+                        .map(|(d, s, _)| get(d).cnt as f64 / s)
+                        .collect(),
+                );
                 if per_s < 1.0 {
                     continue;
                 }

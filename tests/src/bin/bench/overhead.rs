@@ -166,7 +166,12 @@ fn scrape(ns: &str) -> Option<Metrics> {
 
 /// The sink's kernel drops as the agent in `ns` reports them.
 fn service_drops(ns: &str) -> Option<u64> {
-    scrape(ns).map(|m| m.sum("netpulse_service_kernel_drops_total", &[("service", "sink")]))
+    scrape(ns).map(|m| {
+        m.sum(
+            "netpulse_service_kernel_drops_total",
+            &[("service", "sink")],
+        )
+    })
 }
 
 /// The wrapper that hides the kernel's BTF from the agent (see the module
@@ -269,7 +274,10 @@ fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result
                 for f in ["tcp_connections", "kernel_drops"] {
                     let on = m.value("netpulse_feature_enabled", &[("feature", f)]);
                     if on != Some(want) {
-                        bail!("{}: netpulse_feature_enabled{{feature=\"{f}\"}} is {on:?}", w.name());
+                        bail!(
+                            "{}: netpulse_feature_enabled{{feature=\"{f}\"}} is {on:?}",
+                            w.name()
+                        );
                     }
                 }
             }

@@ -93,7 +93,10 @@ pub fn held_programs(pid: u32) -> BTreeSet<u32> {
             continue;
         };
         for l in text.lines() {
-            if let Some(id) = l.strip_prefix("prog_id:").and_then(|v| v.trim().parse().ok()) {
+            if let Some(id) = l
+                .strip_prefix("prog_id:")
+                .and_then(|v| v.trim().parse().ok())
+            {
                 ids.insert(id);
             }
         }
@@ -260,7 +263,10 @@ fn timed(ns: &Netns, conns: u64, drops: u64, t: &mut Timed) -> Result<()> {
     let lo = Ipv4Addr::LOCALHOST;
     let d = ns.run(move || connections(SocketAddr::from((lo, CONN_PORT)), conns))?;
     t.conn.push(d.as_nanos() as f64 / conns as f64);
-    for (port, v) in [(DROP_OUT_PORT, &mut t.drop_out), (DROP_IN_PORT, &mut t.drop_in)] {
+    for (port, v) in [
+        (DROP_OUT_PORT, &mut t.drop_out),
+        (DROP_IN_PORT, &mut t.drop_in),
+    ] {
         let d = ns.run(move || datagrams(SocketAddr::from((lo, port)), drops))?;
         v.push(d.as_nanos() as f64 / drops as f64);
     }
@@ -283,7 +289,13 @@ struct Stats {
 }
 
 /// The same loops with run-time statistics on: each program's delta.
-fn with_stats(ns: &Netns, ids: &BTreeSet<u32>, conns: u64, drops: u64, s: &mut Stats) -> Result<()> {
+fn with_stats(
+    ns: &Netns,
+    ids: &BTreeSet<u32>,
+    conns: u64,
+    drops: u64,
+    s: &mut Stats,
+) -> Result<()> {
     let lo = Ipv4Addr::LOCALHOST;
     let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("BPF_ENABLE_STATS (run-time statistics)")?;
@@ -320,7 +332,11 @@ fn settle(agent: &Agent, what: &str, ready: impl Fn(&Metrics) -> bool) -> Result
 fn closed(m: &Metrics) -> u64 {
     m.sum(
         "netpulse_service_tcp_connections_total",
-        &[("service", "loop"), ("side", "server"), ("result", "closed")],
+        &[
+            ("service", "loop"),
+            ("side", "server"),
+            ("result", "closed"),
+        ],
     )
 }
 
@@ -355,14 +371,21 @@ fn run_in_ns(
 ) -> Result<()> {
     // 20,000 connections a round leave as many server sockets in
     // TIME_WAIT: the whole port range, and reuse of loopback ports.
-    ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"]);
+    ns.exec(
+        "sysctl",
+        &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"],
+    );
     ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
     let nft = |args: &str| ns.exec("nft", &args.split(' ').collect::<Vec<_>>());
     nft("add table inet npbench");
     nft("add chain inet npbench out { type filter hook output priority 0 ; }");
     nft("add chain inet npbench in { type filter hook input priority 0 ; }");
-    nft(&format!("add rule inet npbench out udp dport {DROP_OUT_PORT} counter drop"));
-    nft(&format!("add rule inet npbench in udp dport {DROP_IN_PORT} counter drop"));
+    nft(&format!(
+        "add rule inet npbench out udp dport {DROP_OUT_PORT} counter drop"
+    ));
+    nft(&format!(
+        "add rule inet npbench in udp dport {DROP_IN_PORT} counter drop"
+    ));
     let _acceptor = Acceptor::start(ns, SocketAddr::from((Ipv4Addr::LOCALHOST, CONN_PORT)))?;
 
     let cfg = dir.join("config.toml");
@@ -380,7 +403,11 @@ fn run_in_ns(
     for r in 0..rounds {
         // Alternate which goes first: drift in the machine's load falls on
         // both.
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for agent_on in order {
             if !agent_on {
                 foreign = foreign.max(foreign_tracing(&BTreeSet::new()));
@@ -450,7 +477,17 @@ fn run_in_ns(
     }
     nft("delete table inet npbench");
 
-    print_tables(conns, drops, rounds, &without, &with, &stats, foreign, counted_conns, counted_drops);
+    print_tables(
+        conns,
+        drops,
+        rounds,
+        &without,
+        &with,
+        &stats,
+        foreign,
+        counted_conns,
+        counted_drops,
+    );
     Ok(())
 }
 
@@ -470,7 +507,12 @@ fn per_unit(passes: &[Deltas], units: u64) -> Vec<(String, f64, f64, f64)> {
         .into_iter()
         .filter_map(|n| {
             let get = |d: &Deltas| d.get(n).copied().unwrap_or_default();
-            let runs = median(passes.iter().map(|d| get(d).cnt as f64 / units as f64).collect());
+            let runs = median(
+                passes
+                    .iter()
+                    .map(|d| get(d).cnt as f64 / units as f64)
+                    .collect(),
+            );
             if runs == 0.0 && !is_tracing(n) {
                 return None;
             }
@@ -481,7 +523,12 @@ fn per_unit(passes: &[Deltas], units: u64) -> Vec<(String, f64, f64, f64)> {
                 .map(|s| s.ns as f64 / s.cnt as f64)
                 .collect();
             let per_run = if v.is_empty() { f64::NAN } else { median(v) };
-            let per_unit = median(passes.iter().map(|d| get(d).ns as f64 / units as f64).collect());
+            let per_unit = median(
+                passes
+                    .iter()
+                    .map(|d| get(d).ns as f64 / units as f64)
+                    .collect(),
+            );
             Some((n.clone(), runs, per_run, per_unit))
         })
         .collect()
@@ -501,9 +548,7 @@ fn print_tables(
 ) {
     let m = |v: &Vec<f64>| median(v.clone());
     // Paired rounds: the median of each round's difference too.
-    let paired = |a: &Vec<f64>, b: &Vec<f64>| {
-        median(a.iter().zip(b).map(|(x, y)| y - x).collect())
-    };
+    let paired = |a: &Vec<f64>, b: &Vec<f64>| median(a.iter().zip(b).map(|(x, y)| y - x).collect());
     println!(
         "\nTCP health programs, cost per connection and per dropped packet: one namespace's loopback, without and with `netpulse run --backend ebpf` there (TC on lo, the tracing programs), {rounds} paired rounds, order alternating (medians; wall time of the loop over its length)\n"
     );
@@ -513,19 +558,25 @@ fn print_tables(
     println!("|---|---:|---:|---:|---:|---:|---|");
     let rows: [(String, &Vec<f64>, &Vec<f64>, &str); 3] = [
         (
-            format!("{conns} connections (connect, accept, server close, client close), ns per connection"),
+            format!(
+                "{conns} connections (connect, accept, server close, client close), ns per connection"
+            ),
             &without.conn,
             &with.conn,
             "≤ 1,000 ns",
         ),
         (
-            format!("{drops} UDP datagrams dropped by nft in the output hook (before lo), ns per drop"),
+            format!(
+                "{drops} UDP datagrams dropped by nft in the output hook (before lo), ns per drop"
+            ),
             &without.drop_out,
             &with.drop_out,
             "",
         ),
         (
-            format!("{drops} UDP datagrams dropped by nft in the input hook (after lo), ns per drop"),
+            format!(
+                "{drops} UDP datagrams dropped by nft in the input hook (after lo), ns per drop"
+            ),
             &without.drop_in,
             &with.drop_in,
             "",
