@@ -340,6 +340,21 @@ fn closed(m: &Metrics) -> u64 {
     )
 }
 
+/// The loop service's connections counted under a result other than
+/// closed (server side).
+fn other_results(m: &Metrics) -> u64 {
+    m.sum(
+        "netpulse_service_tcp_connections_total",
+        &[("service", "loop"), ("side", "server")],
+    ) - m.sum(
+        "netpulse_service_tcp_connections_total",
+        &[("service", "loop"), ("side", "server"), ("result", "closed")],
+    ) - m.sum(
+        "netpulse_service_tcp_connections_total",
+        &[("service", "loop"), ("side", "server"), ("result", "established")],
+    )
+}
+
 fn dropped(m: &Metrics, service: &str) -> u64 {
     m.sum(
         "netpulse_service_kernel_drops_total",
@@ -396,6 +411,7 @@ fn run_in_ns(
         drop_in: Vec::new(),
     };
     let mut foreign = 0usize;
+    let mut other = 0u64;
     let (mut counted_conns, mut counted_drops) = (f64::INFINITY, f64::INFINITY);
     // A warm-up, not counted: the first connections fill caches and the
     // TIME_WAIT table.
@@ -439,7 +455,9 @@ fn run_in_ns(
             timed(ns, conns, drops, &mut with)?;
             // The programs attributed and counted what the loops did.
             let after = settle(&agent, "the loop's connections and drops counted", |m| {
-                closed(m) >= closed(&before) + conns
+                // All but one in a thousand: a connection's end may be
+                // counted under another result (see `other`).
+                closed(m) + conns / 1000 >= closed(&before) + conns
                     && dropped(m, "drop_out") >= dropped(&before, "drop_out") + drops
                     && dropped(m, "drop_in") >= dropped(&before, "drop_in") + drops
             });
@@ -455,8 +473,12 @@ fn run_in_ns(
                     );
                 }
             };
+            // Stragglers: the last sockets are freed just after close.
+            std::thread::sleep(Duration::from_secs(1));
+            let after = agent.metrics().unwrap_or(after);
             counted_conns =
                 counted_conns.min((closed(&after) - closed(&before)) as f64 / conns as f64);
+            other += other_results(&after) - other_results(&before);
             counted_drops = counted_drops.min(
                 (dropped(&after, "drop_out") - dropped(&before, "drop_out")
                     + dropped(&after, "drop_in")
@@ -487,6 +509,9 @@ fn run_in_ns(
         foreign,
         counted_conns,
         counted_drops,
+    );
+    println!(
+        "connections of the loop counted under another result than closed (all agent rounds): {other}"
     );
     Ok(())
 }
