@@ -168,6 +168,10 @@ fn syn_heavy(to: SocketAddr, stop: Arc<AtomicBool>) -> Result<u64> {
     Ok(n)
 }
 
+/// One round's tracing-program deltas by name, its seconds, and what it
+/// sent (datagrams, requests or connections).
+type Traced = (BTreeMap<String, crate::tcp::Stat>, f64, u64);
+
 const KINDS: [Traffic; 3] = [Traffic::Loaded, Traffic::Sporadic, Traffic::Syn];
 
 pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
@@ -231,8 +235,7 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
                 .collect())
         };
         // Per kind of traffic: (tracing deltas, seconds, units) per round.
-        let mut traced: [Vec<(BTreeMap<String, crate::tcp::Stat>, f64, u64)>; 3] =
-            Default::default();
+        let mut traced: [Vec<Traced>; 3] = Default::default();
 
         // The empty program, on both hooks of the same veth.
         let empty = crate::overhead::EmptyTc::attach(
