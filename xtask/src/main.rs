@@ -61,8 +61,9 @@ enum Cmd {
     /// Per-packet cost of the programs vs an empty program (crafted frames
     /// and the kernel's own stats on live traffic), /metrics under wrk
     /// load, /probe and scheduled checks vs blackbox_exporter, live
-    /// overhead, `netpulse analyze` vs bare libpcap reads, capinfos and
-    /// tshark (markdown tables).
+    /// overhead, the TCP health programs' cost per connection and per
+    /// dropped packet, `netpulse analyze` vs bare libpcap reads, capinfos
+    /// and tshark (markdown tables).
     Bench {
         /// BPF_PROG_TEST_RUN repeat count per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -73,7 +74,9 @@ enum Cmd {
         /// Only these parts, comma-separated: probes (BPF_PROG_TEST_RUN,
         /// one frame and varied frames), kstats (the kernel's own run time
         /// of the TC programs on live traffic), http (wrk), probe
-        /// (blackbox_exporter), overhead (live, on a veth pair), analyze (vs
+        /// (blackbox_exporter), overhead (live, on a veth pair), tcp (ns
+        /// added per loopback connection and per nft drop by the TCP health
+        /// programs, with and without the agent), analyze (vs
         /// bare libpcap loops, capinfos and tshark; without root, only the
         /// synthetic file).
         #[arg(long)]

@@ -14,6 +14,9 @@
 //! - `probe`: probes per CPU-second against blackbox_exporter, through
 //!   `/probe` and as deployed (`probe`).
 //! - `overhead`: throughput lost on a veth under each watcher (`overhead`).
+//! - `tcp`: what the TCP health programs cost (issue 15): ns added per
+//!   loopback connection and per packet dropped by nft (`kfree_skb`), with
+//!   and without the agent, and each program's bpf_stats share (`tcp`).
 //! - `analyze`: `netpulse analyze` against a bare libpcap read loop, `cat`,
 //!   capinfos and tshark, on a synthetic file and on real traffic captured
 //!   here (`analyze`, `traffic`).
@@ -64,8 +67,16 @@ struct Args {
     /// traffic (besides 5,000 pings, 20,000 DNS queries, 3,000 HTTP GETs).
     #[arg(long, default_value_t = 200)]
     real_bulk_mb: u64,
+    /// Sequential loopback connections per round and condition of the
+    /// `tcp` part.
+    #[arg(long, default_value_t = 20_000)]
+    conns: u64,
+    /// UDP datagrams dropped by nft per round, condition and hook of the
+    /// `tcp` part.
+    #[arg(long, default_value_t = 1_000_000)]
+    drops: u64,
     /// Run only these parts (comma-separated: probes, kstats, http, probe,
-    /// overhead, analyze); `analyze` alone runs without root, on the
+    /// overhead, tcp, analyze); `analyze` alone runs without root, on the
     /// synthetic file only.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -82,7 +93,9 @@ struct Args {
     pcap_loop_buffer: usize,
 }
 
-const PARTS: [&str; 6] = ["probes", "kstats", "http", "probe", "overhead", "analyze"];
+const PARTS: [&str; 7] = [
+    "probes", "kstats", "http", "probe", "overhead", "tcp", "analyze",
+];
 
 #[path = "bench/overhead.rs"]
 mod overhead;
@@ -101,6 +114,9 @@ mod kstats;
 
 #[path = "bench/probe.rs"]
 mod probe;
+
+#[path = "bench/tcp.rs"]
+mod tcp;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -274,6 +290,9 @@ fn main() -> Result<()> {
     }
     if part("overhead") {
         overhead::overhead(args.overhead_seconds, args.rounds.min(5), true)?;
+    }
+    if part("tcp") {
+        tcp::run(args.conns, args.drops, args.rounds)?;
     }
     if part("analyze") {
         analyze::run(

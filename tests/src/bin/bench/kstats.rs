@@ -7,10 +7,19 @@
 //! same veth, both directions) under the same packets. Two kinds of
 //! traffic: loaded (64-byte UDP at ~200 kpps through the veth) and
 //! sporadic (a TCP request/response every few ms: a few hundred packets a
-//! second). Target: loaded, at most 15 ns per packet above the empty
-//! program.
+//! second), and a third, SYN-heavy (new TCP connections back to back, so
+//! one ingress packet in four is a SYN to a local service, the path where
+//! the ingress program records the SYN's time for the handshake). Target:
+//! loaded, at most 15 ns per packet above the empty program.
+//!
+//! In the same rounds, the agent's TCP health programs (BTF tracepoints,
+//! their ids from the agent's /proc/PID/fdinfo): runs per second and ns per
+//! run under each kind of traffic (under the loaded one, every datagram is
+//! dropped at the sink's full receive queue, so `kfree_skb` runs once per
+//! packet; under the SYN-heavy one, the connection programs run).
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -27,6 +36,8 @@ use netpulse_tests::{PinDir, agent::Agent, netns::Pair};
 const TARGET_NS: f64 = 15.0;
 const UDP_PORT: u16 = 9;
 const TCP_PORT: u16 = 7;
+/// The SYN-heavy traffic's listener (accepts and closes).
+const CONN_PORT: u16 = 8;
 const AGENT_PORT: u16 = 19570;
 const LOADED_PPS: f64 = 200_000.0;
 /// Request/response exchanges per second of the sporadic case.
@@ -144,7 +155,24 @@ fn per_run(a: Stat, b: Stat) -> Option<f64> {
 enum Traffic {
     Loaded,
     Sporadic,
+    Syn,
 }
+
+/// New connections to `to` back to back until `stop`; how many.
+fn syn_heavy(to: SocketAddr, stop: Arc<AtomicBool>) -> Result<u64> {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        crate::tcp::one_connection(to)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// One round's tracing-program deltas by name, its seconds, and what it
+/// sent (datagrams, requests or connections).
+type Traced = (BTreeMap<String, crate::tcp::Stat>, f64, u64);
+
+const KINDS: [Traffic; 3] = [Traffic::Loaded, Traffic::Sporadic, Traffic::Syn];
 
 pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
     let pair = Pair::new("kst", 108);
@@ -177,13 +205,15 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
             }
         });
 
+        let _acceptor = crate::tcp::Acceptor::start(&pair.a, SocketAddr::from((a, CONN_PORT)))?;
+
         // netpulse, as it runs: eBPF, its programs on the veth.
         let pins = PinDir::mounted("kst");
         let cfg = dir.join("config.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[agent]\nlisten = \"127.0.0.1:{AGENT_PORT}\"\npin_dir = \"{}\"\ndiscover_sockets = false\nstate_dir = \"{}\"\n\n[[service]]\nname = \"sink\"\nendpoints = [{{ proto = \"udp\", port = {UDP_PORT} }}]\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"tcp\", port = {TCP_PORT} }}]\n",
+                "[agent]\nlisten = \"127.0.0.1:{AGENT_PORT}\"\npin_dir = \"{}\"\ndiscover_sockets = false\nstate_dir = \"{}\"\n\n[[service]]\nname = \"sink\"\nendpoints = [{{ proto = \"udp\", port = {UDP_PORT} }}]\n\n[[service]]\nname = \"echo\"\nendpoints = [{{ proto = \"tcp\", port = {TCP_PORT} }}]\n\n[[service]]\nname = \"conn\"\nendpoints = [{{ proto = \"tcp\", port = {CONN_PORT} }}]\n",
                 pins.path().display(),
                 dir.join("state").display()
             ),
@@ -196,6 +226,16 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
         if m.sum("netpulse_backend_info", &[("backend", "ebpf")]) != 1 {
             bail!("the agent does not count with eBPF");
         }
+        let ids = crate::tcp::held_programs(agent.pid());
+        let foreign = crate::tcp::foreign_tracing(&ids);
+        let tracing = || -> Result<BTreeMap<String, crate::tcp::Stat>> {
+            Ok(crate::tcp::prog_stats(&ids)?
+                .into_iter()
+                .filter(|(n, _)| crate::tcp::is_tracing(n))
+                .collect())
+        };
+        // Per kind of traffic: (tracing deltas, seconds, units) per round.
+        let mut traced: [Vec<Traced>; 3] = Default::default();
 
         // The empty program, on both hooks of the same veth.
         let empty = crate::overhead::EmptyTc::attach(
@@ -208,21 +248,24 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
             .context("BPF_ENABLE_STATS (run-time statistics)")?;
         let snap = |dev: String| pair.a.run(move || snapshot(&dev));
         // Rounds interleave the two kinds of traffic.
-        let mut cols: [[Vec<f64>; 5]; 2] = Default::default();
+        let mut cols: [[Vec<f64>; 5]; 3] = Default::default();
         for _ in 0..rounds {
-            for (k, traffic) in [Traffic::Loaded, Traffic::Sporadic].into_iter().enumerate() {
+            for (k, traffic) in KINDS.into_iter().enumerate() {
                 let before = snap(pair.dev_a.clone())?;
+                let tr_before = tracing()?;
                 let t0 = Instant::now();
                 let stop = Arc::new(AtomicBool::new(false));
-                let (s, to_udp, to_tcp) = (
+                let (s, to_udp, to_tcp, to_conn) = (
                     stop.clone(),
                     SocketAddr::from((a, UDP_PORT)),
                     SocketAddr::from((a, TCP_PORT)),
+                    SocketAddr::from((a, CONN_PORT)),
                 );
                 let sender = pair.b.spawn(move || -> Result<u64> {
                     match traffic {
                         Traffic::Loaded => Ok(udp_flood(to_udp, LOADED_PPS, s)),
                         Traffic::Sporadic => tcp_sporadic(to_tcp, SPORADIC_HZ, s),
+                        Traffic::Syn => syn_heavy(to_conn, s),
                     }
                 });
                 std::thread::sleep(Duration::from_secs(seconds));
@@ -235,7 +278,21 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
                 let after = snap(pair.dev_a.clone())?;
+                let tr_after = tracing()?;
                 let secs = t0.elapsed().as_secs_f64();
+                traced[k].push((
+                    tr_after
+                        .iter()
+                        .map(|(n, s)| {
+                            (
+                                n.clone(),
+                                *s - tr_before.get(n).copied().unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
+                    secs,
+                    sent,
+                ));
                 let pkts = (after[1].cnt - before[1].cnt) + (after[3].cnt - before[3].cnt);
                 cols[k][4].push(pkts as f64 / secs);
                 for h in 0..4 {
@@ -276,6 +333,7 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
         for (k, name) in [
             format!("loaded: 64-byte UDP, ~{:.0} kpps one way", LOADED_PPS / 1e3),
             format!("sporadic: TCP request/response, {SPORADIC_HZ:.0} a second"),
+            "SYN-heavy: new TCP connections back to back (connect, accept, close)".to_string(),
         ]
         .iter()
         .enumerate()
@@ -305,6 +363,70 @@ pub fn live_cost(seconds: u64, rounds: usize) -> Result<()> {
                 "missed"
             }
         );
+        if let (Some(l), Some(s)) = (
+            cell(&cols[0][0]).zip(cell(&cols[0][1])).map(|(a, b)| a - b),
+            cell(&cols[2][0]).zip(cell(&cols[2][1])).map(|(a, b)| a - b),
+        ) {
+            println!(
+                "SYN-heavy: {s:.1} ns per ingress packet above the empty program, against {l:.1} ns loaded (the SYN path: one ingress packet in four records a SYN)"
+            );
+        }
+
+        // The tracing programs in the same rounds.
+        println!(
+            "\nnetpulse's TCP health programs (BTF tracepoints; they run for the whole machine's events and keep those of watched namespaces) in the same rounds: the kernel's run_time_ns / run_cnt, medians of {rounds} rounds\n"
+        );
+        println!("| program | traffic | runs per second | runs per unit | ns per run |");
+        println!("|---|---|---:|---:|---:|");
+        let names: std::collections::BTreeSet<String> = traced
+            .iter()
+            .flatten()
+            .flat_map(|(d, _, _)| d.keys().cloned())
+            .collect();
+        for name in &names {
+            for (k, (kind, unit)) in [
+                ("loaded", "datagram sent"),
+                ("sporadic", "request"),
+                ("SYN-heavy", "connection"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let get = |d: &BTreeMap<String, crate::tcp::Stat>| {
+                    d.get(name).copied().unwrap_or_default()
+                };
+                let per_s = median(
+                    traced[k]
+                        .iter()
+                        .map(|(d, s, _)| get(d).cnt as f64 / s)
+                        .collect(),
+                );
+                if per_s < 1.0 {
+                    continue;
+                }
+                let per_unit = median(
+                    traced[k]
+                        .iter()
+                        .map(|(d, _, n)| get(d).cnt as f64 / (*n).max(1) as f64)
+                        .collect(),
+                );
+                let per_run: Vec<f64> = traced[k]
+                    .iter()
+                    .map(|(d, _, _)| get(d))
+                    .filter(|s| s.cnt > 0)
+                    .map(|s| s.ns as f64 / s.cnt as f64)
+                    .collect();
+                println!(
+                    "| `{name}` | {kind} | {per_s:.0} | {per_unit:.2} per {unit} | {} |",
+                    f((!per_run.is_empty()).then(|| median(per_run)))
+                );
+            }
+        }
+        if foreign > 0 {
+            println!(
+                "\nnote: {foreign} tracing programs of another netpulse agent were loaded on this machine during the run"
+            );
+        }
         Ok(())
     })();
     // On an error part-way too: the echo server leaves, then the pair.

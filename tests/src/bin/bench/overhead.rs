@@ -4,6 +4,13 @@
 //! receiving interface, and with netpulse's pcap backend, in one run. Reports delivered pps (the
 //! kernel's rx counter of the receiving veth), CPU per packet (all CPUs'
 //! busy time over the packets) and the share each watcher counted.
+//!
+//! The eBPF agent runs twice: as it ships (the packet programs and the TCP
+//! health programs, whose `kfree_skb` runs once per datagram here: the
+//! sink never reads, so each is dropped at its full receive queue), and
+//! with the packet programs only (the kernel's BTF hidden from it by a
+//! bind mount over /sys/kernel/btf/vmlinux in a mount namespace of its
+//! own: the TCP health features are off, as on a kernel without BTF).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -93,6 +100,8 @@ struct Run {
     pps: f64,
     cpu_ns: f64,
     counted: Option<f64>,
+    /// The share of the packets the agent counted as kernel drops.
+    drops: Option<f64>,
 }
 
 /// One timed blast; `watched` reads what the watcher counted so far.
@@ -121,6 +130,7 @@ fn measure(pair: &Pair, seconds: u64, watched: &dyn Fn() -> Option<u64>) -> Run 
         pps: got.rx_packets as f64 / secs,
         cpu_ns: (busy1 - busy0) as f64 * jiffy() * 1e9 / got.rx_packets.max(1) as f64,
         counted,
+        drops: None,
     }
 }
 
@@ -134,10 +144,15 @@ struct Row {
     pps: f64,
     cpu_ns: f64,
     counted: Option<f64>,
+    drops: Option<f64>,
 }
 
 /// The sink service's ingress packets as the agent in `ns` reports them.
 fn service_packets(ns: &str) -> Option<u64> {
+    scrape(ns).map(|m| m.packets("sink", "ingress"))
+}
+
+fn scrape(ns: &str) -> Option<Metrics> {
     netpulse_tests::netns::run_in(ns, || {
         get(
             SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_PORT)),
@@ -145,9 +160,31 @@ fn service_packets(ns: &str) -> Option<u64> {
         )
         .ok()
         .filter(|(s, _)| *s == 200)
-        .map(|(_, b)| Metrics::parse(&b).packets("sink", "ingress"))
+        .map(|(_, b)| Metrics::parse(&b))
     })
 }
+
+/// The sink's kernel drops as the agent in `ns` reports them.
+fn service_drops(ns: &str) -> Option<u64> {
+    scrape(ns).map(|m| {
+        m.sum(
+            "netpulse_service_kernel_drops_total",
+            &[("service", "sink")],
+        )
+    })
+}
+
+/// The wrapper that hides the kernel's BTF from the agent (see the module
+/// doc): `ip netns exec` mounts a sysfs of the namespace's own; a private
+/// mount namespace inside it covers that sysfs's vmlinux.
+const NO_BTF: [&str; 6] = [
+    "unshare",
+    "-m",
+    "sh",
+    "-c",
+    "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec \"$@\"",
+    "sh",
+];
 
 /// What watches the receiving interface during a round.
 #[derive(Clone, Copy)]
@@ -155,6 +192,8 @@ enum Watcher {
     Nothing,
     /// `netpulse run` with this backend (`ebpf` or `pcap`).
     Netpulse(&'static str),
+    /// `netpulse run --backend ebpf` with the packet programs only.
+    NetpulsePacketOnly,
     Tcpdump,
     /// An empty TC program on the receiving veth's ingress: what the hook
     /// itself costs, whatever runs in it.
@@ -166,7 +205,10 @@ impl Watcher {
         match self {
             Watcher::Nothing => "no monitoring",
             Watcher::Netpulse("pcap") => "netpulse pcap backend",
-            Watcher::Netpulse(_) => "netpulse eBPF",
+            Watcher::Netpulse(_) => "netpulse eBPF (packet + TCP health programs)",
+            Watcher::NetpulsePacketOnly => {
+                "netpulse eBPF, packet programs only (TCP health off: no kernel BTF)"
+            }
             Watcher::Tcpdump => "tcpdump -w /dev/null",
             Watcher::EmptyTc => "empty TC program (the hook alone)",
         }
@@ -177,7 +219,11 @@ impl Watcher {
 fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result<Run> {
     match w {
         Watcher::Nothing => Ok(measure(pair, seconds, &|| None)),
-        Watcher::Netpulse(backend) => {
+        Watcher::Netpulse(_) | Watcher::NetpulsePacketOnly => {
+            let backend = match w {
+                Watcher::Netpulse(b) => b,
+                _ => "ebpf",
+            };
             let pins = PinDir::mounted("ovh");
             let cfg = dir.join("config.toml");
             let backend_line = if backend == "pcap" {
@@ -199,6 +245,8 @@ fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result
             let log = dir.join("agent.log");
             let mut agent = if backend == "pcap" {
                 Agent::start_with(&pair.a, &[], &cfg, AGENT_PORT, &log, Backend::AsConfigured)
+            } else if matches!(w, Watcher::NetpulsePacketOnly) {
+                Agent::start(&pair.a, &NO_BTF, &cfg, AGENT_PORT, &log)
             } else {
                 Agent::start(&pair.a, &[], &cfg, AGENT_PORT, &log)
             };
@@ -213,8 +261,35 @@ fn round(pair: &Pair, w: Watcher, seconds: u64, dir: &std::path::Path) -> Result
                     w.name()
                 );
             }
+            // And with the TCP health programs on, or off, as it says.
+            if backend == "ebpf" {
+                let want = if matches!(w, Watcher::NetpulsePacketOnly) {
+                    0.0
+                } else {
+                    1.0
+                };
+                let m = agent.wait_for("the TCP health features named", |m| {
+                    m.has("netpulse_feature_enabled", &[("feature", "kernel_drops")])
+                });
+                for f in ["tcp_connections", "kernel_drops"] {
+                    let on = m.value("netpulse_feature_enabled", &[("feature", f)]);
+                    if on != Some(want) {
+                        bail!(
+                            "{}: netpulse_feature_enabled{{feature=\"{f}\"}} is {on:?}",
+                            w.name()
+                        );
+                    }
+                }
+            }
             let ns = pair.a.name.clone();
-            let r = measure(pair, seconds, &|| service_packets(&ns));
+            let drops0 = service_drops(&ns);
+            let mut r = measure(pair, seconds, &|| service_packets(&ns));
+            if backend == "ebpf"
+                && let (Some(a), Some(b)) = (drops0, service_drops(&ns))
+            {
+                // Delivered to the veth, dropped at the sink's queue.
+                r.drops = Some((b - a) as f64 / (r.pps * seconds as f64).max(1.0));
+            }
             agent.stop();
             Ok(r)
         }
@@ -268,6 +343,7 @@ pub fn overhead(seconds: u64, n: usize, pcap: bool) -> Result<()> {
         Watcher::Nothing,
         Watcher::EmptyTc,
         Watcher::Netpulse("ebpf"),
+        Watcher::NetpulsePacketOnly,
         Watcher::Tcpdump,
     ];
     if pcap {
@@ -293,6 +369,11 @@ pub fn overhead(seconds: u64, n: usize, pcap: bool) -> Result<()> {
                 .map(|r| r.counted)
                 .collect::<Option<Vec<f64>>>()
                 .map(|v| v.into_iter().fold(f64::INFINITY, f64::min)),
+            drops: runs
+                .iter()
+                .map(|r| r.drops)
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
         })
         .collect();
     drop(sink);
@@ -302,19 +383,26 @@ pub fn overhead(seconds: u64, n: usize, pcap: bool) -> Result<()> {
     println!(
         "\nLive overhead: one sender, 64-byte UDP over a veth pair between namespaces, {seconds} s × {n} rounds each (medians); pps = the receiving veth's rx counter\n"
     );
-    println!("| condition | pps | throughput lost | CPU ns/packet | counted |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| condition | pps | throughput lost | CPU ns/packet | counted | counted as kernel drops |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.0} | {:.1}% | {:.0} | {} |",
+            "| {} | {:.0} | {:.1}% | {:.0} | {} | {} |",
             r.name,
             r.pps,
             (1.0 - r.pps / base) * 100.0,
             r.cpu_ns,
             r.counted
-                .map_or("-".to_string(), |c| format!("{:.2}%", c * 100.0))
+                .map_or("-".to_string(), |c| format!("{:.2}%", c * 100.0)),
+            r.drops
+                .map_or("-".to_string(), |c| format!("{:.1}%", c * 100.0))
         );
     }
+    println!(
+        "\nThe sink never reads: nearly every datagram is dropped at its receive queue, which runs the kfree_skb program once per packet in the first eBPF row; the second has no tracing programs (the kernel's BTF hidden from it)."
+    );
     let row = |w: Watcher| rows.iter().find(|r| r.name == w.name());
     let loss = |w: Watcher| row(w).map_or(0.0, |r| (1.0 - r.pps / base).max(0.0));
     let (ebpf, tcpdump) = (loss(Watcher::Netpulse("ebpf")), loss(Watcher::Tcpdump));
