@@ -406,7 +406,10 @@ impl Pcap {
         }
         let stop = Arc::new(AtomicBool::new(false));
         // One tracker per interface: its two captures see the two
-        // directions of the same connections.
+        // directions of the same connections, each in order, the two
+        // interleaved any way (one thread can fall a connection behind the
+        // other; `tcp_track` copes). Loopback has one capture, each packet
+        // once (libpcap drops the outgoing copy there).
         let tracker = Arc::new(Mutex::new(Tracker::new(tcp_track::DEFAULT_CAPACITY)));
         let mut running = Running {
             stop: stop.clone(),

@@ -7,8 +7,9 @@
 //!
 //! What headers tell, per connection:
 //! - **handshake** (µs, into [`TcpCounters::handshake`]): from the client's
-//!   SYN (the last one, if it was sent again) to the first segment with ACK
-//!   and without SYN, as seen at the capture point: Wireshark's
+//!   SYN (the last one, if it was sent again) to its first segment with
+//!   ACK and without SYN (in time order the first such segment either
+//!   way), as seen at the capture point: Wireshark's
 //!   `tcp.analysis.initial_rtt`, recorded when the connection is
 //!   established. Seen at the server it is close to the server's SYN-ACK →
 //!   ACK time; at the client, to its connect time.
@@ -17,8 +18,8 @@
 //!   that without having had the SYN-ACK, so a SYN-ACK that was not
 //!   captured (or was read after the ACK, by the backend's other thread)
 //!   does not matter.
-//! - **refused**: an RST from the server before the connection was
-//!   established (the answer to a SYN on a closed port).
+//! - **refused**: an RST from the server answering the SYN, with no
+//!   SYN-ACK before it (the answer to a SYN on a closed port).
 //! - **reset**: an RST either way after it was established, before it
 //!   closed; **closed**: a FIN each way. Either ends it (`ended`, for the
 //!   open gauge); so does being evicted from the table while established,
@@ -30,6 +31,16 @@
 //!   data, SYN or FIN whose sequence number is below the highest seen in
 //!   its direction. SYN and SYN-ACK retransmissions count. Both directions
 //!   count, each into its own figure ([`Sink::retransmit`]).
+//!
+//! Each direction must be read in order, but the two may be read
+//! interleaved any way: the pcap backend reads them with two captures, and
+//! one can fall behind the other by a whole connection. So the server's
+//! SYN-ACK, FIN or RST read before the client's SYN or ACK still counts
+//! (FINs and RSTs are kept until the client's ACK establishes it; a
+//! server's answer read before the SYN is tied to it by its
+//! acknowledgement number, so an earlier connection's segments on the
+//! same ports do not), and the other direction's acknowledgements only
+//! tell a retransmission when captured before the segment.
 //!
 //! Not from headers: RTT samples, connect timeouts, aborts and kernel
 //! drops ([`UNAVAILABLE`]). Connections are not followed before their SYN
@@ -126,12 +137,21 @@ struct Half {
     dupacks: u32,
 }
 
-const SYN_SEEN: u8 = 1;
-const ESTABLISHED: u8 = 2;
-const FIN_IN: u8 = 4;
-const FIN_OUT: u8 = 8;
+const SYN_SEEN: u16 = 1;
+const ESTABLISHED: u16 = 2;
+/// A FIN (an RST) went toward the service ([`DIR_INGRESS`]); the `_OUT`
+/// bit is the other way: bit << direction.
+const FIN_IN: u16 = 4;
+const FIN_OUT: u16 = 8;
+const RST_IN: u16 = 16;
+const RST_OUT: u16 = 32;
+/// A SYN-ACK answering the SYN.
+const SYNACK: u16 = 64;
+/// Before any SYN: `answer` holds the acknowledgement number of the first
+/// SYN-ACK or RST read (the SYN it answers may be read later).
+const ANSWER: u16 = 128;
 /// A result (refused, reset, closed) was counted.
-const DONE: u8 = 16;
+const DONE: u16 = 256;
 
 #[derive(Debug, Clone, Copy)]
 struct Conn {
@@ -140,12 +160,18 @@ struct Conn {
     /// The most recent SYN (without ACK), µs; 0 = none (Wireshark's
     /// `ts_mru_syn`).
     syn_ts: u64,
-    /// The client's ISN, to tell a new connection on the same ports.
+    /// The client's ISN, to tell a new connection on the same ports, and
+    /// the data its SYN carried (TCP Fast Open): a SYN-ACK or an RST
+    /// answering it acknowledges `isn + 1` or `isn + 1 + syn_len`.
     isn: u32,
+    syn_len: u32,
+    /// See [`ANSWER`].
+    answer: u32,
     /// SYN → first ACK (Wireshark's `ts_first_rtt`).
     irtt: Option<u64>,
-    state: u8,
-    /// The direction the SYN went (the client's), service's view.
+    state: u16,
+    /// The direction the SYN went (the client's), service's view; before
+    /// the SYN, the other way from the answer's.
     client: u8,
     half: [Half; 2],
 }
@@ -157,12 +183,31 @@ impl Conn {
             last_ts: ts,
             syn_ts: 0,
             isn: 0,
+            syn_len: 0,
+            answer: 0,
             irtt: None,
             state: 0,
             client: DIR_INGRESS as u8,
             half: [Half::default(); 2],
         }
     }
+}
+
+/// Does `ack` (of a SYN-ACK or an RST) answer a SYN with sequence number
+/// `isn` carrying `len` bytes?
+#[inline]
+fn answers(ack: u32, isn: u32, len: u32) -> bool {
+    let next = isn.wrapping_add(1);
+    ack == next || ack == next.wrapping_add(len)
+}
+
+/// A new connection on the same ports: an established one before it ended.
+#[inline]
+fn renew(c: &mut Conn, s: &Segment, sink: &mut impl Sink) {
+    if c.state & (ESTABLISHED | DONE) == ESTABLISHED {
+        sink.count(c.slot, TCP_ENDED);
+    }
+    *c = Conn::new(s.slot, s.ts_us);
 }
 
 #[inline]
@@ -274,53 +319,93 @@ fn step(c: &mut Conn, s: &Segment, sink: &mut impl Sink) {
     let ack = t.flags & TCP_ACK != 0;
     let rst = t.flags & TCP_RST != 0;
     let fin = t.flags & TCP_FIN != 0;
-    // A new connection on the same ports: a SYN with another ISN.
-    if syn && !ack && c.state & SYN_SEEN != 0 && t.seq != c.isn {
-        if c.state & (ESTABLISHED | DONE) == ESTABLISHED {
-            sink.count(c.slot, TCP_ENDED);
-        }
-        *c = Conn::new(s.slot, ts);
-    }
-    c.slot = s.slot;
-    c.last_ts = ts;
-
-    // The connection's results.
+    // Which connection the segment is of. Each direction is read in
+    // order, but the two may be read interleaved any way (the pcap
+    // backend's two captures of an interface): the server's SYN-ACK, data,
+    // FIN or RST can come before the client's SYN. So a connection is the
+    // client's SYN (its ISN), and the server's answer to it (a SYN-ACK or
+    // an RST acknowledging that ISN), whichever is read first; the results
+    // below wait for the client's side.
     if syn && !ack {
+        let same = if c.state & SYN_SEEN != 0 {
+            t.seq == c.isn
+        } else {
+            c.state & ANSWER != 0
+                && dir == usize::from(c.client)
+                && answers(c.answer, t.seq, t.payload)
+        };
+        if !same {
+            renew(c, s, sink);
+        } else if c.state & SYN_SEEN == 0 {
+            // The server's answer and what followed it stay; what went
+            // the client's way before its SYN was an earlier connection's.
+            c.state &= !((FIN_IN | RST_IN) << dir);
+        }
         if c.state & SYN_SEEN == 0 {
             c.state |= SYN_SEEN;
             c.isn = t.seq;
+            c.syn_len = t.payload;
             c.client = dir as u8;
         }
         c.syn_ts = ts;
-    }
-    if !syn && ack && c.syn_ts != 0 && c.irtt.is_none() {
-        c.irtt = Some(ts.saturating_sub(c.syn_ts));
-    }
-    let from_client = dir == usize::from(c.client);
-    if c.state & SYN_SEEN != 0 && c.state & (ESTABLISHED | DONE) == 0 {
-        if rst && !from_client {
-            c.state |= DONE;
-            sink.count(c.slot, TCP_REFUSED);
-        } else if from_client && ack && !syn && !rst {
-            c.state |= ESTABLISHED;
-            sink.count(c.slot, TCP_ESTABLISHED);
-            if let Some(us) = c.irtt {
-                sink.handshake(c.slot, us);
-            }
+    } else if syn {
+        let same = if c.state & SYN_SEEN != 0 {
+            answers(t.ack, c.isn, c.syn_len)
+        } else {
+            c.state & ANSWER != 0 && t.ack == c.answer
+        };
+        if !same {
+            renew(c, s, sink);
         }
+        c.state |= SYNACK;
     }
-    if c.state & (ESTABLISHED | DONE) == ESTABLISHED {
+    if c.state & (SYN_SEEN | ANSWER) == 0 && (syn || (rst && ack)) {
+        c.state |= ANSWER;
+        c.answer = t.ack;
+        c.client = (dir ^ 1) as u8;
+    }
+    c.slot = s.slot;
+    c.last_ts = c.last_ts.max(ts);
+    if c.state & DONE == 0 {
         if fin {
-            c.state |= if dir == DIR_INGRESS { FIN_IN } else { FIN_OUT };
+            c.state |= FIN_IN << dir;
         }
         if rst {
-            c.state |= DONE;
-            sink.count(c.slot, TCP_RESET);
-            sink.count(c.slot, TCP_ENDED);
-        } else if c.state & (FIN_IN | FIN_OUT) == FIN_IN | FIN_OUT {
-            c.state |= DONE;
-            sink.count(c.slot, TCP_CLOSED);
-            sink.count(c.slot, TCP_ENDED);
+            c.state |= RST_IN << dir;
+        }
+    }
+
+    // The connection's results.
+    let from_client = dir == usize::from(c.client);
+    if !syn && ack && from_client && c.syn_ts != 0 && c.irtt.is_none() {
+        c.irtt = Some(ts.saturating_sub(c.syn_ts));
+    }
+    if c.state & (SYN_SEEN | DONE) == SYN_SEEN {
+        if c.state & ESTABLISHED == 0 {
+            let server_rst = RST_IN << (usize::from(c.client) ^ 1);
+            if from_client && ack && !syn && !rst {
+                c.state |= ESTABLISHED;
+                sink.count(c.slot, TCP_ESTABLISHED);
+                if let Some(us) = c.irtt {
+                    sink.handshake(c.slot, us);
+                }
+            } else if c.state & (server_rst | SYNACK) == server_rst {
+                // No SYN-ACK before it: the answer to the SYN.
+                c.state |= DONE;
+                sink.count(c.slot, TCP_REFUSED);
+            }
+        }
+        // An RST or the FINs may have been read before the client's ACK.
+        if c.state & ESTABLISHED != 0 {
+            if c.state & (RST_IN | RST_OUT) != 0 {
+                c.state |= DONE;
+                sink.count(c.slot, TCP_RESET);
+                sink.count(c.slot, TCP_ENDED);
+            } else if c.state & (FIN_IN | FIN_OUT) == FIN_IN | FIN_OUT {
+                c.state |= DONE;
+                sink.count(c.slot, TCP_CLOSED);
+                sink.count(c.slot, TCP_ENDED);
+            }
         }
     }
 
@@ -339,6 +424,11 @@ fn step(c: &mut Conn, s: &Segment, sink: &mut impl Sink) {
         (b, &*a)
     };
     let zero_window_probe = seglen == 1 && seq == fwd.nextseq && rev.window == 0;
+    // The other direction's acknowledgements count only if captured before
+    // this segment: read after it, they may still be earlier in the
+    // other capture (this one's reader fell behind), and data they cover
+    // is then no spurious retransmission.
+    let rev_before = rev.lastack_ts <= ts;
     let mut dupack = false;
     let mut retrans = false;
     if !zero_window_probe {
@@ -357,14 +447,17 @@ fn step(c: &mut Conn, s: &Segment, sink: &mut impl Sink) {
                 not_advanced = false;
             }
             let fast = not_advanced
+                && rev_before
                 && rev.dupacks >= 2
                 && rev.lastack == seq
                 && ts.saturating_sub(rev.lastack_ts) < FAST_RETRANS_US;
             let out_of_order = not_advanced
                 && ts.saturating_sub(fwd.nextseq_ts) < ooo_us
                 && fwd.nextseq != seq.wrapping_add(seglen);
-            let spurious =
-                seglen > 0 && rev.lastack != 0 && le(seq.wrapping_add(seglen), rev.lastack);
+            let spurious = seglen > 0
+                && rev_before
+                && rev.lastack != 0
+                && le(seq.wrapping_add(seglen), rev.lastack);
             retrans = fast || (!out_of_order && (spurious || not_advanced));
         }
     }
@@ -608,6 +701,118 @@ mod tests {
         // The RST after it is no reset.
         c.seg(300_010, true, R, 102, 0, 0);
         assert_eq!(c.count(TCP_RESET), 0);
+    }
+
+    // The pcap backend reads an interface's two directions with two
+    // captures: each in order, the two interleaved any way.
+
+    #[test]
+    fn the_servers_side_read_before_the_clients_still_closes() {
+        let mut c = Conv::new();
+        // The server's SYN-ACK, reply and FIN first, as a reader that fell
+        // a connection behind leaves them.
+        c.seg(1040, false, S | A, 500, 101, 0);
+        c.seg(2100, false, A, 501, 201, 100);
+        c.seg(2110, false, F | A, 601, 202, 0);
+        assert_eq!(c.count(TCP_CLOSED), 0);
+        c.seg(1000, true, S, 100, 0, 0);
+        c.seg(1100, true, A, 101, 501, 0);
+        c.seg(2000, true, A, 101, 501, 100);
+        c.seg(2050, true, F | A, 201, 501, 0);
+        c.seg(2120, true, A, 202, 602, 0);
+        let f = c.figures();
+        assert_eq!(f.tcp.counts[TCP_ESTABLISHED], 1);
+        assert_eq!(f.tcp.counts[TCP_CLOSED], 1);
+        assert_eq!(f.tcp.counts[TCP_ENDED], 1);
+        // SYN to the client's ACK, not to the server's segments read
+        // in between.
+        assert_eq!(f.handshakes, vec![100]);
+        // The client's data was acknowledged before it was read: that
+        // does not make it a spurious retransmission.
+        assert_eq!(f.retrans, [0, 0]);
+        assert_eq!(f.tcp.counts[TCP_RETRANS], 0);
+    }
+
+    #[test]
+    fn the_clients_fin_read_first_closes_with_the_servers() {
+        let mut c = Conv::new();
+        c.seg(1000, true, S, 100, 0, 0);
+        c.seg(1100, true, A, 101, 501, 0);
+        c.seg(2000, true, F | A, 101, 501, 0);
+        c.seg(1040, false, S | A, 500, 101, 0);
+        c.seg(2010, false, F | A, 501, 102, 0);
+        assert_eq!(c.count(TCP_CLOSED), 1);
+        assert_eq!(c.figures().retrans, [0, 0]);
+    }
+
+    #[test]
+    fn an_rst_read_before_the_syn_it_answers_is_refused() {
+        let mut c = Conv::new();
+        c.seg(1010, false, R | A, 0, 101, 0);
+        assert_eq!(c.count(TCP_REFUSED), 0);
+        c.seg(1000, true, S, 100, 0, 0);
+        assert_eq!(c.count(TCP_REFUSED), 1);
+        assert_eq!(c.count(TCP_ESTABLISHED), 0);
+        // One answering another SYN is not this one's.
+        let mut c = Conv::new();
+        c.seg(1010, false, R | A, 0, 7001, 0);
+        c.seg(1000, true, S, 100, 0, 0);
+        assert_eq!(c.count(TCP_REFUSED), 0);
+    }
+
+    #[test]
+    fn an_rst_after_the_syn_ack_read_before_the_clients_ack_is_a_reset() {
+        let mut c = Conv::new();
+        c.seg(1000, true, S, 100, 0, 0);
+        c.seg(1040, false, S | A, 500, 101, 0);
+        c.seg(1200, false, R | A, 501, 101, 0);
+        assert_eq!(c.count(TCP_REFUSED), 0);
+        c.seg(1100, true, A, 101, 501, 0);
+        let f = c.figures();
+        assert_eq!(f.tcp.counts[TCP_ESTABLISHED], 1);
+        assert_eq!(f.tcp.counts[TCP_RESET], 1);
+        assert_eq!(f.tcp.counts[TCP_ENDED], 1);
+        assert_eq!(f.tcp.counts[TCP_REFUSED], 0);
+    }
+
+    #[test]
+    fn an_earlier_connections_fins_do_not_close_the_next() {
+        // Caught mid-connection: its FINs, then a new one on the same ports.
+        let mut c = Conv::new();
+        c.seg(1000, false, F | A, 9000, 8000, 0);
+        c.seg(1010, true, F | A, 8000, 9001, 0);
+        c.seg(5000, true, S, 100, 0, 0);
+        c.seg(5040, false, S | A, 500, 101, 0);
+        c.seg(5100, true, A, 101, 501, 0);
+        assert_eq!(c.count(TCP_ESTABLISHED), 1);
+        assert_eq!(c.count(TCP_CLOSED), 0);
+        c.seg(6000, true, F | A, 101, 501, 0);
+        assert_eq!(c.count(TCP_CLOSED), 0);
+        c.seg(6010, false, F | A, 501, 102, 0);
+        assert_eq!(c.count(TCP_CLOSED), 1);
+        assert_eq!(c.figures().retrans, [0, 0]);
+    }
+
+    #[test]
+    fn the_next_connections_server_side_read_before_its_syn() {
+        let mut c = Conv::new();
+        c.handshake();
+        c.seg(2000, true, F | A, 101, 501, 0);
+        c.seg(2010, false, F | A, 501, 102, 0);
+        assert_eq!(c.count(TCP_CLOSED), 1);
+        // The same ports again; the server's side of it read first, while
+        // the finished connection is still in the table.
+        c.seg(9_040, false, S | A, 7000, 3001, 0);
+        c.seg(9_500, false, F | A, 7001, 3002, 0);
+        c.seg(9_000, true, S, 3000, 0, 0);
+        c.seg(9_070, true, A, 3001, 7001, 0);
+        c.seg(9_400, true, F | A, 3001, 7001, 0);
+        let f = c.figures();
+        assert_eq!(f.tcp.counts[TCP_ESTABLISHED], 2);
+        assert_eq!(f.tcp.counts[TCP_CLOSED], 2);
+        assert_eq!(f.tcp.counts[TCP_ENDED], 2);
+        assert_eq!(f.handshakes, vec![100, 70]);
+        assert_eq!(f.retrans, [0, 0]);
     }
 
     #[test]

@@ -271,6 +271,40 @@ fn pcap_and_ebpf_backends_count_the_same_traffic_alike() {
     );
     assert!(m_p.bytes("web", "ingress") > (CONNS * UPLOAD) as u64);
     assert!(m_e.has("netpulse_backend_info", &[("backend", "ebpf")]));
+    // TCP health: the kernel's view (eBPF) and the headers' (pcap) agree
+    // on every connection's handshake and normal close.
+    let want = CONNS as u64 + LO_CONNS;
+    let result = |m: &netpulse_tests::scrape::Metrics, r: &str| {
+        m.sum(
+            "netpulse_service_tcp_connections_total",
+            &[("service", "web"), ("side", "server"), ("result", r)],
+        )
+    };
+    let mut retransmits = Vec::new();
+    for (backend, agent) in [("ebpf", &mut ebpf), ("pcap", &mut pcap)] {
+        let m = agent.wait_for("every connection closed", |m| result(m, "closed") >= want);
+        for r in ["established", "closed"] {
+            assert_eq!(result(&m, r), want, "{backend}: {r}");
+        }
+        assert_eq!(result(&m, "reset"), 0, "{backend}");
+        assert_eq!(
+            m.sum(
+                "netpulse_service_tcp_handshake_seconds_count",
+                &[("service", "web"), ("side", "server")]
+            ),
+            want,
+            "{backend}: a handshake time per connection"
+        );
+        retransmits.push(m.sum(
+            "netpulse_service_tcp_retransmits_total",
+            &[("service", "web"), ("side", "server")],
+        ));
+    }
+    // The server's own retransmissions: what the kernel sent again (none,
+    // on this quiet link) and no more: no packet read twice on loopback,
+    // no segment taken for one because the other capture's ACK was read
+    // first.
+    assert_eq!(retransmits[1], retransmits[0], "retransmits (pcap, eBPF)");
     assert!(m_p.has(
         "netpulse_capture_dropped_packets_total",
         &[("interface", pair.dev_a.as_str())]
