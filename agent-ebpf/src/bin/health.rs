@@ -186,15 +186,67 @@ fn netns_kind(net: u64) -> Option<u32> {
     unsafe { NP_NETNS.get(&inum) }.copied()
 }
 
+/// Bytes of a kernel struct copied at once (see [`Win`]).
+const WIN: usize = 256;
+
+/// Per-CPU scratch buffers: programs nest on a CPU but never into
+/// themselves, so each program has its own (the skb programs two: the
+/// `sk_buff` at their index, its packet headers at the next).
+#[map]
+static NP_SCRATCH: PerCpuArray<[u8; WIN]> = PerCpuArray::with_max_entries(SCRATCH_LEN, 0);
+
+const SCRATCH_SOCK_STATE: u32 = 0;
+const SCRATCH_RETRANSMIT: u32 = 1;
+const SCRATCH_SYNACK: u32 = 2;
+const SCRATCH_KFREE: u32 = 3;
+const SCRATCH_SEND_RESET: u32 = 5;
+const SCRATCH_LEN: u32 = 7;
+
+/// The first [`WIN`] bytes of a kernel struct, read with one helper call:
+/// fields within them are read from the copy, others (or all, if the copy
+/// failed) one by one.
+struct Win {
+    base: u64,
+    copy: Option<*const u8>,
+}
+
+impl Win {
+    #[inline(always)]
+    fn read(base: u64, scratch: u32) -> Win {
+        let copy = NP_SCRATCH.get_ptr_mut(scratch).and_then(|buf| {
+            // SAFETY: this program's own scratch value; the helper checks
+            // the kernel address.
+            let ok = unsafe { bpf_probe_read_kernel_buf(base as *const u8, &mut *buf) }.is_ok();
+            ok.then_some(buf as *const u8)
+        });
+        Win { base, copy }
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: u64) -> Option<T> {
+        let size = core::mem::size_of::<T>() as u64;
+        if let Some(p) = self.copy
+            && off < WIN as u64
+            && off + size <= WIN as u64
+        {
+            // SAFETY: within the copy, checked just above.
+            return Some(unsafe { core::ptr::read_unaligned(p.add(off as usize) as *const T) });
+        }
+        rd(self.base, off)
+    }
+}
+
 /// The ends of a socket (`struct sock_common`: a full socket or a request
-/// socket). An IPv4-mapped IPv6 socket reads as IPv4.
+/// socket), read through the program's scratch window. An IPv4-mapped IPv6
+/// socket reads as IPv4.
 #[inline(always)]
-fn ends(sk: u64) -> Option<Ends> {
-    let net: u64 = rd(sk, off!(skc_net))?;
+fn ends(sk: u64, scratch: u32) -> Option<Ends> {
+    let w = Win::read(sk, scratch);
+    let net: u64 = w.get(off!(skc_net))?;
     let netns = netns_kind(net)?;
-    let family: u16 = rd(sk, off!(skc_family))?;
-    let lport: u16 = rd(sk, off!(skc_num))?;
-    let rport = u16::from_be(rd::<u16>(sk, off!(skc_dport))?);
+    let family: u16 = w.get(off!(skc_family))?;
+    let lport: u16 = w.get(off!(skc_num))?;
+    let rport = u16::from_be(w.get::<u16>(off!(skc_dport))?);
     let mut e = Ends {
         family: FAMILY_V4,
         laddr: [0; 4],
@@ -204,11 +256,11 @@ fn ends(sk: u64) -> Option<Ends> {
         netns,
     };
     if family == AF_INET {
-        e.laddr[0] = rd(sk, off!(skc_rcv_saddr))?;
-        e.raddr[0] = rd(sk, off!(skc_daddr))?;
+        e.laddr[0] = w.get(off!(skc_rcv_saddr))?;
+        e.raddr[0] = w.get(off!(skc_daddr))?;
     } else if family == AF_INET6 {
-        let l: [u32; 4] = rd(sk, off!(skc_v6_rcv_saddr))?;
-        let r: [u32; 4] = rd(sk, off!(skc_v6_daddr))?;
+        let l: [u32; 4] = w.get(off!(skc_v6_rcv_saddr))?;
+        let r: [u32; 4] = w.get(off!(skc_v6_daddr))?;
         let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
         if r[0] == 0 && r[1] == 0 && r[2] == mapped {
             e.laddr[0] = l[3];
@@ -296,11 +348,17 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if !is_tcp(sk) {
+    // Only these transitions count; the others (LISTEN, SYN_RECV of a new
+    // child, FIN_WAIT1 → FIN_WAIT2, ...) return before any read.
+    let wanted = new == TCP_SYN_SENT
+        || (new == TCP_ESTABLISHED_ST && (old == TCP_SYN_SENT || old == TCP_SYN_RECV))
+        || old == TCP_ESTABLISHED_ST
+        || (new == TCP_CLOSE && (old == TCP_SYN_SENT || matches!(old, 4 | 5 | 8 | 9 | 11)));
+    if !wanted || !is_tcp(sk) {
         return 0;
     }
     if new == TCP_SYN_SENT {
-        let Some(slot) = ends(sk).and_then(|e| client_slot(&e)) else {
+        let Some(slot) = ends(sk, SCRATCH_SOCK_STATE).and_then(|e| client_slot(&e)) else {
             return 0;
         };
         let st = SockState {
@@ -326,7 +384,9 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
                 st.rtt_ns = t;
             }
         } else if old == TCP_SYN_RECV {
-            let Some(e) = ends(sk) else { return 0 };
+            let Some(e) = ends(sk, SCRATCH_SOCK_STATE) else {
+                return 0;
+            };
             let Some(slot) = server_slot(&e) else {
                 return 0;
             };
@@ -363,7 +423,7 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
         let slot = match sock(sk) {
             // SAFETY: as above.
             Some(st) => unsafe { (*st).slot },
-            None => match ends(sk).and_then(|e| client_slot(&e)) {
+            None => match ends(sk, SCRATCH_SOCK_STATE).and_then(|e| client_slot(&e)) {
                 Some(s) => s,
                 None => return 0,
             },
@@ -402,28 +462,29 @@ fn end(sk: u64, closing: bool) {
     } else {
         0
     };
-    {
-        let mut st = match sock(sk) {
-            // SAFETY: as above.
-            Some(p) => unsafe { *p },
-            None => {
-                let Some((slot, side)) = ends(sk).and_then(|e| any_slot(&e)) else {
-                    return;
-                };
-                SockState {
-                    slot,
-                    flags: side,
-                    ..SockState::default()
-                }
-            }
-        };
+    if let Some(p) = sock(sk) {
+        // SAFETY: a value of the socket map, updated in place.
+        let st = unsafe { &mut *p };
         if st.flags & SOCK_ENDED == 0 {
             count(st.slot, TCP_ENDED);
             sample_rtt(sk, st.slot, H::Rtt);
         }
         st.flags |= SOCK_ENDED | reset;
-        let _ = NP_SOCKS.insert(sk, st, 0);
+        return;
     }
+    // A connection not followed from its start (opened before the agent,
+    // or forgotten by the LRU): attributed by its ends, remembered from here.
+    let Some((slot, side)) = ends(sk, SCRATCH_SOCK_STATE).and_then(|e| any_slot(&e)) else {
+        return;
+    };
+    count(slot, TCP_ENDED);
+    sample_rtt(sk, slot, H::Rtt);
+    let st = SockState {
+        slot,
+        flags: side | SOCK_ENDED | reset,
+        ..SockState::default()
+    };
+    let _ = NP_SOCKS.insert(sk, st, 0);
 }
 
 /// The socket is freed: an ended connection's result.
@@ -472,7 +533,7 @@ pub fn netpulse_send_reset(ctx: BtfTracePointContext) -> i32 {
         }
         return 0;
     }
-    let Some((flow, netns)) = skb_flow(skb) else {
+    let Some((flow, netns)) = skb_flow(skb, SCRATCH_SEND_RESET) else {
         return 0;
     };
     if netns == NETNS_HOST
@@ -500,7 +561,7 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
     let slot = match sock(sk) {
         // SAFETY: as above.
         Some(p) => unsafe { (*p).slot },
-        None => match ends(sk).and_then(|e| any_slot(&e)) {
+        None => match ends(sk, SCRATCH_RETRANSMIT).and_then(|e| any_slot(&e)) {
             Some((s, _)) => s,
             None => return 0,
         },
@@ -514,7 +575,7 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn netpulse_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(1);
-    if let Some(slot) = ends(req).and_then(|e| server_slot(&e)) {
+    if let Some(slot) = ends(req, SCRATCH_SYNACK).and_then(|e| server_slot(&e)) {
         count(slot, TCP_RETRANS_SYNACK);
     }
     0
@@ -581,36 +642,28 @@ fn syn_time(e: &Ends) -> Option<u64> {
     t
 }
 
-/// Bytes of an skb's headers copied for the parser (from the network
-/// header: IPv4 with options and the ports, IPv6 with a few extension
-/// headers).
-const HDR_COPY: usize = 128;
-
-// A per-CPU scratch buffer: the headers are copied here in one read, then
-// parsed by the shared parser as a byte slice, as analyze does.
-#[map]
-static NP_SCRATCH: PerCpuArray<[u8; HDR_COPY]> = PerCpuArray::with_max_entries(1, 0);
-
 /// The headers of an skb and the namespace kind of its device (or, with
 /// none, of its socket).
 #[inline(always)]
-fn skb_flow(skb: u64) -> Option<(Flow, u32)> {
-    let dev: u64 = rd(skb, off!(skb_dev)).unwrap_or(0);
+fn skb_flow(skb: u64, scratch: u32) -> Option<(Flow, u32)> {
+    let w = Win::read(skb, scratch);
+    let dev: u64 = w.get(off!(skb_dev)).unwrap_or(0);
     let net: u64 = if dev != 0 {
         rd(dev, off!(dev_nd_net))?
     } else {
-        let sk: u64 = rd(skb, off!(skb_sk))?;
+        let sk: u64 = w.get(off!(skb_sk))?;
         rd(sk, off!(skc_net))?
     };
     let netns = netns_kind(net)?;
-    let head: u64 = rd(skb, off!(skb_head))?;
-    let nh: u16 = rd(skb, off!(skb_network_header))?;
-    let proto = u16::from_be(rd::<u16>(skb, off!(skb_protocol))?);
+    let head: u64 = w.get(off!(skb_head))?;
+    let nh: u16 = w.get(off!(skb_network_header))?;
+    let proto = u16::from_be(w.get::<u16>(off!(skb_protocol))?);
     let mut flow = Flow::default();
     if nh == 0xffff {
         return Some((flow, netns));
     }
-    let buf = NP_SCRATCH.get_ptr_mut(0)?;
+    // The headers, in the next scratch buffer (the struct's is `scratch`).
+    let buf = NP_SCRATCH.get_ptr_mut(scratch + 1)?;
     // SAFETY: the scratch value is this CPU's; the helper checks the kernel
     // address and zeroes the buffer if the read faults.
     let bytes: &[u8] = unsafe {
@@ -641,7 +694,7 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if reason == 0 || reason == off!(reason_consumed) as u32 {
         return 0;
     }
-    let Some((flow, netns)) = skb_flow(skb) else {
+    let Some((flow, netns)) = skb_flow(skb, SCRATCH_KFREE) else {
         return 0;
     };
     let (mut slot, mut dir) = (SLOT_NO_MATCH, DIR_INGRESS);

@@ -348,10 +348,18 @@ fn other_results(m: &Metrics) -> u64 {
         &[("service", "loop"), ("side", "server")],
     ) - m.sum(
         "netpulse_service_tcp_connections_total",
-        &[("service", "loop"), ("side", "server"), ("result", "closed")],
+        &[
+            ("service", "loop"),
+            ("side", "server"),
+            ("result", "closed"),
+        ],
     ) - m.sum(
         "netpulse_service_tcp_connections_total",
-        &[("service", "loop"), ("side", "server"), ("result", "established")],
+        &[
+            ("service", "loop"),
+            ("side", "server"),
+            ("result", "established"),
+        ],
     )
 }
 
