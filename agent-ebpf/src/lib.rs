@@ -657,6 +657,9 @@ pub const MAX_SYNS: u32 = 16_384;
 /// Namespace kinds in `NP_NETNS` (keyed by the namespace's inode number).
 pub const NETNS_HOST: u32 = 1;
 pub const NETNS_CONTAINER: u32 = 2;
+/// The key of `NP_NETNS` (no namespace has inode 0) whose value is how many
+/// container namespaces are watched.
+pub const NETNS_CONTAINERS_KEY: u32 = 0;
 
 /// Kernel struct field offsets the tracing programs read at, found in the
 /// running kernel's BTF by the agent and set as a global before loading.

@@ -242,6 +242,9 @@ impl Netns {
         if let Some(i) = netns_inum(Path::new("/proc/self/ns/net")) {
             want.insert(i, NETNS_HOST);
         }
+        // How many containers: the programs' port pre-filter is off while
+        // any is watched (containers are matched by address).
+        want.insert(agent_ebpf::NETNS_CONTAINERS_KEY, containers.len() as u32);
         for k in self.written.keys() {
             if !want.contains_key(k) {
                 let _ = self.map.remove(k);

@@ -14,7 +14,7 @@
 //! plain.
 
 use agent_ebpf::{
-    classify::{ContainerTables, classify_file, local, remote},
+    classify::{ContainerTables, Tables, classify_file, local, remote},
     parse::{Flow, parse_from},
     *,
 };
@@ -276,6 +276,40 @@ fn ends(sk: u64, scratch: u32) -> Option<Ends> {
     Some(e)
 }
 
+/// Whether a socket's ports can be a service's at all, from the port index
+/// alone (two reads and a few array loads, before the full look-up): its
+/// local port for a local service, its remote port for a remote one. Both
+/// families, as an IPv4-mapped socket is classified as IPv4. Containers are
+/// matched by address, not port: with any watched, always yes.
+#[inline(always)]
+fn may_match(sk: u64, local_side: bool, remote_side: bool) -> bool {
+    // SAFETY: a plain value (key 0: how many container namespaces).
+    if unsafe { NP_NETNS.get(&NETNS_CONTAINERS_KEY) }.is_some_and(|n| *n > 0) {
+        return true;
+    }
+    let (Some(lport), Some(rport)) = (
+        rd::<u16>(sk, off!(skc_num)),
+        rd::<u16>(sk, off!(skc_dport)).map(u16::from_be),
+    ) else {
+        return true;
+    };
+    for family in [FAMILY_V4, FAMILY_V6] {
+        if local_side && let Some(i) = port_index(family, PROTO_TCP, lport) {
+            let v = PortEntry(Maps.port(i));
+            if v.wildcard() != 0 || v.group() != 0 || v.local_hash() {
+                return true;
+            }
+        }
+        if remote_side
+            && let Some(i) = port_index(family, PROTO_TCP, rport)
+            && PortEntry(Maps.port(i)).remote()
+        {
+            return true;
+        }
+    }
+    false
+}
+
 #[inline(always)]
 fn tcp_slot(slot: u32) -> Option<u32> {
     (slot >= FIRST_SERVICE_SLOT && slot < TCP_SLOTS).then_some(slot)
@@ -358,6 +392,9 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     if new == TCP_SYN_SENT {
+        if !may_match(sk, false, true) {
+            return 0;
+        }
         let Some(slot) = ends(sk, SCRATCH_SOCK_STATE).and_then(|e| client_slot(&e)) else {
             return 0;
         };
@@ -384,6 +421,9 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
                 st.rtt_ns = t;
             }
         } else if old == TCP_SYN_RECV {
+            if !may_match(sk, true, false) {
+                return 0;
+            }
             let Some(e) = ends(sk, SCRATCH_SOCK_STATE) else {
                 return 0;
             };
@@ -413,7 +453,7 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
         // result (closed or reset) is counted when the socket is freed, as
         // a reset sent by close() (SO_LINGER 0, unread data) goes out only
         // after the socket is already CLOSE.
-        end(sk, new == TCP_CLOSE);
+        end(sk, new == TCP_CLOSE, new == TCP_CLOSE);
         return 0;
     }
     if new != TCP_CLOSE {
@@ -442,16 +482,17 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
     // CLOSING): a reset seen now, or a connection opened before the agent.
     // (LISTEN, 10, is not a connection.)
     if matches!(old, 4 | 5 | 8 | 9 | 11) {
-        end(sk, true);
+        end(sk, true, true);
     }
     0
 }
 
 /// A connection leaves ESTABLISHED (or, one netpulse did not see leave it,
 /// reaches CLOSE): counted as ended once, its RTT sampled; a reset seen in
-/// `sk_err` marked.
+/// `sk_err` marked. A socket without a record is looked up by its ends only
+/// at CLOSE (`fallback`), once: most sockets without one are no service's.
 #[inline(always)]
-fn end(sk: u64, closing: bool) {
+fn end(sk: u64, closing: bool, fallback: bool) {
     let reset = if closing {
         let err: i32 = rd(sk, off!(sk_err)).unwrap_or(0);
         if err == ECONNRESET || err == EPIPE {
@@ -474,6 +515,9 @@ fn end(sk: u64, closing: bool) {
     }
     // A connection not followed from its start (opened before the agent,
     // or forgotten by the LRU): attributed by its ends, remembered from here.
+    if !fallback || !may_match(sk, true, true) {
+        return;
+    }
     let Some((slot, side)) = ends(sk, SCRATCH_SOCK_STATE).and_then(|e| any_slot(&e)) else {
         return;
     };
@@ -561,6 +605,7 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
     let slot = match sock(sk) {
         // SAFETY: as above.
         Some(p) => unsafe { (*p).slot },
+        None if !may_match(sk, true, true) => return 0,
         None => match ends(sk, SCRATCH_RETRANSMIT).and_then(|e| any_slot(&e)) {
             Some((s, _)) => s,
             None => return 0,
@@ -575,7 +620,9 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn netpulse_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(1);
-    if let Some(slot) = ends(req, SCRATCH_SYNACK).and_then(|e| server_slot(&e)) {
+    if may_match(req, true, false)
+        && let Some(slot) = ends(req, SCRATCH_SYNACK).and_then(|e| server_slot(&e))
+    {
         count(slot, TCP_RETRANS_SYNACK);
     }
     0
