@@ -339,18 +339,7 @@ impl Analyzer {
         let Some(tcp) = packet::tcp_header(self.link, data, wire_len) else {
             return;
         };
-        let f = &self.flow;
-        let seg = Segment {
-            ts_us,
-            slot,
-            dir,
-            family: f.family,
-            src: f.src,
-            dst: f.dst,
-            sport: f.sport,
-            dport: f.dport,
-            tcp,
-        };
+        let seg = Segment::new(&self.flow, ts_us, slot, dir, tcp);
         self.tcp.segment(&seg, &mut self.tcp_totals);
     }
 

@@ -643,17 +643,7 @@ impl Tap {
         let ts_us = (p.ts.tv_sec as u64)
             .wrapping_mul(1_000_000)
             .wrapping_add(p.ts.tv_usec as u64);
-        let seg = Segment {
-            ts_us,
-            slot,
-            dir,
-            family: f.family,
-            src: f.src,
-            dst: f.dst,
-            sport: f.sport,
-            dport: f.dport,
-            tcp,
-        };
+        let seg = Segment::new(f, ts_us, slot, dir, tcp);
         let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         t.segment(&seg, &mut TcpSink(&self.shared));
     }

@@ -101,6 +101,30 @@ pub struct Segment {
     pub tcp: TcpHeader,
 }
 
+impl Segment {
+    /// A segment of the parsed `flow`, seen at `ts_us`, of `slot` in
+    /// direction `dir` (the service's view).
+    pub fn new(
+        flow: &crate::packet::Flow,
+        ts_us: u64,
+        slot: u32,
+        dir: usize,
+        tcp: TcpHeader,
+    ) -> Self {
+        Segment {
+            ts_us,
+            slot,
+            dir,
+            family: flow.family,
+            src: flow.src,
+            dst: flow.dst,
+            sport: flow.sport,
+            dport: flow.dport,
+            tcp,
+        }
+    }
+}
+
 /// Where the tracker's findings go.
 pub trait Sink {
     /// One more of `TcpCounters::counts[index]` for `slot`.
