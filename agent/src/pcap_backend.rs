@@ -755,3 +755,60 @@ impl Tap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::TcpHeader;
+    use agent_ebpf::{TCP_CLOSED, TCP_ESTABLISHED, TCP_RETRANS};
+
+    #[test]
+    fn the_trackers_findings_reach_the_reader_and_zero_clears_them() {
+        let mut p = Pcap::new();
+        let r = p.reader();
+        let slot = FIRST_SERVICE_SLOT + 1;
+        let mut t = Tracker::new(16);
+        let seg = |ts_us, to: bool, flags, seq, ack, payload| {
+            let (a, b) = ([10; 16], [20; 16]);
+            Segment {
+                ts_us,
+                slot,
+                dir: if to { DIR_INGRESS } else { DIR_EGRESS },
+                family: 4,
+                src: if to { a } else { b },
+                dst: if to { b } else { a },
+                sport: if to { 5000 } else { 80 },
+                dport: if to { 80 } else { 5000 },
+                tcp: TcpHeader {
+                    seq,
+                    ack,
+                    flags,
+                    window: 100,
+                    payload,
+                },
+            }
+        };
+        let (s, a, f) = (TCP_SYN, 0x10, TCP_FIN);
+        for g in [
+            seg(1_000, true, s, 1, 0, 0),
+            seg(1_030, false, s | a, 9, 2, 0),
+            seg(1_050, true, a, 2, 10, 0),
+            seg(2_000, true, a, 2, 10, 100),
+            seg(300_000, true, a, 2, 10, 100),
+            seg(400_000, true, f | a, 102, 10, 0),
+            seg(400_010, false, f | a, 10, 103, 0),
+        ] {
+            t.segment(&g, &mut TcpSink(&p.shared));
+        }
+        let c = r.tcp(slot).unwrap_or_default();
+        assert_eq!(c.counts[TCP_ESTABLISHED], 1);
+        assert_eq!(c.counts[TCP_CLOSED], 1);
+        assert_eq!(c.counts[TCP_RETRANS], 1);
+        assert_eq!((c.handshake.count(), c.handshake.sum_us), (1, 50));
+        assert_eq!(r.tcp_retransmits(slot), [1, 0]);
+        assert_eq!(r.tcp(TCP_SLOTS), None);
+        p.zero(slot);
+        assert_eq!(r.tcp(slot), Some(TcpCounters::default()));
+        assert_eq!(r.tcp_retransmits(slot), [0, 0]);
+    }
+}
