@@ -615,8 +615,8 @@ layout_assert!(DropKey, 12, 4);
 pub struct SockState {
     /// When the connect's SYN went out (client side), ns of CLOCK_MONOTONIC.
     pub start_ns: u64,
-    /// Unused (kept for the layout).
-    pub handshake_us: u64,
+    /// Unused: the pinned map's value size stays 32 bytes.
+    pub _reserved: u64,
     /// When the RTT was last sampled.
     pub rtt_ns: u64,
     pub slot: u32,
@@ -685,7 +685,6 @@ pub struct Offsets {
     // struct sk_buff
     pub skb_head: u32,
     pub skb_network_header: u32,
-    pub skb_transport_header: u32,
     pub skb_protocol: u32,
     pub skb_dev: u32,
     pub skb_sk: u32,
@@ -697,7 +696,7 @@ pub struct Offsets {
     pub reason_consumed: u32,
     pub _pad: u32,
 }
-layout_assert!(Offsets, 92, 4);
+layout_assert!(Offsets, 88, 4);
 
 impl Offsets {
     pub const UNKNOWN: Offsets = Offsets {
@@ -716,7 +715,6 @@ impl Offsets {
         net_inum: u32::MAX,
         skb_head: u32::MAX,
         skb_network_header: u32::MAX,
-        skb_transport_header: u32::MAX,
         skb_protocol: u32::MAX,
         skb_dev: u32::MAX,
         skb_sk: u32::MAX,

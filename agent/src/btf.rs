@@ -275,13 +275,18 @@ pub fn enum_values(btf: &[u8], name: &str) -> Result<BTreeMap<u64, String>, BtfE
 /// `SKB_CONSUMED`, and the markers `SKB_DROP_REASON_MAX` (a count) and
 /// `SKB_DROP_REASON_SUBSYS_MASK`.
 pub fn drop_reasons(btf: &[u8]) -> Result<BTreeMap<u64, String>, BtfError> {
-    Ok(enum_values(btf, "skb_drop_reason")?
+    Ok(drop_reason_names(enum_values(btf, "skb_drop_reason")?))
+}
+
+/// [`drop_reasons`] from the enum's values already read.
+pub fn drop_reason_names(values: BTreeMap<u64, String>) -> BTreeMap<u64, String> {
+    values
         .into_iter()
         .filter_map(|(v, n)| {
             let short = n.strip_prefix("SKB_DROP_REASON_")?;
             (!matches!(short, "MAX" | "SUBSYS_MASK")).then(|| (v, short.to_ascii_lowercase()))
         })
-        .collect())
+        .collect()
 }
 
 /// Where the running kernel publishes its BTF.

@@ -83,17 +83,14 @@ pub fn kernel_types() -> KernelTypes {
             };
         }
     };
-    let reasons = btf::drop_reasons(&bytes).unwrap_or_default();
-    let consumed = btf::enum_values(&bytes, "skb_drop_reason")
-        .ok()
-        .and_then(|m| {
-            m.into_iter()
-                .find(|(_, n)| n == "SKB_CONSUMED")
-                .map(|(v, _)| v)
-        });
-    let parsed = btf::Btf::parse(&bytes);
-    let (offsets, prototypes_ok) = match parsed {
+    let (offsets, prototypes_ok, reasons) = match btf::Btf::parse(&bytes) {
         Ok(b) => {
+            let values = b.enum_values("skb_drop_reason").unwrap_or_default();
+            let consumed = values
+                .iter()
+                .find(|(_, n)| *n == "SKB_CONSUMED")
+                .map(|(v, _)| *v);
+            let reasons = btf::drop_reason_names(values);
             let protos = PROTOTYPES
                 .iter()
                 .map(|(tp, want)| {
@@ -115,9 +112,10 @@ pub fn kernel_types() -> KernelTypes {
             (
                 offsets(&b, consumed.unwrap_or(1)).map_err(|e| e.to_string()),
                 protos,
+                reasons,
             )
         }
-        Err(e) => (Err(e.to_string()), BTreeMap::new()),
+        Err(e) => (Err(e.to_string()), BTreeMap::new(), BTreeMap::new()),
     };
     KernelTypes {
         offsets,
@@ -148,7 +146,6 @@ pub fn offsets(b: &btf::Btf, reason_consumed: u64) -> Result<Offsets, btf::BtfEr
         net_inum,
         skb_head: b.offset("sk_buff", "head")?,
         skb_network_header: b.offset("sk_buff", "network_header")?,
-        skb_transport_header: b.offset("sk_buff", "transport_header")?,
         skb_protocol: b.offset("sk_buff", "protocol")?,
         skb_dev: b.offset("sk_buff", "dev")?,
         skb_sk: b.offset("sk_buff", "sk")?,

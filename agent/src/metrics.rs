@@ -350,6 +350,8 @@ pub struct Scrape<'a> {
     pub docker: Option<DockerState<'a>>,
     pub checks: &'a crate::checks::engine::Engine,
     pub budget: Budget,
+    /// The TCP figures, read once for the budget and the `tcp` collector.
+    pub tcp: &'a TcpSnapshot,
 }
 
 /// The series budget of one scrape: which services keep their own series
@@ -738,18 +740,48 @@ pub fn tcp_seen(c: &agent_ebpf::TcpCounters) -> bool {
     c.counts.iter().any(|n| *n != 0)
 }
 
-/// Per-slot TCP and drop series (for the [`Budget`]).
-pub fn tcp_series(counters: &Counters) -> impl Fn(u32) -> usize + '_ {
-    let mut drops: std::collections::HashMap<u32, usize> = Default::default();
-    for (k, _) in counters.drops() {
-        *drops.entry(k.slot).or_default() += 1;
+/// The TCP health figures of one scrape, read from the maps once: for the
+/// [`Budget`] and for the `tcp` collector.
+pub struct TcpSnapshot {
+    /// Per service slot with anything to show ([`tcp_seen`]).
+    pub slots: std::collections::HashMap<u32, agent_ebpf::TcpCounters>,
+    pub drops: Vec<(agent_ebpf::DropKey, u64)>,
+    pub unrecorded: u64,
+    /// Drop series per slot.
+    drop_series: std::collections::HashMap<u32, usize>,
+}
+
+impl TcpSnapshot {
+    pub fn read(counters: &Counters, view: &View) -> Self {
+        let slots = view
+            .services
+            .values()
+            .filter_map(|s| {
+                let c = counters.tcp(s.slot, side(s) == "client")?;
+                tcp_seen(&c).then_some((s.slot, c))
+            })
+            .collect();
+        let drops = counters.drops();
+        let mut drop_series: std::collections::HashMap<u32, usize> = Default::default();
+        for (k, _) in &drops {
+            *drop_series.entry(k.slot).or_default() += 1;
+        }
+        TcpSnapshot {
+            slots,
+            drops,
+            unrecorded: counters.drops_unrecorded(),
+            drop_series,
+        }
     }
-    move |slot| {
-        let tcp = counters
-            .tcp(slot, false)
-            .filter(tcp_seen)
-            .map_or(0, |_| TCP_SERIES_PER_SERVICE);
-        tcp + drops.get(&slot).copied().unwrap_or(0)
+
+    /// A slot's TCP and drop series (for the [`Budget`]).
+    pub fn series(&self, slot: u32) -> usize {
+        let tcp = if self.slots.contains_key(&slot) {
+            TCP_SERIES_PER_SERVICE
+        } else {
+            0
+        };
+        tcp + self.drop_series.get(&slot).copied().unwrap_or(0)
     }
 }
 
@@ -812,16 +844,13 @@ fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
     for (name, sl) in &s.view.services {
         let label = s.budget.tcp_label(name);
         slot_label.insert(sl.slot, label);
-        let Some(c) = s.counters.tcp(sl.slot, side(sl) == "client") else {
+        let Some(c) = s.tcp.slots.get(&sl.slot) else {
             continue;
         };
-        if !tcp_seen(&c) {
-            continue;
-        }
         let seed = s.view.open_seed.get(&sl.slot).copied().unwrap_or(0);
         let e = rows.entry((label, side(sl))).or_default();
-        e.0.add(&c);
-        e.1 += crate::health::open_counted(&c) + seed;
+        e.0.add(c);
+        e.1 += crate::health::open_counted(c) + seed;
     }
     for ((name, side), (c, open_n)) in &rows {
         for (i, result) in TCP_RESULTS {
@@ -843,7 +872,7 @@ fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
     };
     let mut by_service: std::collections::BTreeMap<(&str, &str, String), u64> = Default::default();
     let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
-    for (k, n) in s.counters.drops() {
+    for &(k, n) in &s.tcp.drops {
         let reason = reason_name(k.reason);
         match slot_label.get(&k.slot) {
             Some(label) if k.slot >= agent_ebpf::FIRST_SERVICE_SLOT => {
@@ -864,7 +893,7 @@ fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
         unattributed.add(&[reason], *n);
     }
     if !s.view.features.is_empty() {
-        unrecorded.add(&[], s.counters.drops_unrecorded());
+        unrecorded.add(&[], s.tcp.unrecorded);
     }
     Ok(vec![
         conns.mf,

@@ -98,12 +98,7 @@ fn tcp(slot: u32) -> Option<*mut TcpCounters> {
 
 #[inline(always)]
 fn count(slot: u32, what: usize) {
-    if let Some(c) = tcp(slot)
-        && what < TCP_COUNTS
-    {
-        // SAFETY: a value of the per-CPU array.
-        add(unsafe { &raw mut (*c).counts[what] }, 1);
-    }
+    count_n(slot, what, 1);
 }
 
 #[inline(always)]

@@ -219,13 +219,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
             });
         let view = state.datapath.view();
         let checks = state.checks();
+        let tcp = crate::metrics::TcpSnapshot::read(state.datapath.counters(), &view);
         crate::metrics::render(&crate::metrics::Scrape {
             counters: state.datapath.counters(),
-            budget: crate::metrics::Budget::new(
-                &view,
-                settings.max_series,
-                crate::metrics::tcp_series(state.datapath.counters()),
-            ),
+            budget: crate::metrics::Budget::new(&view, settings.max_series, |slot| {
+                tcp.series(slot)
+            }),
+            tcp: &tcp,
             view: &view,
             docker,
             checks: &checks,
