@@ -801,3 +801,118 @@ mod user {
     unsafe impl aya::Pod for Offsets {}
     unsafe impl aya::Pod for SynKey {}
 }
+
+// Who talks to whom (`src/bin/peers.rs`, the agent's `peers`): per service
+// slot and peer, packets, bytes and connections, counted on the packet
+// path. Named peers (addresses the agent knows) have preallocated places per
+// slot, so no flood of unknown addresses can push them out; unknown ones go
+// to a bounded LRU and to prefix buckets that keep their totals.
+
+/// Service slots with peer figures (services on higher slots have none).
+pub const PEER_SLOTS: u32 = 256;
+/// Places per slot in `NP_PEERS`: [`PEER_UNBUCKETED`], then one per named
+/// address (index 1..PEER_NAMED), the same index in every slot.
+pub const PEER_NAMED: u32 = 64;
+/// Entries of `NP_PEERS`: a row per slot on each path (receive, transmit),
+/// so the two paths, which may nest on a CPU, never add to the same value.
+pub const PEER_PLACES: u32 = 2 * PEER_SLOTS * PEER_NAMED;
+
+/// Where `NP_PEERS` holds named place `i` of `slot` on `path` (0: the
+/// receive path, 1: the transmit path).
+#[inline(always)]
+pub fn peer_place(path: usize, slot: u32, i: u32) -> u32 {
+    ((path as u32 & 1) * PEER_SLOTS + slot) * PEER_NAMED + i
+}
+/// The place of unknown peers that found no room in the bucket table.
+pub const PEER_UNBUCKETED: u32 = 0;
+/// Unknown (slot, address) pairs followed at once (an LRU map).
+pub const MAX_PEER_ADDRS: u32 = 16_384;
+/// (slot, prefix) buckets of unknown peers; past this, unknown peers count
+/// at [`PEER_UNBUCKETED`].
+pub const MAX_PEER_BUCKETS: u32 = 8_192;
+/// Bucket prefixes: /24 for IPv4, /48 for IPv6.
+pub const PEER_BUCKET_BITS_V4: u8 = 24;
+pub const PEER_BUCKET_BITS_V6: u8 = 48;
+
+/// One peer's figures, in the service's view: `[ingress, egress]` (toward
+/// the service, from it), and the connections it opened (SYNs without ACK
+/// toward the service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub conns: u64,
+}
+layout_assert!(PeerCounters, 40, 8);
+
+impl PeerCounters {
+    pub fn add(&mut self, o: &PeerCounters) {
+        for d in 0..2 {
+            self.packets[d] = self.packets[d].wrapping_add(o.packets[d]);
+            self.bytes[d] = self.bytes[d].wrapping_add(o.bytes[d]);
+        }
+        self.conns = self.conns.wrapping_add(o.conns);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == PeerCounters::default()
+    }
+}
+
+/// Key of the unknown-peer LRU (an address) and of the bucket table (the
+/// address masked to its prefix, [`PeerKey::bucket`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub slot: u32,
+    pub family: u8,
+    /// The path that counted it (0: receive, 1: transmit): the paths may
+    /// nest on a CPU, so each adds to its own per-CPU entry.
+    pub path: u8,
+    pub _pad: [u8; 2],
+    /// Wire bytes as words, as in [`EndpointKey`]; IPv4 uses the first.
+    pub addr: [u32; 4],
+}
+layout_assert!(PeerKey, 24, 4);
+
+impl PeerKey {
+    /// The key of this address's bucket: /24 (IPv4) or /48 (IPv6).
+    #[inline(always)]
+    pub fn bucket(&self) -> PeerKey {
+        let mut k = *self;
+        if self.family == FAMILY_V4 {
+            k.addr[0] &= u32::from_ne_bytes([0xff, 0xff, 0xff, 0]);
+        } else {
+            k.addr[1] &= u32::from_ne_bytes([0xff, 0xff, 0, 0]);
+            k.addr[2] = 0;
+            k.addr[3] = 0;
+        }
+        k
+    }
+}
+
+/// Indices of the peer programs' own per-CPU counters (`NP_PEER_META`),
+/// each followed by its transmit-path twin (index + 1).
+pub const PEER_META_INSERTS: u32 = 0;
+pub const PEER_META_BUCKETS_FULL: u32 = 2;
+pub const PEER_META_LEN: u32 = 4;
+
+/// Map names of the peer figures (all pinned: the named table too, so a
+/// restarted agent keeps each address's place and its counts).
+pub mod peer_maps {
+    pub const NAMES4: &str = "NP_PEER_NAMES4";
+    pub const NAMES6: &str = "NP_PEER_NAMES6";
+    pub const NAMED: &str = "NP_PEERS";
+    pub const ADDRS: &str = "NP_PEER_ADDRS";
+    pub const BUCKETS: &str = "NP_PEER_BUCKETS";
+    pub const META: &str = "NP_PEER_META";
+}
+
+#[cfg(feature = "user")]
+mod user_peers {
+    use super::*;
+    // SAFETY: repr(C), Copy, explicit padding: every bit pattern is valid.
+    unsafe impl aya::Pod for PeerCounters {}
+    unsafe impl aya::Pod for PeerKey {}
+}

@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/hooks/{name}", post(hook))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
+        .route("/api/v1/map", get(map))
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared
@@ -322,4 +323,38 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
     })
     .await?;
     Ok(Json(t::Checks { checks }))
+}
+
+/// Who talks to whom: per service, its peers (named services, containers,
+/// `remote` services and this host by name; other addresses up to
+/// `agent.map_top_k` per service, then their /24 or /48 bucket, then
+/// `~other`), with the service's packets, bytes and connections of each.
+/// Counted by the eBPF programs; with the pcap backend the map has the
+/// services and no edges.
+#[utoipa::path(
+    get,
+    path = "/api/v1/map",
+    tag = "services",
+    responses((status = 200, description = "The service map.", body = t::ServiceMap))
+)]
+pub(crate) async fn map(State(state): State<AppState>) -> Result<Json<t::ServiceMap>, ApiError> {
+    let top_k = match state.settings().map_top_k {
+        0 => crate::config::AgentConfig::default().map_top_k(),
+        k => k,
+    };
+    let datapath = state.datapath.clone();
+    // A walk of the kernel's peer tables: thousands of syscalls, off the
+    // async workers.
+    tokio::task::spawn_blocking(move || {
+        let view = datapath.view();
+        let svcs = crate::metrics::peer_services(&view);
+        let naming = crate::metrics::peer_naming(&view, &svcs);
+        let snap = match datapath.counters().peers() {
+            Some(r) => r.read(&svcs.iter().map(|s| s.slot).collect(), true),
+            None => Default::default(),
+        };
+        Json(crate::peers::build(&snap, &naming, &svcs, top_k))
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(format!("building the map: {e}")))
 }
