@@ -4,12 +4,13 @@
 //!
 //! The peer is the packet's other end in the service's view (the source of
 //! what comes in, the destination of what goes out). A named peer (an
-//! address the agent wrote into `NP_PEER_NAMES4/6`) has a preallocated
-//! place per slot in a per-CPU array: one hash look-up and one array add,
-//! and nothing else can take its place. Any other address goes to a
-//! bounded LRU of (slot, address) and to its (slot, /24 or /48) bucket,
-//! which keeps the total even when the LRU forgets the address; LRU
-//! inserts are counted so the agent can report evictions.
+//! address the agent wrote into `NP_PEER_NAMES`) has a preallocated place
+//! per slot in a per-CPU array: a few array loads to find it, one array
+//! add, and nothing else can take its place. Any other address goes to a
+//! bounded LRU of (slot, address) and to its (slot, /24 or /48) bucket
+//! (an array position its key hashes to), which keeps the total even when
+//! the LRU forgets the address; LRU inserts are counted so the agent can
+//! report evictions.
 //!
 //! Every map is per CPU and split by path (receive, transmit), so adds are
 //! plain: a program never nests into itself, and the two paths never
@@ -18,18 +19,13 @@
 use agent_ebpf::{parse::Flow, *};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray},
 };
 
 np_map!(
-    NP_PEER_NAMES4 = peer_maps::NAMES4,
-    HashMap<u32, u32>,
-    HashMap::pinned(PEER_NAMED, 0)
-);
-np_map!(
-    NP_PEER_NAMES6 = peer_maps::NAMES6,
-    HashMap<[u32; 4], u32>,
-    HashMap::pinned(PEER_NAMED, 0)
+    NP_PEER_NAMES = peer_maps::NAMES,
+    Array<PeerName>,
+    Array::pinned(PEER_NAME_POSITIONS, 0)
 );
 // Per CPU, a row per path (receive: XDP, TC ingress; transmit: TC
 // egress): the two paths may nest on a CPU, the programs of one never do,
@@ -46,10 +42,12 @@ np_map!(
     LruPerCpuHashMap<PeerKey, PeerCounters>,
     LruPerCpuHashMap::pinned(MAX_PEER_ADDRS, 0)
 );
+// An array, not a hash map: a bucket's position is computed here, so
+// counting into it is an array look-up (see `PeerKey::bucket_position`).
 np_map!(
     NP_PEER_BUCKETS = peer_maps::BUCKETS,
-    PerCpuHashMap<PeerKey, PeerCounters>,
-    PerCpuHashMap::pinned(MAX_PEER_BUCKETS, 0)
+    PerCpuArray<PeerBucket>,
+    PerCpuArray::pinned(MAX_PEER_BUCKETS, 0)
 );
 np_map!(
     NP_PEER_META = peer_maps::META,
@@ -133,15 +131,26 @@ impl PeerMap for LruPerCpuHashMap<PeerKey, PeerCounters> {
     }
 }
 
-impl PeerMap for PerCpuHashMap<PeerKey, PeerCounters> {
-    #[inline(always)]
-    fn ptr(&self, key: &PeerKey) -> Option<*mut PeerCounters> {
-        self.get_ptr_mut(key)
+/// Adds to `key`'s bucket: at the first of its positions that holds it or
+/// is free (then claimed, on this CPU). `false` when all hold others.
+#[inline(always)]
+fn bucket_add(key: &PeerKey, a: Add) -> bool {
+    for probe in 0..PEER_BUCKET_PROBES {
+        let Some(p) = NP_PEER_BUCKETS.get_ptr_mut(key.bucket_position(probe)) else {
+            return false;
+        };
+        // SAFETY: this CPU's value; only this path's programs write
+        // buckets of this path (the path is part of the key).
+        let b = unsafe { &mut *p };
+        if b.key.family == 0 {
+            b.key = *key;
+        } else if b.key != *key {
+            continue;
+        }
+        add(&raw mut b.counters, a);
+        return true;
     }
-    #[inline(always)]
-    fn insert_new(&self, key: &PeerKey, v: &PeerCounters) -> bool {
-        self.insert(key, v, BPF_NOEXIST as u64).is_ok()
-    }
+    false
 }
 
 /// Counts a classified packet against its peer: `slot` and `dir` as the
@@ -176,16 +185,25 @@ pub fn count(path: usize, slot: u32, dir: usize, flow: &Flow, packets: u64, byte
     );
 }
 
+/// The place of a named address: its positions in the name table, each
+/// an array load.
+#[inline(always)]
+fn named(family: u8, addr: &[u32; 4]) -> Option<u32> {
+    for probe in 0..PEER_NAME_PROBES {
+        if let Some(n) = NP_PEER_NAMES.get(peer_name_position(family, addr, probe))
+            && n.family == u32::from(family)
+            && n.place != 0
+            && n.addr == *addr
+        {
+            return Some(n.place);
+        }
+    }
+    None
+}
+
 #[inline(never)]
 fn count_peer(path: usize, slot: u32, family: u8, addr: [u32; 4], a: Add) {
-    // SAFETY (both): plain integers; a concurrent update gives at worst a
-    // stale index, still a valid place.
-    let named = if family == FAMILY_V4 {
-        unsafe { NP_PEER_NAMES4.get(&addr[0]) }
-    } else {
-        unsafe { NP_PEER_NAMES6.get(&addr) }
-    };
-    if let Some(i) = named.copied()
+    if let Some(i) = named(family, &addr)
         && i < PEER_NAMED
     {
         if let Some(p) = NP_PEERS.get_ptr_mut(peer_place(path, slot, i)) {
@@ -203,7 +221,7 @@ fn count_peer(path: usize, slot: u32, family: u8, addr: [u32; 4], a: Add) {
     if upsert(&NP_PEER_ADDRS, &key, a) == Some(true) {
         meta(PEER_META_INSERTS, path);
     }
-    if upsert(&NP_PEER_BUCKETS, &key.bucket(), a).is_none() {
+    if !bucket_add(&key.bucket(), a) {
         meta(PEER_META_BUCKETS_FULL, path);
         if let Some(p) = NP_PEERS.get_ptr_mut(peer_place(path, slot, PEER_UNBUCKETED)) {
             add(p, a);

@@ -1,8 +1,9 @@
 //! What counting peers (who talks to whom) adds per packet: one frame to a
-//! service whose peer is named (the names hash, then the per-CPU array),
-//! unknown (the names hash misses, then the LRU and the bucket, both hits
-//! after the first run), and with no peer figures at all (the service's
-//! slot past `PEER_SLOTS`: one compare, the cost before peers existed).
+//! service whose peer is named (the name table's positions, then the
+//! per-CPU array), unknown (the name table misses, then the LRU and the
+//! bucket, both hits after the first run), and with no peer figures at all
+//! (the service's slot past `PEER_SLOTS`: one compare, the cost before
+//! peers existed).
 
 use std::collections::BTreeMap;
 
