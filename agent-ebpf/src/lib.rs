@@ -865,8 +865,13 @@ pub fn peer_hash(seed: u32, addr: &[u32; 4]) -> u32 {
 pub fn peer_name_position(family: u8, addr: &[u32; 4], probe: u32) -> u32 {
     peer_hash(u32::from(family), addr).wrapping_add(probe) & (PEER_NAME_POSITIONS - 1)
 }
-/// Unknown (slot, address) pairs followed at once (an LRU map).
+/// Unknown (slot, address, path) entries followed at once: an LRU of
+/// sets of [`PEER_WAYS`] ways (see [`PeerSet`]), [`PEER_ADDR_SETS`] for
+/// each path (the receive path's first), so the two paths, which may nest
+/// on a CPU, never write the same set.
 pub const MAX_PEER_ADDRS: u32 = 16_384;
+pub const PEER_WAYS: usize = 4;
+pub const PEER_ADDR_SETS: u32 = MAX_PEER_ADDRS / PEER_WAYS as u32 / 2;
 /// Positions of the bucket table (a power of two): (slot, prefix, path)
 /// buckets of unknown peers, each at one of [`PEER_BUCKET_PROBES`]
 /// positions its key hashes to; when those are taken by other buckets,
@@ -955,6 +960,44 @@ impl PeerKey {
     }
 }
 
+/// One way of a [`PeerSet`]: an unknown peer (family 0: none) and its
+/// figures.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerWay {
+    pub key: PeerKey,
+    pub counters: PeerCounters,
+}
+layout_assert!(PeerWay, 64, 8);
+
+/// A set of the unknown-peer LRU: an address is looked for in the ways of
+/// the set its key hashes to (one array look-up, a few compares: a hash
+/// map look-up costs ~45 ns a packet here). A miss takes the way the
+/// clock hand finds first without its recently-used bit, clearing bits as
+/// it passes (CLOCK, an approximate LRU); a way taken from another peer is
+/// an eviction. Per CPU: each CPU's copy holds its own peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    pub ways: [PeerWay; PEER_WAYS],
+    /// Recently-used bits, one per way.
+    pub used: u32,
+    /// The clock hand: the way a miss looks at first.
+    pub hand: u32,
+}
+layout_assert!(PeerSet, 264, 8);
+
+impl PeerKey {
+    /// The set of this (address) key in the unknown-peer LRU: among its
+    /// path's sets.
+    #[inline(always)]
+    pub fn addr_set(&self) -> u32 {
+        let seed = (self.slot << 16) ^ u32::from(self.family) ^ 0x5bd1_e995;
+        u32::from(self.path & 1) * PEER_ADDR_SETS
+            + (peer_hash(seed, &self.addr) & (PEER_ADDR_SETS - 1))
+    }
+}
+
 /// Indices of the peer programs' own per-CPU counters (`NP_PEER_META`),
 /// each followed by its transmit-path twin (index + 1).
 pub const PEER_META_INSERTS: u32 = 0;
@@ -979,4 +1022,6 @@ mod user_peers {
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PeerBucket {}
     unsafe impl aya::Pod for PeerName {}
+    unsafe impl aya::Pod for PeerWay {}
+    unsafe impl aya::Pod for PeerSet {}
 }

@@ -15,12 +15,12 @@ use std::{
 };
 
 use agent_ebpf::{
-    EndpointKey, FAMILY_V4, MAX_PEER_BUCKETS, PEER_BUCKET_BITS_V4, PEER_BUCKET_BITS_V6,
-    PEER_META_BUCKETS_FULL, PEER_META_INSERTS, PEER_NAME_POSITIONS, PEER_NAME_PROBES, PEER_NAMED,
-    PEER_SLOTS, PEER_UNBUCKETED, PeerBucket, PeerCounters, PeerKey, PeerName, ROLE_REMOTE,
-    peer_maps, peer_name_position, peer_place,
+    EndpointKey, FAMILY_V4, MAX_PEER_BUCKETS, PEER_ADDR_SETS, PEER_BUCKET_BITS_V4,
+    PEER_BUCKET_BITS_V6, PEER_META_BUCKETS_FULL, PEER_META_INSERTS, PEER_NAME_POSITIONS,
+    PEER_NAME_PROBES, PEER_NAMED, PEER_SLOTS, PEER_UNBUCKETED, PeerBucket, PeerCounters, PeerKey,
+    PeerName, PeerSet, PeerWay, ROLE_REMOTE, peer_maps, peer_name_position, peer_place,
 };
-use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use tracing::warn;
 
 use crate::api_types as t;
@@ -197,7 +197,7 @@ pub struct Writer {
     /// What the name table holds: address → (place, position).
     placed: BTreeMap<IpAddr, (u32, u32)>,
     named: PerCpuArray<MapData, PeerCounters>,
-    addrs: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
+    addrs: PerCpuArray<MapData, PeerSet>,
     buckets: PerCpuArray<MapData, PeerBucket>,
     ncpus: usize,
 }
@@ -235,7 +235,7 @@ impl Writer {
             placed: read_names(&names),
             names,
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
-            addrs: PerCpuHashMap::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
+            addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
             buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
             ncpus,
         })
@@ -326,14 +326,30 @@ impl Writer {
                     .map_err(|e| e.to_string())?;
             }
         }
-        let keys: Vec<PeerKey> = self
-            .addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.slot == slot)
-            .collect();
-        for k in keys {
-            let _ = self.addrs.remove(&k);
+        // An LRU set holds its ways per CPU: free this slot's.
+        for i in 0..2 * PEER_ADDR_SETS {
+            let Ok(v) = self.addrs.get(&i, 0) else {
+                continue;
+            };
+            let mine = |w: &PeerWay| w.key.family != 0 && w.key.slot == slot;
+            if !v.iter().any(|set| set.ways.iter().any(mine)) {
+                continue;
+            }
+            let freed: Vec<PeerSet> = v
+                .iter()
+                .map(|set| {
+                    let mut set = *set;
+                    for (n, w) in set.ways.iter_mut().enumerate() {
+                        if mine(w) {
+                            *w = PeerWay::default();
+                            set.used &= !(1 << n);
+                        }
+                    }
+                    set
+                })
+                .collect();
+            let freed = PerCpuValues::try_from(freed).map_err(|e| e.to_string())?;
+            self.addrs.set(i, freed, 0).map_err(|e| e.to_string())?;
         }
         // A bucket position holds one bucket per CPU: free this slot's.
         for i in 0..MAX_PEER_BUCKETS {
@@ -373,7 +389,7 @@ impl Writer {
 pub struct Reader {
     names: Array<MapData, PeerName>,
     named: PerCpuArray<MapData, PeerCounters>,
-    addrs: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
+    addrs: PerCpuArray<MapData, PeerSet>,
     buckets: PerCpuArray<MapData, PeerBucket>,
     meta: PerCpuArray<MapData, u64>,
 }
@@ -388,11 +404,13 @@ pub struct Snapshot {
     pub named: BTreeMap<(u32, IpAddr), PeerCounters>,
     /// Unknown peers no bucket had room for, by slot.
     pub unbucketed: BTreeMap<u32, PeerCounters>,
-    /// (slot, unknown address) → figures, as long as the LRU keeps it.
+    /// (slot, unknown address) → figures, as long as the LRU keeps it
+    /// (both paths, every CPU's way summed).
     pub addrs: BTreeMap<(u32, IpAddr), PeerCounters>,
     /// (slot, bucket) → figures of every unknown address in it.
     pub buckets: BTreeMap<(u32, Bucket), PeerCounters>,
-    /// LRU inserts since the maps were created, and entries live now.
+    /// LRU inserts since the maps were created, and ways holding a peer
+    /// now (per CPU and path).
     pub inserts: u64,
     pub live: u64,
     /// Packets of unknown peers that found the bucket table full.
@@ -444,7 +462,7 @@ impl Reader {
         Ok(Reader {
             names: Array::try_from(open(pin_dir, peer_maps::NAMES)?).map_err(e)?,
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
-            addrs: PerCpuHashMap::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
+            addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
             buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
             meta: PerCpuArray::try_from(open(pin_dir, peer_maps::META)?).map_err(e)?,
         })
@@ -499,15 +517,22 @@ impl Reader {
         if !unknown {
             return s;
         }
-        for (k, v) in self.addrs.iter().filter_map(Result::ok) {
-            s.live += 1;
-            if !slots.contains(&k.slot) {
+        for i in 0..2 * PEER_ADDR_SETS {
+            let Ok(v) = self.addrs.get(&i, 0) else {
                 continue;
+            };
+            for w in v.iter().flat_map(|set| set.ways.iter()) {
+                if w.key.family == 0 {
+                    continue;
+                }
+                s.live += 1;
+                if slots.contains(&w.key.slot) {
+                    s.addrs
+                        .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
+                        .or_default()
+                        .add(&w.counters);
+                }
             }
-            s.addrs
-                .entry((k.slot, addr_of(k.family, &k.addr)))
-                .or_default()
-                .add(&sum(&v));
         }
         for i in 0..MAX_PEER_BUCKETS {
             let Ok(v) = self.buckets.get(&i, 0) else {
