@@ -552,9 +552,12 @@ pub struct MapEdge {
     /// Connections the peer opened: SYNs (without ACK) toward the service
     /// seen on the packet path.
     pub connections: u64,
-    /// Not measured per edge yet: always null.
+    /// The TCP handshake's median, on edges from this host (`host`) to a
+    /// `remote` service (its client side, from the TCP health programs);
+    /// null on other edges (not measured per peer).
     pub handshake_p50_seconds: Option<f64>,
-    /// Not measured per edge yet: always 0.
+    /// Segments this host retransmitted to a `remote` service, on the
+    /// `host` edge; 0 on other edges (not measured per peer).
     pub retransmits: u64,
 }
 
