@@ -412,6 +412,8 @@ fn closed_port_is_refused() {
     let c = failed_run(&mut live, port);
     let ev = assert_cause(&c, "refused");
     assert_eq!(ev["target"], to.to_string(), "{ev:#}");
+    assert_eq!(ev["errno"], "ECONNREFUSED", "{ev:#}");
+    assert!(ev["resets_received"].as_u64() >= Some(1), "{ev:#}");
 }
 
 /// A listener in namespace b that completes handshakes and holds them.
@@ -422,87 +424,70 @@ fn holder(ns: &Netns, addr: Ipv4Addr) -> Server {
     })
 }
 
-#[test]
-fn syns_dropped_by_this_hosts_output_firewall() {
+/// SYNs to a listener dropped by a rule on this host's `hook` (output: the
+/// listener is on the server host; input: on this host, reached at its
+/// veth address): local_firewall_drop, with a NETFILTER_DROP in
+/// `direction` for every SYN the check sent, no more than the rule's
+/// counter.
+fn local_firewall_row(tag: &str, net: u8, port: u16, hook: &str, direction: &str) {
     if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
         return;
     }
-    let (net, port) = (161, 19701);
-    let (_, b) = addrs(net);
+    let (a, b) = addrs(net);
+    let dst = if hook == "input" { a } else { b };
     let mut live = start(
-        "xout",
+        tag,
         net,
         port,
-        &check(&format!("kind = \"tcp\"\ntarget = \"{b}:{PORT}\"")),
+        &check(&format!("kind = \"tcp\"\ntarget = \"{dst}:{PORT}\"")),
     );
-    let server = holder(&live.pair.b, b);
-    let to = SocketAddr::from((b, PORT));
+    let server = holder(
+        if hook == "input" {
+            &live.pair.a
+        } else {
+            &live.pair.b
+        },
+        dst,
+    );
+    let to = SocketAddr::from((dst, PORT));
     assert_eq!(connect_errno(&live.pair.a, to), None, "reachable before");
     let fw = Nft::rule(
         &live.pair.a,
         "inet",
-        "output",
-        &format!("ip daddr {b} tcp dport {PORT} tcp flags syn"),
+        hook,
+        &format!("ip daddr {dst} tcp dport {PORT} tcp flags syn"),
         "drop",
     );
+    let accepted = server.accepted();
     let c = failed_run(&mut live, port);
     let dropped = fw.packets();
     assert!(dropped >= 1, "the rule dropped the check's SYNs");
-    assert_eq!(
-        server.accepted(),
-        1,
-        "only the test's own connect got through"
-    );
+    assert_eq!(server.accepted(), accepted, "no SYN got through the rule");
     let ev = assert_cause(&c, "local_firewall_drop");
     let drops = ev["drops"].as_array().cloned().unwrap_or_default();
+    let n = drops
+        .iter()
+        .find(|d| d["reason"] == "NETFILTER_DROP" && d["direction"] == direction)
+        .and_then(|d| d["count"].as_u64())
+        .unwrap_or_else(|| {
+            panic!("a NETFILTER_DROP, {direction} ({dropped} by the rule's counter): {ev:#}")
+        });
     assert!(
-        drops
-            .iter()
-            .any(|d| d["reason"] == "NETFILTER_DROP" && d["direction"] == "egress"),
-        "an egress NETFILTER_DROP ({dropped} by the rule's counter): {ev:#}"
+        (1..=dropped).contains(&n),
+        "{n} drops, {dropped} by the rule's counter: {ev:#}"
     );
+    assert_eq!(ev["syns_sent"], n, "every SYN sent was dropped: {ev:#}");
+    assert_eq!(ev["synack_received"], false, "{ev:#}");
+}
+
+#[test]
+fn syns_dropped_by_this_hosts_output_firewall() {
+    local_firewall_row("xout", 161, 19701, "output", "egress");
 }
 
 #[test]
 fn syns_dropped_by_this_hosts_input_firewall() {
-    if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
-        return;
-    }
-    let (net, port) = (162, 19702);
-    let (a, _) = addrs(net);
-    let mut live = start(
-        "xin",
-        net,
-        port,
-        &check(&format!("kind = \"tcp\"\ntarget = \"{a}:{PORT}\"")),
-    );
-    // A listener on this host, reached at its veth address.
-    let server = holder(&live.pair.a, a);
-    let to = SocketAddr::from((a, PORT));
-    assert_eq!(connect_errno(&live.pair.a, to), None, "reachable before");
-    let fw = Nft::rule(
-        &live.pair.a,
-        "inet",
-        "input",
-        &format!("ip daddr {a} tcp dport {PORT} tcp flags syn"),
-        "drop",
-    );
-    let c = failed_run(&mut live, port);
-    let dropped = fw.packets();
-    assert!(dropped >= 1, "the rule dropped the check's SYNs");
-    assert_eq!(
-        server.accepted(),
-        1,
-        "only the test's own connect got through"
-    );
-    let ev = assert_cause(&c, "local_firewall_drop");
-    let drops = ev["drops"].as_array().cloned().unwrap_or_default();
-    assert!(
-        drops
-            .iter()
-            .any(|d| d["reason"] == "NETFILTER_DROP" && d["direction"] == "ingress"),
-        "an ingress NETFILTER_DROP ({dropped} by the rule's counter): {ev:#}"
-    );
+    local_firewall_row("xin", 162, 19702, "input", "ingress");
 }
 
 #[test]
@@ -518,7 +503,6 @@ fn syns_dropped_on_the_server_host_are_lost_beyond_this_one() {
         port,
         &check(&format!("kind = \"tcp\"\ntarget = \"{b}:{PORT}\"")),
     );
-    let server = holder(&live.pair.b, b);
     let fw = Nft::rule(
         &live.pair.b,
         "inet",
@@ -526,74 +510,91 @@ fn syns_dropped_on_the_server_host_are_lost_beyond_this_one() {
         &format!("tcp dport {PORT} tcp flags syn"),
         "drop",
     );
+    let server = holder(&live.pair.b, b);
     let c = failed_run(&mut live, port);
-    assert!(fw.packets() >= 1, "the server host's rule dropped the SYNs");
+    let dropped = fw.packets();
+    assert!(dropped >= 1, "the server host's rule dropped the SYNs");
     assert_eq!(server.accepted(), 0);
     let ev = assert_cause(&c, "lost_beyond_host");
     assert!(
         ev["drops"].as_array().is_none_or(|d| d.is_empty()),
         "nothing dropped on this host: {ev:#}"
     );
+    let sent = ev["syns_sent"].as_u64().unwrap_or(0);
+    assert!(
+        (1..=dropped).contains(&sent),
+        "{sent} SYNs sent, {dropped} dropped by the server host's rule: {ev:#}"
+    );
+}
+
+/// A listener on the server host behind a rule there rejecting its
+/// connections with `verdict` (tables of `family`): the test's own
+/// connect fails with ECONNREFUSED (TCP reports a port unreachable so
+/// too), the check's run has `cause`; its evidence.
+fn reject_row(
+    tag: &str,
+    net: u8,
+    port: u16,
+    family: &'static str,
+    verdict: &str,
+    cause: &str,
+) -> Option<serde_json::Value> {
+    if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
+        return None;
+    }
+    let (_, b) = addrs(net);
+    let mut live = start(
+        tag,
+        net,
+        port,
+        &check(&format!("kind = \"tcp\"\ntarget = \"{b}:{PORT}\"")),
+    );
+    let fw = Nft::rule(
+        &live.pair.b,
+        family,
+        "input",
+        &format!("tcp dport {PORT}"),
+        verdict,
+    );
+    let server = holder(&live.pair.b, b);
+    let to = SocketAddr::from((b, PORT));
+    assert_eq!(connect_errno(&live.pair.a, to), Some(libc::ECONNREFUSED));
+    let c = failed_run(&mut live, port);
+    assert!(fw.packets() >= 2, "the rule answered the check's SYN");
+    assert_eq!(server.accepted(), 0);
+    let ev = assert_cause(&c, cause);
+    assert_eq!(ev["errno"], "ECONNREFUSED", "{ev:#}");
+    assert_eq!(ev["synack_received"], false, "{ev:#}");
+    Some(ev)
 }
 
 #[test]
 fn reject_with_tcp_reset_is_refused() {
-    if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
-        return;
-    }
-    let (net, port) = (164, 19704);
-    let (_, b) = addrs(net);
-    let mut live = start(
+    if let Some(ev) = reject_row(
         "xrst",
-        net,
-        port,
-        &check(&format!("kind = \"tcp\"\ntarget = \"{b}:{PORT}\"")),
-    );
-    let server = holder(&live.pair.b, b);
-    let fw = Nft::rule(
-        &live.pair.b,
+        164,
+        19704,
         "inet",
-        "input",
-        &format!("tcp dport {PORT}"),
         "reject with tcp reset",
-    );
-    let to = SocketAddr::from((b, PORT));
-    assert_eq!(connect_errno(&live.pair.a, to), Some(libc::ECONNREFUSED));
-    let c = failed_run(&mut live, port);
-    assert!(fw.packets() >= 2, "the rule answered the check's SYN");
-    assert_eq!(server.accepted(), 0);
-    assert_cause(&c, "refused");
+        "refused",
+    ) {
+        assert!(ev["resets_received"].as_u64() >= Some(1), "{ev:#}");
+    }
 }
 
 #[test]
 fn reject_with_icmp_port_unreachable() {
-    if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
-        return;
-    }
-    let (net, port) = (165, 19705);
-    let (_, b) = addrs(net);
-    let mut live = start(
+    if let Some(ev) = reject_row(
         "xicmp",
-        net,
-        port,
-        &check(&format!("kind = \"tcp\"\ntarget = \"{b}:{PORT}\"")),
-    );
-    let server = holder(&live.pair.b, b);
-    let fw = Nft::rule(
-        &live.pair.b,
+        165,
+        19705,
         "ip",
-        "input",
-        &format!("tcp dport {PORT}"),
         "reject with icmp type port-unreachable",
-    );
-    // TCP reports an ICMP port unreachable as ECONNREFUSED.
-    let to = SocketAddr::from((b, PORT));
-    assert_eq!(connect_errno(&live.pair.a, to), Some(libc::ECONNREFUSED));
-    let c = failed_run(&mut live, port);
-    assert!(fw.packets() >= 2, "the rule answered the check's SYN");
-    assert_eq!(server.accepted(), 0);
-    let ev = assert_cause(&c, "icmp_unreachable");
-    assert_eq!(ev["icmp"]["from"], b.to_string(), "{ev:#}");
+        "icmp_unreachable",
+    ) {
+        let (_, b) = addrs(165);
+        assert_eq!(ev["icmp"]["from"], b.to_string(), "{ev:#}");
+    }
 }
 
 /// A route of `kind` (blackhole, unreachable) to 10.99.<net>.0/24 on
@@ -615,6 +616,7 @@ fn no_route(tag: &str, net: u8, port: u16, kind: &str, errno: i32) {
     let c = failed_run(&mut live, port);
     let ev = assert_cause(&c, "no_route");
     assert_eq!(ev["route"], kind, "{ev:#}");
+    assert_eq!(ev["syns_sent"], 0, "nothing left this host: {ev:#}");
 }
 
 #[test]
@@ -665,8 +667,13 @@ fn full_accept_queue_on_this_host() {
         netstat(&live.pair.a, "TcpExt", "ListenOverflows") > overflows0,
         "the kernel counted the overflows"
     );
+    let overflows = netstat(&live.pair.a, "TcpExt", "ListenOverflows") - overflows0;
     let ev = assert_cause(&c, "accept_queue_full");
-    eprintln!("listen_overflows {}", ev["listen_overflows"]);
+    let n = ev["listen_overflows"].as_u64().unwrap_or(0);
+    assert!(
+        (1..=overflows).contains(&n),
+        "{n} overflows in evidence, {overflows} by the kernel's count: {ev:#}"
+    );
     drop(fillers);
     drop(listener);
 }
@@ -962,4 +969,5 @@ fn reset_by_the_server_after_the_request() {
     );
     let ev = assert_cause(&c, "reset_after_request");
     assert_eq!(ev["synack_received"], true, "{ev:#}");
+    assert!(ev["resets_received"].as_u64() >= Some(1), "{ev:#}");
 }
