@@ -773,6 +773,7 @@ fn dns_row(tag: &str, net: u8, port: u16, name: &str, want: u8, rcode_name: &str
             break r;
         }
         assert!(Instant::now() < deadline, "dnsmasq does not answer");
+        std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(got, want, "dnsmasq answers {name} with {rcode_name}");
     let c = failed_run(&mut live, port);
@@ -808,7 +809,8 @@ fn https_row(tag: &str, net: u8, port: u16, names: &[&str], years: (i32, i32), w
     params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
     let key = rcgen::KeyPair::generate().expect("a key");
     let cert = params.self_signed(&key).expect("a certificate");
-    let ca = netpulse_tests::scratch(&format!("{tag}-ca")).join("ca.pem");
+    let dir = Scratch(netpulse_tests::scratch(&format!("{tag}-ca")));
+    let ca = dir.0.join("ca.pem");
     std::fs::write(&ca, cert.pem()).expect("write the certificate");
     let mut live = start(
         tag,
@@ -857,7 +859,15 @@ fn https_row(tag: &str, net: u8, port: u16, names: &[&str], years: (i32, i32), w
         want.iter().any(|w| tls.contains(w)),
         "evidence.tls {tls:?} mentions one of {want:?}: {ev:#}"
     );
-    let _ = std::fs::remove_dir_all(ca.parent().expect("its directory"));
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
