@@ -586,7 +586,7 @@ fn flow_cause(
         );
     }
     // 2. A reset answered the SYN.
-    if trace.errno == Some(libc::ECONNREFUSED) && !trace.ev.synack_received.unwrap_or(false) {
+    if trace.errno == Some(libc::ECONNREFUSED) && !ev.synack_received.unwrap_or(false) {
         return (
             Cause::Refused,
             format!(
@@ -646,7 +646,7 @@ fn flow_cause(
             "this host's kernel"
         };
         let answer = if udp { "no answer" } else { "no SYN-ACK" };
-        let tail = if trace.ev.synack_received == Some(true) {
+        let tail = if ev.synack_received == Some(true) {
             String::new()
         } else {
             format!("; {answer}")
@@ -665,7 +665,7 @@ fn flow_cause(
         );
     }
     // 5. The listener here had no room.
-    if ev.listen_overflows.is_some_and(|n| n > 0) {
+    if ev.listen_overflows.is_some_and(|n| n > 0) && ev.accept_queue.is_some_and(|q| q > 0) {
         return (
             Cause::AcceptQueueFull,
             format!(
@@ -675,7 +675,7 @@ fn flow_cause(
             ),
         );
     }
-    let connected = trace.ev.synack_received == Some(true);
+    let connected = ev.synack_received == Some(true);
     // 6. Connected, then the peer reset or closed.
     if connected && trace.stage >= Stage::Tls {
         let reset = ev.resets_received.unwrap_or(0) > 0
