@@ -1220,6 +1220,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tls_failures_in_words() {
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate expired: verification time 1800000000 (UNIX), but certificate is not valid after 1799827200 (172800 seconds ago)"
+            )
+            .as_deref(),
+            Some("certificate expired 2 days ago")
+        );
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")"
+            )
+            .as_deref(),
+            Some("certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")")
+        );
+        assert_eq!(
+            tls_failure("TLS handshake with x: connection reset by peer"),
+            None
+        );
+    }
+
+    #[test]
     fn http_dates_parse_as_go_reads_them() {
         // RFC 9110's three forms of one instant.
         for s in [
