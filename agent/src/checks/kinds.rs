@@ -133,7 +133,20 @@ pub async fn run(spec: &Spec) -> Outcome {
             Kind::Dns(d) => dns(d, started, &mut trace).await,
             // Its own deadline inside the run's, so a silent host is
             // reported as such rather than as a timeout.
-            Kind::Icmp { host } => icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await,
+            Kind::Icmp { host } => {
+                let out = icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await;
+                if let Some(e) = &out.error {
+                    trace.ev.target = seen.ip.map(|ip| ip.to_string());
+                    trace.ev.cause = if e.contains("CAP_NET_RAW") {
+                        Cause::LocalError
+                    } else if seen.ip.is_none() {
+                        Cause::Resolve
+                    } else {
+                        Cause::Timeout
+                    };
+                }
+                out
+            }
         }
     };
     let mut out = match tokio::time::timeout(spec.timeout, fut).await {
