@@ -1041,6 +1041,97 @@ impl PeerKey {
     }
 }
 
+/// Per-edge TCP figures of local services (their server side), by
+/// (slot, client address): in 4-way sets like [`PeerSet`]'s, one array
+/// per figure, each written by one tracing program (the handshake by the
+/// state-change one, retransmitted segments by the retransmit one,
+/// SYN-ACKs sent again by the SYN-ACK one).
+pub const PEER_TCP_SETS: u32 = 1_024;
+
+/// A client's handshakes to a service: per-bucket counts of
+/// [`HIST_BOUNDS_US`] (not cumulative), from the SYN the ingress hook saw
+/// to ESTABLISHED.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerHandshake {
+    pub key: PeerKey,
+    pub buckets: [u32; HIST_BUCKETS],
+    pub _pad: u32,
+}
+layout_assert!(PeerHandshake, 112, 4);
+
+/// Segments a service retransmitted to a client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerRetransmits {
+    pub key: PeerKey,
+    pub segs: u64,
+}
+layout_assert!(PeerRetransmits, 32, 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerHandshakeSet {
+    pub ways: [PeerHandshake; PEER_WAYS],
+    pub used: u32,
+    pub hand: u32,
+}
+layout_assert!(PeerHandshakeSet, 456, 4);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerRetransmitsSet {
+    pub ways: [PeerRetransmits; PEER_WAYS],
+    pub used: u32,
+    pub hand: u32,
+}
+layout_assert!(PeerRetransmitsSet, 136, 8);
+
+impl PeerKey {
+    /// The set of this (slot, client) key in the per-edge TCP arrays.
+    #[inline(always)]
+    pub fn tcp_set(&self) -> u32 {
+        let seed = (self.slot << 16) ^ u32::from(self.family) ^ 0x27d4_eb2f;
+        peer_hash(seed, &self.addr) & (PEER_TCP_SETS - 1)
+    }
+}
+
+/// The ways of a set of peers, for the code that finds or takes one.
+pub trait PeerWays {
+    type Way: Copy;
+    fn key(w: &Self::Way) -> &PeerKey;
+    fn ways(&mut self) -> &mut [Self::Way; PEER_WAYS];
+    fn used(&mut self) -> &mut u32;
+    fn hand(&mut self) -> &mut u32;
+}
+
+macro_rules! peer_ways {
+    ($set:ty, $way:ty) => {
+        impl PeerWays for $set {
+            type Way = $way;
+            #[inline(always)]
+            fn key(w: &$way) -> &PeerKey {
+                &w.key
+            }
+            #[inline(always)]
+            fn ways(&mut self) -> &mut [$way; PEER_WAYS] {
+                &mut self.ways
+            }
+            #[inline(always)]
+            fn used(&mut self) -> &mut u32 {
+                &mut self.used
+            }
+            #[inline(always)]
+            fn hand(&mut self) -> &mut u32 {
+                &mut self.hand
+            }
+        }
+    };
+}
+peer_ways!(PeerSet, PeerWay);
+peer_ways!(PeerHandshakeSet, PeerHandshake);
+peer_ways!(PeerRetransmitsSet, PeerRetransmits);
+
 /// Indices of the peer programs' own per-CPU counters (`NP_PEER_META`),
 /// each followed by its transmit-path twin (index + 1).
 pub const PEER_META_INSERTS: u32 = 0;
@@ -1055,6 +1146,9 @@ pub mod peer_maps {
     pub const ADDRS: &str = "NP_PEER_ADDRS";
     pub const BUCKETS: &str = "NP_PEER_BUCKETS";
     pub const META: &str = "NP_PEER_META";
+    pub const HANDSHAKES: &str = "NP_PEER_HANDSHAKES";
+    pub const RETRANSMITS: &str = "NP_PEER_RETRANSMITS";
+    pub const SYNACKS: &str = "NP_PEER_SYNACKS";
 }
 
 #[cfg(feature = "user")]
@@ -1067,4 +1161,8 @@ mod user_peers {
     unsafe impl aya::Pod for PeerName {}
     unsafe impl aya::Pod for PeerWay {}
     unsafe impl aya::Pod for PeerSet {}
+    unsafe impl aya::Pod for PeerHandshake {}
+    unsafe impl aya::Pod for PeerRetransmits {}
+    unsafe impl aya::Pod for PeerHandshakeSet {}
+    unsafe impl aya::Pod for PeerRetransmitsSet {}
 }

@@ -740,12 +740,13 @@ pub struct MapEdge {
     /// Connections the peer opened: SYNs (without ACK) toward the service
     /// seen on the packet path.
     pub connections: u64,
-    /// The TCP handshake's median, on edges from this host (`host`) to a
-    /// `remote` service (its client side, from the TCP health programs);
-    /// null on other edges (not measured per peer).
+    /// The TCP handshakes' median (from the TCP health programs): to a
+    /// local service, its clients' on this edge (SYN seen to ESTABLISHED);
+    /// on the edge from `host` to a `remote` service, this host's. Null
+    /// when none was seen (or the figures were forgotten: a bounded table).
     pub handshake_p50_seconds: Option<f64>,
-    /// Segments this host retransmitted to a `remote` service, on the
-    /// `host` edge; 0 on other edges (not measured per peer).
+    /// Segments the service retransmitted to this edge's clients (a local
+    /// service), or this host to a `remote` service.
     pub retransmits: u64,
 }
 

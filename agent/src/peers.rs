@@ -17,8 +17,9 @@ use std::{
 use agent_ebpf::{
     EndpointKey, FAMILY_V4, MAX_PEER_BUCKETS, PEER_ADDR_SETS, PEER_BUCKET_BITS_V4,
     PEER_BUCKET_BITS_V6, PEER_META_BUCKETS_FULL, PEER_META_INSERTS, PEER_NAME_POSITIONS,
-    PEER_NAME_PROBES, PEER_NAMED, PEER_SLOTS, PEER_UNBUCKETED, PeerBucket, PeerCounters, PeerKey,
-    PeerName, PeerSet, PeerWay, ROLE_REMOTE, peer_maps, peer_name_position, peer_place,
+    PEER_NAME_PROBES, PEER_NAMED, PEER_SLOTS, PEER_TCP_SETS, PEER_UNBUCKETED, PEER_WAYS,
+    PeerBucket, PeerCounters, PeerHandshakeSet, PeerKey, PeerName, PeerRetransmitsSet, PeerSet,
+    PeerWays, ROLE_REMOTE, peer_maps, peer_name_position, peer_place,
 };
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use tracing::warn;
@@ -199,6 +200,9 @@ pub struct Writer {
     named: PerCpuArray<MapData, PeerCounters>,
     addrs: PerCpuArray<MapData, PeerSet>,
     buckets: PerCpuArray<MapData, PeerBucket>,
+    handshakes: PerCpuArray<MapData, PeerHandshakeSet>,
+    retransmits: PerCpuArray<MapData, PeerRetransmitsSet>,
+    synacks: PerCpuArray<MapData, PeerRetransmitsSet>,
     ncpus: usize,
 }
 
@@ -237,6 +241,10 @@ impl Writer {
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
             addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
             buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
+            handshakes: PerCpuArray::try_from(open(pin_dir, peer_maps::HANDSHAKES)?).map_err(e)?,
+            retransmits: PerCpuArray::try_from(open(pin_dir, peer_maps::RETRANSMITS)?)
+                .map_err(e)?,
+            synacks: PerCpuArray::try_from(open(pin_dir, peer_maps::SYNACKS)?).map_err(e)?,
             ncpus,
         })
     }
@@ -326,31 +334,11 @@ impl Writer {
                     .map_err(|e| e.to_string())?;
             }
         }
-        // An LRU set holds its ways per CPU: free this slot's.
-        for i in 0..2 * PEER_ADDR_SETS {
-            let Ok(v) = self.addrs.get(&i, 0) else {
-                continue;
-            };
-            let mine = |w: &PeerWay| w.key.family != 0 && w.key.slot == slot;
-            if !v.iter().any(|set| set.ways.iter().any(mine)) {
-                continue;
-            }
-            let freed: Vec<PeerSet> = v
-                .iter()
-                .map(|set| {
-                    let mut set = *set;
-                    for (n, w) in set.ways.iter_mut().enumerate() {
-                        if mine(w) {
-                            *w = PeerWay::default();
-                            set.used &= !(1 << n);
-                        }
-                    }
-                    set
-                })
-                .collect();
-            let freed = PerCpuValues::try_from(freed).map_err(|e| e.to_string())?;
-            self.addrs.set(i, freed, 0).map_err(|e| e.to_string())?;
-        }
+        // A set holds its ways per CPU: free this slot's.
+        clear_slot(&mut self.addrs, 2 * PEER_ADDR_SETS, slot)?;
+        clear_slot(&mut self.handshakes, PEER_TCP_SETS, slot)?;
+        clear_slot(&mut self.retransmits, PEER_TCP_SETS, slot)?;
+        clear_slot(&mut self.synacks, PEER_TCP_SETS, slot)?;
         // A bucket position holds one bucket per CPU: free this slot's.
         for i in 0..MAX_PEER_BUCKETS {
             let Ok(v) = self.buckets.get(&i, 0) else {
@@ -385,12 +373,69 @@ impl Writer {
     }
 }
 
+/// Frees the ways of `slot` in every set of `map` (on every CPU).
+fn clear_slot<S>(map: &mut PerCpuArray<MapData, S>, sets: u32, slot: u32) -> Result<(), String>
+where
+    S: PeerWays + aya::Pod + Copy,
+    S::Way: Default,
+{
+    for i in 0..sets {
+        let Ok(v) = map.get(&i, 0) else {
+            continue;
+        };
+        let mut changed = false;
+        let freed: Vec<S> = v
+            .iter()
+            .map(|set| {
+                let mut set = *set;
+                for n in 0..PEER_WAYS {
+                    let k = S::key(&set.ways()[n]);
+                    if k.family != 0 && k.slot == slot {
+                        set.ways()[n] = S::Way::default();
+                        *set.used() &= !(1 << n);
+                        changed = true;
+                    }
+                }
+                set
+            })
+            .collect();
+        if changed {
+            let freed = PerCpuValues::try_from(freed).map_err(|e| e.to_string())?;
+            map.set(i, freed, 0).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Every way in use of `map`, with its CPU.
+fn ways_of<S>(map: &PerCpuArray<MapData, S>, sets: u32, mut f: impl FnMut(usize, &S::Way))
+where
+    S: PeerWays + aya::Pod + Copy,
+{
+    for i in 0..sets {
+        let Ok(v) = map.get(&i, 0) else {
+            continue;
+        };
+        for (cpu, set) in v.iter().enumerate() {
+            let mut set = *set;
+            for w in set.ways().iter() {
+                if S::key(w).family != 0 {
+                    f(cpu, w);
+                }
+            }
+        }
+    }
+}
+
 /// Read-only handles on the pinned peer maps.
 pub struct Reader {
     names: Array<MapData, PeerName>,
     named: PerCpuArray<MapData, PeerCounters>,
     addrs: PerCpuArray<MapData, PeerSet>,
     buckets: PerCpuArray<MapData, PeerBucket>,
+    handshakes: PerCpuArray<MapData, PeerHandshakeSet>,
+    retransmits: PerCpuArray<MapData, PeerRetransmitsSet>,
+    synacks: PerCpuArray<MapData, PeerRetransmitsSet>,
     meta: PerCpuArray<MapData, u64>,
 }
 
@@ -406,7 +451,7 @@ pub struct Snapshot {
     pub unbucketed: BTreeMap<u32, PeerCounters>,
     /// (slot, unknown address) → figures, as long as the LRU keeps it
     /// (both paths, every CPU's way summed).
-    pub addrs: BTreeMap<(u32, IpAddr), PeerCounters>,
+    pub addrs: BTreeMap<(u32, IpAddr), Split>,
     /// (slot, bucket) → figures of every unknown address in it.
     pub buckets: BTreeMap<(u32, Bucket), PeerCounters>,
     /// LRU inserts since the maps were created, and ways holding a peer
@@ -415,6 +460,48 @@ pub struct Snapshot {
     pub live: u64,
     /// Packets of unknown peers that found the bucket table full.
     pub buckets_full: u64,
+    /// (slot of a local service, client address) → its server-side TCP
+    /// figures, as long as their sets keep them.
+    pub tcp: BTreeMap<(u32, IpAddr), PeerTcp>,
+}
+
+/// An unknown address's figures, by where its packets were counted as
+/// well: in its bucket, or (its CPU's bucket table full) unbucketed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Split {
+    pub bucketed: PeerCounters,
+    pub unbucketed: PeerCounters,
+}
+
+impl Split {
+    pub fn total(&self) -> PeerCounters {
+        let mut t = self.bucketed;
+        t.add(&self.unbucketed);
+        t
+    }
+}
+
+/// A client's TCP figures at a local service: handshakes (µs buckets of
+/// `HIST_BOUNDS_US`; no sum) and the segments retransmitted to it (SYN-ACKs
+/// included, as the service's own figure counts them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerTcp {
+    pub handshake: agent_ebpf::Hist,
+    pub retransmits: u64,
+}
+
+impl PeerTcp {
+    fn add(&mut self, o: &PeerTcp) {
+        self.handshake.add(&o.handshake);
+        self.retransmits = self.retransmits.wrapping_add(o.retransmits);
+    }
+
+    fn edge(&self) -> EdgeTcp {
+        EdgeTcp {
+            handshake_p50_seconds: crate::health::quantile(&self.handshake, 0.5),
+            retransmits: self.retransmits,
+        }
+    }
 }
 
 impl Snapshot {
@@ -464,6 +551,10 @@ impl Reader {
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
             addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
             buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
+            handshakes: PerCpuArray::try_from(open(pin_dir, peer_maps::HANDSHAKES)?).map_err(e)?,
+            retransmits: PerCpuArray::try_from(open(pin_dir, peer_maps::RETRANSMITS)?)
+                .map_err(e)?,
+            synacks: PerCpuArray::try_from(open(pin_dir, peer_maps::SYNACKS)?).map_err(e)?,
             meta: PerCpuArray::try_from(open(pin_dir, peer_maps::META)?).map_err(e)?,
         })
     }
@@ -517,37 +608,61 @@ impl Reader {
         if !unknown {
             return s;
         }
-        for i in 0..2 * PEER_ADDR_SETS {
-            let Ok(v) = self.addrs.get(&i, 0) else {
-                continue;
-            };
-            for w in v.iter().flat_map(|set| set.ways.iter()) {
-                if w.key.family == 0 {
-                    continue;
-                }
-                s.live += 1;
-                if slots.contains(&w.key.slot) {
-                    s.addrs
-                        .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
-                        .or_default()
-                        .add(&w.counters);
+        ways_of(&self.handshakes, PEER_TCP_SETS, |_, w| {
+            if slots.contains(&w.key.slot) {
+                let t = s
+                    .tcp
+                    .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
+                    .or_default();
+                for (a, b) in t.handshake.buckets.iter_mut().zip(w.buckets.iter()) {
+                    *a = a.wrapping_add(u64::from(*b));
                 }
             }
+        });
+        for map in [&self.retransmits, &self.synacks] {
+            ways_of(map, PEER_TCP_SETS, |_, w| {
+                if slots.contains(&w.key.slot) {
+                    let t = s
+                        .tcp
+                        .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
+                        .or_default();
+                    t.retransmits = t.retransmits.wrapping_add(w.segs);
+                }
+            });
         }
+        // The buckets each CPU holds: on a CPU, an address's packets are
+        // all in its bucket or, the CPU's table being full when the first
+        // came, all unbucketed.
+        let mut held: BTreeSet<(usize, PeerKey)> = BTreeSet::new();
         for i in 0..MAX_PEER_BUCKETS {
             let Ok(v) = self.buckets.get(&i, 0) else {
                 continue;
             };
-            for b in v.iter() {
+            for (cpu, b) in v.iter().enumerate() {
                 if b.key.family == 0 || !slots.contains(&b.key.slot) {
                     continue;
                 }
+                held.insert((cpu, b.key));
                 s.buckets
                     .entry((b.key.slot, bucket_of(&b.key)))
                     .or_default()
                     .add(&b.counters);
             }
         }
+        ways_of(&self.addrs, 2 * PEER_ADDR_SETS, |cpu, w| {
+            s.live += 1;
+            if slots.contains(&w.key.slot) {
+                let e = s
+                    .addrs
+                    .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
+                    .or_default();
+                if held.contains(&(cpu, w.key.bucket())) {
+                    e.bucketed.add(&w.counters);
+                } else {
+                    e.unbucketed.add(&w.counters);
+                }
+            }
+        });
         s
     }
 }
@@ -588,11 +703,12 @@ pub struct EdgeTcp {
 /// addresses shown), and the rest as `~other`. Per service, named +
 /// addresses + buckets + `~other` add up to every packet counted.
 ///
-/// `client_tcp` holds, by slot, the client-side TCP figures of `remote`
+/// TCP figures: a local service's edges take their clients' server-side
+/// figures (`Snapshot::tcp`, by the edge each client's packets went to);
+/// `client_tcp` holds, by slot, the client-side figures of `remote`
 /// services: this host is their only client (the TCP programs count a
 /// remote service's connections from this host's namespace only), so
-/// they are the figures of the edge `host` → the service. Other edges
-/// have no per-edge TCP figures (null, 0).
+/// they are the figures of the edge `host` → the service.
 pub fn build(
     snap: &Snapshot,
     naming: &Naming,
@@ -618,29 +734,17 @@ pub fn build(
             .get(&svc.slot)
             .filter(|_| svc.kind == Kind::Remote)
             .copied();
+        // (source, peer, figures), completed with the TCP figures at the end.
+        let mut pending: Vec<(String, String, PeerCounters)> = Vec::new();
         let mut edge = |source: String, peer: String, c: &PeerCounters| {
-            let tcp = host_tcp
-                .filter(|_| source == node_id(Kind::Host, ""))
-                .unwrap_or_default();
-            edges.push(t::MapEdge {
-                source,
-                target: target.clone(),
-                service: svc.name.clone(),
-                peer,
-                packets_in: c.packets[0],
-                bytes_in: c.bytes[0],
-                packets_out: c.packets[1],
-                bytes_out: c.bytes[1],
-                connections: c.conns,
-                handshake_p50_seconds: tcp.handshake_p50_seconds,
-                retransmits: tcp.retransmits,
-            });
+            pending.push((source, peer, *c));
         };
         // Named peers: the kernel's named places, and addresses the LRU
         // holds that the agent can name (named past the kernel's places).
         let mut named: BTreeMap<(Kind, String), PeerCounters> = BTreeMap::new();
-        // (address, figures, whether its bucket counts it too).
-        let mut unknown: Vec<(IpAddr, PeerCounters, bool)> = Vec::new();
+        // (address, figures, whether from the LRU: then also counted in
+        // its bucket or the unbucketed, as `Split` says).
+        let mut unknown: Vec<(IpAddr, Split, bool)> = Vec::new();
         for ((slot, a), c) in &snap.named {
             if *slot != svc.slot {
                 continue;
@@ -648,7 +752,14 @@ pub fn build(
             match naming.get(a) {
                 Some(n) => named.entry(n.clone()).or_default().add(c),
                 // Named in the kernel, gone from the agent's view since.
-                None => unknown.push((*a, *c, false)),
+                None => unknown.push((
+                    *a,
+                    Split {
+                        unbucketed: *c,
+                        ..Split::default()
+                    },
+                    false,
+                )),
             }
         }
         let mut buckets: BTreeMap<Bucket, PeerCounters> = snap
@@ -659,37 +770,43 @@ pub fn build(
             .collect();
         // Unknown peers the bucket table had no room for.
         let mut other = snap.unbucketed.get(&svc.slot).copied().unwrap_or_default();
-        for ((slot, a), c) in &snap.addrs {
+        for ((slot, a), sp) in &snap.addrs {
             if *slot != svc.slot {
                 continue;
             }
-            // Counted in its bucket (or, that table full, in the
-            // unbucketed) too: what is shown apart leaves it.
+            // Counted in its bucket or the unbucketed too: what is shown
+            // apart leaves them.
             match buckets.get_mut(&bucket(a)) {
-                Some(b) => sub(b, c),
-                None => sub(&mut other, c),
+                Some(b) => sub(b, &sp.bucketed),
+                None => sub(&mut other, &sp.bucketed),
             }
+            sub(&mut other, &sp.unbucketed);
             match naming.get(a) {
-                Some(n) => named.entry(n.clone()).or_default().add(c),
-                None => unknown.push((*a, *c, true)),
+                Some(n) => named.entry(n.clone()).or_default().add(&sp.total()),
+                None => unknown.push((*a, *sp, true)),
             }
         }
         for ((kind, name), c) in &named {
             let source = node(*kind, name, kind.is_service().then_some(name.as_str()));
             edge(source, name.clone(), c);
         }
-        unknown.sort_by(|a, b| total(&b.1).cmp(&total(&a.1)).then(a.0.cmp(&b.0)));
-        for (a, c, _) in unknown.iter().take(top_k) {
+        unknown.sort_by(|a, b| {
+            total(&b.1.total())
+                .cmp(&total(&a.1.total()))
+                .then(a.0.cmp(&b.0))
+        });
+        for (a, sp, _) in unknown.iter().take(top_k) {
             let text = a.to_string();
             let source = node(Kind::Address, &text, None);
-            edge(source, text, c);
+            edge(source, text, &sp.total());
         }
         // Addresses past the top-K go back where they were taken from.
-        for (a, c, in_bucket) in unknown.iter().skip(top_k) {
+        for (a, sp, from_lru) in unknown.iter().skip(top_k) {
             match buckets.get_mut(&bucket(a)) {
-                Some(b) if *in_bucket => b.add(c),
-                _ => other.add(c),
+                Some(b) if *from_lru => b.add(&sp.bucketed),
+                _ => other.add(&sp.bucketed),
             }
+            other.add(&sp.unbucketed);
         }
         let mut bs: Vec<(Bucket, PeerCounters)> =
             buckets.into_iter().filter(|(_, c)| !c.is_zero()).collect();
@@ -705,6 +822,44 @@ pub fn build(
         if !other.is_zero() {
             let source = node(Kind::Other, &svc.name, Some(&svc.name));
             edge(source, crate::api_types::MAP_OTHER.to_string(), &other);
+        }
+        // Each client's TCP figures go to the edge its packets went to.
+        let shown_addrs: BTreeSet<IpAddr> = unknown.iter().take(top_k).map(|u| u.0).collect();
+        let shown_buckets: BTreeSet<Bucket> = bs.iter().take(top_k).map(|b| b.0).collect();
+        let mut tcp: BTreeMap<String, PeerTcp> = BTreeMap::new();
+        for ((slot, a), f) in &snap.tcp {
+            if *slot != svc.slot {
+                continue;
+            }
+            let label = if let Some((_, name)) = naming.get(a) {
+                name.clone()
+            } else if shown_addrs.contains(a) {
+                a.to_string()
+            } else if shown_buckets.contains(&bucket(a)) {
+                bucket_text(&bucket(a))
+            } else {
+                crate::api_types::MAP_OTHER.to_string()
+            };
+            tcp.entry(label).or_default().add(f);
+        }
+        for (source, peer, c) in pending {
+            let f = match host_tcp {
+                Some(h) if source == node_id(Kind::Host, "") => h,
+                _ => tcp.get(&peer).map(PeerTcp::edge).unwrap_or_default(),
+            };
+            edges.push(t::MapEdge {
+                source,
+                target: target.clone(),
+                service: svc.name.clone(),
+                peer,
+                packets_in: c.packets[0],
+                bytes_in: c.bytes[0],
+                packets_out: c.packets[1],
+                bytes_out: c.bytes[1],
+                connections: c.conns,
+                handshake_p50_seconds: f.handshake_p50_seconds,
+                retransmits: f.retransmits,
+            });
         }
     }
     t::ServiceMap {
@@ -769,7 +924,13 @@ mod tests {
             ("10.7.0.1", 2),
         ];
         for (a, n) in addrs {
-            snap.addrs.insert((8, ip(a)), c(n, 0));
+            snap.addrs.insert(
+                (8, ip(a)),
+                Split {
+                    bucketed: c(n, 0),
+                    ..Split::default()
+                },
+            );
         }
         snap.buckets.insert((8, (ip("10.0.0.0"), 24)), c(14 + 6, 0));
         snap.buckets.insert((8, (ip("10.7.0.0"), 24)), c(2, 0));
@@ -779,6 +940,17 @@ mod tests {
         let naming = Naming {
             by_addr: BTreeMap::from([(db, (Kind::Container, "db".to_string()))]),
         };
+        // Server-side TCP figures of some clients: each goes to its edge.
+        let hs = |us: u64, retrans: u64| {
+            let mut t = PeerTcp::default();
+            t.handshake.buckets[agent_ebpf::Hist::bucket(us)] = 1;
+            t.retransmits = retrans;
+            t
+        };
+        snap.tcp.insert((8, db), hs(20, 1));
+        snap.tcp.insert((8, ip("10.0.0.1")), hs(100, 2));
+        snap.tcp.insert((8, ip("10.0.0.2")), hs(100, 3));
+        snap.tcp.insert((8, ip("10.7.0.1")), hs(100, 4));
         let m = build(
             &snap,
             &naming,
@@ -786,6 +958,21 @@ mod tests {
             1,
             &BTreeMap::new(),
         );
+        let retrans: Vec<(&str, u64)> = m
+            .edges
+            .iter()
+            .map(|e| (e.peer.as_str(), e.retransmits))
+            .collect();
+        assert_eq!(
+            retrans,
+            vec![
+                ("db", 1),
+                ("10.0.0.1", 2),
+                ("10.0.0.0/24", 3),
+                ("~other", 4)
+            ]
+        );
+        assert!(m.edges.iter().all(|e| e.handshake_p50_seconds.is_some()));
         let peers: Vec<(&str, u64)> = m
             .edges
             .iter()
@@ -813,5 +1000,53 @@ mod tests {
                 .iter()
                 .any(|n| n.id == "other:web" && n.kind == "other")
         );
+    }
+
+    #[test]
+    fn an_address_counted_partly_unbucketed_is_subtracted_from_both() {
+        // On one CPU the address's bucket was held (3 packets), on another
+        // that CPU's table was full (4 packets, unbucketed).
+        let svc = Svc {
+            name: "web".into(),
+            slot: 8,
+            kind: Kind::Service,
+        };
+        let mut snap = Snapshot::default();
+        snap.addrs.insert(
+            (8, ip("10.0.0.1")),
+            Split {
+                bucketed: c(3, 0),
+                unbucketed: c(4, 0),
+            },
+        );
+        snap.buckets.insert((8, (ip("10.0.0.0"), 24)), c(5, 0));
+        snap.unbucketed.insert(8, c(4, 0));
+        let m = build(
+            &snap,
+            &Naming::default(),
+            std::slice::from_ref(&svc),
+            1,
+            &BTreeMap::new(),
+        );
+        let peers: Vec<(&str, u64)> = m
+            .edges
+            .iter()
+            .map(|e| (e.peer.as_str(), e.packets_in))
+            .collect();
+        assert_eq!(peers, vec![("10.0.0.1", 7), ("10.0.0.0/24", 2)]);
+        // Past the top-K, it goes back to both.
+        let m = build(
+            &snap,
+            &Naming::default(),
+            std::slice::from_ref(&svc),
+            0,
+            &BTreeMap::new(),
+        );
+        let peers: Vec<(&str, u64)> = m
+            .edges
+            .iter()
+            .map(|e| (e.peer.as_str(), e.packets_in))
+            .collect();
+        assert_eq!(peers, vec![("~other", 9)]);
     }
 }

@@ -446,6 +446,7 @@ pub fn netpulse_sock_state(ctx: BtfTracePointContext) -> i32 {
                 && t > syn
             {
                 record(slot, H::Handshake, (t - syn) / 1000);
+                crate::peers::tcp_handshake(slot, e.family, &e.raddr, (t - syn) / 1000);
             }
             let st = SockState {
                 slot,
@@ -621,17 +622,33 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
     if err == -16 || err == -11 {
         return 0;
     }
-    let slot = match sock(sk) {
+    // A server-side socket's client too, for the per-edge figures.
+    let (slot, client) = match sock(sk) {
         // SAFETY: as above.
-        Some(p) => unsafe { (*p).slot },
+        Some(p) => {
+            let (slot, flags) = unsafe { ((*p).slot, (*p).flags) };
+            let e = if flags & SOCK_SERVER != 0 {
+                ends(sk, SCRATCH_RETRANSMIT)
+            } else {
+                None
+            };
+            (slot, e)
+        }
         None if !may_match(sk, true, true) => return 0,
-        None => match ends(sk, SCRATCH_RETRANSMIT).and_then(|e| any_slot(&e)) {
-            Some((s, _)) => s,
+        None => match ends(sk, SCRATCH_RETRANSMIT) {
+            Some(e) => match any_slot(&e) {
+                Some((s, side)) => (s, (side == SOCK_SERVER).then_some(e)),
+                None => return 0,
+            },
             None => return 0,
         },
     };
     let segs: u16 = rd(skb, off!(skb_gso_segs)).unwrap_or(1);
-    count_n(slot, TCP_RETRANS, if segs == 0 { 1 } else { segs as u64 });
+    let n = if segs == 0 { 1 } else { segs as u64 };
+    count_n(slot, TCP_RETRANS, n);
+    if let Some(e) = client {
+        crate::peers::tcp_retransmits(slot, e.family, &e.raddr, n, false);
+    }
     0
 }
 
@@ -640,9 +657,11 @@ pub fn netpulse_retransmit(ctx: BtfTracePointContext) -> i32 {
 pub fn netpulse_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = ctx.arg(1);
     if may_match(req, true, false)
-        && let Some(slot) = ends(req, SCRATCH_SYNACK).and_then(|e| server_slot(&e))
+        && let Some(e) = ends(req, SCRATCH_SYNACK)
+        && let Some(slot) = server_slot(&e)
     {
         count(slot, TCP_RETRANS_SYNACK);
+        crate::peers::tcp_retransmits(slot, e.family, &e.raddr, 1, true);
     }
     0
 }

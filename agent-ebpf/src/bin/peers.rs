@@ -46,6 +46,23 @@ np_map!(
     PerCpuArray<PeerBucket>,
     PerCpuArray::pinned(MAX_PEER_BUCKETS, 0)
 );
+// Per-edge TCP figures of local services (see `PeerHandshake`): written
+// by the tracing programs, each array by one.
+np_map!(
+    NP_PEER_HANDSHAKES = peer_maps::HANDSHAKES,
+    PerCpuArray<PeerHandshakeSet>,
+    PerCpuArray::pinned(PEER_TCP_SETS, 0)
+);
+np_map!(
+    NP_PEER_RETRANSMITS = peer_maps::RETRANSMITS,
+    PerCpuArray<PeerRetransmitsSet>,
+    PerCpuArray::pinned(PEER_TCP_SETS, 0)
+);
+np_map!(
+    NP_PEER_SYNACKS = peer_maps::SYNACKS,
+    PerCpuArray<PeerRetransmitsSet>,
+    PerCpuArray::pinned(PEER_TCP_SETS, 0)
+);
 np_map!(
     NP_PEER_META = peer_maps::META,
     PerCpuArray<u64>,
@@ -94,8 +111,32 @@ fn add(p: *mut PeerCounters, a: Add) {
     }
 }
 
-/// Adds to `key`'s way in its LRU set, taking one (CLOCK) if it has
-/// none; `true` when it took one.
+/// The way of `key` in set `s`: the one holding it, else one taken for it
+/// by the clock (`true` then: an insert, the way's figures to be reset).
+#[inline(always)]
+fn way<S: PeerWays>(s: &mut S, key: &PeerKey) -> (usize, bool) {
+    for w in 0..PEER_WAYS {
+        if S::key(&s.ways()[w]) == key {
+            *s.used() |= 1 << w;
+            return (w, false);
+        }
+    }
+    let mut w = (*s.hand() as usize) % PEER_WAYS;
+    // At most one pass clearing bits, then a way without one.
+    for _ in 0..PEER_WAYS {
+        if S::key(&s.ways()[w]).family == 0 || *s.used() & (1 << w) == 0 {
+            break;
+        }
+        *s.used() &= !(1 << w);
+        w = (w + 1) % PEER_WAYS;
+    }
+    *s.hand() = ((w + 1) % PEER_WAYS) as u32;
+    *s.used() &= !(1 << w);
+    (w, true)
+}
+
+/// Adds to `key`'s way in its LRU set, taking one if it has none; `true`
+/// when it took one.
 #[inline(always)]
 fn lru_add(key: &PeerKey, a: Add) -> bool {
     let Some(p) = NP_PEER_ADDRS.get_ptr_mut(key.addr_set()) else {
@@ -104,29 +145,80 @@ fn lru_add(key: &PeerKey, a: Add) -> bool {
     // SAFETY: this CPU's value, in this path's half: no other program
     // writes it while this one runs.
     let s = unsafe { &mut *p };
-    for w in 0..PEER_WAYS {
-        if s.ways[w].key == *key {
-            add(&raw mut s.ways[w].counters, a);
-            s.used |= 1 << w;
-            return false;
-        }
+    let (w, taken) = way(s, key);
+    if taken {
+        s.ways[w] = PeerWay {
+            key: *key,
+            counters: a.value(),
+        };
+    } else {
+        add(&raw mut s.ways[w].counters, a);
     }
-    let mut w = (s.hand as usize) % PEER_WAYS;
-    // At most one pass clearing bits, then a way without one.
-    for _ in 0..PEER_WAYS {
-        if s.ways[w].key.family == 0 || s.used & (1 << w) == 0 {
-            break;
-        }
-        s.used &= !(1 << w);
-        w = (w + 1) % PEER_WAYS;
-    }
-    s.hand = ((w + 1) % PEER_WAYS) as u32;
-    s.used &= !(1 << w);
-    s.ways[w] = PeerWay {
-        key: *key,
-        counters: a.value(),
+    taken
+}
+
+/// The server-side key of a local service's client.
+#[inline(always)]
+fn tcp_key(slot: u32, family: u8, client: &[u32; 4]) -> Option<PeerKey> {
+    (FIRST_SERVICE_SLOT..PEER_SLOTS)
+        .contains(&slot)
+        .then_some(PeerKey {
+            slot,
+            family,
+            path: 0,
+            _pad: [0; 2],
+            addr: *client,
+        })
+}
+
+/// A handshake of `client` to the local service of `slot` took `us` µs
+/// (called by the state-change tracing program only).
+#[inline(always)]
+pub fn tcp_handshake(slot: u32, family: u8, client: &[u32; 4], us: u64) {
+    let Some(key) = tcp_key(slot, family, client) else {
+        return;
     };
-    true
+    let Some(p) = NP_PEER_HANDSHAKES.get_ptr_mut(key.tcp_set()) else {
+        return;
+    };
+    // SAFETY: this CPU's value, written by this program only.
+    let s = unsafe { &mut *p };
+    let (w, taken) = way(s, &key);
+    if taken {
+        s.ways[w] = PeerHandshake {
+            key,
+            ..PeerHandshake::default()
+        };
+    }
+    let b = Hist::bucket(us);
+    if b < HIST_BUCKETS {
+        s.ways[w].buckets[b] += 1;
+    }
+}
+
+/// The local service of `slot` retransmitted `segs` segments to `client`
+/// (`synack`: a SYN-ACK, from the SYN-ACK tracing program; else from the
+/// retransmit one: each writes its own array).
+#[inline(always)]
+pub fn tcp_retransmits(slot: u32, family: u8, client: &[u32; 4], segs: u64, synack: bool) {
+    let Some(key) = tcp_key(slot, family, client) else {
+        return;
+    };
+    let map = if synack {
+        &NP_PEER_SYNACKS
+    } else {
+        &NP_PEER_RETRANSMITS
+    };
+    let Some(p) = map.get_ptr_mut(key.tcp_set()) else {
+        return;
+    };
+    // SAFETY: this CPU's value, written by the calling program only.
+    let s = unsafe { &mut *p };
+    let (w, taken) = way(s, &key);
+    if taken {
+        s.ways[w] = PeerRetransmits { key, segs: 0 };
+    }
+    s.ways[w].segs += segs;
 }
 
 /// Adds to `key`'s bucket: at the first of its positions that holds it or
