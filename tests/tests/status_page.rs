@@ -2,7 +2,9 @@
 //! a network namespace with live traffic: the page shows the API's
 //! services, states and numbers, turns a service down within 5 s of its
 //! check failing without a reload, logs nothing to the console, fits a
-//! phone and follows the OS's dark mode. The screenshots are kept under
+//! phone and follows the OS's dark mode. Every check is on the page (those
+//! without a service in a group of their own, with their dependency), and a
+//! failing check's explanation is the API's. The screenshots are kept under
 //! target/test-artifacts/.
 
 use std::{
@@ -50,14 +52,16 @@ fn serve(pair: &Pair, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHand
 }
 
 fn api(pair: &Pair) -> Value {
-    let (status, body) = run_in(&pair.a.name, || {
-        get(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, LISTEN)),
-            "/api/v1/services",
-        )
-        .unwrap()
+    api_at(pair, LISTEN, "/api/v1/services")
+}
+
+/// A GET of the agent's API on 127.0.0.1:`port` in the pair's first
+/// namespace.
+fn api_at(pair: &Pair, port: u16, path: &'static str) -> Value {
+    let (status, body) = run_in(&pair.a.name, move || {
+        get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), path).unwrap()
     });
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
 
@@ -258,5 +262,207 @@ failure_threshold = 1
     let started = Instant::now();
     agent.stop();
     assert!(started.elapsed() < Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The checks of the API, by name.
+fn checks_by_name(doc: &Value) -> std::collections::BTreeMap<String, Value> {
+    doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_string(), c.clone()))
+        .collect()
+}
+
+const CHK_LISTEN: u16 = 19551;
+const CHK_DRIVER: u16 = 19552;
+const CHK_DB: u16 = 19553;
+const CHK_SOLO: u16 = 19554;
+
+#[test]
+fn every_check_is_on_the_page_a_blocked_one_with_its_dependency_and_a_failing_ones_explanation() {
+    if !live_prerequisites() || !browser::prerequisites() {
+        return;
+    }
+    let pair = Pair::new("pgchk", 121);
+    let pins = PinDir::mounted("pgchk");
+    let dir = netpulse_tests::scratch("pgchk");
+    let cfg = dir.join("config.toml");
+    // db's port has no listener: db-tcp fails (refused), and web-via-db,
+    // which has no service, is blocked behind it. solo-tcp has neither a
+    // service nor a dependency and passes.
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[agent]
+listen = "127.0.0.1:{CHK_LISTEN}"
+pin_dir = "{pins}"
+state_dir = "{state}"
+discover_sockets = false
+
+[[service]]
+name = "db"
+endpoints = [{{ proto = "tcp", port = {CHK_DB} }}]
+
+[[check]]
+name = "db-tcp"
+kind = "tcp"
+target = "{a}:{CHK_DB}"
+service = "db"
+interval_seconds = 1
+timeout_seconds = 1
+failure_threshold = 1
+
+[[check]]
+name = "web-via-db"
+kind = "tcp"
+target = "{a}:{CHK_SOLO}"
+depends_on = ["db-tcp"]
+interval_seconds = 1
+timeout_seconds = 1
+failure_threshold = 1
+
+[[check]]
+name = "solo-tcp"
+kind = "tcp"
+target = "{a}:{CHK_SOLO}"
+interval_seconds = 1
+timeout_seconds = 1
+failure_threshold = 1
+"#,
+            pins = pins.path().display(),
+            state = dir.join("state").display(),
+            a = pair.addr_a,
+        ),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let solo = serve(&pair, CHK_SOLO, stop.clone());
+    let mut agent = Agent::start(&pair.a, &[], &cfg, CHK_LISTEN, &dir.join("agent.log"));
+    agent.wait_for("db-tcp to fail", |m| {
+        m.has("netpulse_check_up", &[("check", "db-tcp")])
+            && m.sum("netpulse_check_up", &[("check", "db-tcp")]) == 0
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let settled = |doc: &Value| {
+        let c = checks_by_name(doc);
+        c["db-tcp"]["state"] == "down"
+            && c["web-via-db"]["state"] == "blocked"
+            && c["solo-tcp"]["state"] == "up"
+    };
+    while !settled(&api_at(&pair, CHK_LISTEN, "/api/v1/checks")) {
+        assert!(
+            Instant::now() < deadline,
+            "the checks did not settle: {}",
+            api_at(&pair, CHK_LISTEN, "/api/v1/checks")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let b = Browser::start(&pair.a, CHK_DRIVER);
+    b.goto(&format!("http://127.0.0.1:{CHK_LISTEN}/"));
+    b.wait_for(
+        "the checks without a service, web-via-db blocked",
+        r#"const r = document.querySelector('[data-group="checks"] .row[data-check="web-via-db"]');
+           return !!r && r.dataset.state === "blocked";"#,
+        Duration::from_secs(10),
+    );
+    // The page after the API read: the states cannot change any more
+    // (nothing listens on db's port), the explanation and the incidents'
+    // can only be the same text again.
+    let doc = api_at(&pair, CHK_LISTEN, "/api/v1/checks");
+    assert!(settled(&doc), "{doc}");
+    let checks = checks_by_name(&doc);
+    std::thread::sleep(Duration::from_millis(2500));
+    let page = b.eval(
+        r#"const text = (root, sel) => { const e = root && root.querySelector(sel); return e ? e.textContent : null; };
+           const loose = [...document.querySelectorAll('[data-group="checks"] .row[data-check]')].map(r => ({
+             name: r.dataset.check,
+             state: text(r, '.check-state'),
+             deps: text(r, '.deps'),
+             explanation: text(r, '.explanation'),
+           }));
+           const lines = [...document.querySelectorAll('.row[data-service] .check-line')].map(l => ({
+             service: l.closest('.row').dataset.service,
+             name: l.dataset.check,
+             state: text(l, '.check-state'),
+             explanation: text(l, '.explanation'),
+           }));
+           const incidents = [...document.querySelectorAll('#incidents li[data-check]')].map(i => ({
+             name: i.dataset.check,
+             explanation: text(i, ':scope > .explanation'),
+           }));
+           return { loose, lines, incidents };"#,
+    );
+    eprintln!("page: {page:#}");
+
+    // Every check without a service has a row with the API's state; the
+    // blocked one names the check it waits for.
+    let loose = page["loose"].as_array().unwrap();
+    let mut names: Vec<&str> = loose.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    names.sort();
+    let mut want: Vec<&str> = checks
+        .values()
+        .filter(|c| c["service"].is_null())
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    for r in loose {
+        let c = &checks[r["name"].as_str().unwrap()];
+        assert_eq!(r["state"], c["state"], "{r}");
+    }
+    let row = |n: &str| loose.iter().find(|r| r["name"] == n).unwrap();
+    assert_eq!(row("web-via-db")["deps"], json!("blocked by db-tcp"));
+    assert_eq!(row("solo-tcp")["deps"], json!("no dependencies"));
+
+    // The failing check of a service: a line under db's row, with the
+    // API's explanation (null: none on the page).
+    let lines = page["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["service"], json!("db"));
+    assert_eq!(lines[0]["name"], json!("db-tcp"));
+    assert_eq!(lines[0]["state"], json!("down"));
+    let explanation = &checks["db-tcp"]["last"]["explanation"];
+    assert_eq!(lines[0]["explanation"], *explanation);
+
+    // Each check's incidents, newest first, with their explanation.
+    let incidents = page["incidents"].as_array().unwrap();
+    let db_incidents = checks["db-tcp"]["incidents"].as_array().unwrap();
+    assert!(!db_incidents.is_empty());
+    let shown: Vec<&Value> = incidents.iter().filter(|i| i["name"] == "db-tcp").collect();
+    assert_eq!(shown.len(), db_incidents.len());
+    for (s, i) in shown.iter().zip(db_incidents.iter().rev()) {
+        assert_eq!(s["explanation"], i["explanation"], "{s} vs {i}");
+    }
+
+    b.resize(390, 844);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        b.eval("return document.documentElement.scrollWidth <= window.innerWidth"),
+        json!(true),
+        "the page scrolls sideways at phone width"
+    );
+    b.eval(r#"document.querySelector('[data-group="checks"]').scrollIntoView(); return true"#);
+    b.cdp(
+        "Emulation.setEmulatedMedia",
+        json!({ "features": [{ "name": "prefers-color-scheme", "value": "dark" }] }),
+    );
+    b.screenshot(&artifacts().join("status-page-checks-phone-dark.png"));
+
+    // No console errors: an agent without the map is asked nothing it
+    // answers 404.
+    let errors: Vec<_> = b
+        .console()
+        .into_iter()
+        .filter(|(level, _)| level == "SEVERE" || level == "WARNING")
+        .collect();
+    assert!(errors.is_empty(), "console: {errors:?}");
+
+    drop(b);
+    stop.store(true, Ordering::Relaxed);
+    solo.join().unwrap();
+    agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
