@@ -273,6 +273,8 @@ impl Engine {
                     ok: out.ok,
                     duration_ms: out.duration.as_secs_f64() * 1000.0,
                     error: out.error.clone(),
+                    explanation: out.explanation.clone(),
+                    cause: out.evidence.as_ref().map(|e| e.cause.as_str().to_string()),
                 },
             );
         }
@@ -297,6 +299,8 @@ impl Engine {
                 "previous": before.get(&spec.name).copied().unwrap_or(State::Unknown).as_str(),
                 "consecutive_failures": failures,
                 "error": out.error,
+                "explanation": out.explanation,
+                "evidence": out.evidence,
                 "at_ms": crate::store::now_ms(),
             });
             actions::fire(a, &spec.name, event, &self.sink.actions);

@@ -292,6 +292,8 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             .iter()
                             .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
                             .collect(),
+                        explanation: l.explanation.clone(),
+                        evidence: l.evidence.clone(),
                     }),
                     uptime: t::Uptime {
                         h24: summary.uptime_24h,
@@ -304,6 +306,8 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             ok: r.ok,
                             duration_ms: r.duration_ms,
                             error: r.error,
+                            explanation: r.explanation,
+                            cause: r.cause.as_deref().map(cause_of),
                         })
                         .collect(),
                     incidents: summary
@@ -314,6 +318,7 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             start_ms: i.start_ms,
                             end_ms: i.end_ms,
                             error: i.error,
+                            explanation: i.explanation,
                         })
                         .collect(),
                 }
@@ -322,4 +327,10 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
     })
     .await?;
     Ok(Json(t::Checks { checks }))
+}
+
+/// A stored cause word as the API's enum (a word it does not know reads as
+/// `unknown`).
+fn cause_of(word: &str) -> t::Cause {
+    serde_json::from_value(serde_json::Value::String(word.to_string())).unwrap_or_default()
 }
