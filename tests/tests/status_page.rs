@@ -418,13 +418,18 @@ failure_threshold = 1
     assert_eq!(row("solo-tcp")["deps"], json!("no dependencies"));
 
     // The failing check of a service: a line under db's row, with the
-    // API's explanation (null: none on the page).
+    // API's explanation.
     let lines = page["lines"].as_array().unwrap();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["service"], json!("db"));
     assert_eq!(lines[0]["name"], json!("db-tcp"));
     assert_eq!(lines[0]["state"], json!("down"));
     let explanation = &checks["db-tcp"]["last"]["explanation"];
+    assert!(
+        explanation.as_str().is_some_and(|e| !e.is_empty()),
+        "db-tcp has no explanation: {}",
+        checks["db-tcp"]
+    );
     assert_eq!(lines[0]["explanation"], *explanation);
 
     // Each check's incidents, newest first, with their explanation.
@@ -434,8 +439,18 @@ failure_threshold = 1
     let shown: Vec<&Value> = incidents.iter().filter(|i| i["name"] == "db-tcp").collect();
     assert_eq!(shown.len(), db_incidents.len());
     for (s, i) in shown.iter().zip(db_incidents.iter().rev()) {
+        assert!(i["explanation"].is_string(), "{i}");
         assert_eq!(s["explanation"], i["explanation"], "{s} vs {i}");
     }
+
+    // The map only where the agent has it (its OpenAPI document says).
+    let has_map = api_at(&pair, CHK_LISTEN, "/api/v1/openapi.json")["paths"]
+        .get("/api/v1/map")
+        .is_some();
+    assert_eq!(
+        b.eval("return document.getElementById('map-section').hidden"),
+        json!(!has_map)
+    );
 
     b.resize(390, 844);
     std::thread::sleep(Duration::from_millis(300));
