@@ -291,7 +291,8 @@ fn every_check_is_on_the_page_a_blocked_one_with_its_dependency_and_a_failing_on
     let cfg = dir.join("config.toml");
     // db's port has no listener: db-tcp fails (refused), and web-via-db,
     // which has no service, is blocked behind it. solo-tcp has neither a
-    // service nor a dependency and passes.
+    // service nor a dependency and passes; ghost-tcp names a service that
+    // does not exist, so it has no row of its own either.
     std::fs::write(
         &cfg,
         format!(
@@ -330,6 +331,15 @@ target = "{a}:{CHK_SOLO}"
 interval_seconds = 1
 timeout_seconds = 1
 failure_threshold = 1
+
+[[check]]
+name = "ghost-tcp"
+kind = "tcp"
+target = "{a}:{CHK_SOLO}"
+service = "ghost"
+interval_seconds = 1
+timeout_seconds = 1
+failure_threshold = 1
 "#,
             pins = pins.path().display(),
             state = dir.join("state").display(),
@@ -350,6 +360,7 @@ failure_threshold = 1
         c["db-tcp"]["state"] == "down"
             && c["web-via-db"]["state"] == "blocked"
             && c["solo-tcp"]["state"] == "up"
+            && c["ghost-tcp"]["state"] == "up"
     };
     while !settled(&api_at(&pair, CHK_LISTEN, "/api/v1/checks")) {
         assert!(
@@ -397,14 +408,23 @@ failure_threshold = 1
     );
     eprintln!("page: {page:#}");
 
-    // Every check without a service has a row with the API's state; the
-    // blocked one names the check it waits for.
+    // Every check without a service (or whose service is not among the
+    // API's) has a row with the API's state; the blocked one names the
+    // check it waits for.
+    let services = api_at(&pair, CHK_LISTEN, "/api/v1/services");
+    let services: Vec<&str> = services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(!services.contains(&"ghost"));
     let loose = page["loose"].as_array().unwrap();
     let mut names: Vec<&str> = loose.iter().map(|r| r["name"].as_str().unwrap()).collect();
     names.sort();
     let mut want: Vec<&str> = checks
         .values()
-        .filter(|c| c["service"].is_null())
+        .filter(|c| c["service"].as_str().is_none_or(|s| !services.contains(&s)))
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     want.sort();
@@ -416,6 +436,7 @@ failure_threshold = 1
     let row = |n: &str| loose.iter().find(|r| r["name"] == n).unwrap();
     assert_eq!(row("web-via-db")["deps"], json!("blocked by db-tcp"));
     assert_eq!(row("solo-tcp")["deps"], json!("no dependencies"));
+    assert_eq!(want, ["ghost-tcp", "solo-tcp", "web-via-db"]);
 
     // The failing check of a service: a line under db's row, with the
     // API's explanation.
