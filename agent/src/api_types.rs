@@ -464,6 +464,34 @@ pub struct Evidence {
     /// Seconds per phase, as far as the run got.
     pub phases: BTreeMap<String, f64>,
     pub max_latency_seconds: Option<f64>,
+    /// The check's service, as the kernel counted it during the run.
+    pub service: Option<ServiceWindow>,
+}
+
+/// What a check's service went through during one run of the check (all
+/// of its traffic, not only the check's): counts added in that window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct ServiceWindow {
+    pub name: String,
+    /// Kernel drops by reason (lower case).
+    pub drops: BTreeMap<String, u64>,
+    /// Connections refused, reset, timed out; retransmitted segments.
+    pub refused: u64,
+    pub reset: u64,
+    pub timeout: u64,
+    pub retransmits: u64,
+}
+
+impl ServiceWindow {
+    /// Whether anything happened.
+    pub fn is_quiet(&self) -> bool {
+        self.drops.values().all(|n| *n == 0)
+            && self.refused == 0
+            && self.reset == 0
+            && self.timeout == 0
+            && self.retransmits == 0
+    }
 }
 
 /// An ICMP error about the check's packet.

@@ -309,18 +309,35 @@ expect = "10.9.9.9"
     ] {
         assert_eq!(state(up), "up", "{up}: {:#}", rows[up]);
     }
-    for (down, why) in [
-        ("http-503", "status 503, expected 200-299"),
-        ("http-hang", "timed out after 0.5 s"),
-        ("https-untrusted", "TLS handshake"),
-        ("https-expiring", "certificate expires in"),
-        ("tcp-wrong-greeting", "does not contain `SSH-2.0`"),
-        ("tcp-refused", "Connection refused"),
-        ("dns-wrong-answer", "10.1.2.3"),
+    for (down, why, cause) in [
+        ("http-503", "status 503, expected 200-299", "http_status"),
+        ("http-hang", "timed out after 0.5 s", "slow"),
+        ("https-untrusted", "TLS handshake", "tls"),
+        ("https-expiring", "certificate expires in", "cert_expiring"),
+        (
+            "tcp-wrong-greeting",
+            "does not contain `SSH-2.0`",
+            "content",
+        ),
+        ("tcp-refused", "Connection refused", "refused"),
+        ("dns-wrong-answer", "10.1.2.3", "dns_no_answer"),
     ] {
         assert_eq!(state(down), "down", "{down}: {:#}", rows[down]);
         assert!(error(down).contains(why), "{down}: {}", error(down));
+        // Why, from the evidence, and a line for a person.
+        assert_eq!(
+            rows[down]["evidence"]["cause"], cause,
+            "{down}: {:#}",
+            rows[down]
+        );
+        assert!(
+            !rows[down]["explanation"].as_str().unwrap_or("").is_empty(),
+            "{down}: {:#}",
+            rows[down]
+        );
     }
+    assert!(rows["http-ok"]["explanation"].is_null());
+    assert!(rows["http-ok"]["evidence"].is_null());
     assert_eq!(state("behind-refused"), "blocked");
     assert!(
         rows["behind-refused"]["duration_seconds"].is_null(),
@@ -375,6 +392,12 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
     assert_eq!(rows["nobody-there"]["state"], "down");
     let err = rows["nobody-there"]["error"].as_str().unwrap_or("");
     assert!(err.contains("no echo reply from 10.77.103.9"), "{err}");
+    assert_eq!(rows["nobody-there"]["evidence"]["cause"], "timeout");
+    assert_eq!(
+        rows["nobody-there"]["explanation"].as_str(),
+        Some(err),
+        "{rows:#?}"
+    );
     assert_eq!(code, 1);
     // Without CAP_NET_RAW: the error says which capability.
     let unprivileged = [
@@ -395,6 +418,7 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
     assert_eq!(code, 1);
     let err = rows["peer"]["error"].as_str().unwrap_or("");
     assert!(err.contains("CAP_NET_RAW"), "{err}");
+    assert_eq!(rows["peer"]["evidence"]["cause"], "local_error");
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -586,7 +586,7 @@ fn flow_cause(
         );
     }
     // 2. A reset answered the SYN.
-    if trace.errno == Some(libc::ECONNREFUSED) && !trace.ev.synack_received.unwrap_or(false) {
+    if trace.errno == Some(libc::ECONNREFUSED) && !ev.synack_received.unwrap_or(false) {
         return (
             Cause::Refused,
             format!(
@@ -646,7 +646,7 @@ fn flow_cause(
             "this host's kernel"
         };
         let answer = if udp { "no answer" } else { "no SYN-ACK" };
-        let tail = if trace.ev.synack_received == Some(true) {
+        let tail = if ev.synack_received == Some(true) {
             String::new()
         } else {
             format!("; {answer}")
@@ -665,7 +665,7 @@ fn flow_cause(
         );
     }
     // 5. The listener here had no room.
-    if ev.listen_overflows.is_some_and(|n| n > 0) {
+    if ev.listen_overflows.is_some_and(|n| n > 0) && ev.accept_queue.is_some_and(|q| q > 0) {
         return (
             Cause::AcceptQueueFull,
             format!(
@@ -675,7 +675,7 @@ fn flow_cause(
             ),
         );
     }
-    let connected = trace.ev.synack_received == Some(true);
+    let connected = ev.synack_received == Some(true);
     // 6. Connected, then the peer reset or closed.
     if connected && trace.stage >= Stage::Tls {
         let reset = ev.resets_received.unwrap_or(0) > 0
@@ -743,4 +743,118 @@ fn flow_cause(
         return (Cause::LocalError, error.to_string());
     }
     (Cause::Unknown, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_spec() -> Spec {
+        Spec::new(
+            "db".into(),
+            Kind::Tcp(super::super::TcpSpec {
+                host: "10.0.3.7".into(),
+                port: 5432,
+                send: None,
+                expect: None,
+            }),
+            Duration::from_secs(10),
+            Duration::from_secs(3),
+        )
+    }
+
+    fn failed(trace: Trace) -> Outcome {
+        let mut out = Outcome {
+            error: Some("timed out after 3.0 s".into()),
+            ..Default::default()
+        };
+        explain(&tcp_spec(), &mut out, trace);
+        out
+    }
+
+    fn connect_trace(watched: bool) -> Trace {
+        let mut t = Trace::default();
+        t.stage = Stage::Connect;
+        t.ev.kernel_drops_watched = watched;
+        t.ev.target = Some("10.0.3.7:5432".into());
+        t.ev.synack_received = Some(false);
+        t.ev.syns_sent = Some(3);
+        t
+    }
+
+    #[test]
+    fn silence_is_lost_beyond_the_host_only_when_drops_are_watched() {
+        let out = failed(connect_trace(true));
+        let ev = out.evidence.unwrap();
+        assert_eq!(ev.cause, Cause::LostBeyondHost);
+        assert_eq!(
+            out.explanation.unwrap(),
+            "no answer to 3 SYNs to 10.0.3.7:5432; nothing dropped on this host: lost beyond it"
+        );
+        assert_eq!(
+            failed(connect_trace(false)).evidence.unwrap().cause,
+            Cause::Timeout
+        );
+    }
+
+    #[test]
+    fn a_firewall_drop_here_beats_silence_and_names_the_reason() {
+        let mut t = connect_trace(true);
+        t.ev.drops = vec![DropEvidence {
+            reason: "netfilter_drop".into(),
+            direction: "egress".into(),
+            path: "local_output".into(),
+            count: 3,
+        }];
+        let out = failed(t);
+        assert_eq!(out.evidence.unwrap().cause, Cause::LocalFirewallDrop);
+        assert_eq!(
+            out.explanation.unwrap(),
+            "SYN to 10.0.3.7:5432 dropped by this host's firewall (netfilter_drop, 3 tries); no SYN-ACK"
+        );
+    }
+
+    #[test]
+    fn icmp_then_reset_then_route() {
+        let mut t = connect_trace(true);
+        t.errno = Some(libc::ECONNREFUSED);
+        t.ev.icmp = Some(IcmpError {
+            icmp_type: 3,
+            code: 3,
+            from: Some("10.0.3.1".into()),
+            text: "port unreachable".into(),
+        });
+        let out = failed(t);
+        assert_eq!(out.evidence.unwrap().cause, Cause::IcmpUnreachable);
+        assert_eq!(
+            out.explanation.unwrap(),
+            "ICMP port unreachable from 10.0.3.1 (SYN to 10.0.3.7:5432)"
+        );
+        let mut t = connect_trace(true);
+        t.errno = Some(libc::ECONNREFUSED);
+        assert_eq!(failed(t).evidence.unwrap().cause, Cause::Refused);
+        let mut t = connect_trace(true);
+        t.errno = Some(libc::EINVAL);
+        t.ev.syns_sent = Some(0);
+        let ev = failed(t).evidence.unwrap();
+        assert_eq!(
+            (ev.cause, ev.route.as_deref()),
+            (Cause::NoRoute, Some("blackhole"))
+        );
+    }
+
+    #[test]
+    fn a_good_handshake_then_silence_is_a_slow_server() {
+        let mut t = connect_trace(true);
+        t.stage = Stage::Exchange;
+        t.timed_out = true;
+        t.ev.synack_received = Some(true);
+        t.handshake = Some(Duration::from_micros(200));
+        let out = failed(t);
+        assert_eq!(out.evidence.unwrap().cause, Cause::Slow);
+        assert_eq!(
+            out.explanation.unwrap(),
+            "handshake ok in 0.2 ms, then no answer within the 3.0 s timeout: the server was slow"
+        );
+    }
 }

@@ -133,7 +133,20 @@ pub async fn run(spec: &Spec) -> Outcome {
             Kind::Dns(d) => dns(d, started, &mut trace).await,
             // Its own deadline inside the run's, so a silent host is
             // reported as such rather than as a timeout.
-            Kind::Icmp { host } => icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await,
+            Kind::Icmp { host } => {
+                let out = icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await;
+                if let Some(e) = &out.error {
+                    trace.ev.target = seen.ip.map(|ip| ip.to_string());
+                    trace.ev.cause = if e.contains("CAP_NET_RAW") {
+                        Cause::LocalError
+                    } else if seen.ip.is_none() {
+                        Cause::Resolve
+                    } else {
+                        Cause::Timeout
+                    };
+                }
+                out
+            }
         }
     };
     let mut out = match tokio::time::timeout(spec.timeout, fut).await {
@@ -1218,6 +1231,28 @@ fn recv_with_hop_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_in_words() {
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate expired: verification time 1800000000 (UNIX), but certificate is not valid after 1799827200 (172800 seconds ago)"
+            )
+            .as_deref(),
+            Some("certificate expired 2 days ago")
+        );
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")"
+            )
+            .as_deref(),
+            Some("certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")")
+        );
+        assert_eq!(
+            tls_failure("TLS handshake with x: connection reset by peer"),
+            None
+        );
+    }
 
     #[test]
     fn http_dates_parse_as_go_reads_them() {
