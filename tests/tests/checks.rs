@@ -381,11 +381,23 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
     std::fs::write(
         &cfg,
         format!(
-            "[[check]]\nname = \"peer\"\nkind = \"icmp\"\ntarget = \"{}\"\n\n[[check]]\nname = \"nobody-there\"\nkind = \"icmp\"\ntarget = \"10.77.103.9\"\ntimeout_seconds = 0.5\n",
+            "[[check]]\nname = \"peer\"\nkind = \"icmp\"\ntarget = \"{}\"\n\n[[check]]\nname = \"nobody-there\"\nkind = \"icmp\"\ntarget = \"10.77.103.9\"\ntimeout_seconds = 0.5\n\n[[check]]\nname = \"beyond-b\"\nkind = \"icmp\"\ntarget = \"10.177.103.9\"\ntimeout_seconds = 2\n",
             pair.addr_b
         ),
     )
     .unwrap();
+    // b routes for a, and has no route on to 10.177.103.0/24: it answers
+    // a's echo there with an ICMP host unreachable.
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{out:?}");
+    ok(pair.b.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
+    ok(pair
+        .b
+        .exec("ip", &["route", "add", "unreachable", "10.177.103.0/24"]));
+    let via = pair.addr_b.to_string();
+    ok(pair.a.exec(
+        "ip",
+        &["route", "add", "10.177.103.0/24", "via", via.as_str()],
+    ));
     let ns = ["ip", "netns", "exec", pair.a.name.as_str()];
     let (code, rows) = check_run(&ns, &cfg, &["--all"]);
     assert_eq!(rows["peer"]["state"], "up", "{rows:#?}");
@@ -399,6 +411,13 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
         "{rows:#?}"
     );
     assert_eq!(code, 1);
+    // The router's ICMP error, matched to the echo it quotes.
+    assert_eq!(rows["beyond-b"]["evidence"]["cause"], "icmp_unreachable");
+    assert_eq!(
+        rows["beyond-b"]["explanation"].as_str(),
+        Some(format!("ICMP host unreachable from {via} (echo request to 10.177.103.9)").as_str()),
+        "{rows:#?}"
+    );
     // Without CAP_NET_RAW: the error says which capability.
     let unprivileged = [
         "ip",

@@ -357,7 +357,7 @@ unsafe fn offender(ee: *const libc::sock_extended_err) -> Option<IpAddr> {
     }
 }
 
-fn icmp_text(v6: bool, ty: u8, code: u8) -> &'static str {
+pub(crate) fn icmp_text(v6: bool, ty: u8, code: u8) -> &'static str {
     if v6 {
         return match (ty, code) {
             (1, 0) => "no route to destination",

@@ -139,6 +139,8 @@ pub async fn run(spec: &Spec) -> Outcome {
                     trace.ev.target = seen.ip.map(|ip| ip.to_string());
                     trace.ev.cause = if e.contains("CAP_NET_RAW") {
                         Cause::LocalError
+                    } else if e.starts_with("ICMP ") {
+                        Cause::IcmpUnreachable
                     } else if seen.ip.is_none() {
                         Cause::Resolve
                     } else {
@@ -1141,10 +1143,16 @@ fn echo_exchange(
             }
             Err(e) => return Err(format!("receiving from {addr}: {e}")),
         };
+        let bytes = &buf[..n];
+        if let Some(from) = from
+            && let Some((ty, code)) = echo_error(addr, bytes, id, seq)
+        {
+            let text = super::evidence::icmp_text(addr.is_ipv6(), ty, code);
+            return Err(format!("ICMP {text} from {from} (echo request to {addr})"));
+        }
         if from != Some(addr) {
             continue;
         }
-        let bytes = &buf[..n];
         let reply = match addr {
             // A raw IPv4 socket hands over the IP header too: the TTL.
             IpAddr::V4(_) => etherparse::Ipv4Slice::from_slice(bytes)
@@ -1175,6 +1183,42 @@ fn echo_exchange(
             return Ok((sent.elapsed(), hops));
         }
     }
+}
+
+/// An ICMP error (destination unreachable, time exceeded) quoting our echo
+/// request to `addr` with `id` and `seq`: its type and code. `bytes` is
+/// what the raw socket read (IPv4: from the IP header; IPv6: the ICMPv6
+/// message).
+fn echo_error(addr: IpAddr, bytes: &[u8], id: u16, seq: u16) -> Option<(u8, u8)> {
+    let (icmp, errors, quoted_ip_len, echo_type): (&[u8], [u8; 2], usize, u8) = match addr {
+        IpAddr::V4(_) => {
+            let ihl = usize::from(bytes.first()? & 0x0f) * 4;
+            (bytes.get(ihl..)?, [3, 11], 0, 8)
+        }
+        IpAddr::V6(_) => (bytes, [1, 3], 40, 128),
+    };
+    let (ty, code) = (*icmp.first()?, *icmp.get(1)?);
+    if !errors.contains(&ty) {
+        return None;
+    }
+    let quoted = icmp.get(8..)?;
+    let (dst, l4): (IpAddr, &[u8]) = match addr {
+        IpAddr::V4(_) => {
+            let ihl = usize::from(quoted.first()? & 0x0f) * 4;
+            let d: [u8; 4] = quoted.get(16..20)?.try_into().ok()?;
+            (IpAddr::from(d), quoted.get(ihl..)?)
+        }
+        IpAddr::V6(_) => {
+            let d: [u8; 16] = quoted.get(24..40)?.try_into().ok()?;
+            (IpAddr::from(d), quoted.get(quoted_ip_len..)?)
+        }
+    };
+    let echo = l4.get(..8)?;
+    (dst == addr
+        && echo[0] == echo_type
+        && u16::from_be_bytes([echo[4], echo[5]]) == id
+        && u16::from_be_bytes([echo[6], echo[7]]) == seq)
+        .then_some((ty, code))
 }
 
 /// recvmsg(2) on a raw socket: (bytes, sender, the IPV6_HOPLIMIT control
