@@ -679,10 +679,11 @@ pub struct WatchStats {
     pub drops: [u64; 2],
     pub reason: [u32; 2],
     pub resets: u32,
-    /// Bit `1 << direction`: a drop of that direction happened on a device
-    /// (received, or past the output routine); without it, on the local
-    /// output path before any device.
-    pub on_device: u32,
+    /// Bit `1 << direction`: a drop of that direction was of a received
+    /// packet (the input path: it came in on an interface, loopback
+    /// included); without it, of one this host was sending (the output
+    /// path).
+    pub received: u32,
 }
 layout_assert!(WatchStats, 32, 8);
 
@@ -731,7 +732,9 @@ pub struct Offsets {
     pub dev_nd_net: u32,
     /// `SKB_CONSUMED` in this kernel's `enum skb_drop_reason`.
     pub reason_consumed: u32,
-    pub _pad: u32,
+    /// `sk_buff.skb_iif`: the interface a received packet came in on (0:
+    /// sent by this host).
+    pub skb_iif: u32,
 }
 layout_assert!(Offsets, 88, 4);
 
@@ -758,7 +761,7 @@ impl Offsets {
         skb_gso_segs: u32::MAX,
         dev_nd_net: u32::MAX,
         reason_consumed: 1,
-        _pad: 0,
+        skb_iif: u32::MAX,
     };
 }
 

@@ -517,9 +517,9 @@ pub struct DropEvidence {
     pub reason: String,
     /// `egress`: the check's own packets; `ingress`: the answers.
     pub direction: String,
-    /// Where: `local_output` (leaving this host, before any device: the
-    /// output hooks) or `device` (on an interface: received, or past the
-    /// output routine).
+    /// Where: `output` (a packet this host was sending: the output and
+    /// postrouting hooks, the qdisc) or `input` (one it received, loopback
+    /// included: prerouting, input, the TCP stack).
     pub path: String,
     pub count: u64,
 }

@@ -152,7 +152,7 @@ pub fn offsets(b: &btf::Btf, reason_consumed: u64) -> Result<Offsets, btf::BtfEr
         skb_gso_segs: b.offset("sk_buff", "cb")? + b.offset("tcp_skb_cb", "tcp_gso_segs")?,
         dev_nd_net: b.offset("net_device", "nd_net")?,
         reason_consumed: reason_consumed as u32,
-        _pad: 0,
+        skb_iif: b.offset("sk_buff", "skb_iif")?,
     })
 }
 
@@ -541,7 +541,7 @@ impl Watch {
                 }
             }
             sum.resets += v.resets;
-            sum.on_device |= v.on_device;
+            sum.received |= v.received;
         }
         Some(sum)
     }

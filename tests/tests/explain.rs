@@ -426,10 +426,10 @@ fn holder(ns: &Netns, addr: Ipv4Addr) -> Server {
 
 /// SYNs to a listener dropped by a rule on this host's `hook` (output: the
 /// listener is on the server host; input: on this host, reached at its
-/// veth address): local_firewall_drop, with a NETFILTER_DROP in
-/// `direction` for every SYN the check sent, no more than the rule's
-/// counter.
-fn local_firewall_row(tag: &str, net: u8, port: u16, hook: &str, direction: &str) {
+/// veth address): local_firewall_drop, with a netfilter_drop of the
+/// check's own packets on that path for every SYN the check sent, no more
+/// than the rule's counter.
+fn local_firewall_row(tag: &str, net: u8, port: u16, hook: &str) {
     if !live_prerequisites() || !require("nft (nftables)", have("nft")) {
         return;
     }
@@ -465,13 +465,22 @@ fn local_firewall_row(tag: &str, net: u8, port: u16, hook: &str, direction: &str
     assert_eq!(server.accepted(), accepted, "no SYN got through the rule");
     let ev = assert_cause(&c, "local_firewall_drop");
     let drops = ev["drops"].as_array().cloned().unwrap_or_default();
+    // The check's own SYNs (egress), dropped on the path of the hook:
+    // output while this host sends them, input once they come back in.
     let n = drops
         .iter()
-        .find(|d| d["reason"] == "NETFILTER_DROP" && d["direction"] == direction)
+        .find(|d| d["reason"] == "netfilter_drop" && d["direction"] == "egress" && d["path"] == hook)
         .and_then(|d| d["count"].as_u64())
         .unwrap_or_else(|| {
-            panic!("a NETFILTER_DROP, {direction} ({dropped} by the rule's counter): {ev:#}")
+            panic!("a netfilter_drop of the check's SYNs on {hook} ({dropped} by the rule's counter): {ev:#}")
         });
+    assert!(
+        c["last"]["explanation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("dropped by this host's firewall on {hook}")),
+        "{c:#}"
+    );
     assert!(
         (1..=dropped).contains(&n),
         "{n} drops, {dropped} by the rule's counter: {ev:#}"
@@ -482,12 +491,12 @@ fn local_firewall_row(tag: &str, net: u8, port: u16, hook: &str, direction: &str
 
 #[test]
 fn syns_dropped_by_this_hosts_output_firewall() {
-    local_firewall_row("xout", 161, 19701, "output", "egress");
+    local_firewall_row("xout", 161, 19701, "output");
 }
 
 #[test]
 fn syns_dropped_by_this_hosts_input_firewall() {
-    local_firewall_row("xin", 162, 19702, "input", "ingress");
+    local_firewall_row("xin", 162, 19702, "input");
 }
 
 #[test]

@@ -66,6 +66,20 @@ macro_rules! off {
     };
 }
 
+/// The `u32` at `base + off` of kernel memory, 0 when unknown or the read
+/// faults. Read into a zeroed value: through `Option` the compiler may
+/// test a register the failed read never set, which the verifier rejects.
+#[inline(always)]
+fn rd_u32_or_zero(base: u64, off: u64) -> u32 {
+    let mut v = [0u8; 4];
+    if base != 0 && off != u32::MAX as u64 {
+        // SAFETY: the helper checks the kernel address and writes at most
+        // 4 bytes into `v`.
+        let _ = unsafe { bpf_probe_read_kernel_buf((base + off) as *const u8, &mut v) };
+    }
+    u32::from_ne_bytes(v)
+}
+
 /// `T` at `base + off` of kernel memory; `None` when the read faults or the
 /// offset is unknown.
 #[inline(always)]
@@ -701,11 +715,13 @@ fn skb_flow(skb: u64, scratch: u32) -> Option<(Flow, u32)> {
     skb_flow_dev(skb, scratch).map(|(f, n, _)| (f, n))
 }
 
-/// [`skb_flow`], and whether the skb was on a device.
+/// [`skb_flow`], and whether the skb was received (came in on an
+/// interface) rather than sent by this host.
 #[inline(always)]
 fn skb_flow_dev(skb: u64, scratch: u32) -> Option<(Flow, u32, bool)> {
     let w = Win::read(skb, scratch);
     let dev: u64 = w.get(off!(skb_dev)).unwrap_or(0);
+    let received = rd_u32_or_zero(skb, off!(skb_iif)) != 0;
     let net: u64 = if dev != 0 {
         rd(dev, off!(dev_nd_net))?
     } else {
@@ -718,7 +734,7 @@ fn skb_flow_dev(skb: u64, scratch: u32) -> Option<(Flow, u32, bool)> {
     let proto = u16::from_be(w.get::<u16>(off!(skb_protocol))?);
     let mut flow = Flow::default();
     if nh == 0xffff {
-        return Some((flow, netns, dev != 0));
+        return Some((flow, netns, received));
     }
     // The headers, in the next scratch buffer (the struct's is `scratch`).
     let buf = NP_SCRATCH.get_ptr_mut(scratch + 1)?;
@@ -735,12 +751,12 @@ fn skb_flow_dev(skb: u64, scratch: u32) -> Option<(Flow, u32, bool)> {
         0 => match bytes.first().map(|b| b >> 4) {
             Some(4) => ETH_P_IP,
             Some(6) => ETH_P_IPV6,
-            _ => return Some((flow, netns, dev != 0)),
+            _ => return Some((flow, netns, received)),
         },
-        _ => return Some((flow, netns, dev != 0)),
+        _ => return Some((flow, netns, received)),
     };
     let _ = parse_from(bytes, proto, 0, &mut flow);
-    Some((flow, netns, dev != 0))
+    Some((flow, netns, received))
 }
 
 /// A packet the kernel dropped, with its reason: the service it belongs
@@ -752,7 +768,7 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if reason == 0 || reason == off!(reason_consumed) as u32 {
         return 0;
     }
-    let Some((flow, netns, on_device)) = skb_flow_dev(skb, SCRATCH_KFREE) else {
+    let Some((flow, netns, received)) = skb_flow_dev(skb, SCRATCH_KFREE) else {
         return 0;
     };
     let (mut slot, mut dir) = (SLOT_NO_MATCH, DIR_INGRESS);
@@ -773,7 +789,7 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
         }
     }
     if netns == NETNS_HOST && flow.family != 0 {
-        watch_drop(&flow, reason, on_device);
+        watch_drop(&flow, reason, received);
     }
     let key = DropKey {
         slot,
@@ -822,7 +838,7 @@ fn watched(
 /// A dropped packet of a watched flow: the check's own (its source port is
 /// the check's) or its peer's (its destination port is).
 #[inline(always)]
-fn watch_drop(flow: &Flow, reason: u32, on_device: bool) {
+fn watch_drop(flow: &Flow, reason: u32, received: bool) {
     let (p, dir) = match watched(flow.family, flow.proto, flow.sport, &flow.dst, flow.dport) {
         Some(p) => (p, WATCH_EGRESS),
         None => match watched(flow.family, flow.proto, flow.dport, &flow.src, flow.sport) {
@@ -835,8 +851,8 @@ fn watch_drop(flow: &Flow, reason: u32, on_device: bool) {
     unsafe {
         (*p).drops[dir] += 1;
         (*p).reason[dir] = reason;
-        if on_device {
-            (*p).on_device |= 1 << dir;
+        if received {
+            (*p).received |= 1 << dir;
         }
     }
 }

@@ -154,14 +154,14 @@ impl Trace {
                         continue;
                     }
                     let reason = w.reason(st.reason[dir]);
-                    let path = if st.on_device & (1 << dir) != 0 {
-                        "device"
+                    let path = if st.received & (1 << dir) != 0 {
+                        "input"
                     } else {
-                        "local_output"
+                        "output"
                     };
                     match drops
                         .iter_mut()
-                        .find(|d| d.reason == reason && d.direction == name)
+                        .find(|d| d.reason == reason && d.direction == name && d.path == path)
                     {
                         Some(d) => d.count += st.drops[dir],
                         None => drops.push(DropEvidence {
@@ -640,10 +640,10 @@ fn flow_cause(
         } else {
             format!("the SYN-ACK from {target}")
         };
-        let by = if firewall {
-            "this host's firewall"
-        } else {
-            "this host's kernel"
+        let by = match (firewall, d.path.as_str()) {
+            (true, "input") => "this host's firewall on input",
+            (true, _) => "this host's firewall on output",
+            (false, _) => "this host's kernel",
         };
         let answer = if udp { "no answer" } else { "no SYN-ACK" };
         let tail = if ev.synack_received == Some(true) {
@@ -803,14 +803,14 @@ mod tests {
         t.ev.drops = vec![DropEvidence {
             reason: "netfilter_drop".into(),
             direction: "egress".into(),
-            path: "local_output".into(),
+            path: "output".into(),
             count: 3,
         }];
         let out = failed(t);
         assert_eq!(out.evidence.unwrap().cause, Cause::LocalFirewallDrop);
         assert_eq!(
             out.explanation.unwrap(),
-            "SYN to 10.0.3.7:5432 dropped by this host's firewall (netfilter_drop, 3 tries); no SYN-ACK"
+            "SYN to 10.0.3.7:5432 dropped by this host's firewall on output (netfilter_drop, 3 tries); no SYN-ACK"
         );
     }
 

@@ -900,6 +900,26 @@ async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen, trace: &mut Trac
 // --- DNS ---------------------------------------------------------------
 
 /// The first nameserver of /etc/resolv.conf: the system resolver.
+/// An rcode's mnemonic as dig prints it (RFC 1035, 2136, 6895).
+fn rcode_name(code: u16) -> String {
+    match code {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        16 => "BADVERS",
+        n => return format!("RCODE{n}"),
+    }
+    .to_string()
+}
+
 fn system_nameserver() -> Result<SocketAddr, String> {
     let text = std::fs::read_to_string("/etc/resolv.conf")
         .map_err(|e| format!("/etc/resolv.conf: {e}"))?;
@@ -961,7 +981,7 @@ async fn dns(spec: &DnsSpec, started: Instant, trace: &mut Trace) -> Outcome {
         trace.stage = Stage::Judged;
         if answer.metadata.response_code != ResponseCode::NoError {
             trace.ev.cause = Cause::DnsRcode;
-            trace.ev.dns_rcode = Some(answer.metadata.response_code.to_string().to_uppercase());
+            trace.ev.dns_rcode = Some(rcode_name(u16::from(answer.metadata.response_code)));
             return Err(format!(
                 "{server} answered {} for {} {}",
                 answer.metadata.response_code, spec.record_type, spec.name
