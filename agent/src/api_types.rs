@@ -699,6 +699,70 @@ pub struct CaptureOutcome {
     pub check: Option<String>,
 }
 
+// --- /api/v1/map -----------------------------------------------------------
+
+/// The `peer` of the edge that sums a service's peers past the top-K.
+pub const MAP_OTHER: &str = "~other";
+
+/// A node of the service map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct MapNode {
+    /// `service:web`, `container:db`, `remote:api`, `host`,
+    /// `address:10.0.0.5`, `bucket:10.0.0.0/24` or `other:web`.
+    pub id: String,
+    /// service, container, remote, host, address, bucket or other.
+    pub kind: String,
+    /// The service's name, the address, the prefix; `~other` for other.
+    pub name: String,
+    /// The netpulse service this node is (or, for `other`, whose peers it
+    /// sums); null for the host, addresses and buckets.
+    pub service: Option<String>,
+}
+
+/// An edge: a service and one of its peers, with the service's counters of
+/// that peer (`in`: toward the service, `out`: from it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct MapEdge {
+    /// The client side's node id (the peer).
+    pub source: String,
+    /// The server side's node id (the service).
+    pub target: String,
+    /// Whose counters these are.
+    pub service: String,
+    /// The peer: a name (`db`, `host`), an address, a prefix or `~other`.
+    pub peer: String,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Connections the peer opened: SYNs (without ACK) toward the service
+    /// seen on the packet path.
+    pub connections: u64,
+    /// The TCP handshake's median, on edges from this host (`host`) to a
+    /// `remote` service (its client side, from the TCP health programs);
+    /// null on other edges (not measured per peer).
+    pub handshake_p50_seconds: Option<f64>,
+    /// Segments this host retransmitted to a `remote` service, on the
+    /// `host` edge; 0 on other edges (not measured per peer).
+    pub retransmits: u64,
+}
+
+/// `GET /api/v1/map`: who talks to whom.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct ServiceMap {
+    pub nodes: Vec<MapNode>,
+    pub edges: Vec<MapEdge>,
+    /// Unknown addresses (and buckets) shown per service (`[agent]
+    /// map_top_k`); the rest is folded into buckets and `~other`.
+    pub top_k: u64,
+    /// Unknown (service, address) pairs the kernel's LRU forgot to make
+    /// room for others (their counts stay in their bucket).
+    pub evictions: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

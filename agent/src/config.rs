@@ -341,7 +341,13 @@ pub struct AgentConfig {
     /// What counts packets: `ebpf`, `pcap` (libpcap, no eBPF needed), or
     /// `auto`: eBPF, else pcap with the reason logged.
     pub backend: Spanned<Choice<Backend>>,
+    /// Unknown peer addresses (and prefix buckets) the service map shows
+    /// per service; the rest is folded into buckets and `~other`.
+    pub map_top_k: Spanned<usize>,
 }
+
+/// Most `agent.map_top_k` may be: past it the map is a list, not a picture.
+pub const MAX_MAP_TOP_K: usize = 1_000;
 
 words!(
     /// `agent.backend` / `netpulse run --backend`.
@@ -375,6 +381,11 @@ impl AgentConfig {
     }
 
     /// Validated by `validate`.
+    pub fn map_top_k(&self) -> usize {
+        *self.map_top_k.get_ref()
+    }
+
+    /// Validated by `validate`.
     pub fn backend(&self) -> Backend {
         self.backend.get_ref().known().unwrap_or(Backend::Auto)
     }
@@ -393,6 +404,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             history_days: Spanned::new(0..0, 7.0),
             backend: Spanned::new(0..0, Choice::Known(Backend::Auto)),
+            map_top_k: Spanned::new(0..0, 20),
         }
     }
 }
@@ -788,6 +800,15 @@ pub fn validate(raw: Config, d: &mut Diagnostics) -> Option<Loaded> {
                 format!("capture.{what} = {x} is out of range 0.01-10000000"),
             );
         }
+    }
+    if !(1..=MAX_MAP_TOP_K).contains(a.map_top_k.get_ref()) {
+        d.at(
+            a.map_top_k.span(),
+            format!(
+                "map_top_k = {} is out of range 1-{MAX_MAP_TOP_K}",
+                a.map_top_k.get_ref()
+            ),
+        );
     }
     if let Choice::Unknown(w) = a.backend.get_ref() {
         d.at(

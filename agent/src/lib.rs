@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod packet;
 pub mod pcap_backend;
+pub mod peers;
 pub mod probe;
 pub mod run;
 pub mod settings;

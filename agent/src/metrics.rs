@@ -365,6 +365,9 @@ pub struct Budget {
     /// packet-folded ones, and those the budget has no room left for once
     /// every kept service's packet series are counted).
     tcp_folded: std::collections::HashSet<String>,
+    /// Series left once every kept service's packet and TCP series are
+    /// counted: the room of the service-peer series.
+    peer_room: usize,
 }
 
 impl Budget {
@@ -397,7 +400,18 @@ impl Budget {
                 b.tcp_folded.insert(name.clone());
             }
         }
+        // ~other's TCP series, if anything folded into it.
+        b.peer_room = if b.tcp_folded.is_empty() {
+            room
+        } else {
+            room.saturating_sub(reserve)
+        };
         b
+    }
+
+    /// Series the service-peer families may use.
+    pub fn peer_room(&self) -> usize {
+        self.peer_room
     }
 
     fn packets(view: &View, max_series: usize) -> Budget {
@@ -427,6 +441,7 @@ impl Budget {
             max_series,
             folded,
             tcp_folded: Default::default(),
+            peer_room: 0,
         }
     }
 
@@ -457,6 +472,110 @@ fn source_of(s: &crate::identity::Slotted) -> &'static str {
     s.meta.as_ref().map_or("restored", |m| m.source.as_str())
 }
 
+/// Series each (service, named-service peer) pair adds: packets and
+/// bytes × 2 directions.
+pub const PEER_SERIES: usize = 4;
+
+/// The services as the service map shows them (kind from their source).
+pub fn peer_services(view: &View) -> Vec<crate::peers::Svc> {
+    use crate::{identity::Source, peers::Kind};
+    view.services
+        .iter()
+        .map(|(name, s)| crate::peers::Svc {
+            name: name.clone(),
+            slot: s.slot,
+            kind: match &s.meta {
+                Some(m) if m.source == Source::Container => Kind::Container,
+                Some(m) if m.remote => Kind::Remote,
+                _ => Kind::Service,
+            },
+        })
+        .collect()
+}
+
+/// The addresses the map can name, from the published view and this
+/// host's addresses.
+pub fn peer_naming(view: &View, services: &[crate::peers::Svc]) -> crate::peers::Naming {
+    crate::peers::Naming::new(
+        services,
+        &view.table,
+        &view.addrs,
+        &crate::peers::host_addrs(),
+    )
+}
+
+/// The (service, peer) pairs that fit in `room` series, in order; when
+/// they do not all fit, the rest summed into (`~other`, `~other`), whose
+/// series are kept room for.
+pub fn fold_peers(
+    pairs: std::collections::BTreeMap<(String, String), agent_ebpf::PeerCounters>,
+    room: usize,
+) -> Vec<((String, String), agent_ebpf::PeerCounters)> {
+    if pairs.len() * PEER_SERIES <= room {
+        return pairs.into_iter().collect();
+    }
+    let mut left = room.saturating_sub(PEER_SERIES);
+    let mut kept = Vec::new();
+    let mut folded = agent_ebpf::PeerCounters::default();
+    for (k, c) in pairs {
+        if left >= PEER_SERIES {
+            left -= PEER_SERIES;
+            kept.push((k, c));
+        } else {
+            folded.add(&c);
+        }
+    }
+    if room >= PEER_SERIES {
+        kept.push(((OTHER.to_string(), OTHER.to_string()), folded));
+    }
+    kept
+}
+
+/// `netpulse_service_peer_{packets,bytes}_total`: each service's figures
+/// of the peers that are named services (containers, `remote` services),
+/// within the series budget: a folded service is `~other`, and pairs past
+/// the budget's room sum into (`~other`, `~other`).
+fn peers(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
+    let Some(reader) = s.counters.peers() else {
+        return Ok(Vec::new());
+    };
+    let svcs = peer_services(s.view);
+    let naming = peer_naming(s.view, &svcs);
+    let slots = svcs.iter().map(|x| x.slot).collect();
+    let snap = reader.read(&slots, false);
+    let name_of: std::collections::BTreeMap<u32, &str> =
+        svcs.iter().map(|x| (x.slot, x.name.as_str())).collect();
+    let mut pairs: std::collections::BTreeMap<(String, String), agent_ebpf::PeerCounters> =
+        Default::default();
+    for ((slot, peer), c) in crate::peers::service_peers(&snap, &naming) {
+        let Some(name) = name_of.get(&slot) else {
+            continue;
+        };
+        pairs
+            .entry((s.budget.label(name).to_string(), peer))
+            .or_default()
+            .add(&c);
+    }
+    let kept = fold_peers(pairs, s.budget.peer_room());
+    let mut packets = counter(
+        "netpulse_service_peer_packets_total",
+        "Packets between each service and each of its peers that is a named service (ingress: toward the service).",
+        &["service", "peer", "direction"],
+    );
+    let mut bytes = counter(
+        "netpulse_service_peer_bytes_total",
+        "Bytes between each service and each of its peers that is a named service, L2 headers included.",
+        &["service", "peer", "direction"],
+    );
+    for ((service, peer), c) in &kept {
+        for (d, dir) in DIRECTIONS {
+            packets.add(&[service, peer, dir], c.packets[d]);
+            bytes.add(&[service, peer, dir], c.bytes[d]);
+        }
+    }
+    Ok(vec![packets.mf, bytes.mf])
+}
+
 /// One subsystem's families. A collector that fails is left out of the
 /// scrape and reported by `netpulse_scrape_collector_success`, as
 /// node_exporter does; the others are served.
@@ -468,6 +587,7 @@ pub const COLLECTORS: &[(&str, Collect)] = &[
     ("unclassified", unclassified),
     ("datapath", datapath),
     ("tcp", tcp),
+    ("peers", peers),
     ("checks", checks),
     ("agent", agent),
 ];
@@ -1037,5 +1157,32 @@ mod tests {
         assert_eq!(names, ["declared", "old-socket", OTHER]);
         assert_eq!(out[2].counts.dir[0].packets, 5 + 13);
         assert!(out.len() * SERIES_PER_SERVICE <= 3 * SERIES_PER_SERVICE + 5);
+    }
+
+    #[test]
+    fn peer_pairs_past_the_room_fold_into_other() {
+        let c = |n: u64| agent_ebpf::PeerCounters {
+            packets: [n, n],
+            bytes: [n, n],
+            conns: 0,
+        };
+        let pairs: std::collections::BTreeMap<(String, String), agent_ebpf::PeerCounters> =
+            [("a", 1), ("b", 2), ("c", 4)]
+                .into_iter()
+                .map(|(s, n)| ((s.to_string(), "db".to_string()), c(n)))
+                .collect();
+        let names = |v: &[((String, String), agent_ebpf::PeerCounters)]| -> Vec<String> {
+            v.iter().map(|((s, _), _)| s.clone()).collect()
+        };
+        // All fit: all kept, nothing folded.
+        let all = fold_peers(pairs.clone(), 3 * PEER_SERIES);
+        assert_eq!(names(&all), ["a", "b", "c"]);
+        // Room for two groups: one pair, then ~other with the rest.
+        let two = fold_peers(pairs.clone(), 2 * PEER_SERIES + 3);
+        assert_eq!(names(&two), ["a", OTHER]);
+        assert_eq!(two[1].0.1, OTHER);
+        assert_eq!(two[1].1.packets, [6, 6]);
+        // No room at all: nothing.
+        assert!(fold_peers(pairs, 3).is_empty());
     }
 }

@@ -327,6 +327,9 @@ pub struct Kernel {
     /// TCP health: the features as they loaded, the namespaces watched,
     /// the kernel's drop reasons, and the open-connection seeds.
     health: Health,
+    /// Who talks to whom: the named-peer table (see `peers`); None if its
+    /// maps could not be opened (packet counting goes on).
+    peers: Option<crate::peers::Writer>,
 }
 
 /// The TCP health part of [`Kernel`] (see `health`).
@@ -370,6 +373,7 @@ pub struct KernelCounters {
     xdp: PerCpuArray<MapData, SlotCounters>,
     tc: PerCpuArray<MapData, SlotCounters>,
     health: Option<crate::health::Reader>,
+    peers: Option<crate::peers::Reader>,
 }
 
 impl Counters {
@@ -440,6 +444,14 @@ impl Counters {
         match self {
             Counters::Kernel(k) => k.health.as_ref().map(|h| h.drops()).unwrap_or_default(),
             Counters::Pcap(_) => Vec::new(),
+        }
+    }
+
+    /// The per-peer counters (the eBPF backend only).
+    pub fn peers(&self) -> Option<&crate::peers::Reader> {
+        match self {
+            Counters::Kernel(k) => k.peers.as_ref(),
+            Counters::Pcap(_) => None,
         }
     }
 
@@ -543,6 +555,13 @@ impl Kernel {
             reasons,
             open_seed: None,
         };
+        let peers = match crate::peers::Writer::open(&pin_dir, ncpus) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "peers: cannot open their maps; the service map stays empty");
+                None
+            }
+        };
         Ok(Self {
             ebpf,
             services4,
@@ -561,7 +580,21 @@ impl Kernel {
             pin_dir,
             attached: BTreeMap::new(),
             health,
+            peers,
         })
+    }
+
+    /// Names the peers the tables know (see `peers::named_addresses`):
+    /// after each change of the service table or the container addresses.
+    fn sync_peers(&mut self) {
+        if let Some(p) = &mut self.peers {
+            let want = crate::peers::named_addresses(
+                &self.written.table,
+                &self.written.addrs,
+                &crate::peers::host_addrs(),
+            );
+            p.sync(&want);
+        }
     }
 
     pub fn health(&self) -> &Health {
@@ -1028,10 +1061,18 @@ impl Kernel {
                 None
             }
         };
+        let peers = match crate::peers::Reader::open(&self.pin_dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "peers: cannot read their maps");
+                None
+            }
+        };
         Ok(Counters::Kernel(Box::new(KernelCounters {
             xdp: open(maps::COUNTERS_XDP)?,
             tc: open(maps::COUNTERS_TC)?,
             health,
+            peers,
         })))
     }
 
@@ -1061,6 +1102,11 @@ impl Kernel {
         }
         if let Err(e) = crate::health::zero_slot(&self.pin_dir, slot, self.ncpus) {
             warn!(slot, error = %e, "TCP health: cannot zero a slot's figures");
+        }
+        if let Some(p) = &mut self.peers
+            && let Err(e) = p.zero_slot(slot)
+        {
+            warn!(slot, error = %e, "peers: cannot zero a slot's peers");
         }
         Ok(())
     }
@@ -1274,6 +1320,7 @@ impl Probe {
                 let n = k.sync_table(want)?;
                 let t = k.table().clone();
                 k.seed_open(&t);
+                k.sync_peers();
                 Ok(n)
             }
             Probe::Pcap(p) => Ok(p.pcap.sync_table(want)),
@@ -1282,7 +1329,13 @@ impl Probe {
 
     pub fn sync_addrs(&mut self, want: &BTreeMap<IpAddr, u32>) -> Result<usize> {
         match self {
-            Probe::Kernel(k) => k.sync_addrs(want),
+            Probe::Kernel(k) => {
+                let n = k.sync_addrs(want)?;
+                if n > 0 {
+                    k.sync_peers();
+                }
+                Ok(n)
+            }
             Probe::Pcap(p) => Ok(p.pcap.sync_addrs(want)),
         }
     }

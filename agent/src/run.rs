@@ -31,6 +31,7 @@ use crate::{
 fn reloadable(cfg: &Settings) -> Reloadable {
     Reloadable {
         max_series: cfg.agent().max_series(),
+        map_top_k: cfg.agent().map_top_k(),
         docker_enabled: cfg.raw.docker.enabled,
         docker_labels: docker_labels(cfg),
         api_token: cfg.api_token.clone(),

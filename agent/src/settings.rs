@@ -270,6 +270,17 @@ checks = ["a", "b"]
     }
 
     #[test]
+    fn map_top_k_out_of_range_is_located() {
+        let e = errs("[agent]\nmap_top_k = 0\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.toml:2:13:") && e[0].contains("map_top_k"),
+            "{e:?}"
+        );
+        assert!(errs("[agent]\nmap_top_k = 5\n").is_empty());
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let text = include_str!("../../systemd/config.toml");
         let l = parse(text, Path::new("systemd/config.toml")).unwrap();

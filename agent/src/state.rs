@@ -56,6 +56,9 @@ impl<T> Swap<T> {
 pub struct Reloadable {
     /// The series budget of /metrics (agent.max_series).
     pub max_series: usize,
+    /// Unknown peers shown per service in the map (agent.map_top_k; 0:
+    /// the default).
+    pub map_top_k: usize,
     /// Whether the Docker source runs (`docker.enabled`; a restart changes it).
     pub docker_enabled: bool,
     /// Container labels exported on the info metric (`docker.labels`).

@@ -32,7 +32,7 @@ pub const ORDER: &[(&str, &[&str])] = &[
     ),
     (
         "datapath: counting packets",
-        &["interfaces", "pcap_backend", "health", "probe"],
+        &["interfaces", "pcap_backend", "health", "peers", "probe"],
     ),
     ("config: the schema, as data", &["config"]),
     (

@@ -43,6 +43,9 @@ macro_rules! np_programs {
 mod health;
 
 #[cfg(target_arch = "bpf")]
+mod peers;
+
+#[cfg(target_arch = "bpf")]
 mod kernel {
     use agent_ebpf::{
         classify::{ContainerTables, Tables, classify, classify_container},
@@ -250,6 +253,7 @@ mod kernel {
             Ok(()) => {
                 let (slot, dir) = classify(&Maps, &flow, DIR_INGRESS);
                 count(&NP_COUNTERS_XDP, slot, dir, 1, bytes, flow.tcp_flags);
+                crate::peers::count(DIR_INGRESS, slot, dir, &flow, 1, bytes);
                 if flow.tcp_flags & TCP_SYN != 0 && dir == DIR_INGRESS {
                     crate::health::syn_seen(&flow, slot);
                 }
@@ -308,6 +312,7 @@ mod kernel {
                     (1, len + tag)
                 };
                 count(map, slot, dir, packets, bytes, flow.tcp_flags);
+                crate::peers::count(hook_dir, slot, dir, &flow, packets, bytes);
                 // A SYN arriving at a local service: the server-side
                 // handshake starts here (see health).
                 if hook_dir == DIR_INGRESS && dir == DIR_INGRESS && flow.tcp_flags & TCP_SYN != 0 {

@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/hooks/{name}", post(hook))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/jobs/{id}", get(job))
+        .route("/api/v1/map", get(map))
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared
@@ -333,4 +334,61 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
 /// `unknown`).
 fn cause_of(word: &str) -> t::Cause {
     serde_json::from_value(serde_json::Value::String(word.to_string())).unwrap_or_default()
+}
+
+/// Who talks to whom: per service, its peers (containers, `remote`
+/// services and this host by name; other addresses up to
+/// `agent.map_top_k` per service, then their /24 or /48 bucket, then
+/// `~other`), with the service's packets, bytes and connections of each;
+/// the edges from this host to `remote` services also carry the
+/// handshake p50 and retransmits. Counted by the eBPF programs; with the
+/// pcap backend the map has the services and no edges.
+#[utoipa::path(
+    get,
+    path = "/api/v1/map",
+    tag = "services",
+    responses((status = 200, description = "The service map.", body = t::ServiceMap))
+)]
+pub(crate) async fn map(State(state): State<AppState>) -> Result<Json<t::ServiceMap>, ApiError> {
+    let top_k = match state.settings().map_top_k {
+        0 => crate::config::AgentConfig::default().map_top_k(),
+        k => k,
+    };
+    let datapath = state.datapath.clone();
+    // A walk of the kernel's peer tables: thousands of syscalls, off the
+    // async workers.
+    tokio::task::spawn_blocking(move || {
+        let view = datapath.view();
+        let svcs = crate::metrics::peer_services(&view);
+        let naming = crate::metrics::peer_naming(&view, &svcs);
+        let counters = datapath.counters();
+        let snap = match counters.peers() {
+            Some(r) => r.read(&svcs.iter().map(|s| s.slot).collect(), true),
+            None => Default::default(),
+        };
+        // A remote service's client side is the edge from this host.
+        let client_tcp = svcs
+            .iter()
+            .filter(|s| s.kind == crate::peers::Kind::Remote)
+            .filter_map(|s| {
+                let c = counters.tcp(s.slot, true)?;
+                Some((
+                    s.slot,
+                    crate::peers::EdgeTcp {
+                        handshake_p50_seconds: crate::health::quantile(&c.handshake, 0.5),
+                        retransmits: crate::health::retransmits(&c),
+                    },
+                ))
+            })
+            .collect();
+        Json(crate::peers::build(
+            &snap,
+            &naming,
+            &svcs,
+            top_k,
+            &client_tcp,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(format!("building the map: {e}")))
 }

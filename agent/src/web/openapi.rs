@@ -38,6 +38,7 @@ use crate::api_types as t;
         api::hook,
         api::jobs,
         api::job,
+        api::map,
         captures::list,
         captures::start,
         captures::file,
