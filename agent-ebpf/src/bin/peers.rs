@@ -152,24 +152,38 @@ pub fn count(path: usize, slot: u32, dir: usize, flow: &Flow, packets: u64, byte
     if !(FIRST_SERVICE_SLOT..PEER_SLOTS).contains(&slot) {
         return;
     }
+    // Only these few fields, by value: handing the whole `Flow` on makes
+    // the compiler zero it with a byte-wise memset call at the start of
+    // every program run.
     let dir = dir & 1;
     let addr = if dir == DIR_INGRESS {
-        &flow.src
+        flow.src
     } else {
-        &flow.dst
+        flow.dst
     };
-    let a = Add {
-        dir,
-        packets,
-        bytes,
-        conns: (dir == DIR_INGRESS && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u64,
-    };
+    let conns = (dir == DIR_INGRESS && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u64;
+    count_peer(
+        path,
+        slot,
+        flow.family,
+        addr,
+        Add {
+            dir,
+            packets,
+            bytes,
+            conns,
+        },
+    );
+}
+
+#[inline(never)]
+fn count_peer(path: usize, slot: u32, family: u8, addr: [u32; 4], a: Add) {
     // SAFETY (both): plain integers; a concurrent update gives at worst a
     // stale index, still a valid place.
-    let named = if flow.family == FAMILY_V4 {
+    let named = if family == FAMILY_V4 {
         unsafe { NP_PEER_NAMES4.get(&addr[0]) }
     } else {
-        unsafe { NP_PEER_NAMES6.get(addr) }
+        unsafe { NP_PEER_NAMES6.get(&addr) }
     };
     if let Some(i) = named.copied()
         && i < PEER_NAMED
@@ -181,10 +195,10 @@ pub fn count(path: usize, slot: u32, dir: usize, flow: &Flow, packets: u64, byte
     }
     let key = PeerKey {
         slot,
-        family: flow.family,
+        family,
         path: path as u8 & 1,
         _pad: [0; 2],
-        addr: *addr,
+        addr,
     };
     if upsert(&NP_PEER_ADDRS, &key, a) == Some(true) {
         meta(PEER_META_INSERTS, path);

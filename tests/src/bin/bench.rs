@@ -6,6 +6,8 @@
 //!   programs measured in the same run, at 1, 1,000 and 50,000 endpoints;
 //!   then varied frames, one test run each (`varied`). Target (issue 2): at
 //!   most 15 ns per packet above the empty program.
+//! - `peers`: what counting who talks to whom adds per packet, for a named
+//!   peer, an unknown one, and none (`peers`).
 //! - `kstats`: the kernel's own run_time_ns / run_cnt of netpulse's TC
 //!   programs on live traffic beside an empty TC program (`kstats`).
 //! - `http`: /metrics under wrk load while traffic flows (issue 8); then
@@ -93,8 +95,8 @@ struct Args {
     pcap_loop_buffer: usize,
 }
 
-const PARTS: [&str; 7] = [
-    "probes", "kstats", "http", "probe", "overhead", "tcp", "analyze",
+const PARTS: [&str; 8] = [
+    "probes", "peers", "kstats", "http", "probe", "overhead", "tcp", "analyze",
 ];
 
 #[path = "bench/overhead.rs"]
@@ -117,6 +119,9 @@ mod probe;
 
 #[path = "bench/tcp.rs"]
 mod tcp;
+
+#[path = "bench/peers.rs"]
+mod peers;
 
 const TARGET_NS: f64 = 15.0;
 
@@ -278,6 +283,15 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_dir_all(&pin);
         result?;
     }
+    if part("peers") {
+        let pin = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/netpulse-bench-peers-{}",
+            std::process::id()
+        ));
+        let result = peers::run(object, &pin, args.rounds, args.repeat);
+        let _ = std::fs::remove_dir_all(&pin);
+        result?;
+    }
     if part("http") {
         http_load(args.http_seconds)?;
         api_at_scale()?;
@@ -305,10 +319,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
-    // The programs as the agent loads them, and the table written by the
-    // agent's own code; the empty programs from the same object, beside.
-    let mut probe = Probe::load(pin).context("loading the probes")?;
+/// The empty programs of `object`, loaded (their maps pinned apart, under
+/// `pin`/baseline).
+fn load_baseline(object: &[u8], pin: &std::path::Path) -> Result<aya::Ebpf> {
     let base_pin = pin.join("baseline");
     std::fs::create_dir_all(&base_pin)?;
     let mut base = EbpfLoader::new()
@@ -324,6 +337,14 @@ fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
         .context("baseline tc")?
         .try_into()?;
     p.load()?;
+    Ok(base)
+}
+
+fn bench(args: &Args, object: &[u8], pin: &std::path::Path) -> Result<()> {
+    // The programs as the agent loads them, and the table written by the
+    // agent's own code; the empty programs from the same object, beside.
+    let mut probe = Probe::load(pin).context("loading the probes")?;
+    let mut base = load_baseline(object, pin)?;
     let repeat = args.repeat;
     let mut baseline =
         |name: &str, frame: &[u8]| -> Result<f64> { run_base(&mut base, name, frame, repeat) };
