@@ -825,11 +825,59 @@ pub fn peer_place(path: usize, slot: u32, i: u32) -> u32 {
 }
 /// The place of unknown peers that found no room in the bucket table.
 pub const PEER_UNBUCKETED: u32 = 0;
-/// Unknown (slot, address) pairs followed at once (an LRU map).
+/// Positions of the named-address table (a power of two): an address is
+/// at one of the [`PEER_NAME_PROBES`] positions it hashes to.
+pub const PEER_NAME_POSITIONS: u32 = 1_024;
+pub const PEER_NAME_PROBES: u32 = 4;
+
+/// A named address and its place (1..PEER_NAMED) in each slot's row;
+/// family 0: a free position. An array, not a hash map: finding an address
+/// is a few array loads (a hash look-up cost ~40 ns a packet here).
+///
+/// The agent only ever writes a free position (all zero) or frees one,
+/// the place after the address: a packet read during the write sees at
+/// worst a free position.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerName {
+    pub addr: [u32; 4],
+    pub family: u32,
+    pub place: u32,
+}
+layout_assert!(PeerName, 24, 4);
+
+/// A multiplicative hash of an address's words, for the positions of the
+/// name and bucket tables.
+#[inline(always)]
+pub fn peer_hash(seed: u32, addr: &[u32; 4]) -> u32 {
+    let mut h = seed.wrapping_mul(0x9e37_79b1);
+    let mut i = 0;
+    while i < 4 {
+        h = (h ^ addr[i]).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 15;
+        i += 1;
+    }
+    h
+}
+
+/// Position `probe` (0..PEER_NAME_PROBES) of an address in the name table.
+#[inline(always)]
+pub fn peer_name_position(family: u8, addr: &[u32; 4], probe: u32) -> u32 {
+    peer_hash(u32::from(family), addr).wrapping_add(probe) & (PEER_NAME_POSITIONS - 1)
+}
+/// Unknown (slot, address, path) entries followed at once: an LRU of
+/// sets of [`PEER_WAYS`] ways (see [`PeerSet`]), [`PEER_ADDR_SETS`] for
+/// each path (the receive path's first), so the two paths, which may nest
+/// on a CPU, never write the same set.
 pub const MAX_PEER_ADDRS: u32 = 16_384;
-/// (slot, prefix) buckets of unknown peers; past this, unknown peers count
-/// at [`PEER_UNBUCKETED`].
+pub const PEER_WAYS: usize = 4;
+pub const PEER_ADDR_SETS: u32 = MAX_PEER_ADDRS / PEER_WAYS as u32 / 2;
+/// Positions of the bucket table (a power of two): (slot, prefix, path)
+/// buckets of unknown peers, each at one of [`PEER_BUCKET_PROBES`]
+/// positions its key hashes to; when those are taken by other buckets,
+/// its peers count at [`PEER_UNBUCKETED`].
 pub const MAX_PEER_BUCKETS: u32 = 8_192;
+pub const PEER_BUCKET_PROBES: u32 = 2;
 /// Bucket prefixes: /24 for IPv4, /48 for IPv6.
 pub const PEER_BUCKET_BITS_V4: u8 = 24;
 pub const PEER_BUCKET_BITS_V6: u8 = 48;
@@ -892,17 +940,74 @@ impl PeerKey {
     }
 }
 
+/// One position of the bucket table: the bucket it holds (family 0: none
+/// yet) and its figures. Per CPU: each CPU's copy names its own bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerBucket {
+    pub key: PeerKey,
+    pub counters: PeerCounters,
+}
+layout_assert!(PeerBucket, 64, 8);
+
+impl PeerKey {
+    /// The position of this (bucket) key in the bucket table, try `probe`
+    /// (0..PEER_BUCKET_PROBES): a multiplicative hash of its words.
+    #[inline(always)]
+    pub fn bucket_position(&self, probe: u32) -> u32 {
+        let seed = (self.slot << 16) ^ (u32::from(self.path) << 8) ^ u32::from(self.family);
+        peer_hash(seed, &self.addr).wrapping_add(probe) & (MAX_PEER_BUCKETS - 1)
+    }
+}
+
+/// One way of a [`PeerSet`]: an unknown peer (family 0: none) and its
+/// figures.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerWay {
+    pub key: PeerKey,
+    pub counters: PeerCounters,
+}
+layout_assert!(PeerWay, 64, 8);
+
+/// A set of the unknown-peer LRU: an address is looked for in the ways of
+/// the set its key hashes to (one array look-up, a few compares: a hash
+/// map look-up costs ~45 ns a packet here). A miss takes the way the
+/// clock hand finds first without its recently-used bit, clearing bits as
+/// it passes (CLOCK, an approximate LRU); a way taken from another peer is
+/// an eviction. Per CPU: each CPU's copy holds its own peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    pub ways: [PeerWay; PEER_WAYS],
+    /// Recently-used bits, one per way.
+    pub used: u32,
+    /// The clock hand: the way a miss looks at first.
+    pub hand: u32,
+}
+layout_assert!(PeerSet, 264, 8);
+
+impl PeerKey {
+    /// The set of this (address) key in the unknown-peer LRU: among its
+    /// path's sets.
+    #[inline(always)]
+    pub fn addr_set(&self) -> u32 {
+        let seed = (self.slot << 16) ^ u32::from(self.family) ^ 0x5bd1_e995;
+        u32::from(self.path & 1) * PEER_ADDR_SETS
+            + (peer_hash(seed, &self.addr) & (PEER_ADDR_SETS - 1))
+    }
+}
+
 /// Indices of the peer programs' own per-CPU counters (`NP_PEER_META`),
 /// each followed by its transmit-path twin (index + 1).
 pub const PEER_META_INSERTS: u32 = 0;
 pub const PEER_META_BUCKETS_FULL: u32 = 2;
 pub const PEER_META_LEN: u32 = 4;
 
-/// Map names of the peer figures (all pinned: the named table too, so a
+/// Map names of the peer figures (all pinned: the name table too, so a
 /// restarted agent keeps each address's place and its counts).
 pub mod peer_maps {
-    pub const NAMES4: &str = "NP_PEER_NAMES4";
-    pub const NAMES6: &str = "NP_PEER_NAMES6";
+    pub const NAMES: &str = "NP_PEER_NAMES";
     pub const NAMED: &str = "NP_PEERS";
     pub const ADDRS: &str = "NP_PEER_ADDRS";
     pub const BUCKETS: &str = "NP_PEER_BUCKETS";
@@ -915,4 +1020,8 @@ mod user_peers {
     // SAFETY: repr(C), Copy, explicit padding: every bit pattern is valid.
     unsafe impl aya::Pod for PeerCounters {}
     unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerBucket {}
+    unsafe impl aya::Pod for PeerName {}
+    unsafe impl aya::Pod for PeerWay {}
+    unsafe impl aya::Pod for PeerSet {}
 }

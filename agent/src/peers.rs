@@ -1,5 +1,5 @@
 //! Who talks to whom, the agent's half: which addresses are named peers
-//! (written into the kernel's `NP_PEER_NAMES4/6` when the service table
+//! (written into the kernel's `NP_PEER_NAMES` when the service table
 //! changes, see [`Writer`]), reading the per-peer counters back from their
 //! pins ([`Reader`]), and turning them into the service map of
 //! `GET /api/v1/map` ([`build`]): per service, every named peer, the top-K
@@ -15,11 +15,12 @@ use std::{
 };
 
 use agent_ebpf::{
-    EndpointKey, FAMILY_V4, PEER_BUCKET_BITS_V4, PEER_BUCKET_BITS_V6, PEER_META_BUCKETS_FULL,
-    PEER_META_INSERTS, PEER_NAMED, PEER_SLOTS, PEER_UNBUCKETED, PeerCounters, PeerKey, ROLE_REMOTE,
-    peer_maps, peer_place,
+    EndpointKey, FAMILY_V4, MAX_PEER_BUCKETS, PEER_ADDR_SETS, PEER_BUCKET_BITS_V4,
+    PEER_BUCKET_BITS_V6, PEER_META_BUCKETS_FULL, PEER_META_INSERTS, PEER_NAME_POSITIONS,
+    PEER_NAME_PROBES, PEER_NAMED, PEER_SLOTS, PEER_UNBUCKETED, PeerBucket, PeerCounters, PeerKey,
+    PeerName, PeerSet, PeerWay, ROLE_REMOTE, peer_maps, peer_name_position, peer_place,
 };
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use tracing::warn;
 
 use crate::api_types as t;
@@ -190,16 +191,37 @@ pub fn named_addresses(
     out
 }
 
-/// The writer's handles: the named table and, to zero them, the counters.
+/// The writer's handles: the name table and, to zero them, the counters.
 pub struct Writer {
-    names4: HashMap<MapData, u32, u32>,
-    names6: HashMap<MapData, [u32; 4], u32>,
-    /// What the names maps hold: address → place.
-    placed: BTreeMap<IpAddr, u32>,
+    names: Array<MapData, PeerName>,
+    /// What the name table holds: address → (place, position).
+    placed: BTreeMap<IpAddr, (u32, u32)>,
     named: PerCpuArray<MapData, PeerCounters>,
-    addrs: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
-    buckets: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
+    addrs: PerCpuArray<MapData, PeerSet>,
+    buckets: PerCpuArray<MapData, PeerBucket>,
     ncpus: usize,
+}
+
+fn family_of(a: &IpAddr) -> u8 {
+    if a.is_ipv4() {
+        FAMILY_V4
+    } else {
+        agent_ebpf::FAMILY_V6
+    }
+}
+
+/// The named addresses in a name table: address → (place, position).
+fn read_names(names: &Array<MapData, PeerName>) -> BTreeMap<IpAddr, (u32, u32)> {
+    let mut out = BTreeMap::new();
+    for pos in 0..PEER_NAME_POSITIONS {
+        if let Ok(n) = names.get(&pos, 0)
+            && n.family != 0
+            && n.place != 0
+        {
+            out.insert(addr_of(n.family as u8, &n.addr), (n.place, pos));
+        }
+    }
+    out
 }
 
 impl Writer {
@@ -207,82 +229,78 @@ impl Writer {
     /// (each address keeps its place, and its counts).
     pub fn open(pin_dir: &Path, ncpus: usize) -> Result<Self, String> {
         let e = |e: aya::maps::MapError| e.to_string();
-        let names4: HashMap<MapData, u32, u32> =
-            HashMap::try_from(open(pin_dir, peer_maps::NAMES4)?).map_err(e)?;
-        let names6: HashMap<MapData, [u32; 4], u32> =
-            HashMap::try_from(open(pin_dir, peer_maps::NAMES6)?).map_err(e)?;
-        let mut placed = BTreeMap::new();
-        for (k, i) in names4.iter().filter_map(Result::ok) {
-            placed.insert(addr_of(FAMILY_V4, &[k, 0, 0, 0]), i);
-        }
-        for (k, i) in names6.iter().filter_map(Result::ok) {
-            placed.insert(addr_of(agent_ebpf::FAMILY_V6, &k), i);
-        }
+        let names: Array<MapData, PeerName> =
+            Array::try_from(open(pin_dir, peer_maps::NAMES)?).map_err(e)?;
         Ok(Writer {
-            names4,
-            names6,
-            placed,
+            placed: read_names(&names),
+            names,
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
-            addrs: PerCpuHashMap::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
-            buckets: PerCpuHashMap::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
+            addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
+            buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
             ncpus,
         })
     }
 
-    fn zeros(&self) -> Result<PerCpuValues<PeerCounters>, String> {
-        PerCpuValues::try_from(vec![PeerCounters::default(); self.ncpus]).map_err(|e| e.to_string())
-    }
-
     /// Gives the first `PEER_NAMED - 1` of `want` named places: an address
     /// that stays keeps its place; one that leaves is removed first and its
-    /// counts zeroed before the place is given again. Returns how many
+    /// counts zeroed before the place is given again. An address whose
+    /// positions in the table are all taken stays unnamed in the kernel
+    /// (counted as unknown; the agent still names it). Returns how many
     /// names changed.
     pub fn sync(&mut self, want: &[IpAddr]) -> usize {
         let want: BTreeSet<IpAddr> = want.iter().copied().take(PEER_NAMED as usize - 1).collect();
-        let gone: Vec<(IpAddr, u32)> = self
+        let gone: Vec<(IpAddr, (u32, u32))> = self
             .placed
             .iter()
             .filter(|(a, _)| !want.contains(a))
-            .map(|(a, i)| (*a, *i))
+            .map(|(a, v)| (*a, *v))
             .collect();
         let mut changes = 0;
-        for (a, i) in gone {
-            let r = match a {
-                IpAddr::V4(_) => self.names4.remove(&words(&a)[0]),
-                IpAddr::V6(_) => self.names6.remove(&words(&a)),
-            };
-            if let Err(e) = r
-                && !matches!(e, aya::maps::MapError::KeyNotFound)
-            {
+        for (a, (place, pos)) in gone {
+            if let Err(e) = self.names.set(pos, PeerName::default(), 0) {
                 warn!(error = %e, address = %a, "peers: cannot remove a named address");
                 continue;
             }
             self.placed.remove(&a);
-            self.zero_place(i);
+            self.zero_place(place);
             changes += 1;
         }
-        let mut used: BTreeSet<u32> = self.placed.values().copied().collect();
+        let mut places: BTreeSet<u32> = self.placed.values().map(|v| v.0).collect();
+        let mut positions: BTreeSet<u32> = self.placed.values().map(|v| v.1).collect();
         for a in want {
             if self.placed.contains_key(&a) {
                 continue;
             }
-            let Some(i) = (1..PEER_NAMED).find(|i| !used.contains(i)) else {
+            let Some(place) = (1..PEER_NAMED).find(|i| !places.contains(i)) else {
                 break;
             };
-            let r = match a {
-                IpAddr::V4(_) => self.names4.insert(words(&a)[0], i, 0),
-                IpAddr::V6(_) => self.names6.insert(words(&a), i, 0),
+            let (family, addr) = (family_of(&a), words(&a));
+            let Some(pos) = (0..PEER_NAME_PROBES)
+                .map(|p| peer_name_position(family, &addr, p))
+                .find(|p| !positions.contains(p))
+            else {
+                continue;
             };
-            match r {
+            let n = PeerName {
+                addr,
+                family: u32::from(family),
+                place,
+            };
+            match self.names.set(pos, n, 0) {
                 Ok(()) => {
-                    used.insert(i);
-                    self.placed.insert(a, i);
+                    places.insert(place);
+                    positions.insert(pos);
+                    self.placed.insert(a, (place, pos));
                     changes += 1;
                 }
                 Err(e) => warn!(error = %e, address = %a, "peers: cannot name an address"),
             }
         }
         changes
+    }
+
+    fn zeros(&self) -> Result<PerCpuValues<PeerCounters>, String> {
+        PerCpuValues::try_from(vec![PeerCounters::default(); self.ncpus]).map_err(|e| e.to_string())
     }
 
     /// Zeroes named place `i` in every slot, on both paths.
@@ -308,15 +326,51 @@ impl Writer {
                     .map_err(|e| e.to_string())?;
             }
         }
-        for map in [&mut self.addrs, &mut self.buckets] {
-            let keys: Vec<PeerKey> = map
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.slot == slot)
-                .collect();
-            for k in keys {
-                let _ = map.remove(&k);
+        // An LRU set holds its ways per CPU: free this slot's.
+        for i in 0..2 * PEER_ADDR_SETS {
+            let Ok(v) = self.addrs.get(&i, 0) else {
+                continue;
+            };
+            let mine = |w: &PeerWay| w.key.family != 0 && w.key.slot == slot;
+            if !v.iter().any(|set| set.ways.iter().any(mine)) {
+                continue;
             }
+            let freed: Vec<PeerSet> = v
+                .iter()
+                .map(|set| {
+                    let mut set = *set;
+                    for (n, w) in set.ways.iter_mut().enumerate() {
+                        if mine(w) {
+                            *w = PeerWay::default();
+                            set.used &= !(1 << n);
+                        }
+                    }
+                    set
+                })
+                .collect();
+            let freed = PerCpuValues::try_from(freed).map_err(|e| e.to_string())?;
+            self.addrs.set(i, freed, 0).map_err(|e| e.to_string())?;
+        }
+        // A bucket position holds one bucket per CPU: free this slot's.
+        for i in 0..MAX_PEER_BUCKETS {
+            let Ok(v) = self.buckets.get(&i, 0) else {
+                continue;
+            };
+            if !v.iter().any(|b| b.key.family != 0 && b.key.slot == slot) {
+                continue;
+            }
+            let freed: Vec<PeerBucket> = v
+                .iter()
+                .map(|b| {
+                    if b.key.slot == slot {
+                        PeerBucket::default()
+                    } else {
+                        *b
+                    }
+                })
+                .collect();
+            let freed = PerCpuValues::try_from(freed).map_err(|e| e.to_string())?;
+            self.buckets.set(i, freed, 0).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -333,11 +387,10 @@ impl Writer {
 
 /// Read-only handles on the pinned peer maps.
 pub struct Reader {
-    names4: HashMap<MapData, u32, u32>,
-    names6: HashMap<MapData, [u32; 4], u32>,
+    names: Array<MapData, PeerName>,
     named: PerCpuArray<MapData, PeerCounters>,
-    addrs: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
-    buckets: PerCpuHashMap<MapData, PeerKey, PeerCounters>,
+    addrs: PerCpuArray<MapData, PeerSet>,
+    buckets: PerCpuArray<MapData, PeerBucket>,
     meta: PerCpuArray<MapData, u64>,
 }
 
@@ -351,11 +404,13 @@ pub struct Snapshot {
     pub named: BTreeMap<(u32, IpAddr), PeerCounters>,
     /// Unknown peers no bucket had room for, by slot.
     pub unbucketed: BTreeMap<u32, PeerCounters>,
-    /// (slot, unknown address) → figures, as long as the LRU keeps it.
+    /// (slot, unknown address) → figures, as long as the LRU keeps it
+    /// (both paths, every CPU's way summed).
     pub addrs: BTreeMap<(u32, IpAddr), PeerCounters>,
     /// (slot, bucket) → figures of every unknown address in it.
     pub buckets: BTreeMap<(u32, Bucket), PeerCounters>,
-    /// LRU inserts since the maps were created, and entries live now.
+    /// LRU inserts since the maps were created, and ways holding a peer
+    /// now (per CPU and path).
     pub inserts: u64,
     pub live: u64,
     /// Packets of unknown peers that found the bucket table full.
@@ -405,11 +460,10 @@ impl Reader {
     pub fn open(pin_dir: &Path) -> Result<Self, String> {
         let e = |e: aya::maps::MapError| e.to_string();
         Ok(Reader {
-            names4: HashMap::try_from(open(pin_dir, peer_maps::NAMES4)?).map_err(e)?,
-            names6: HashMap::try_from(open(pin_dir, peer_maps::NAMES6)?).map_err(e)?,
+            names: Array::try_from(open(pin_dir, peer_maps::NAMES)?).map_err(e)?,
             named: PerCpuArray::try_from(open(pin_dir, peer_maps::NAMED)?).map_err(e)?,
-            addrs: PerCpuHashMap::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
-            buckets: PerCpuHashMap::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
+            addrs: PerCpuArray::try_from(open(pin_dir, peer_maps::ADDRS)?).map_err(e)?,
+            buckets: PerCpuArray::try_from(open(pin_dir, peer_maps::BUCKETS)?).map_err(e)?,
             meta: PerCpuArray::try_from(open(pin_dir, peer_maps::META)?).map_err(e)?,
         })
     }
@@ -424,14 +478,10 @@ impl Reader {
 
     /// The named address of each place in use.
     fn places(&self) -> BTreeMap<u32, IpAddr> {
-        let mut out = BTreeMap::new();
-        for (k, i) in self.names4.iter().filter_map(Result::ok) {
-            out.insert(i, addr_of(FAMILY_V4, &[k, 0, 0, 0]));
-        }
-        for (k, i) in self.names6.iter().filter_map(Result::ok) {
-            out.insert(i, addr_of(agent_ebpf::FAMILY_V6, &k));
-        }
-        out
+        read_names(&self.names)
+            .into_iter()
+            .map(|(a, (place, _))| (place, a))
+            .collect()
     }
 
     /// The figures of `slots`: the named peers always; the unknown ones
@@ -467,24 +517,36 @@ impl Reader {
         if !unknown {
             return s;
         }
-        for (k, v) in self.addrs.iter().filter_map(Result::ok) {
-            s.live += 1;
-            if !slots.contains(&k.slot) {
+        for i in 0..2 * PEER_ADDR_SETS {
+            let Ok(v) = self.addrs.get(&i, 0) else {
                 continue;
+            };
+            for w in v.iter().flat_map(|set| set.ways.iter()) {
+                if w.key.family == 0 {
+                    continue;
+                }
+                s.live += 1;
+                if slots.contains(&w.key.slot) {
+                    s.addrs
+                        .entry((w.key.slot, addr_of(w.key.family, &w.key.addr)))
+                        .or_default()
+                        .add(&w.counters);
+                }
             }
-            s.addrs
-                .entry((k.slot, addr_of(k.family, &k.addr)))
-                .or_default()
-                .add(&sum(&v));
         }
-        for (k, v) in self.buckets.iter().filter_map(Result::ok) {
-            if !slots.contains(&k.slot) {
+        for i in 0..MAX_PEER_BUCKETS {
+            let Ok(v) = self.buckets.get(&i, 0) else {
                 continue;
+            };
+            for b in v.iter() {
+                if b.key.family == 0 || !slots.contains(&b.key.slot) {
+                    continue;
+                }
+                s.buckets
+                    .entry((b.key.slot, bucket_of(&b.key)))
+                    .or_default()
+                    .add(&b.counters);
             }
-            s.buckets
-                .entry((k.slot, bucket_of(&k)))
-                .or_default()
-                .add(&sum(&v));
         }
         s
     }

@@ -597,3 +597,71 @@ endpoints = [{{ proto = "tcp", port = {NAMED_ONLY}, addr = "{named}" }}]
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_restarted_agent_keeps_each_named_peers_place_and_counts() {
+    if !(live_prerequisites() && require("tcpdump", have("tcpdump"))) {
+        return;
+    }
+    let pair = Pair::new("maprestart", 123);
+    let (a, client) = (pair.addr_a, Ipv4Addr::new(10, 77, 123, 3));
+    let mac_b = mac_of(&pair.b, &pair.dev_b);
+    pair.b.exec(
+        "ip",
+        &["addr", "add", &format!("{client}/24"), "dev", &pair.dev_b],
+    );
+    pair.a.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &client.to_string(),
+            "lladdr",
+            &mac_b,
+            "dev",
+            &pair.dev_a,
+            "nud",
+            "permanent",
+        ],
+    );
+    let pins = PinDir::mounted("maprestart");
+    let dir = netpulse_tests::scratch("maprestart");
+    let (cfg, port) = (dir.join("config.toml"), 19523);
+    let services = format!(
+        r#"
+[[service]]
+name = "web"
+endpoints = [{{ proto = "tcp", port = {WEB} }}]
+
+[[service]]
+name = "client"
+remote = true
+endpoints = [{{ proto = "tcp", port = {NAMED_ONLY}, addr = "{client}" }}]
+"#
+    );
+    std::fs::write(&cfg, config(&dir, &pins, &pair.dev_a, port, 5, &services)).unwrap();
+    serve(&pair.a, Ipv4Addr::UNSPECIFIED, WEB);
+    let pcap = dir.join("restart.pcap");
+    let tcpdump = Tcpdump::start(&pair.a, &pair.dev_a, &pcap);
+    let ready = |m: &Metrics| {
+        tc_both_ways(m, &pair.dev_a) && m.has("netpulse_service_info", &[("service", "client")])
+    };
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("the first agent", ready);
+    connect_n(&pair.b, client, (a, WEB), 3, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop();
+    // Between the two agents the link carries nothing: no packet goes
+    // uncounted.
+    let mut agent = Agent::start(&pair.a, &[], &cfg, port, &dir.join("agent.log"));
+    agent.wait_for("the restarted agent", ready);
+    connect_n(&pair.b, client, (a, WEB), 2, 1000);
+    std::thread::sleep(Duration::from_millis(500));
+    tcpdump.stop();
+    let m = map(&pair.a, port);
+    let e = edge(&m, "web", "client");
+    assert_eq!(e.connections, 5, "connections before and after the restart");
+    assert_eq!(figures(e), seen(&pcap_pairs(&pcap), a, WEB, client));
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,8 +1,9 @@
 //! What counting peers (who talks to whom) adds per packet: one frame to a
-//! service whose peer is named (the names hash, then the per-CPU array),
-//! unknown (the names hash misses, then the LRU and the bucket, both hits
-//! after the first run), and with no peer figures at all (the service's
-//! slot past `PEER_SLOTS`: one compare, the cost before peers existed).
+//! service whose peer is named (the name table's positions, then the
+//! per-CPU array), unknown (the name table misses, then the LRU and the
+//! bucket, both hits after the first run), and with no peer figures at all
+//! (the service's slot past `PEER_SLOTS`: one compare, the cost before
+//! peers existed).
 
 use std::collections::BTreeMap;
 
@@ -56,12 +57,12 @@ pub fn run(object: &[u8], pin: &std::path::Path, rounds: usize, repeat: u32) -> 
     let rows = [
         ("no peer figures (slot past PEER_SLOTS)", PEER_SLOTS, false),
         (
-            "named (names hash + per-CPU array)",
+            "named (name table: 4 array loads; per-CPU array add)",
             FIRST_SERVICE_SLOT,
             true,
         ),
         (
-            "unknown (names miss + LRU + bucket)",
+            "unknown (name table miss; its LRU set; its bucket)",
             FIRST_SERVICE_SLOT,
             false,
         ),
@@ -101,7 +102,7 @@ pub fn run(object: &[u8], pin: &std::path::Path, rounds: usize, repeat: u32) -> 
             .and_then(|d| netpulse::peers::Reader::open(d).ok())
             .map_or(0, |r| r.read(&Default::default(), false).inserts);
         println!("| {name} | {x:.1} | {xb:.1} | {dx:.1} | {t:.1} | {tb:.1} | {dt:.1} | {ok} |");
-        eprintln!("({name}: LRU inserts so far {inserts})");
+        eprintln!("({name}: LRU inserts so far: {inserts})");
     }
     probe.sync_table(BTreeMap::new())?;
     Ok(worst)
