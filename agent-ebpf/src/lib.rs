@@ -654,6 +654,44 @@ layout_assert!(SynKey, 36, 4);
 /// SYNs remembered at once (an LRU map).
 pub const MAX_SYNS: u32 = 16_384;
 
+/// A flow a health check makes, watched while the check runs: its local
+/// port and its far end, as the check's socket sees them. Addresses are
+/// wire bytes as words, IPv4 in the first word (as in `Flow`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WatchKey {
+    pub raddr: [u32; 4],
+    pub family: u8,
+    pub proto: u8,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+}
+layout_assert!(WatchKey, 24, 4);
+
+/// What the kernel saw of a watched flow: packets it dropped, by direction
+/// (`WATCH_EGRESS`: the check's own, `WATCH_INGRESS`: its peer's), with the
+/// last `skb_drop_reason` of each; resets the socket received. Per CPU, each
+/// field written by one program only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    pub drops: [u64; 2],
+    pub reason: [u32; 2],
+    pub resets: u32,
+    /// Bit `1 << direction`: a drop of that direction was of a received
+    /// packet (the input path: it came in on an interface, loopback
+    /// included); without it, of one this host was sending (the output
+    /// path).
+    pub received: u32,
+}
+layout_assert!(WatchStats, 32, 8);
+
+pub const WATCH_EGRESS: usize = 0;
+pub const WATCH_INGRESS: usize = 1;
+/// Flows watched at once: more than checks ever run at once.
+pub const MAX_WATCH: u32 = 1_024;
+
 /// Namespace kinds in `NP_NETNS` (keyed by the namespace's inode number).
 pub const NETNS_HOST: u32 = 1;
 pub const NETNS_CONTAINER: u32 = 2;
@@ -694,7 +732,9 @@ pub struct Offsets {
     pub dev_nd_net: u32,
     /// `SKB_CONSUMED` in this kernel's `enum skb_drop_reason`.
     pub reason_consumed: u32,
-    pub _pad: u32,
+    /// `sk_buff.skb_iif`: the interface a received packet came in on (0:
+    /// sent by this host).
+    pub skb_iif: u32,
 }
 layout_assert!(Offsets, 88, 4);
 
@@ -721,7 +761,7 @@ impl Offsets {
         skb_gso_segs: u32::MAX,
         dev_nd_net: u32::MAX,
         reason_consumed: 1,
-        _pad: 0,
+        skb_iif: u32::MAX,
     };
 }
 
@@ -746,6 +786,7 @@ pub mod maps {
     pub const NETNS: &str = "NP_NETNS";
     pub const TCP_META: &str = "NP_TCP_META";
     pub const SYNS: &str = "NP_SYNS";
+    pub const WATCH: &str = "NP_WATCH";
 }
 
 /// The global the agent sets before loading (see [`Offsets`]).
@@ -794,6 +835,8 @@ mod user {
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for SlotName {}
     unsafe impl aya::Pod for VethSlot {}
+    unsafe impl aya::Pod for WatchKey {}
+    unsafe impl aya::Pod for WatchStats {}
     unsafe impl aya::Pod for Hist {}
     unsafe impl aya::Pod for TcpCounters {}
     unsafe impl aya::Pod for DropKey {}

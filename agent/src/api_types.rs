@@ -339,6 +339,189 @@ pub struct LastRun {
     /// Seconds per phase (`dns`, `connect`, `tls`, `first_byte`,
     /// `transfer`).
     pub phases: BTreeMap<String, f64>,
+    /// Why it failed, in one line, from the evidence; null when it passed.
+    pub explanation: Option<String>,
+    /// The facts behind the explanation; null when it passed.
+    pub evidence: Option<Evidence>,
+}
+
+/// Why a check failed, as found from its own flows and the kernel's view
+/// of them (`evidence.cause`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// A TCP reset answered the SYN: nothing listens there, or a firewall
+    /// rejects with a reset.
+    Refused,
+    /// An ICMP destination-unreachable quoting the check's packet came back
+    /// (`evidence.icmp`).
+    IcmpUnreachable,
+    /// This host's firewall dropped the check's packets or their answers
+    /// (kernel drop reason `netfilter_drop`, `evidence.drops`).
+    LocalFirewallDrop,
+    /// This host's kernel dropped them for another reason (`evidence.drops`).
+    LocalDrop,
+    /// Sent, never answered, and nothing dropped on this host: lost beyond
+    /// it (a firewall or a dead host on the way).
+    LostBeyondHost,
+    /// The target listens on this host and its accept queue overflowed.
+    AcceptQueueFull,
+    /// This host's routing table refused the destination (`evidence.route`).
+    NoRoute,
+    /// The name did not resolve.
+    Resolve,
+    /// The DNS server answered with an error code (`evidence.dns_rcode`).
+    DnsRcode,
+    /// The DNS answer lacks the wanted record or value.
+    DnsNoAnswer,
+    /// The TLS handshake failed (`evidence.tls`).
+    Tls,
+    /// The certificate is valid but expires sooner than allowed.
+    CertExpiring,
+    /// An HTTP status the check does not accept (`evidence.http_status`).
+    HttpStatus,
+    /// The answer's content did not match.
+    Content,
+    /// The answer came later than `max_latency_seconds`.
+    Slow,
+    /// The connection was set up, then reset or closed by the peer after
+    /// the request.
+    ResetAfterRequest,
+    /// The run timed out with nothing else known.
+    Timeout,
+    /// The check could not even try (a socket, a permission).
+    LocalError,
+    /// None of the above.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Refused => "refused",
+            Cause::IcmpUnreachable => "icmp_unreachable",
+            Cause::LocalFirewallDrop => "local_firewall_drop",
+            Cause::LocalDrop => "local_drop",
+            Cause::LostBeyondHost => "lost_beyond_host",
+            Cause::AcceptQueueFull => "accept_queue_full",
+            Cause::NoRoute => "no_route",
+            Cause::Resolve => "resolve",
+            Cause::DnsRcode => "dns_rcode",
+            Cause::DnsNoAnswer => "dns_no_answer",
+            Cause::Tls => "tls",
+            Cause::CertExpiring => "cert_expiring",
+            Cause::HttpStatus => "http_status",
+            Cause::Content => "content",
+            Cause::Slow => "slow",
+            Cause::ResetAfterRequest => "reset_after_request",
+            Cause::Timeout => "timeout",
+            Cause::LocalError => "local_error",
+            Cause::Unknown => "unknown",
+        }
+    }
+}
+
+/// The facts behind a failed check's explanation. A field that is null
+/// was not known or does not apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Evidence {
+    pub cause: Cause,
+    /// The far end of the check's last flow, `ip:port` (ICMP: the address).
+    pub target: Option<String>,
+    /// Its near end, `ip:port`, once the kernel chose it.
+    pub local: Option<String>,
+    /// The error the socket reported (`ECONNREFUSED`, …).
+    pub errno: Option<String>,
+    /// SYNs (or DNS queries) sent, first one included.
+    pub syns_sent: Option<u32>,
+    /// Whether the handshake completed (a SYN-ACK came).
+    pub synack_received: Option<bool>,
+    /// TCP resets the check's socket received (kernel: `tcp_receive_reset`).
+    pub resets_received: Option<u32>,
+    /// An ICMP error quoting the check's packet.
+    pub icmp: Option<IcmpError>,
+    /// Packets of the check's flows this host's kernel dropped.
+    pub drops: Vec<DropEvidence>,
+    /// Whether the kernel's drop view was on for this run (eBPF backend with
+    /// the `kernel_drops` feature): without it, "nothing dropped" is unknown.
+    pub kernel_drops_watched: bool,
+    /// The route type that refused the destination: `blackhole`,
+    /// `unreachable`, `prohibit`, `none`.
+    pub route: Option<String>,
+    /// The listener on this host: connections waiting in its accept queue,
+    /// and the kernel's `ListenOverflows` during the run.
+    pub accept_queue: Option<u64>,
+    pub listen_overflows: Option<u64>,
+    /// DNS: the answer's rcode (`NXDOMAIN`, `SERVFAIL`, …) and the server.
+    pub dns_rcode: Option<String>,
+    pub dns_server: Option<String>,
+    /// TLS: what failed (`certificate expired`, …).
+    pub tls: Option<String>,
+    pub http_status: Option<u16>,
+    /// Seconds per phase, as far as the run got.
+    pub phases: BTreeMap<String, f64>,
+    pub max_latency_seconds: Option<f64>,
+    /// The check's service, as the kernel counted it during the run.
+    pub service: Option<ServiceWindow>,
+}
+
+/// What a check's service went through during one run of the check (all
+/// of its traffic, not only the check's): counts added in that window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct ServiceWindow {
+    pub name: String,
+    /// Kernel drops by reason (lower case).
+    pub drops: BTreeMap<String, u64>,
+    /// Connections refused, reset, timed out; retransmitted segments.
+    pub refused: u64,
+    pub reset: u64,
+    pub timeout: u64,
+    pub retransmits: u64,
+}
+
+impl ServiceWindow {
+    /// Whether anything happened.
+    pub fn is_quiet(&self) -> bool {
+        self.drops.values().all(|n| *n == 0)
+            && self.refused == 0
+            && self.reset == 0
+            && self.timeout == 0
+            && self.retransmits == 0
+    }
+}
+
+/// An ICMP error about the check's packet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct IcmpError {
+    /// ICMP (or ICMPv6) type and code.
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    pub code: u8,
+    /// Who sent it.
+    pub from: Option<String>,
+    /// `port unreachable`, `host unreachable`, …
+    pub text: String,
+}
+
+/// Packets of a check's flow the kernel dropped on this host, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct DropEvidence {
+    /// The kernel's `skb_drop_reason`, without `SKB_DROP_REASON_`, in lower
+    /// case (as in `netpulse_service_kernel_drops_total`).
+    pub reason: String,
+    /// `egress`: the check's own packets; `ingress`: the answers.
+    pub direction: String,
+    /// Where: `output` (a packet this host was sending: the output and
+    /// postrouting hooks, the qdisc) or `input` (one it received, loopback
+    /// included: prerouting, input, the TCP stack).
+    pub path: String,
+    pub count: u64,
 }
 
 /// One stored result of a check.
@@ -350,6 +533,9 @@ pub struct RecentResult {
     pub ok: bool,
     pub duration_ms: f64,
     pub error: Option<String>,
+    pub explanation: Option<String>,
+    /// `evidence.cause` of that run.
+    pub cause: Option<Cause>,
 }
 
 /// A down → up interval of a check (`end_ms` null: still down).
@@ -360,6 +546,8 @@ pub struct Incident {
     pub start_ms: i64,
     pub end_ms: Option<i64>,
     pub error: Option<String>,
+    /// The explanation of the failure that opened it.
+    pub explanation: Option<String>,
 }
 
 // --- /api/v1/jobs ----------------------------------------------------------
@@ -552,9 +740,12 @@ pub struct MapEdge {
     /// Connections the peer opened: SYNs (without ACK) toward the service
     /// seen on the packet path.
     pub connections: u64,
-    /// Not measured per edge yet: always null.
+    /// The TCP handshake's median, on edges from this host (`host`) to a
+    /// `remote` service (its client side, from the TCP health programs);
+    /// null on other edges (not measured per peer).
     pub handshake_p50_seconds: Option<f64>,
-    /// Not measured per edge yet: always 0.
+    /// Segments this host retransmitted to a `remote` service, on the
+    /// `host` edge; 0 on other edges (not measured per peer).
     pub retransmits: u64,
 }
 

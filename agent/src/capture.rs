@@ -207,7 +207,14 @@ fn block(out: &mut impl Write, ty: u32, body: &[u8]) -> std::io::Result<u64> {
 }
 
 impl Pcapng {
-    pub fn create(path: &Path, linktype: u16, snaplen: u32) -> std::io::Result<Pcapng> {
+    /// A new file; `comment`, if any, is the section's `opt_comment`
+    /// (`capinfos` shows it as the file comment).
+    pub fn create(
+        path: &Path,
+        linktype: u16,
+        snaplen: u32,
+        comment: Option<&str>,
+    ) -> std::io::Result<Pcapng> {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -218,6 +225,15 @@ impl Pcapng {
         shb.extend_from_slice(&1u16.to_le_bytes());
         shb.extend_from_slice(&0u16.to_le_bytes());
         shb.extend_from_slice(&(-1i64).to_le_bytes());
+        if let Some(c) = comment.filter(|c| !c.is_empty()) {
+            // An option's length is a u16: a longer comment is cut.
+            let c = &c.as_bytes()[..c.len().min(60_000)];
+            shb.extend_from_slice(&1u16.to_le_bytes());
+            shb.extend_from_slice(&(c.len() as u16).to_le_bytes());
+            shb.extend_from_slice(c);
+            shb.resize(shb.len().next_multiple_of(4), 0);
+            shb.extend_from_slice(&[0u8; 4]);
+        }
         let mut written = block(&mut out, 0x0a0d_0d0a, &shb)?;
         let mut idb = Vec::with_capacity(8);
         idb.extend_from_slice(&linktype.to_le_bytes());
@@ -347,8 +363,13 @@ pub fn run(id: i64, plan: &Plan, dir: &Path, settings: Settings) -> Result<Outco
         if !make_room(dir, settings.max_disk_bytes, ROOM, (id, part), 0) {
             return Err("the capture folder is at its disk cap".into());
         }
-        Pcapng::create(&dir.join(file_name(id, part)), linktype, SNAPLEN as u32)
-            .map_err(|e| format!("creating capture file: {e}"))
+        Pcapng::create(
+            &dir.join(file_name(id, part)),
+            linktype,
+            SNAPLEN as u32,
+            None,
+        )
+        .map_err(|e| format!("creating capture file: {e}"))
     };
     let mut file = Some(open_part(part)?);
     out.parts.push(part);

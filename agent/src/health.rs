@@ -152,7 +152,7 @@ pub fn offsets(b: &btf::Btf, reason_consumed: u64) -> Result<Offsets, btf::BtfEr
         skb_gso_segs: b.offset("sk_buff", "cb")? + b.offset("tcp_skb_cb", "tcp_gso_segs")?,
         dev_nd_net: b.offset("net_device", "nd_net")?,
         reason_consumed: reason_consumed as u32,
-        _pad: 0,
+        skb_iif: b.offset("sk_buff", "skb_iif")?,
     })
 }
 
@@ -468,6 +468,120 @@ fn proc_addr(s: &str, v6: bool) -> Option<(IpAddr, u16)> {
         IpAddr::from(word(0)?)
     };
     Some((addr, port))
+}
+
+/// The health checks' watch list (`NP_WATCH`): each check's flows while it
+/// runs, on which the drop and reset programs report. One per process, like
+/// the kernel map it stands for; set once the `kernel_drops` programs are
+/// attached (without them no check can say "nothing dropped here").
+pub struct Watch {
+    map: std::sync::Mutex<WatchMap>,
+    ncpus: usize,
+    reasons: std::sync::Arc<BTreeMap<u64, String>>,
+}
+
+type WatchMap = PerCpuHashMap<MapData, agent_ebpf::WatchKey, agent_ebpf::WatchStats>;
+
+static WATCH: std::sync::OnceLock<Watch> = std::sync::OnceLock::new();
+
+/// The watch list, if the kernel's drop view is on in this process.
+pub fn watch() -> Option<&'static Watch> {
+    WATCH.get()
+}
+
+impl Watch {
+    /// Opens the pinned watch list and makes it this process's.
+    pub fn install(
+        pin_dir: &Path,
+        reasons: std::sync::Arc<BTreeMap<u64, String>>,
+    ) -> Result<(), String> {
+        let data = MapData::from_pin(pin_dir.join(maps::WATCH))
+            .map_err(|e| format!("{}: {e}", maps::WATCH))?;
+        let mut map: WatchMap = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
+            .map_err(|e| e.to_string())?;
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
+        // Flows of a previous agent's checks that it never took back.
+        let stale: Vec<_> = map.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        let _ = WATCH.set(Watch {
+            map: std::sync::Mutex::new(map),
+            ncpus,
+            reasons,
+        });
+        Ok(())
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, WatchMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts watching a flow; false if the list is full.
+    pub fn add(&self, key: &agent_ebpf::WatchKey) -> bool {
+        let Ok(zeros) = PerCpuValues::try_from(vec![agent_ebpf::WatchStats::default(); self.ncpus])
+        else {
+            return false;
+        };
+        self.map().insert(key, zeros, 0).is_ok()
+    }
+
+    /// What the kernel saw of a flow (summed over CPUs), and stops watching
+    /// it.
+    pub fn take(&self, key: &agent_ebpf::WatchKey) -> Option<agent_ebpf::WatchStats> {
+        let mut map = self.map();
+        let per_cpu = map.get(key, 0).ok();
+        let _ = map.remove(key);
+        let mut sum = agent_ebpf::WatchStats::default();
+        for v in per_cpu?.iter() {
+            for d in 0..2 {
+                sum.drops[d] += v.drops[d];
+                if v.reason[d] != 0 {
+                    sum.reason[d] = v.reason[d];
+                }
+            }
+            sum.resets += v.resets;
+            sum.received |= v.received;
+        }
+        Some(sum)
+    }
+
+    /// A drop reason's name, without `SKB_DROP_REASON_`.
+    pub fn reason(&self, r: u32) -> String {
+        self.reasons
+            .get(&u64::from(r))
+            .cloned()
+            .unwrap_or_else(|| format!("reason {r}"))
+    }
+}
+
+/// The watch-list key of a flow from local port `lport` to `remote`.
+pub fn watch_key(proto: u8, lport: u16, remote: std::net::SocketAddr) -> agent_ebpf::WatchKey {
+    let (family, raddr) = match remote.ip() {
+        IpAddr::V4(a) => (
+            agent_ebpf::FAMILY_V4,
+            [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        ),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => (
+                agent_ebpf::FAMILY_V4,
+                [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            ),
+            None => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (agent_ebpf::FAMILY_V6, [w(0), w(4), w(8), w(12)])
+            }
+        },
+    };
+    agent_ebpf::WatchKey {
+        raddr,
+        family,
+        proto,
+        lport,
+        rport: remote.port(),
+        _pad: 0,
+    }
 }
 
 #[cfg(test)]

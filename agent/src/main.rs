@@ -397,7 +397,11 @@ fn check_run(name: Option<String>, config: Option<PathBuf>, output: Output) -> E
                         }),
                         match (v.state, last) {
                             (State::Blocked, _) => "a dependency is down".to_string(),
-                            (_, Some(l)) => l.error.clone().unwrap_or_else(|| v.spec.target()),
+                            (_, Some(l)) => l
+                                .explanation
+                                .clone()
+                                .or_else(|| l.error.clone())
+                                .unwrap_or_else(|| v.spec.target()),
                             (_, None) => v.spec.target(),
                         },
                     ]

@@ -504,6 +504,33 @@ pub fn peer_naming(view: &View, services: &[crate::peers::Svc]) -> crate::peers:
     )
 }
 
+/// The (service, peer) pairs that fit in `room` series, in order; when
+/// they do not all fit, the rest summed into (`~other`, `~other`), whose
+/// series are kept room for.
+pub fn fold_peers(
+    pairs: std::collections::BTreeMap<(String, String), agent_ebpf::PeerCounters>,
+    room: usize,
+) -> Vec<((String, String), agent_ebpf::PeerCounters)> {
+    if pairs.len() * PEER_SERIES <= room {
+        return pairs.into_iter().collect();
+    }
+    let mut left = room.saturating_sub(PEER_SERIES);
+    let mut kept = Vec::new();
+    let mut folded = agent_ebpf::PeerCounters::default();
+    for (k, c) in pairs {
+        if left >= PEER_SERIES {
+            left -= PEER_SERIES;
+            kept.push((k, c));
+        } else {
+            folded.add(&c);
+        }
+    }
+    if room >= PEER_SERIES {
+        kept.push(((OTHER.to_string(), OTHER.to_string()), folded));
+    }
+    kept
+}
+
 /// `netpulse_service_peer_{packets,bytes}_total`: each service's figures
 /// of the peers that are named services (containers, `remote` services),
 /// within the series budget: a folded service is `~other`, and pairs past
@@ -529,23 +556,7 @@ fn peers(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
             .or_default()
             .add(&c);
     }
-    // Room for one folded pair, should anything fold.
-    let mut room = s.budget.peer_room().saturating_sub(PEER_SERIES);
-    let mut kept: Vec<((String, String), agent_ebpf::PeerCounters)> = Vec::new();
-    let mut folded: Option<agent_ebpf::PeerCounters> = None;
-    for (k, c) in pairs {
-        if room >= PEER_SERIES {
-            room -= PEER_SERIES;
-            kept.push((k, c));
-        } else {
-            folded.get_or_insert_with(Default::default).add(&c);
-        }
-    }
-    if let Some(c) = folded
-        && s.budget.peer_room() >= PEER_SERIES
-    {
-        kept.push(((OTHER.to_string(), OTHER.to_string()), c));
-    }
+    let kept = fold_peers(pairs, s.budget.peer_room());
     let mut packets = counter(
         "netpulse_service_peer_packets_total",
         "Packets between each service and each of its peers that is a named service (ingress: toward the service).",
@@ -1146,5 +1157,32 @@ mod tests {
         assert_eq!(names, ["declared", "old-socket", OTHER]);
         assert_eq!(out[2].counts.dir[0].packets, 5 + 13);
         assert!(out.len() * SERIES_PER_SERVICE <= 3 * SERIES_PER_SERVICE + 5);
+    }
+
+    #[test]
+    fn peer_pairs_past_the_room_fold_into_other() {
+        let c = |n: u64| agent_ebpf::PeerCounters {
+            packets: [n, n],
+            bytes: [n, n],
+            conns: 0,
+        };
+        let pairs: std::collections::BTreeMap<(String, String), agent_ebpf::PeerCounters> =
+            [("a", 1), ("b", 2), ("c", 4)]
+                .into_iter()
+                .map(|(s, n)| ((s.to_string(), "db".to_string()), c(n)))
+                .collect();
+        let names = |v: &[((String, String), agent_ebpf::PeerCounters)]| -> Vec<String> {
+            v.iter().map(|((s, _), _)| s.clone()).collect()
+        };
+        // All fit: all kept, nothing folded.
+        let all = fold_peers(pairs.clone(), 3 * PEER_SERIES);
+        assert_eq!(names(&all), ["a", "b", "c"]);
+        // Room for two groups: one pair, then ~other with the rest.
+        let two = fold_peers(pairs.clone(), 2 * PEER_SERIES + 3);
+        assert_eq!(names(&two), ["a", OTHER]);
+        assert_eq!(two[1].0.1, OTHER);
+        assert_eq!(two[1].1.packets, [6, 6]);
+        // No room at all: nothing.
+        assert!(fold_peers(pairs, 3).is_empty());
     }
 }

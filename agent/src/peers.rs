@@ -575,11 +575,31 @@ fn bucket_text((a, bits): &Bucket) -> String {
     format!("{a}/{bits}")
 }
 
+/// A service's TCP figures of one side: the handshake p50 (seconds) and
+/// the retransmitted segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EdgeTcp {
+    pub handshake_p50_seconds: Option<f64>,
+    pub retransmits: u64,
+}
+
 /// The map for `services`: each service's named peers, its `top_k`
 /// busiest unknown addresses, then its `top_k` busiest buckets (less the
 /// addresses shown), and the rest as `~other`. Per service, named +
 /// addresses + buckets + `~other` add up to every packet counted.
-pub fn build(snap: &Snapshot, naming: &Naming, services: &[Svc], top_k: usize) -> t::ServiceMap {
+///
+/// `client_tcp` holds, by slot, the client-side TCP figures of `remote`
+/// services: this host is their only client (the TCP programs count a
+/// remote service's connections from this host's namespace only), so
+/// they are the figures of the edge `host` → the service. Other edges
+/// have no per-edge TCP figures (null, 0).
+pub fn build(
+    snap: &Snapshot,
+    naming: &Naming,
+    services: &[Svc],
+    top_k: usize,
+    client_tcp: &BTreeMap<u32, EdgeTcp>,
+) -> t::ServiceMap {
     let mut nodes: BTreeMap<String, t::MapNode> = BTreeMap::new();
     let mut edges = Vec::new();
     let mut node = |kind: Kind, name: &str, service: Option<&str>| {
@@ -594,7 +614,14 @@ pub fn build(snap: &Snapshot, naming: &Naming, services: &[Svc], top_k: usize) -
     };
     for svc in services {
         let target = node(svc.kind, &svc.name, Some(&svc.name));
+        let host_tcp = client_tcp
+            .get(&svc.slot)
+            .filter(|_| svc.kind == Kind::Remote)
+            .copied();
         let mut edge = |source: String, peer: String, c: &PeerCounters| {
+            let tcp = host_tcp
+                .filter(|_| source == node_id(Kind::Host, ""))
+                .unwrap_or_default();
             edges.push(t::MapEdge {
                 source,
                 target: target.clone(),
@@ -605,8 +632,8 @@ pub fn build(snap: &Snapshot, naming: &Naming, services: &[Svc], top_k: usize) -
                 packets_out: c.packets[1],
                 bytes_out: c.bytes[1],
                 connections: c.conns,
-                handshake_p50_seconds: None,
-                retransmits: 0,
+                handshake_p50_seconds: tcp.handshake_p50_seconds,
+                retransmits: tcp.retransmits,
             });
         };
         // Named peers: the kernel's named places, and addresses the LRU
@@ -752,7 +779,13 @@ mod tests {
         let naming = Naming {
             by_addr: BTreeMap::from([(db, (Kind::Container, "db".to_string()))]),
         };
-        let m = build(&snap, &naming, std::slice::from_ref(&svc), 1);
+        let m = build(
+            &snap,
+            &naming,
+            std::slice::from_ref(&svc),
+            1,
+            &BTreeMap::new(),
+        );
         let peers: Vec<(&str, u64)> = m
             .edges
             .iter()

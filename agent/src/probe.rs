@@ -540,10 +540,19 @@ impl Kernel {
         let ncpus = nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
         let netns = crate::health::Netns::new(&mut ebpf);
         let features = crate::health::attach(&mut ebpf, &types);
+        let reasons = std::sync::Arc::new(types.reasons);
+        // The checks' watch list reports drops: only with their program on.
+        if features
+            .iter()
+            .any(|f| f.name == "kernel_drops" && f.error.is_none())
+            && let Err(e) = crate::health::Watch::install(&pin_dir, reasons.clone())
+        {
+            warn!(error = %e, "health checks: the kernel's view of their flows is off");
+        }
         let health = Health {
             features,
             netns,
-            reasons: std::sync::Arc::new(types.reasons),
+            reasons,
             open_seed: None,
         };
         let peers = match crate::peers::Writer::open(&pin_dir, ncpus) {

@@ -47,6 +47,36 @@ const CHECK_CONCURRENCY: usize = 32;
 /// Starts the config's checks and those container labels ask for (the
 /// config wins a name both use) on `tasks`; cancelling the returned token
 /// (a child of `stop`) stops them.
+/// A service's TCP results, retransmits and drops now, for the checks'
+/// evidence (both sides of its slot summed).
+fn service_figures(dp: Arc<crate::state::Datapath>) -> crate::checks::engine::ServiceFigures {
+    Arc::new(move |name: &str| {
+        let view = dp.view();
+        let slot = view.services.get(name)?.slot;
+        let counters = dp.counters();
+        let tcp = counters.tcp(slot, false)?;
+        let mut w = crate::api_types::ServiceWindow {
+            name: name.to_string(),
+            refused: tcp.counts[agent_ebpf::TCP_REFUSED],
+            reset: tcp.counts[agent_ebpf::TCP_RESET],
+            timeout: tcp.counts[agent_ebpf::TCP_TIMEOUT],
+            retransmits: crate::health::retransmits(&tcp),
+            ..Default::default()
+        };
+        for (k, n) in counters.drops() {
+            if k.slot == slot {
+                let reason = view
+                    .drop_reasons
+                    .get(&u64::from(k.reason))
+                    .cloned()
+                    .unwrap_or_else(|| k.reason.to_string());
+                *w.drops.entry(reason).or_default() += n;
+            }
+        }
+        Some(w)
+    })
+}
+
 fn start_checks(
     cfg: &Settings,
     hinted: &[crate::checks::Spec],
@@ -486,6 +516,7 @@ pub async fn run(
             rings: rings.clone(),
             docker_socket: cfg.raw.docker.socket.clone(),
         }),
+        service: Some(service_figures(state.datapath.clone())),
     };
     let mut hint_warned = HashSet::new();
     let mut hinted: Vec<crate::checks::Spec> = Vec::new();

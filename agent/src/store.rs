@@ -64,6 +64,9 @@ pub struct ResultRow {
     pub ok: bool,
     pub duration_ms: f64,
     pub error: Option<String>,
+    /// Why it failed, in one line, and `evidence.cause` (its word).
+    pub explanation: Option<String>,
+    pub cause: Option<String>,
 }
 
 /// A down → up interval (`end_ms` None: still down).
@@ -73,6 +76,7 @@ pub struct Incident {
     pub start_ms: i64,
     pub end_ms: Option<i64>,
     pub error: Option<String>,
+    pub explanation: Option<String>,
 }
 
 pub struct Store {
@@ -109,7 +113,13 @@ const MAX_PENDING: usize = 100_000;
 /// never edit one that has shipped. Version 1 is the schema from before
 /// the store was versioned (hence `IF NOT EXISTS`: such a store, at
 /// version 0, already has it).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: each failed result's explanation and cause.
+const SCHEMA_V2: &str = "
+ALTER TABLE results ADD COLUMN explanation TEXT;
+ALTER TABLE results ADD COLUMN cause TEXT;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS results (
@@ -256,7 +266,7 @@ impl Store {
             let tx = conn.transaction()?;
             {
                 let mut st = tx.prepare_cached(
-                    "INSERT INTO results (check_name, at_ms, ok, duration_ms, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO results (check_name, at_ms, ok, duration_ms, error, explanation, cause) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 for (check, row) in &batch {
                     st.execute(params![
@@ -264,7 +274,9 @@ impl Store {
                         row.at_ms,
                         row.ok,
                         row.duration_ms,
-                        row.error
+                        row.error,
+                        row.explanation,
+                        row.cause
                     ])?;
                 }
             }
@@ -341,7 +353,7 @@ impl Store {
         self.flush();
         let conn = self.conn();
         let Ok(mut st) = conn.prepare(
-            "SELECT at_ms, ok, duration_ms, error FROM results WHERE check_name = ?1 ORDER BY at_ms DESC, id DESC LIMIT ?2",
+            "SELECT at_ms, ok, duration_ms, error, explanation, cause FROM results WHERE check_name = ?1 ORDER BY at_ms DESC, id DESC LIMIT ?2",
         ) else {
             return Vec::new();
         };
@@ -351,6 +363,8 @@ impl Store {
                 ok: r.get(1)?,
                 duration_ms: r.get(2)?,
                 error: r.get(3)?,
+                explanation: r.get(4)?,
+                cause: r.get(5)?,
             })
         })
         .map(|rows| rows.flatten().collect())
@@ -362,18 +376,19 @@ impl Store {
         self.flush();
         let conn = self.conn();
         let Ok(mut st) = conn.prepare(
-            "SELECT at_ms, ok, error FROM results WHERE check_name = ?1 AND at_ms >= ?2 ORDER BY at_ms, id",
+            "SELECT at_ms, ok, error, explanation FROM results WHERE check_name = ?1 AND at_ms >= ?2 ORDER BY at_ms, id",
         ) else {
             return Vec::new();
         };
-        let rows: Vec<(i64, bool, Option<String>)> = st
+        type Row = (i64, bool, Option<String>, Option<String>);
+        let rows: Vec<Row> = st
             .query_map(params![check, since_ms], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .map(|rows| rows.flatten().collect())
             .unwrap_or_default();
         let mut out: Vec<Incident> = Vec::new();
-        for (at, ok, error) in rows {
+        for (at, ok, error, explanation) in rows {
             match (ok, out.last_mut()) {
                 (false, Some(open)) if open.end_ms.is_none() => {}
                 (false, _) => out.push(Incident {
@@ -381,6 +396,7 @@ impl Store {
                     start_ms: at,
                     end_ms: None,
                     error,
+                    explanation,
                 }),
                 (true, Some(open)) if open.end_ms.is_none() => open.end_ms = Some(at),
                 (true, _) => {}
@@ -501,10 +517,12 @@ mod tests {
                 .unwrap();
             assert_eq!(v, MIGRATIONS.len() as i64);
         }
-        // A store from before the schema had a version: kept, upgraded.
+        // A store from before the schema had a version (version 1's
+        // tables, at version 0): kept, upgraded.
         {
+            std::fs::remove_file(d.join("netpulse.db")).unwrap();
             let c = Connection::open(d.join("netpulse.db")).unwrap();
-            c.pragma_update(None, "user_version", 0).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
             c.execute(
                 "INSERT INTO jobs (kind, arg, state, created_ms) VALUES ('check', 'x', 'done', 1)",
                 [],
@@ -524,7 +542,8 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            err.contains("schema version 99") && err.contains("knows up to 1"),
+            err.contains("schema version 99")
+                && err.contains(&format!("knows up to {}", MIGRATIONS.len())),
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&d);
@@ -549,6 +568,8 @@ mod tests {
                     ok: *ok,
                     duration_ms: 1.0,
                     error: (!ok).then(|| format!("e{i}")),
+                    explanation: (!ok).then(|| format!("x{i}")),
+                    cause: (!ok).then(|| "refused".into()),
                 },
             );
         }
@@ -562,17 +583,27 @@ mod tests {
                     check: "web".into(),
                     start_ms: t0 + 2000,
                     end_ms: Some(t0 + 4000),
-                    error: Some("e2".into())
+                    error: Some("e2".into()),
+                    explanation: Some("x2".into()),
                 },
                 Incident {
                     check: "web".into(),
                     start_ms: t0 + 5000,
                     end_ms: None,
-                    error: Some("e5".into())
+                    error: Some("e5".into()),
+                    explanation: Some("x5".into()),
                 },
             ]
         );
-        assert_eq!(s.recent("web", 2)[0].at_ms, t0 + 5000);
+        let last = &s.recent("web", 2)[0];
+        assert_eq!(
+            (
+                last.at_ms,
+                last.explanation.as_deref(),
+                last.cause.as_deref()
+            ),
+            (t0 + 5000, Some("x5"), Some("refused"))
+        );
         // The summary is the same, and a new result is in the next one.
         let sum = s.summary("web");
         assert_eq!((sum.uptime_7d, &sum.incidents[..]), (Some(0.5), &inc[..]));
@@ -583,6 +614,8 @@ mod tests {
                 ok: true,
                 duration_ms: 1.0,
                 error: None,
+                explanation: None,
+                cause: None,
             },
         );
         let sum = s.summary("web");

@@ -596,6 +596,21 @@ actions = [{{ kind = "capture", interface = "{dev}", seconds = 2, ring_packets =
         "the requests from before the failure are in the file"
     );
     assert!(counts[1].0 >= 3, "the refusals after it too: {counts:?}");
+    // Why the check failed: in the job's result and as the file's comment,
+    // as capinfos reads it.
+    let why = capture["result"]["explanation"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("answered RST"), "{capture}");
+    let info = std::process::Command::new("capinfos")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains(&format!("web-up failed: {why}")),
+        "capinfos shows no comment with the explanation:\n{info}"
+    );
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

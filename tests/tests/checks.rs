@@ -309,18 +309,35 @@ expect = "10.9.9.9"
     ] {
         assert_eq!(state(up), "up", "{up}: {:#}", rows[up]);
     }
-    for (down, why) in [
-        ("http-503", "status 503, expected 200-299"),
-        ("http-hang", "timed out after 0.5 s"),
-        ("https-untrusted", "TLS handshake"),
-        ("https-expiring", "certificate expires in"),
-        ("tcp-wrong-greeting", "does not contain `SSH-2.0`"),
-        ("tcp-refused", "Connection refused"),
-        ("dns-wrong-answer", "10.1.2.3"),
+    for (down, why, cause) in [
+        ("http-503", "status 503, expected 200-299", "http_status"),
+        ("http-hang", "timed out after 0.5 s", "slow"),
+        ("https-untrusted", "TLS handshake", "tls"),
+        ("https-expiring", "certificate expires in", "cert_expiring"),
+        (
+            "tcp-wrong-greeting",
+            "does not contain `SSH-2.0`",
+            "content",
+        ),
+        ("tcp-refused", "Connection refused", "refused"),
+        ("dns-wrong-answer", "10.1.2.3", "dns_no_answer"),
     ] {
         assert_eq!(state(down), "down", "{down}: {:#}", rows[down]);
         assert!(error(down).contains(why), "{down}: {}", error(down));
+        // Why, from the evidence, and a line for a person.
+        assert_eq!(
+            rows[down]["evidence"]["cause"], cause,
+            "{down}: {:#}",
+            rows[down]
+        );
+        assert!(
+            !rows[down]["explanation"].as_str().unwrap_or("").is_empty(),
+            "{down}: {:#}",
+            rows[down]
+        );
     }
+    assert!(rows["http-ok"]["explanation"].is_null());
+    assert!(rows["http-ok"]["evidence"].is_null());
     assert_eq!(state("behind-refused"), "blocked");
     assert!(
         rows["behind-refused"]["duration_seconds"].is_null(),
@@ -364,18 +381,43 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
     std::fs::write(
         &cfg,
         format!(
-            "[[check]]\nname = \"peer\"\nkind = \"icmp\"\ntarget = \"{}\"\n\n[[check]]\nname = \"nobody-there\"\nkind = \"icmp\"\ntarget = \"10.77.103.9\"\ntimeout_seconds = 0.5\n",
+            "[[check]]\nname = \"peer\"\nkind = \"icmp\"\ntarget = \"{}\"\n\n[[check]]\nname = \"nobody-there\"\nkind = \"icmp\"\ntarget = \"10.77.103.9\"\ntimeout_seconds = 0.5\n\n[[check]]\nname = \"beyond-b\"\nkind = \"icmp\"\ntarget = \"10.177.103.9\"\ntimeout_seconds = 2\n",
             pair.addr_b
         ),
     )
     .unwrap();
+    // b routes for a, and has no route on to 10.177.103.0/24: it answers
+    // a's echo there with an ICMP host unreachable.
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{out:?}");
+    ok(pair.b.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
+    ok(pair
+        .b
+        .exec("ip", &["route", "add", "unreachable", "10.177.103.0/24"]));
+    let via = pair.addr_b.to_string();
+    ok(pair.a.exec(
+        "ip",
+        &["route", "add", "10.177.103.0/24", "via", via.as_str()],
+    ));
     let ns = ["ip", "netns", "exec", pair.a.name.as_str()];
     let (code, rows) = check_run(&ns, &cfg, &["--all"]);
     assert_eq!(rows["peer"]["state"], "up", "{rows:#?}");
     assert_eq!(rows["nobody-there"]["state"], "down");
     let err = rows["nobody-there"]["error"].as_str().unwrap_or("");
     assert!(err.contains("no echo reply from 10.77.103.9"), "{err}");
+    assert_eq!(rows["nobody-there"]["evidence"]["cause"], "timeout");
+    assert_eq!(
+        rows["nobody-there"]["explanation"].as_str(),
+        Some(err),
+        "{rows:#?}"
+    );
     assert_eq!(code, 1);
+    // The router's ICMP error, matched to the echo it quotes.
+    assert_eq!(rows["beyond-b"]["evidence"]["cause"], "icmp_unreachable");
+    assert_eq!(
+        rows["beyond-b"]["explanation"].as_str(),
+        Some(format!("ICMP host unreachable from {via} (echo request to 10.177.103.9)").as_str()),
+        "{rows:#?}"
+    );
     // Without CAP_NET_RAW: the error says which capability.
     let unprivileged = [
         "ip",
@@ -395,6 +437,7 @@ fn icmp_checks_need_cap_net_raw_and_reach_a_host_in_a_namespace() {
     assert_eq!(code, 1);
     let err = rows["peer"]["error"].as_str().unwrap_or("");
     assert!(err.contains("CAP_NET_RAW"), "{err}");
+    assert_eq!(rows["peer"]["evidence"]["cause"], "local_error");
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -225,6 +225,15 @@ fn jobs_api_token_history_webhook_and_restart_survival() {
         event["error"].as_str().unwrap().contains("127.0.0.1:1"),
         "{event}"
     );
+    // Why, from the evidence: a reset answered the SYN.
+    assert_eq!(event["evidence"]["cause"], "refused", "{event}");
+    assert!(
+        event["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:1 answered RST"),
+        "{event}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(posts.try_recv().is_err(), "the cooldown holds");
 

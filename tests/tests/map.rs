@@ -203,17 +203,22 @@ fn connect_from(from: Ipv4Addr, to: Ipv4Addr, port: u16) -> TcpStream {
     }
 }
 
-/// `n` connections from `from` to `to`, each one request and its answer.
-fn connect_n(ns: &Netns, from: Ipv4Addr, to: (Ipv4Addr, u16), n: usize, size: usize) {
+/// `n` connections from `from` to `to`, each one request and its answer;
+/// returns the slowest connect().
+fn connect_n(ns: &Netns, from: Ipv4Addr, to: (Ipv4Addr, u16), n: usize, size: usize) -> Duration {
     ns.run(move || {
+        let mut slowest = Duration::ZERO;
         for _ in 0..n {
+            let t = Instant::now();
             let mut c = connect_from(from, to.0, to.1);
+            slowest = slowest.max(t.elapsed());
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             c.write_all(&vec![1u8; size]).unwrap();
             let mut ok = [0u8; 2];
             c.read_exact(&mut ok).unwrap();
         }
-    });
+        slowest
+    })
 }
 
 fn peer_series(m: &Metrics, name: &str, service: &str, peer: &str, dir: &str) -> u64 {
@@ -302,7 +307,7 @@ endpoints = [{{ proto = "tcp", port = {NAMED_ONLY}, addr = "{named_client}" }}]
     connect_n(&pair.b, folded, to_web, 2, 100);
     connect_n(&pair.b, b, to_web, 3, 500);
     // This host to the remote service.
-    connect_n(&pair.a, a, (b, API), 4, 700);
+    let slowest_connect = connect_n(&pair.a, a, (b, API), 4, 700);
     // Let the closes finish on both ends before counting.
     std::thread::sleep(Duration::from_millis(500));
     tcpdump.stop();
@@ -349,6 +354,23 @@ endpoints = [{{ proto = "tcp", port = {NAMED_ONLY}, addr = "{named_client}" }}]
     );
     assert_eq!(figures(e), seen(&pairs, b, API, a));
     assert_eq!(e.connections, 4);
+    // Its TCP figures are this host's client side of `api`: a handshake
+    // over a veth, within the slowest connect() the client timed.
+    let p50 = e
+        .handshake_p50_seconds
+        .expect("the host edge's handshake p50");
+    assert!(
+        p50 > 0.0 && p50 <= slowest_connect.as_secs_f64(),
+        "handshake p50 {p50} s, slowest connect {slowest_connect:?}"
+    );
+    assert_eq!(e.retransmits, 0, "retransmits over a quiet veth");
+    // Edges to local services have no per-peer TCP figures.
+    assert!(
+        m.edges
+            .iter()
+            .filter(|e| e.service == "web")
+            .all(|e| e.handshake_p50_seconds.is_none() && e.retransmits == 0)
+    );
     for id in ["service:web", "remote:api", "remote:client", "host"] {
         assert!(m.nodes.iter().any(|n| n.id == id), "node {id} missing");
     }

@@ -66,6 +66,20 @@ macro_rules! off {
     };
 }
 
+/// The `u32` at `base + off` of kernel memory, 0 when unknown or the read
+/// faults. Read into a zeroed value: through `Option` the compiler may
+/// test a register the failed read never set, which the verifier rejects.
+#[inline(always)]
+fn rd_u32_or_zero(base: u64, off: u64) -> u32 {
+    let mut v = [0u8; 4];
+    if base != 0 && off != u32::MAX as u64 {
+        // SAFETY: the helper checks the kernel address and writes at most
+        // 4 bytes into `v`.
+        let _ = unsafe { bpf_probe_read_kernel_buf((base + off) as *const u8, &mut v) };
+    }
+    u32::from_ne_bytes(v)
+}
+
 /// `T` at `base + off` of kernel memory; `None` when the read faults or the
 /// offset is unknown.
 #[inline(always)]
@@ -195,7 +209,8 @@ const SCRATCH_RETRANSMIT: u32 = 1;
 const SCRATCH_SYNACK: u32 = 2;
 const SCRATCH_KFREE: u32 = 3;
 const SCRATCH_SEND_RESET: u32 = 5;
-const SCRATCH_LEN: u32 = 7;
+const SCRATCH_RECEIVE_RESET: u32 = 7;
+const SCRATCH_LEN: u32 = 8;
 
 /// The first [`WIN`] bytes of a kernel struct, read with one helper call:
 /// fields within them are read from the copy, others (or all, if the copy
@@ -555,7 +570,16 @@ fn mark_reset(sk: u64) {
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn netpulse_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    mark_reset(ctx.arg(0));
+    let sk: u64 = ctx.arg(0);
+    mark_reset(sk);
+    if let Some(e) = ends(sk, SCRATCH_RECEIVE_RESET)
+        && e.netns == NETNS_HOST
+        && let Some(w) = watched(e.family, PROTO_TCP, e.lport, &e.raddr, e.rport)
+    {
+        // SAFETY: this CPU's value of the watched flow; written by this
+        // program only.
+        unsafe { (*w).resets += 1 };
+    }
     0
 }
 
@@ -688,8 +712,16 @@ fn syn_time(e: &Ends) -> Option<u64> {
 /// none, of its socket).
 #[inline(always)]
 fn skb_flow(skb: u64, scratch: u32) -> Option<(Flow, u32)> {
+    skb_flow_dev(skb, scratch).map(|(f, n, _)| (f, n))
+}
+
+/// [`skb_flow`], and whether the skb was received (came in on an
+/// interface) rather than sent by this host.
+#[inline(always)]
+fn skb_flow_dev(skb: u64, scratch: u32) -> Option<(Flow, u32, bool)> {
     let w = Win::read(skb, scratch);
     let dev: u64 = w.get(off!(skb_dev)).unwrap_or(0);
+    let received = rd_u32_or_zero(skb, off!(skb_iif)) != 0;
     let net: u64 = if dev != 0 {
         rd(dev, off!(dev_nd_net))?
     } else {
@@ -702,7 +734,7 @@ fn skb_flow(skb: u64, scratch: u32) -> Option<(Flow, u32)> {
     let proto = u16::from_be(w.get::<u16>(off!(skb_protocol))?);
     let mut flow = Flow::default();
     if nh == 0xffff {
-        return Some((flow, netns));
+        return Some((flow, netns, received));
     }
     // The headers, in the next scratch buffer (the struct's is `scratch`).
     let buf = NP_SCRATCH.get_ptr_mut(scratch + 1)?;
@@ -719,12 +751,12 @@ fn skb_flow(skb: u64, scratch: u32) -> Option<(Flow, u32)> {
         0 => match bytes.first().map(|b| b >> 4) {
             Some(4) => ETH_P_IP,
             Some(6) => ETH_P_IPV6,
-            _ => return Some((flow, netns)),
+            _ => return Some((flow, netns, received)),
         },
-        _ => return Some((flow, netns)),
+        _ => return Some((flow, netns, received)),
     };
     let _ = parse_from(bytes, proto, 0, &mut flow);
-    Some((flow, netns))
+    Some((flow, netns, received))
 }
 
 /// A packet the kernel dropped, with its reason: the service it belongs
@@ -736,7 +768,7 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if reason == 0 || reason == off!(reason_consumed) as u32 {
         return 0;
     }
-    let Some((flow, netns)) = skb_flow(skb, SCRATCH_KFREE) else {
+    let Some((flow, netns, received)) = skb_flow_dev(skb, SCRATCH_KFREE) else {
         return 0;
     };
     let (mut slot, mut dir) = (SLOT_NO_MATCH, DIR_INGRESS);
@@ -756,6 +788,9 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
+    if netns == NETNS_HOST && flow.family != 0 {
+        watch_drop(&flow, reason, received);
+    }
     let key = DropKey {
         slot,
         reason,
@@ -770,6 +805,56 @@ pub fn netpulse_kfree_skb(ctx: BtfTracePointContext) -> i32 {
         }
     }
     0
+}
+
+// --- The health checks' own flows -----------------------------------------
+
+np_map!(
+    NP_WATCH = maps::WATCH,
+    PerCpuHashMap<WatchKey, WatchStats>,
+    PerCpuHashMap::pinned(MAX_WATCH, 0)
+);
+
+/// The record of a watched flow of a health check, if this is one.
+#[inline(always)]
+fn watched(
+    family: u8,
+    proto: u8,
+    lport: u16,
+    raddr: &[u32; 4],
+    rport: u16,
+) -> Option<*mut WatchStats> {
+    let key = WatchKey {
+        raddr: *raddr,
+        family,
+        proto,
+        lport,
+        rport,
+        _pad: 0,
+    };
+    NP_WATCH.get_ptr_mut(&key)
+}
+
+/// A dropped packet of a watched flow: the check's own (its source port is
+/// the check's) or its peer's (its destination port is).
+#[inline(always)]
+fn watch_drop(flow: &Flow, reason: u32, received: bool) {
+    let (p, dir) = match watched(flow.family, flow.proto, flow.sport, &flow.dst, flow.dport) {
+        Some(p) => (p, WATCH_EGRESS),
+        None => match watched(flow.family, flow.proto, flow.dport, &flow.src, flow.sport) {
+            Some(p) => (p, WATCH_INGRESS),
+            None => return,
+        },
+    };
+    // SAFETY: this CPU's value of the watched flow; written by this
+    // program only (the last reason wins).
+    unsafe {
+        (*p).drops[dir] += 1;
+        (*p).reason[dir] = reason;
+        if received {
+            (*p).received |= 1 << dir;
+        }
+    }
 }
 
 np_programs!(

@@ -114,6 +114,8 @@ struct Trigger {
     settings: Settings,
     store: Arc<Store>,
     check: String,
+    /// Why the check failed: the file's comment.
+    explanation: Option<String>,
 }
 
 struct Ring {
@@ -228,7 +230,12 @@ impl Rings {
 
     /// The check failed: its ring goes to a new capture file, and the
     /// capture goes on for `spec.seconds`.
-    pub fn trigger(&self, spec: &Spec, check: &str) -> Result<(), String> {
+    pub fn trigger(
+        &self,
+        spec: &Spec,
+        check: &str,
+        explanation: Option<&str>,
+    ) -> Result<(), String> {
         let inner = self.lock();
         let key = Self::key(&inner, spec).ok_or("no filter for this capture action")?;
         let (_, _, ring) = inner
@@ -248,6 +255,7 @@ impl Rings {
             "bytes": null,
             "check": check,
             "trigger": "check failed",
+            "explanation": explanation,
         });
         let id = store
             .record_running("capture", &arg.to_string())
@@ -260,6 +268,7 @@ impl Rings {
                 settings: inner.settings,
                 store,
                 check: check.to_string(),
+                explanation: explanation.map(String::from),
             })
             .map_err(|_| "the ring's capture has stopped".to_string())?;
         info!(check, capture = id, "capture on failure started");
@@ -319,6 +328,7 @@ impl Writing {
                     "parts": [0],
                     "stopped_by": self.stopped_by,
                     "check": self.t.check,
+                    "explanation": self.t.explanation,
                 }),
             ),
             Err(e) => (false, json!({ "error": e.to_string() })),
@@ -360,7 +370,12 @@ fn run(
                     }
                 })
                 .and_then(|()| {
-                    Pcapng::create(&path, linktype, SNAPLEN as u32).map_err(|e| e.to_string())
+                    let comment = t
+                        .explanation
+                        .as_ref()
+                        .map(|e| format!("{} failed: {e}", t.check));
+                    Pcapng::create(&path, linktype, SNAPLEN as u32, comment.as_deref())
+                        .map_err(|e| e.to_string())
                 });
             match created {
                 Ok(mut file) => {

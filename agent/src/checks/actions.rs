@@ -160,7 +160,9 @@ pub fn fire(action: &Action, check: &str, event: serde_json::Value, ctx: &Arc<Co
         let r = match &action.what {
             Do::Webhook { url } => post_json(url, &event).await,
             Do::RestartContainer { container } => restart(&ctx.docker_socket, container).await,
-            Do::Capture(spec) => ctx.rings.trigger(spec, &check),
+            Do::Capture(spec) => ctx
+                .rings
+                .trigger(spec, &check, event["explanation"].as_str()),
         };
         match r {
             Ok(()) => info!(check = %check, action = kind, "action done"),

@@ -23,7 +23,14 @@ use crate::store::{ResultRow, Store};
 pub struct Sink {
     pub store: Option<Arc<Store>>,
     pub actions: Arc<actions::Context>,
+    /// A service's figures now, by name (the datapath's counters): read
+    /// before and after each run, for the run's evidence.
+    pub service: Option<ServiceFigures>,
 }
+
+/// A service's counters at one moment, by service name.
+pub type ServiceFigures =
+    Arc<dyn Fn(&str) -> Option<crate::api_types::ServiceWindow> + Send + Sync>;
 
 /// Upper bounds of `netpulse_check_duration_seconds`, in seconds.
 pub const BUCKETS: [f64; 11] = [
@@ -226,9 +233,75 @@ impl Engine {
     pub async fn run_now(&self, name: &str) -> Option<Outcome> {
         let spec = self.specs.get(name)?.clone();
         let _permit = self.running.acquire().await.ok()?;
-        let out = Self::attempt(&spec).await;
+        let out = self.attempt_watched(&spec).await;
         self.record(&spec, &out);
         Some(out)
+    }
+
+    /// [`Self::attempt`], and on failure what the check's service went
+    /// through meanwhile (added to the evidence, and to the explanation
+    /// when anything happened).
+    async fn attempt_watched(&self, spec: &Spec) -> Outcome {
+        let figures = match (&self.sink.service, &spec.service) {
+            (Some(f), Some(name)) => Some((f, name)),
+            _ => None,
+        };
+        let before = figures.and_then(|(f, name)| f(name));
+        let mut out = Self::attempt(spec).await;
+        if out.ok {
+            return out;
+        }
+        let (Some((f, name)), Some(before)) = (figures, before) else {
+            return out;
+        };
+        let Some(after) = f(name) else {
+            return out;
+        };
+        let window = crate::api_types::ServiceWindow {
+            name: name.clone(),
+            drops: after
+                .drops
+                .iter()
+                .map(|(r, n)| {
+                    (
+                        r.clone(),
+                        n.saturating_sub(*before.drops.get(r).unwrap_or(&0)),
+                    )
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            refused: after.refused.saturating_sub(before.refused),
+            reset: after.reset.saturating_sub(before.reset),
+            timeout: after.timeout.saturating_sub(before.timeout),
+            retransmits: after.retransmits.saturating_sub(before.retransmits),
+        };
+        if !window.is_quiet()
+            && let Some(line) = &mut out.explanation
+        {
+            let mut parts: Vec<String> = window
+                .drops
+                .iter()
+                .map(|(r, n)| format!("{n} dropped ({r})"))
+                .collect();
+            for (n, what) in [
+                (window.refused, "refused"),
+                (window.reset, "reset"),
+                (window.timeout, "timed out"),
+                (window.retransmits, "retransmitted"),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
+            }
+            line.push_str(&format!(
+                "; service {name} meanwhile (all its traffic): {}",
+                parts.join(", ")
+            ));
+        }
+        if let Some(ev) = &mut out.evidence {
+            ev.service = Some(window);
+        }
+        out
     }
 
     /// Applies one run's result: counters, histogram, thresholds.
@@ -273,6 +346,8 @@ impl Engine {
                     ok: out.ok,
                     duration_ms: out.duration.as_secs_f64() * 1000.0,
                     error: out.error.clone(),
+                    explanation: out.explanation.clone(),
+                    cause: out.evidence.as_ref().map(|e| e.cause.as_str().to_string()),
                 },
             );
         }
@@ -297,6 +372,8 @@ impl Engine {
                 "previous": before.get(&spec.name).copied().unwrap_or(State::Unknown).as_str(),
                 "consecutive_failures": failures,
                 "error": out.error,
+                "explanation": out.explanation,
+                "evidence": out.evidence,
                 "at_ms": crate::store::now_ms(),
             });
             actions::fire(a, &spec.name, event, &self.sink.actions);
@@ -362,7 +439,7 @@ impl Engine {
                         return;
                     };
                     let out = tokio::select! {
-                        o = Engine::attempt(&spec) => o,
+                        o = engine.attempt_watched(&spec) => o,
                         _ = stop.cancelled() => return,
                     };
                     engine.record(&spec, &out);

@@ -20,7 +20,11 @@ use tokio::{
 pub use crate::client::tls_config;
 use crate::client::{Io, anchors, http1};
 
-use super::{DnsSpec, HttpSpec, Kind, Spec, TcpSpec};
+use super::{
+    DnsSpec, HttpSpec, Kind, Spec, TcpSpec,
+    evidence::{self, Stage, Trace},
+};
+use crate::api_types::Cause;
 
 /// Largest HTTP body read for body checks.
 const MAX_BODY: usize = 1 << 20;
@@ -42,6 +46,9 @@ pub struct Outcome {
     pub cert_expiry: Option<SystemTime>,
     /// What else the run saw, for blackbox_exporter's metrics on /probe.
     pub seen: Seen,
+    /// Why it failed, in one line, and the facts behind it (failed runs).
+    pub explanation: Option<String>,
+    pub evidence: Option<crate::api_types::Evidence>,
 }
 
 /// What a run saw besides its verdict: what blackbox_exporter reports
@@ -118,31 +125,62 @@ impl Outcome {
 pub async fn run(spec: &Spec) -> Outcome {
     let started = Instant::now();
     let mut seen = Seen::default();
+    let mut trace = Trace::new();
     let fut = async {
         match &spec.kind {
-            Kind::Http(h) => http(h, started, &mut seen).await,
-            Kind::Tcp(t) => tcp(t, started, &mut seen).await,
-            Kind::Dns(d) => dns(d, started).await,
+            Kind::Http(h) => http(h, started, &mut seen, &mut trace).await,
+            Kind::Tcp(t) => tcp(t, started, &mut seen, &mut trace).await,
+            Kind::Dns(d) => dns(d, started, &mut trace).await,
             // Its own deadline inside the run's, so a silent host is
             // reported as such rather than as a timeout.
-            Kind::Icmp { host } => icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await,
+            Kind::Icmp { host } => {
+                let out = icmp(host, spec.timeout.mul_f64(0.9), started, &mut seen).await;
+                if let Some(e) = &out.error {
+                    trace.ev.target = seen.ip.map(|ip| ip.to_string());
+                    trace.ev.cause = if e.contains("CAP_NET_RAW") {
+                        Cause::LocalError
+                    } else if e.starts_with("ICMP ") {
+                        Cause::IcmpUnreachable
+                    } else if seen.ip.is_none() {
+                        Cause::Resolve
+                    } else {
+                        Cause::Timeout
+                    };
+                }
+                out
+            }
         }
     };
     let mut out = match tokio::time::timeout(spec.timeout, fut).await {
         Ok(o) => o,
-        Err(_) => Outcome::fail(
-            format!("timed out after {:.1} s", spec.timeout.as_secs_f64()),
-            started,
-        ),
+        Err(_) => {
+            trace.timed_out = true;
+            Outcome::fail(
+                format!("timed out after {:.1} s", spec.timeout.as_secs_f64()),
+                started,
+            )
+        }
     };
     // As far as it got, a timed-out run included.
     out.seen = seen;
+    if !out.ok {
+        trace.finish();
+        evidence::explain(spec, &mut out, trace);
+    }
     out
 }
 
 /// Resolves `host:port`: an address literal as is, a name through the
 /// system resolver. All addresses, in the resolver's order.
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+async fn resolve(host: &str, port: u16, trace: &mut Trace) -> Result<Vec<SocketAddr>, String> {
+    let r = resolve_name(host, port).await;
+    if r.is_err() {
+        trace.ev.cause = Cause::Resolve;
+    }
+    r
+}
+
+async fn resolve_name(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
@@ -159,10 +197,13 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
 
 /// Connects to the first address that answers; the stream and that
 /// address.
-async fn connect(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), String> {
+async fn connect(
+    addrs: &[SocketAddr],
+    trace: &mut Trace,
+) -> Result<(TcpStream, SocketAddr), String> {
     let mut last = String::from("no address");
     for a in addrs {
-        match TcpStream::connect(a).await {
+        match trace.connect(*a).await {
             Ok(s) => return Ok((s, *a)),
             Err(e) => last = format!("connecting to {a}: {e}"),
         }
@@ -419,12 +460,12 @@ pub(crate) async fn tls_wrap(
     Ok((Box::new(tls), expiry, seen))
 }
 
-async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen) -> Outcome {
+async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen, trace: &mut Trace) -> Outcome {
     let mut uri = spec.url.clone();
     let mut out = Outcome::default();
     let mut redirects = 0;
     loop {
-        match http_once(spec, &uri, &mut out, seen, redirects == 0).await {
+        match http_once(spec, &uri, &mut out, seen, trace, redirects == 0).await {
             Err(e) => return Outcome::fail(e, started),
             Ok((status, location, body)) => {
                 let is_redirect = matches!(status, 301 | 302 | 303 | 307 | 308);
@@ -452,7 +493,8 @@ async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen) -> Outcome {
                 }
                 out.http_status = Some(status);
                 out.duration = started.elapsed();
-                out.error = judge_http(spec, status, &body, out.duration, out.cert_expiry);
+                trace.stage = Stage::Judged;
+                out.error = judge_http(spec, status, &body, out.duration, out.cert_expiry, trace);
                 seen.failed_on_content =
                     status_ok(spec, status) && body_fails(spec, &body).is_some();
                 out.ok = out.error.is_none();
@@ -460,6 +502,67 @@ async fn http(spec: &HttpSpec, started: Instant, seen: &mut Seen) -> Outcome {
             }
         }
     }
+}
+
+/// The OS error somewhere in an error's chain of sources.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>()
+            && let Some(n) = io.raw_os_error()
+        {
+            return Some(n);
+        }
+        cur = x.source();
+    }
+    None
+}
+
+/// What failed in a TLS handshake, in words, from rustls' error; None if
+/// it was not the TLS layer (the connection went first).
+fn tls_failure(e: &str) -> Option<String> {
+    if let Some(i) = e.find("certificate expired") {
+        // "… not valid after T (N seconds ago)"
+        let ago = e[i..]
+            .split('(')
+            .filter_map(|p| {
+                p.strip_suffix(" seconds ago)")
+                    .or(p.split(" seconds ago").next())
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .next_back();
+        return Some(match ago {
+            Some(s) if s >= 2 * 86400 => format!("certificate expired {} days ago", s / 86400),
+            Some(s) if s >= 7200 => format!("certificate expired {} hours ago", s / 3600),
+            Some(s) => format!("certificate expired {s} seconds ago"),
+            None => "certificate expired".into(),
+        });
+    }
+    if e.contains("Expired") {
+        return Some("certificate expired".into());
+    }
+    if let Some(i) = e.find("certificate not valid for name") {
+        return Some(e[i..].to_string());
+    }
+    if e.contains("NotValidForName") {
+        return Some("certificate not valid for this name".into());
+    }
+    if e.contains("UnknownIssuer") || e.contains("unknown issuer") {
+        return Some("certificate signed by an unknown issuer".into());
+    }
+    if e.contains("NotValidYet") {
+        return Some("certificate not valid yet".into());
+    }
+    if e.contains("invalid peer certificate")
+        || e.contains("AlertReceived")
+        || e.contains("received fatal alert")
+    {
+        let i = e
+            .find("TLS handshake")
+            .map_or(0, |_| e.find(": ").map_or(0, |j| j + 2));
+        return Some(e[i..].to_string());
+    }
+    None
 }
 
 fn status_ok(spec: &HttpSpec, status: u16) -> bool {
@@ -488,19 +591,25 @@ fn judge_http(
     body: &[u8],
     took: Duration,
     expiry: Option<SystemTime>,
+    trace: &mut Trace,
 ) -> Option<String> {
+    trace.ev.http_status = Some(status);
+    trace.ev.max_latency_seconds = spec.max_latency.map(|d| d.as_secs_f64());
     if !status_ok(spec, status) {
+        trace.ev.cause = Cause::HttpStatus;
         return Some(format!(
             "status {status}, expected {}",
             spec.expect_status_text()
         ));
     }
     if let Some(why) = body_fails(spec, body) {
+        trace.ev.cause = Cause::Content;
         return Some(why);
     }
     if let Some(max) = spec.max_latency
         && took > max
     {
+        trace.ev.cause = Cause::Slow;
         return Some(format!(
             "took {:.3} s, more than the {:.3} s allowed",
             took.as_secs_f64(),
@@ -510,6 +619,7 @@ fn judge_http(
     if let (Some(min), Some(exp)) = (spec.cert_min_valid, expiry) {
         let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
         if left < min {
+            trace.ev.cause = Cause::CertExpiring;
             return Some(format!(
                 "certificate expires in {:.1} days, less than {:.1}",
                 left.as_secs_f64() / 86400.0,
@@ -544,6 +654,7 @@ async fn http_once(
     uri: &Uri,
     out: &mut Outcome,
     seen: &mut Seen,
+    trace: &mut Trace,
     first: bool,
 ) -> Result<(u16, Option<String>, Bytes), String> {
     // Of the final response only.
@@ -557,15 +668,16 @@ async fn http_once(
     let host = uri.host().ok_or("URL without a host")?.to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     out.phases.clear();
+    trace.stage = Stage::Resolve;
     let t = Instant::now();
-    let addrs = resolve(&host, port).await?;
+    let addrs = resolve(&host, port, trace).await?;
     out.phases.push(("dns", t.elapsed()));
     if first {
         seen.resolve = t.elapsed();
         seen.ip = addrs.first().map(SocketAddr::ip);
     }
     let t = Instant::now();
-    let (tcp, peer) = connect(&addrs).await?;
+    let (tcp, peer) = connect(&addrs, trace).await?;
     if first {
         seen.ip = Some(peer.ip());
     }
@@ -573,7 +685,17 @@ async fn http_once(
     let t = Instant::now();
     let mut session = None;
     let stream: Box<dyn Io> = if https {
-        let (tls, expiry, s) = tls_wrap(&host, tcp, spec.tls.clone()).await?;
+        trace.stage = Stage::Tls;
+        let (tls, expiry, s) = match tls_wrap(&host, tcp, spec.tls.clone()).await {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(what) = tls_failure(&e) {
+                    trace.ev.cause = Cause::Tls;
+                    trace.ev.tls = Some(what);
+                }
+                return Err(e);
+            }
+        };
         out.cert_expiry = expiry;
         session = s;
         out.phases.push(("tls", t.elapsed()));
@@ -581,6 +703,7 @@ async fn http_once(
     } else {
         Box::new(tcp)
     };
+    trace.stage = Stage::Exchange;
     let t = Instant::now();
     let (mut sender, driver) = http1(stream).await?;
     let authority = uri.authority().map_or(host.clone(), |a| a.to_string());
@@ -598,10 +721,10 @@ async fn http_once(
     let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("building the request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("HTTP request: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| {
+        trace.errno = os_error(&e);
+        format!("HTTP request: {e}")
+    })?;
     out.phases.push(("first_byte", t.elapsed()));
     let t = Instant::now();
     let status = resp.status().as_u16();
@@ -631,7 +754,10 @@ async fn http_once(
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| format!("reading the body: {e}"))?
+        .map_err(|e| {
+            trace.errno = os_error(e.as_ref());
+            format!("reading the body: {e}")
+        })?
         .to_bytes();
     if let Some(h) = &mut seen.http {
         h.body_length = body.len() as u64;
@@ -720,22 +846,24 @@ fn http_date(s: &str) -> Option<i64> {
 
 // --- TCP ---------------------------------------------------------------
 
-async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen) -> Outcome {
+async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen, trace: &mut Trace) -> Outcome {
     let mut out = Outcome::default();
     let r = async {
         let t = Instant::now();
-        let addrs = resolve(&spec.host, spec.port).await?;
+        let addrs = resolve(&spec.host, spec.port, trace).await?;
         out.phases.push(("dns", t.elapsed()));
         seen.resolve = t.elapsed();
         seen.ip = addrs.first().map(SocketAddr::ip);
         let t = Instant::now();
-        let (mut s, peer) = connect(&addrs).await?;
+        let (mut s, peer) = connect(&addrs, trace).await?;
         seen.ip = Some(peer.ip());
         out.phases.push(("connect", t.elapsed()));
+        trace.stage = Stage::Exchange;
         if let Some(send) = &spec.send {
-            s.write_all(send.as_bytes())
-                .await
-                .map_err(|e| format!("sending: {e}"))?;
+            s.write_all(send.as_bytes()).await.map_err(|e| {
+                trace.errno = e.raw_os_error();
+                format!("sending: {e}")
+            })?;
         }
         if let Some(want) = &spec.expect {
             let mut got = Vec::new();
@@ -744,12 +872,14 @@ async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen) -> Outcome {
                 if String::from_utf8_lossy(&got).contains(want.as_str()) {
                     break;
                 }
-                let n = s
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| format!("reading: {e}"))?;
+                let n = s.read(&mut buf).await.map_err(|e| {
+                    trace.errno = e.raw_os_error();
+                    format!("reading: {e}")
+                })?;
                 if n == 0 || got.len() > MAX_TCP_READ {
                     seen.failed_on_content = true;
+                    trace.stage = Stage::Judged;
+                    trace.ev.cause = Cause::Content;
                     return Err(format!(
                         "answer does not contain `{want}` (got {:?})",
                         String::from_utf8_lossy(&got[..got.len().min(80)])
@@ -770,6 +900,26 @@ async fn tcp(spec: &TcpSpec, started: Instant, seen: &mut Seen) -> Outcome {
 // --- DNS ---------------------------------------------------------------
 
 /// The first nameserver of /etc/resolv.conf: the system resolver.
+/// An rcode's mnemonic as dig prints it (RFC 1035, 2136, 6895).
+fn rcode_name(code: u16) -> String {
+    match code {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        16 => "BADVERS",
+        n => return format!("RCODE{n}"),
+    }
+    .to_string()
+}
+
 fn system_nameserver() -> Result<SocketAddr, String> {
     let text = std::fs::read_to_string("/etc/resolv.conf")
         .map_err(|e| format!("/etc/resolv.conf: {e}"))?;
@@ -780,13 +930,14 @@ fn system_nameserver() -> Result<SocketAddr, String> {
         .ok_or_else(|| "/etc/resolv.conf names no nameserver".to_string())
 }
 
-async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
+async fn dns(spec: &DnsSpec, started: Instant, trace: &mut Trace) -> Outcome {
     use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
     let r = async {
         let server = match spec.server {
             Some(s) => s,
-            None => system_nameserver()?,
+            None => system_nameserver().inspect_err(|_| trace.ev.cause = Cause::LocalError)?,
         };
+        trace.ev.dns_server = Some(server.ip().to_string());
         let name = hickory_proto::rr::Name::from_ascii(&spec.name)
             .map_err(|e| format!("query name `{}`: {e}", spec.name))?;
         let id: u16 = fastrand::u16(..);
@@ -804,18 +955,22 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
         let sock = tokio::net::UdpSocket::bind(bind)
             .await
             .map_err(|e| format!("UDP socket: {e}"))?;
-        sock.connect(server)
-            .await
-            .map_err(|e| format!("{server}: {e}"))?;
-        sock.send(&bytes)
-            .await
-            .map_err(|e| format!("sending to {server}: {e}"))?;
+        trace.udp(&sock, server);
+        trace.stage = Stage::Connect;
+        sock.connect(server).await.map_err(|e| {
+            trace.errno = e.raw_os_error();
+            format!("{server}: {e}")
+        })?;
+        sock.send(&bytes).await.map_err(|e| {
+            trace.errno = e.raw_os_error();
+            format!("sending to {server}: {e}")
+        })?;
         let mut buf = vec![0u8; 4096];
         let answer = loop {
-            let n = sock
-                .recv(&mut buf)
-                .await
-                .map_err(|e| format!("from {server}: {e}"))?;
+            let n = sock.recv(&mut buf).await.map_err(|e| {
+                trace.errno = e.raw_os_error();
+                format!("from {server}: {e}")
+            })?;
             let Ok(m) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
@@ -823,7 +978,10 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
                 break m;
             }
         };
+        trace.stage = Stage::Judged;
         if answer.metadata.response_code != ResponseCode::NoError {
+            trace.ev.cause = Cause::DnsRcode;
+            trace.ev.dns_rcode = Some(rcode_name(u16::from(answer.metadata.response_code)));
             return Err(format!(
                 "{server} answered {} for {} {}",
                 answer.metadata.response_code, spec.record_type, spec.name
@@ -836,6 +994,7 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
             .map(|r| r.data.to_string())
             .collect();
         if records.is_empty() {
+            trace.ev.cause = Cause::DnsNoAnswer;
             return Err(format!(
                 "{server} has no {} record for {}",
                 spec.record_type, spec.name
@@ -844,6 +1003,7 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
         if let Some(want) = &spec.expect
             && !records.iter().any(|r| r.contains(want.as_str()))
         {
+            trace.ev.cause = Cause::DnsNoAnswer;
             return Err(format!(
                 "no {} answer contains `{want}` (got {})",
                 spec.record_type,
@@ -866,7 +1026,7 @@ async fn dns(spec: &DnsSpec, started: Instant) -> Outcome {
 async fn icmp(host: &str, timeout: Duration, started: Instant, seen: &mut Seen) -> Outcome {
     let r = async {
         let t = Instant::now();
-        let addr = resolve(host, 0).await?[0].ip();
+        let addr = resolve_name(host, 0).await?[0].ip();
         seen.resolve = t.elapsed();
         seen.ip = Some(addr);
         let (setup, r) = tokio::task::spawn_blocking(move || echo(addr, timeout))
@@ -1003,10 +1163,16 @@ fn echo_exchange(
             }
             Err(e) => return Err(format!("receiving from {addr}: {e}")),
         };
+        let bytes = &buf[..n];
+        if let Some(from) = from
+            && let Some((ty, code)) = echo_error(addr, bytes, id, seq)
+        {
+            let text = super::evidence::icmp_text(addr.is_ipv6(), ty, code);
+            return Err(format!("ICMP {text} from {from} (echo request to {addr})"));
+        }
         if from != Some(addr) {
             continue;
         }
-        let bytes = &buf[..n];
         let reply = match addr {
             // A raw IPv4 socket hands over the IP header too: the TTL.
             IpAddr::V4(_) => etherparse::Ipv4Slice::from_slice(bytes)
@@ -1037,6 +1203,42 @@ fn echo_exchange(
             return Ok((sent.elapsed(), hops));
         }
     }
+}
+
+/// An ICMP error (destination unreachable, time exceeded) quoting our echo
+/// request to `addr` with `id` and `seq`: its type and code. `bytes` is
+/// what the raw socket read (IPv4: from the IP header; IPv6: the ICMPv6
+/// message).
+fn echo_error(addr: IpAddr, bytes: &[u8], id: u16, seq: u16) -> Option<(u8, u8)> {
+    let (icmp, errors, quoted_ip_len, echo_type): (&[u8], [u8; 2], usize, u8) = match addr {
+        IpAddr::V4(_) => {
+            let ihl = usize::from(bytes.first()? & 0x0f) * 4;
+            (bytes.get(ihl..)?, [3, 11], 0, 8)
+        }
+        IpAddr::V6(_) => (bytes, [1, 3], 40, 128),
+    };
+    let (ty, code) = (*icmp.first()?, *icmp.get(1)?);
+    if !errors.contains(&ty) {
+        return None;
+    }
+    let quoted = icmp.get(8..)?;
+    let (dst, l4): (IpAddr, &[u8]) = match addr {
+        IpAddr::V4(_) => {
+            let ihl = usize::from(quoted.first()? & 0x0f) * 4;
+            let d: [u8; 4] = quoted.get(16..20)?.try_into().ok()?;
+            (IpAddr::from(d), quoted.get(ihl..)?)
+        }
+        IpAddr::V6(_) => {
+            let d: [u8; 16] = quoted.get(24..40)?.try_into().ok()?;
+            (IpAddr::from(d), quoted.get(quoted_ip_len..)?)
+        }
+    };
+    let echo = l4.get(..8)?;
+    (dst == addr
+        && echo[0] == echo_type
+        && u16::from_be_bytes([echo[4], echo[5]]) == id
+        && u16::from_be_bytes([echo[6], echo[7]]) == seq)
+        .then_some((ty, code))
 }
 
 /// recvmsg(2) on a raw socket: (bytes, sender, the IPV6_HOPLIMIT control
@@ -1093,6 +1295,28 @@ fn recv_with_hop_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_in_words() {
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate expired: verification time 1800000000 (UNIX), but certificate is not valid after 1799827200 (172800 seconds ago)"
+            )
+            .as_deref(),
+            Some("certificate expired 2 days ago")
+        );
+        assert_eq!(
+            tls_failure(
+                "TLS handshake with x: invalid peer certificate: certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")"
+            )
+            .as_deref(),
+            Some("certificate not valid for name \"x\"; certificate is only valid for DnsName(\"y\")")
+        );
+        assert_eq!(
+            tls_failure("TLS handshake with x: connection reset by peer"),
+            None
+        );
+    }
 
     #[test]
     fn http_dates_parse_as_go_reads_them() {

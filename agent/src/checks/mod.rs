@@ -9,6 +9,7 @@
 pub mod actions;
 pub mod build;
 pub mod engine;
+pub mod evidence;
 pub mod hints;
 pub mod kinds;
 

@@ -248,6 +248,9 @@ pub struct CheckRun {
     pub cert_expiry_timestamp_seconds: Option<u64>,
     /// Seconds per phase; null if it did not run.
     pub phases: Option<std::collections::BTreeMap<String, f64>>,
+    /// Why it failed, and the facts behind it (as in `/api/v1/checks`).
+    pub explanation: Option<String>,
+    pub evidence: Option<crate::api_types::Evidence>,
 }
 
 impl CheckRun {
@@ -271,6 +274,8 @@ impl CheckRun {
                     .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
                     .collect()
             }),
+            explanation: last.and_then(|l| l.explanation.clone()),
+            evidence: last.and_then(|l| l.evidence.clone()),
         }
     }
 }

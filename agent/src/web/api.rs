@@ -293,6 +293,8 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             .iter()
                             .map(|(p, d)| (p.to_string(), d.as_secs_f64()))
                             .collect(),
+                        explanation: l.explanation.clone(),
+                        evidence: l.evidence.clone(),
                     }),
                     uptime: t::Uptime {
                         h24: summary.uptime_24h,
@@ -305,6 +307,8 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             ok: r.ok,
                             duration_ms: r.duration_ms,
                             error: r.error,
+                            explanation: r.explanation,
+                            cause: r.cause.as_deref().map(cause_of),
                         })
                         .collect(),
                     incidents: summary
@@ -315,6 +319,7 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
                             start_ms: i.start_ms,
                             end_ms: i.end_ms,
                             error: i.error,
+                            explanation: i.explanation,
                         })
                         .collect(),
                 }
@@ -325,12 +330,19 @@ pub(crate) async fn checks(State(state): State<AppState>) -> Result<Json<t::Chec
     Ok(Json(t::Checks { checks }))
 }
 
-/// Who talks to whom: per service, its peers (named services, containers,
-/// `remote` services and this host by name; other addresses up to
+/// A stored cause word as the API's enum (a word it does not know reads as
+/// `unknown`).
+fn cause_of(word: &str) -> t::Cause {
+    serde_json::from_value(serde_json::Value::String(word.to_string())).unwrap_or_default()
+}
+
+/// Who talks to whom: per service, its peers (containers, `remote`
+/// services and this host by name; other addresses up to
 /// `agent.map_top_k` per service, then their /24 or /48 bucket, then
-/// `~other`), with the service's packets, bytes and connections of each.
-/// Counted by the eBPF programs; with the pcap backend the map has the
-/// services and no edges.
+/// `~other`), with the service's packets, bytes and connections of each;
+/// the edges from this host to `remote` services also carry the
+/// handshake p50 and retransmits. Counted by the eBPF programs; with the
+/// pcap backend the map has the services and no edges.
 #[utoipa::path(
     get,
     path = "/api/v1/map",
@@ -349,11 +361,33 @@ pub(crate) async fn map(State(state): State<AppState>) -> Result<Json<t::Service
         let view = datapath.view();
         let svcs = crate::metrics::peer_services(&view);
         let naming = crate::metrics::peer_naming(&view, &svcs);
-        let snap = match datapath.counters().peers() {
+        let counters = datapath.counters();
+        let snap = match counters.peers() {
             Some(r) => r.read(&svcs.iter().map(|s| s.slot).collect(), true),
             None => Default::default(),
         };
-        Json(crate::peers::build(&snap, &naming, &svcs, top_k))
+        // A remote service's client side is the edge from this host.
+        let client_tcp = svcs
+            .iter()
+            .filter(|s| s.kind == crate::peers::Kind::Remote)
+            .filter_map(|s| {
+                let c = counters.tcp(s.slot, true)?;
+                Some((
+                    s.slot,
+                    crate::peers::EdgeTcp {
+                        handshake_p50_seconds: crate::health::quantile(&c.handshake, 0.5),
+                        retransmits: crate::health::retransmits(&c),
+                    },
+                ))
+            })
+            .collect();
+        Json(crate::peers::build(
+            &snap,
+            &naming,
+            &svcs,
+            top_k,
+            &client_tcp,
+        ))
     })
     .await
     .map_err(|e| ApiError::unavailable(format!("building the map: {e}")))
