@@ -4,8 +4,10 @@
 //! check failing without a reload, logs nothing to the console, fits a
 //! phone and follows the OS's dark mode. Every check is on the page (those
 //! without a service in a group of their own, with their dependency), and a
-//! failing check's explanation is the API's. The screenshots are kept under
-//! target/test-artifacts/.
+//! failing check's explanation is the API's. With live traffic between
+//! namespaces, the map's edges and each service's peers are the API's,
+//! drawn unscaled at phone width and in the dark theme. The screenshots are
+//! kept under target/test-artifacts/.
 
 use std::{
     io::{Read, Write},
@@ -21,7 +23,7 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites},
     browser::{self, Browser},
-    netns::{Pair, run_in},
+    netns::{Netns, Pair, run_in},
     scrape::get,
 };
 use serde_json::{Value, json};
@@ -31,10 +33,15 @@ const DATA: u16 = 19542;
 const LISTEN: u16 = 19541;
 const DRIVER: u16 = 19543;
 
-/// A TCP server that answers each connection with a line, until `stop`.
+/// A TCP server on the pair's first address that answers each connection
+/// with a line, until `stop`.
 fn serve(pair: &Pair, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let addr = SocketAddr::from((pair.addr_a, port));
-    pair.a.spawn(move || {
+    serve_on(&pair.a, SocketAddr::from((pair.addr_a, port)), stop)
+}
+
+/// The same server on `addr` in `ns`.
+fn serve_on(ns: &Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    ns.spawn(move || {
         let l = TcpListener::bind(addr).unwrap();
         l.set_nonblocking(true).unwrap();
         while !stop.load(Ordering::Relaxed) {
@@ -499,6 +506,286 @@ failure_threshold = 1
     drop(b);
     stop.store(true, Ordering::Relaxed);
     solo.join().unwrap();
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const MAP_LISTEN: u16 = 19561;
+const MAP_DRIVER: u16 = 19562;
+const MAP_WEB: u16 = 19563;
+const MAP_PG: u16 = 19564;
+
+/// `n` as the page writes counts (en-US: 1,234).
+fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// An edge as compared: its ends, whose counters it is, and the peer.
+fn edge_key(e: &Value) -> (String, String, String, String) {
+    let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+    (s("source"), s("target"), s("service"), s("peer"))
+}
+
+#[test]
+fn the_map_shows_the_apis_edges_and_each_service_its_peers_at_phone_width_in_the_dark() {
+    if !live_prerequisites() || !browser::prerequisites() {
+        return;
+    }
+    let pair = Pair::new("pgmap", 122);
+    let pins = PinDir::mounted("pgmap");
+    let dir = netpulse_tests::scratch("pgmap");
+    let cfg = dir.join("config.toml");
+    // web listens here, for clients in the other namespace that come from
+    // a second address there; pg is a remote service on the other
+    // namespace's first address, that this host uses.
+    let client = Ipv4Addr::new(10, 77, 122, 3);
+    let out = pair.b.exec(
+        "ip",
+        &["addr", "add", &format!("{client}/24"), "dev", &pair.dev_b],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let a = format!("{}/32", pair.addr_a);
+    let src = client.to_string();
+    let out = pair.b.exec(
+        "ip",
+        &["route", "replace", &a, "dev", &pair.dev_b, "src", &src],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let pg_addr = pair.addr_b;
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[agent]
+listen = "127.0.0.1:{MAP_LISTEN}"
+pin_dir = "{pins}"
+state_dir = "{state}"
+discover_sockets = false
+
+[[service]]
+name = "web"
+endpoints = [{{ proto = "tcp", port = {MAP_WEB} }}]
+
+[[service]]
+name = "pg"
+remote = true
+endpoints = [{{ proto = "tcp", port = {MAP_PG}, addr = "{pg_addr}" }}]
+"#,
+            pins = pins.path().display(),
+            state = dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let web = serve(&pair, MAP_WEB, stop.clone());
+    // pg: the same one-line server, in the other namespace.
+    let pg = serve_on(
+        &pair.b,
+        SocketAddr::from((pair.addr_b, MAP_PG)),
+        stop.clone(),
+    );
+    let mut agent = Agent::start(&pair.a, &[], &cfg, MAP_LISTEN, &dir.join("agent.log"));
+    agent.wait_for("the agent's first scrape", |m| {
+        m.has("netpulse_service_packets_total", &[("service", "web")])
+    });
+
+    // Live traffic: 20 exchanges from the other namespace to web, 10 from
+    // this one to pg.
+    let exchange = |to: SocketAddr, n: usize| {
+        move || {
+            for _ in 0..n {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+                s.write_all(b"hi\n").unwrap();
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                assert_eq!(out, "hello\n");
+            }
+        }
+    };
+    pair.b
+        .run(exchange(SocketAddr::from((pair.addr_a, MAP_WEB)), 20));
+    pair.a
+        .run(exchange(SocketAddr::from((pair.addr_b, MAP_PG)), 10));
+
+    // The map settles once the last FIN/ACKs are through.
+    let mut last = api_at(&pair, MAP_LISTEN, "/api/v1/map");
+    loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let now = api_at(&pair, MAP_LISTEN, "/api/v1/map");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let doc = last;
+    eprintln!("map: {doc:#}");
+    let edges = doc["edges"].as_array().unwrap();
+    // The traffic made is in the API: the client address opened 20
+    // connections to web, this host 10 to pg.
+    let b_addr = client.to_string();
+    let to_web = edges
+        .iter()
+        .find(|e| e["service"] == "web" && e["peer"] == b_addr.as_str())
+        .unwrap_or_else(|| panic!("no edge from {b_addr} to web: {doc}"));
+    assert_eq!(to_web["connections"], json!(20), "{to_web}");
+    assert_eq!(to_web["target"], json!("service:web"), "{to_web}");
+    let to_pg = edges
+        .iter()
+        .find(|e| e["service"] == "pg")
+        .unwrap_or_else(|| panic!("no edge to pg: {doc}"));
+    assert_eq!(to_pg["connections"], json!(10), "{to_pg}");
+
+    let b = Browser::start(&pair.a, MAP_DRIVER);
+    b.goto(&format!("http://127.0.0.1:{MAP_LISTEN}/"));
+    let read_edges = r#"return [...document.querySelectorAll('#map svg .edge')].map(e => ({
+             source: e.dataset.source, target: e.dataset.target,
+             service: e.dataset.service, peer: e.dataset.peer,
+             title: e.querySelector('title').textContent,
+           }))"#;
+    let mut want: Vec<_> = edges.iter().map(edge_key).collect();
+    want.sort();
+    let want_js = serde_json::to_string(&want).unwrap();
+    // The page polls every 2 s: its edges become the API's (they no longer
+    // change).
+    b.wait_for(
+        "the API's edges on the map",
+        &format!(
+            r#"const key = a => JSON.stringify(a);
+               const got = [...document.querySelectorAll('#map svg .edge')]
+                 .map(e => key([e.dataset.source, e.dataset.target, e.dataset.service, e.dataset.peer]));
+               const want = {want_js}.map(key);
+               return got.length === want.length && want.every(k => got.includes(k));"#
+        ),
+        Duration::from_secs(10),
+    );
+    let shown = b.eval(read_edges);
+    let shown = shown.as_array().unwrap();
+    let mut got: Vec<_> = shown.iter().map(edge_key).collect();
+    got.sort();
+    assert_eq!(got, want);
+    // Each line's tooltip gives its figures.
+    for e in edges {
+        let s = shown.iter().find(|s| edge_key(s) == edge_key(e)).unwrap();
+        let title = s["title"].as_str().unwrap();
+        for (k, what) in [
+            ("packets_in", "pkts"),
+            ("packets_out", "pkts"),
+            ("connections", "connections"),
+            ("retransmits", "retransmits"),
+        ] {
+            let figure = format!("{} {what}", grouped(e[k].as_u64().unwrap()));
+            assert!(title.contains(&figure), "{k}: {figure} not in {title}");
+        }
+    }
+    // Every node of the API is drawn once.
+    let mut nodes: Vec<&str> = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    let drawn =
+        b.eval("return [...document.querySelectorAll('#map svg .node')].map(n => n.dataset.id)");
+    let mut drawn: Vec<String> = serde_json::from_value(drawn).unwrap();
+    drawn.sort();
+    assert_eq!(drawn, nodes);
+
+    // web's row opens to its peers: the API's edges that end at web.
+    let web_ids: Vec<&str> = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["service"] == "web")
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    let mut web_peers: Vec<(String, String)> = edges
+        .iter()
+        .filter(|e| {
+            web_ids.contains(&e["target"].as_str().unwrap())
+                || web_ids.contains(&e["source"].as_str().unwrap())
+        })
+        .map(|e| {
+            let (s, t, _, _) = edge_key(e);
+            (s, t)
+        })
+        .collect();
+    web_peers.sort();
+    assert!(!web_peers.is_empty());
+    b.eval(r#"document.querySelector('details.peers[data-service="web"] summary').click(); return true"#);
+    let listed = b.eval(
+        r#"const d = document.querySelector('details.peers[data-service="web"]');
+           return { open: d.open, peers: [...d.querySelectorAll('li.peer')]
+             .map(p => [p.dataset.source, p.dataset.target]) }"#,
+    );
+    assert_eq!(listed["open"], json!(true));
+    let mut listed: Vec<(String, String)> =
+        serde_json::from_value(listed["peers"].clone()).unwrap();
+    listed.sort();
+    assert_eq!(listed, web_peers);
+    // It stays open across the page's next updates.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        b.eval(r#"return document.querySelector('details.peers[data-service="web"]').open"#),
+        json!(true)
+    );
+    b.eval("document.getElementById('map-section').scrollIntoView(); return true");
+    b.screenshot(&artifacts().join("status-page-map.png"));
+
+    // Phone width, dark: the map fits the screen, drawn at its own size
+    // (not scaled down to fit), with the dark theme's colours.
+    b.resize(390, 844);
+    b.cdp(
+        "Emulation.setEmulatedMedia",
+        json!({ "features": [{ "name": "prefers-color-scheme", "value": "dark" }] }),
+    );
+    b.wait_for(
+        "the map redrawn for a phone",
+        r#"const s = document.querySelector('#map svg');
+           return !!s && Number(s.getAttribute('width')) <= window.innerWidth;"#,
+        Duration::from_secs(5),
+    );
+    let look = b.eval(
+        r#"const s = document.querySelector('#map svg');
+           const r = s.getBoundingClientRect();
+           const node = s.querySelector('.node rect'), text = s.querySelector('.node text');
+           return {
+             fits: document.documentElement.scrollWidth <= window.innerWidth,
+             scale: r.width / Number(s.getAttribute('width')),
+             font: parseFloat(getComputedStyle(text).fontSize),
+             fill: getComputedStyle(node).fill,
+             text: getComputedStyle(text).fill,
+             edges: s.querySelectorAll('.edge').length,
+           }"#,
+    );
+    eprintln!("phone, dark: {look}");
+    assert_eq!(look["fits"], json!(true), "the page scrolls sideways");
+    assert_eq!(look["scale"].as_f64(), Some(1.0), "the map is scaled down");
+    assert!(look["font"].as_f64().unwrap() >= 12.0);
+    assert_eq!(look["fill"], json!("rgb(23, 27, 34)"));
+    assert_eq!(look["text"], json!("rgb(230, 233, 239)"));
+    assert_eq!(look["edges"], json!(edges.len()));
+    b.eval("document.getElementById('map-section').scrollIntoView(); return true");
+    b.screenshot(&artifacts().join("status-page-map-phone-dark.png"));
+
+    let errors: Vec<_> = b
+        .console()
+        .into_iter()
+        .filter(|(level, _)| level == "SEVERE" || level == "WARNING")
+        .collect();
+    assert!(errors.is_empty(), "console: {errors:?}");
+
+    drop(b);
+    stop.store(true, Ordering::Relaxed);
+    web.join().unwrap();
+    pg.join().unwrap();
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
