@@ -298,8 +298,9 @@ fn every_check_is_on_the_page_a_blocked_one_with_its_dependency_and_a_failing_on
     let cfg = dir.join("config.toml");
     // db's port has no listener: db-tcp fails (refused), and web-via-db,
     // which has no service, is blocked behind it. solo-tcp has neither a
-    // service nor a dependency and passes; ghost-tcp names a service that
-    // does not exist, so it has no row of its own either.
+    // service nor a dependency and passes, after-solo passes after it;
+    // ghost-tcp names a service that does not exist, so it has no row of
+    // its own either.
     std::fs::write(
         &cfg,
         format!(
@@ -340,6 +341,15 @@ timeout_seconds = 1
 failure_threshold = 1
 
 [[check]]
+name = "after-solo"
+kind = "tcp"
+target = "{a}:{CHK_SOLO}"
+depends_on = ["solo-tcp"]
+interval_seconds = 1
+timeout_seconds = 1
+failure_threshold = 1
+
+[[check]]
 name = "ghost-tcp"
 kind = "tcp"
 target = "{a}:{CHK_SOLO}"
@@ -368,6 +378,7 @@ failure_threshold = 1
             && c["web-via-db"]["state"] == "blocked"
             && c["solo-tcp"]["state"] == "up"
             && c["ghost-tcp"]["state"] == "up"
+            && c["after-solo"]["state"] == "up"
     };
     while !settled(&api_at(&pair, CHK_LISTEN, "/api/v1/checks")) {
         assert!(
@@ -443,7 +454,8 @@ failure_threshold = 1
     let row = |n: &str| loose.iter().find(|r| r["name"] == n).unwrap();
     assert_eq!(row("web-via-db")["deps"], json!("blocked by db-tcp"));
     assert_eq!(row("solo-tcp")["deps"], json!("no dependencies"));
-    assert_eq!(want, ["ghost-tcp", "solo-tcp", "web-via-db"]);
+    assert_eq!(row("after-solo")["deps"], json!("depends on solo-tcp"));
+    assert_eq!(want, ["after-solo", "ghost-tcp", "solo-tcp", "web-via-db"]);
 
     // The failing check of a service: a line under db's row, with the
     // API's explanation.
