@@ -282,17 +282,17 @@ fn checks_by_name(doc: &Value) -> std::collections::BTreeMap<String, Value> {
         .collect()
 }
 
-const CHK_LISTEN: u16 = 19551;
-const CHK_DRIVER: u16 = 19552;
-const CHK_DB: u16 = 19553;
-const CHK_SOLO: u16 = 19554;
+const CHK_LISTEN: u16 = 19681;
+const CHK_DRIVER: u16 = 19682;
+const CHK_DB: u16 = 19683;
+const CHK_SOLO: u16 = 19684;
 
 #[test]
 fn every_check_is_on_the_page_a_blocked_one_with_its_dependency_and_a_failing_ones_explanation() {
     if !live_prerequisites() || !browser::prerequisites() {
         return;
     }
-    let pair = Pair::new("pgchk", 121);
+    let pair = Pair::new("pgchk", 141);
     let pins = PinDir::mounted("pgchk");
     let dir = netpulse_tests::scratch("pgchk");
     let cfg = dir.join("config.toml");
@@ -522,10 +522,10 @@ failure_threshold = 1
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const MAP_LISTEN: u16 = 19561;
-const MAP_DRIVER: u16 = 19562;
-const MAP_WEB: u16 = 19563;
-const MAP_PG: u16 = 19564;
+const MAP_LISTEN: u16 = 19691;
+const MAP_DRIVER: u16 = 19692;
+const MAP_WEB: u16 = 19693;
+const MAP_PG: u16 = 19694;
 
 /// `n` as the page writes counts (en-US: 1,234).
 fn grouped(n: u64) -> String {
@@ -551,14 +551,14 @@ fn the_map_shows_the_apis_edges_and_each_service_its_peers_at_phone_width_in_the
     if !live_prerequisites() || !browser::prerequisites() {
         return;
     }
-    let pair = Pair::new("pgmap", 122);
+    let pair = Pair::new("pgmap", 142);
     let pins = PinDir::mounted("pgmap");
     let dir = netpulse_tests::scratch("pgmap");
     let cfg = dir.join("config.toml");
     // web listens here, for clients in the other namespace that come from
     // a second address there; pg is a remote service on the other
     // namespace's first address, that this host uses.
-    let client = Ipv4Addr::new(10, 77, 122, 3);
+    let client = Ipv4Addr::new(10, 77, 142, 3);
     let out = pair.b.exec(
         "ip",
         &["addr", "add", &format!("{client}/24"), "dev", &pair.dev_b],
