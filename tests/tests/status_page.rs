@@ -660,6 +660,7 @@ endpoints = [{{ proto = "tcp", port = {MAP_PG}, addr = "{pg_addr}" }}]
              source: e.dataset.source, target: e.dataset.target,
              service: e.dataset.service, peer: e.dataset.peer,
              title: e.querySelector('title').textContent,
+             width: Number(e.getAttribute('stroke-width')),
            }))"#;
     let mut want: Vec<_> = edges.iter().map(edge_key).collect();
     want.sort();
@@ -682,20 +683,42 @@ endpoints = [{{ proto = "tcp", port = {MAP_PG}, addr = "{pg_addr}" }}]
     let mut got: Vec<_> = shown.iter().map(edge_key).collect();
     got.sort();
     assert_eq!(got, want);
-    // Each line's tooltip gives its figures.
+    // Each line's tooltip gives its figures: the packets toward the
+    // service before the other way's.
     for e in edges {
         let s = shown.iter().find(|s| edge_key(s) == edge_key(e)).unwrap();
         let title = s["title"].as_str().unwrap();
-        for (k, what) in [
-            ("packets_in", "pkts"),
-            ("packets_out", "pkts"),
-            ("connections", "connections"),
-            ("retransmits", "retransmits"),
-        ] {
-            let figure = format!("{} {what}", grouped(e[k].as_u64().unwrap()));
-            assert!(title.contains(&figure), "{k}: {figure} not in {title}");
-        }
+        let figure = |k: &str, what: &str| format!("{} {what}", grouped(e[k].as_u64().unwrap()));
+        let (to_server, rest) = title
+            .split_once("client → server;")
+            .unwrap_or_else(|| panic!("{title}"));
+        assert!(to_server.contains(&figure("packets_in", "pkts")), "{title}");
+        assert!(rest.contains(&figure("packets_out", "pkts")), "{title}");
+        assert!(
+            rest.contains(&figure("connections", "connections")),
+            "{title}"
+        );
+        assert!(
+            rest.contains(&figure("retransmits", "retransmits")),
+            "{title}"
+        );
     }
+    // A line's width follows its bytes: web's 20 connections draw wider
+    // than pg's 10.
+    let width = |service: &str| {
+        shown.iter().find(|s| s["service"] == service).unwrap()["width"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(width("web") > width("pg"), "{shown:?}");
+    // A tap on a line writes its figures under the map (phones have no
+    // hover).
+    let tapped = b.eval(
+        r#"const e = document.querySelector('#map svg .edge[data-service="pg"]');
+           e.dispatchEvent(new MouseEvent('click', { bubbles: true }));
+           return [document.getElementById('map-info').textContent, e.querySelector('title').textContent]"#,
+    );
+    assert_eq!(tapped[0], tapped[1]);
     // Every node of the API is drawn once.
     let mut nodes: Vec<&str> = doc["nodes"]
         .as_array()
