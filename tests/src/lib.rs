@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod dashboards;
 pub mod docker;
 pub mod frames;
 pub mod netns;
