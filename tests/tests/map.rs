@@ -858,3 +858,90 @@ fn retransmits_per_edge_equal_the_kernels_and_go_to_the_lossy_client() {
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The kernel half alone, on crafted IPv6 frames (BPF_PROG_TEST_RUN): a
+/// named peer's SYN, an unknown peer's segments both ways (a GSO skb of 4
+/// on TC), each in its place, its LRU way and its /48 bucket, with the
+/// service's own counters as the reference.
+#[test]
+fn the_kernel_counts_ipv6_peers_named_and_unknown_gso_included() {
+    use agent_ebpf::{
+        EndpointKey, FAMILY_V6, FIRST_SERVICE_SLOT, PROTO_TCP, ROLE_LOCAL, ROLE_REMOTE,
+    };
+    use netpulse::probe::{Hook, Probe};
+    use netpulse_tests::frames::{TCP_ACK, TCP_SYN, ipv6, tcp, v6};
+    if !require(
+        "root (CAP_BPF) for BPF_PROG_TEST_RUN",
+        netpulse_tests::is_root(),
+    ) {
+        return;
+    }
+    let pins = PinDir::new("mapv6");
+    let mut probe = Probe::load(pins.path()).expect("load the eBPF object");
+    let (web, db) = (FIRST_SERVICE_SLOT, FIRST_SERVICE_SLOT + 1);
+    let named = v6(9);
+    let mut unknown = v6(7);
+    unknown[2..8].copy_from_slice(&[0, 1, 0, 2, 0, 3]); // fd00:1:2:3::7
+    let key = |role, addr: &[u8], port| {
+        let mut k = EndpointKey {
+            family: FAMILY_V6,
+            proto: PROTO_TCP,
+            port,
+            role,
+            ..Default::default()
+        };
+        k.set_addr(addr);
+        k
+    };
+    // web on every address; db, a remote service, names `named`.
+    probe
+        .sync_table(BTreeMap::from([
+            (key(ROLE_LOCAL, &[], 443), web),
+            (key(ROLE_REMOTE, &named, 5432), db),
+        ]))
+        .unwrap();
+    let local = v6(1);
+    let frame = |src, dst, sport, dport, flags| {
+        eth(
+            &[],
+            frames::ETH_IPV6,
+            &ipv6(src, dst, &[], PROTO_TCP, &tcp(sport, dport, flags, 5, 100)),
+        )
+    };
+    let syn = frame(named, local, 40000, 443, TCP_SYN);
+    probe.test_run(Hook::Xdp, &syn, 0, 1).unwrap();
+    let seg = frame(unknown, local, 40001, 443, TCP_ACK);
+    for _ in 0..3 {
+        probe.test_run(Hook::Xdp, &seg, 0, 1).unwrap();
+    }
+    let back = frame(local, unknown, 443, 40001, TCP_ACK);
+    probe.test_run(Hook::Tc, &back, 4, 1).unwrap();
+
+    let reader = netpulse::peers::Reader::open(probe.pin_dir().unwrap()).unwrap();
+    let snap = reader.read(&[web].into_iter().collect(), true);
+    let named_ip = std::net::IpAddr::from(named);
+    let unknown_ip = std::net::IpAddr::from(unknown);
+    let n = snap.named[&(web, named_ip)];
+    assert_eq!(
+        (n.packets, n.bytes, n.conns),
+        ([1, 0], [syn.len() as u64, 0], 1)
+    );
+    let u = snap.addrs[&(web, unknown_ip)].total();
+    let service = probe.counts(web).unwrap();
+    // Both peers together are every packet and byte of the service.
+    assert_eq!(u.packets, [3, 4]);
+    assert_eq!(
+        [n.bytes[0] + u.bytes[0], u.bytes[1]],
+        [service.dir[0].bytes, service.dir[1].bytes]
+    );
+    assert_eq!(
+        [n.packets[0] + u.packets[0], u.packets[1]],
+        [service.dir[0].packets, service.dir[1].packets]
+    );
+    assert_eq!(u.conns, 0, "ACKs open no connection");
+    let b = snap.buckets[&(web, netpulse::peers::bucket(&unknown_ip))];
+    assert_eq!(netpulse::peers::bucket(&unknown_ip).1, 48);
+    assert_eq!((b.packets, b.bytes), (u.packets, u.bytes));
+    // One LRU way per path, none forgotten.
+    assert_eq!((snap.inserts, snap.live, snap.evictions()), (2, 2, 0));
+}
