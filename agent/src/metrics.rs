@@ -500,7 +500,7 @@ pub fn peer_naming(view: &View, services: &[crate::peers::Svc]) -> crate::peers:
         services,
         &view.table,
         &view.addrs,
-        &crate::peers::host_addrs(),
+        &view.host_addrs,
     )
 }
 
@@ -1096,6 +1096,7 @@ mod tests {
             features: Vec::new(),
             drop_reasons: Default::default(),
             open_seed: Default::default(),
+            host_addrs: Default::default(),
         }
     }
 

@@ -330,6 +330,10 @@ pub struct Kernel {
     /// Who talks to whom: the named-peer table (see `peers`); None if its
     /// maps could not be opened (packet counting goes on).
     peers: Option<crate::peers::Writer>,
+    /// This host's addresses as the last peer sync read them (readers use
+    /// this copy: reading them costs a netlink dump, slow while links
+    /// change).
+    host_addrs: std::sync::Arc<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 /// The TCP health part of [`Kernel`] (see `health`).
@@ -581,6 +585,7 @@ impl Kernel {
             attached: BTreeMap::new(),
             health,
             peers,
+            host_addrs: Default::default(),
         })
     }
 
@@ -588,10 +593,11 @@ impl Kernel {
     /// after each change of the service table or the container addresses.
     fn sync_peers(&mut self) {
         if let Some(p) = &mut self.peers {
+            self.host_addrs = std::sync::Arc::new(crate::peers::host_addrs());
             let want = crate::peers::named_addresses(
                 &self.written.table,
                 &self.written.addrs,
-                &crate::peers::host_addrs(),
+                &self.host_addrs,
             );
             p.sync(&want);
         }
@@ -1367,6 +1373,14 @@ impl Probe {
     pub fn drop_reasons(&self) -> std::sync::Arc<BTreeMap<u64, String>> {
         match self {
             Probe::Kernel(k) => k.health().reasons.clone(),
+            Probe::Pcap(_) => Default::default(),
+        }
+    }
+
+    /// This host's addresses as the service map last named them.
+    pub fn host_addrs(&self) -> std::sync::Arc<std::collections::BTreeSet<std::net::IpAddr>> {
+        match self {
+            Probe::Kernel(k) => k.host_addrs.clone(),
             Probe::Pcap(_) => Default::default(),
         }
     }

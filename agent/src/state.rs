@@ -99,6 +99,8 @@ pub struct View {
     pub features: Vec<crate::health::Feature>,
     pub drop_reasons: Arc<BTreeMap<u64, String>>,
     pub open_seed: Arc<BTreeMap<u32, i64>>,
+    /// This host's addresses, as the service map names them.
+    pub host_addrs: Arc<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 /// The writer's half: only the refresh loop and shutdown use it.
@@ -129,6 +131,7 @@ impl Writer {
             features: self.probe.features(),
             drop_reasons: self.probe.drop_reasons(),
             open_seed: self.probe.open_seed(),
+            host_addrs: self.probe.host_addrs(),
         }
     }
 }

@@ -242,8 +242,11 @@ interval_seconds = 0.2
     // Every metric the shipped dashboards query is one the agent serves;
     // the TCP health series appear with a service's first connection and
     // the drop series with its first drop (only non-zero reasons are
-    // exported): the Prometheus test causes both and queries them.
-    const WITH_THEIR_FIRST_EVENT: [&str; 7] = [
+    // exported), the peer series with a named-service peer's first packet:
+    // the Prometheus and service-map tests cause them and query them.
+    const WITH_THEIR_FIRST_EVENT: [&str; 9] = [
+        "netpulse_service_peer_packets_total",
+        "netpulse_service_peer_bytes_total",
         "netpulse_service_kernel_drops_total",
         "netpulse_unattributed_kernel_drops_total",
         "netpulse_service_tcp_connections_total",
