@@ -496,12 +496,7 @@ pub fn peer_services(view: &View) -> Vec<crate::peers::Svc> {
 /// The addresses the map can name, from the published view and this
 /// host's addresses.
 pub fn peer_naming(view: &View, services: &[crate::peers::Svc]) -> crate::peers::Naming {
-    crate::peers::Naming::new(
-        services,
-        &view.table,
-        &view.addrs,
-        &view.host_addrs,
-    )
+    crate::peers::Naming::new(services, &view.table, &view.addrs, &view.host_addrs)
 }
 
 /// The (service, peer) pairs that fit in `room` series, in order; when
