@@ -389,8 +389,11 @@ fn two_hosts_one_prometheus_the_service_map_joins_a_clients_edge_by_the_services
     // The guest "app": a short connection to db every 20 ms, 300 bytes
     // each way, until stopped.
     let conns = Arc::new(AtomicU64::new(0));
+    // The client stops first, then the server: a listener closed under a
+    // connection still in its accept queue resets it.
+    let stop_client = Arc::new(AtomicBool::new(false));
     let client = {
-        let (stop, conns) = (stop.clone(), conns.clone());
+        let (stop, conns) = (stop_client.clone(), conns.clone());
         guest.spawn(move || {
             let mut buf = [0u8; 300];
             while !stop.load(Ordering::Relaxed) {
@@ -518,8 +521,9 @@ fn two_hosts_one_prometheus_the_service_map_joins_a_clients_edge_by_the_services
                 .sum()
         })
         .collect();
-    stop.store(true, Ordering::Relaxed);
+    stop_client.store(true, Ordering::Relaxed);
     client.join().expect("the guest's client");
+    stop.store(true, Ordering::Relaxed);
     server.join().expect("db's server");
     assert!(
         failures.is_empty(),
