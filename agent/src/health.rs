@@ -546,13 +546,19 @@ impl Watch {
         Some(sum)
     }
 
-    /// A drop reason's name, without `SKB_DROP_REASON_`.
+    /// A drop reason's name (see [`reason_name`]).
     pub fn reason(&self, r: u32) -> String {
-        self.reasons
-            .get(&u64::from(r))
-            .cloned()
-            .unwrap_or_else(|| format!("reason {r}"))
+        reason_name(&self.reasons, r)
     }
+}
+
+/// A drop reason's name in lower case, without `SKB_DROP_REASON_`, from the
+/// kernel's names (`reason_<n>` for a number the kernel's BTF did not name).
+pub fn reason_name(reasons: &BTreeMap<u64, String>, r: u32) -> String {
+    reasons
+        .get(&u64::from(r))
+        .cloned()
+        .unwrap_or_else(|| format!("reason_{r}"))
 }
 
 /// The watch-list key of a flow from local port `lport` to `remote`.

@@ -979,12 +979,7 @@ fn tcp(s: &Scrape) -> Result<Vec<MetricFamily>, MetricsError> {
         r.add(&c.rtt_live);
         hist_sample(&mut rtt, &labels, &r);
     }
-    let reason_name = |v: u32| -> String {
-        s.view
-            .drop_reasons
-            .get(&u64::from(v))
-            .map_or_else(|| format!("reason_{v}"), Clone::clone)
-    };
+    let reason_name = |v: u32| crate::health::reason_name(&s.view.drop_reasons, v);
     let mut by_service: std::collections::BTreeMap<(&str, &str, String), u64> = Default::default();
     let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
     for &(k, n) in &s.tcp.drops {

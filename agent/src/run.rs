@@ -65,11 +65,7 @@ fn service_figures(dp: Arc<crate::state::Datapath>) -> crate::checks::engine::Se
         };
         for (k, n) in counters.drops() {
             if k.slot == slot {
-                let reason = view
-                    .drop_reasons
-                    .get(&u64::from(k.reason))
-                    .cloned()
-                    .unwrap_or_else(|| k.reason.to_string());
+                let reason = crate::health::reason_name(&view.drop_reasons, k.reason);
                 *w.drops.entry(reason).or_default() += n;
             }
         }

@@ -474,7 +474,7 @@ pub fn explain(spec: &Spec, out: &mut Outcome, mut trace: Trace) {
     let error = out.error.clone().unwrap_or_default();
     // A cause the check itself set (an answer it judged) stands.
     let (cause, line) = if ev.cause != Cause::Unknown {
-        (ev.cause, judged(spec, out, &ev, &error))
+        (ev.cause, judged(out, &ev, &error))
     } else {
         flow_cause(spec, &trace, &mut ev, &target, &error)
     };
@@ -520,7 +520,7 @@ fn slowest(ev: &Evidence, total: f64) -> Option<String> {
 }
 
 /// The line for a failure the check judged from an answer.
-fn judged(spec: &Spec, out: &Outcome, ev: &Evidence, error: &str) -> String {
+fn judged(out: &Outcome, ev: &Evidence, error: &str) -> String {
     let total = out.duration.as_secs_f64();
     let with_slowest = |s: String| match slowest(ev, total) {
         Some(p) => format!("{s} ({p})"),
@@ -552,10 +552,7 @@ fn judged(spec: &Spec, out: &Outcome, ev: &Evidence, error: &str) -> String {
         ),
         Cause::Tls => format!("TLS: {}", ev.tls.as_deref().unwrap_or(error)),
         Cause::Resolve => format!("the name did not resolve: {error}"),
-        _ => {
-            let _ = spec;
-            error.to_string()
-        }
+        _ => error.to_string(),
     }
 }
 
@@ -622,17 +619,13 @@ fn flow_cause(
         return (Cause::NoRoute, line);
     }
     // 4. The kernel dropped the flow's packets here.
-    if let Some(d) = ev.drops.iter().max_by_key(|d| d.count) {
-        let firewall = ev.drops.iter().any(|d| d.reason == "netfilter_drop");
-        let d = if firewall {
-            ev.drops
-                .iter()
-                .filter(|d| d.reason == "netfilter_drop")
-                .max_by_key(|d| d.count)
-                .unwrap_or(d)
-        } else {
-            d
-        };
+    // The firewall's drops first, then the most.
+    if let Some(d) = ev
+        .drops
+        .iter()
+        .max_by_key(|d| (d.reason == "netfilter_drop", d.count))
+    {
+        let firewall = d.reason == "netfilter_drop";
         let whose = if d.direction == "egress" {
             format!("{what} to {target}")
         } else if udp {

@@ -154,11 +154,7 @@ fn drops_by_slot(
 ) -> HashMap<u32, std::collections::BTreeMap<String, u64>> {
     let mut out: HashMap<u32, std::collections::BTreeMap<String, u64>> = HashMap::new();
     for (k, n) in state.datapath.counters().drops() {
-        let reason = dp
-            .drop_reasons
-            .get(&u64::from(k.reason))
-            .cloned()
-            .unwrap_or_else(|| format!("reason_{}", k.reason));
+        let reason = crate::health::reason_name(&dp.drop_reasons, k.reason);
         *out.entry(k.slot).or_default().entry(reason).or_default() += n;
     }
     out
