@@ -209,46 +209,57 @@ impl Pair {
             (a, &self.dev_a, self.addr_a, self.addr_b, &mac_b),
             (b, &self.dev_b, self.addr_b, self.addr_a, &mac_a),
         ] {
-            ns.exec(
-                "sysctl",
-                &["-q", "-w", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")],
-            );
-            ns.exec(
-                "ethtool",
-                &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
-            );
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &ns.name,
-                    "addr",
-                    "add",
-                    &format!("{me}/24"),
-                    "dev",
-                    dev,
-                ],
-            );
-            sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
-            let peer = peer.to_string();
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &ns.name,
-                    "neigh",
-                    "replace",
-                    &peer,
-                    "lladdr",
-                    peer_mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ],
-            );
+            quiet_addr(ns, dev, &me.to_string());
+            static_neigh(ns, dev, &peer.to_string(), peer_mac);
         }
     }
+}
+
+/// Gives `dev` in `ns` the address `me`/24 and brings it up, quiet and
+/// exact to count on: no IPv6 (no router solicitations), no offloads (one
+/// segment a frame).
+pub fn quiet_addr(ns: &Netns, dev: &str, me: &str) {
+    ns.exec(
+        "sysctl",
+        &["-q", "-w", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")],
+    );
+    ns.exec(
+        "ethtool",
+        &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
+    );
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{me}/24"),
+            "dev",
+            dev,
+        ],
+    );
+    sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+}
+
+/// A permanent neighbour entry for `peer` on `dev`: no ARP on the link.
+pub fn static_neigh(ns: &Netns, dev: &str, peer: &str, mac: &str) {
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.name,
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ],
+    );
 }
 
 pub fn mac_of(ns: &Netns, dev: &str) -> String {

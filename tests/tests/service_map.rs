@@ -44,7 +44,7 @@ use netpulse_tests::{
     PinDir,
     agent::{Agent, live_prerequisites, tc_both_ways},
     dashboards,
-    netns::{LinkStats, Netns, Pair, have, mac_of, sh},
+    netns::{LinkStats, Netns, Pair, have, mac_of, quiet_addr, sh, static_neigh},
     prom::Prometheus,
     require, scratch,
 };
@@ -149,49 +149,13 @@ fn guest_link(guest: &Netns, host: &Netns, net: u8) -> (String, String) {
     );
     let addr = |i: u8| format!("10.77.{net}.{i}");
     for (ns, dev, me) in [(guest, &g, addr(2)), (host, &h, addr(1))] {
-        ns.exec(
-            "sysctl",
-            &["-q", "-w", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")],
-        );
-        ns.exec(
-            "ethtool",
-            &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
-        );
-        sh(
-            "ip",
-            &[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{me}/24"),
-                "dev",
-                dev,
-            ],
-        );
-        sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+        quiet_addr(ns, dev, &me);
     }
     for (ns, dev, peer, peer_dev, peer_ns) in [
         (guest, &g, addr(1), &h, host),
         (host, &h, addr(2), &g, guest),
     ] {
-        let mac = mac_of(peer_ns, peer_dev);
-        sh(
-            "ip",
-            &[
-                "-n",
-                &ns.name,
-                "neigh",
-                "replace",
-                &peer,
-                "lladdr",
-                &mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        );
+        static_neigh(ns, dev, &peer, &mac_of(peer_ns, peer_dev));
     }
     (g, h)
 }
